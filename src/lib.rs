@@ -1,1 +1,13 @@
 #![forbid(unsafe_code)]
+//! vncd: a reconciling controller that leases websocket ports for VM consoles and
+//! supervises the proxy processes that serve them.
+//!
+//! The layout follows the architecture (see docs/ARCHITECTURE.md): [`reconcile`] is the
+//! pure decision, [`pool`] picks ports, [`store`] keeps leases, [`supervisor`] owns the
+//! proxy processes, [`source`] says what is desired, and [`controller`] runs the loop.
+
+pub mod api;
+pub mod lease;
+pub mod pool;
+pub mod reconcile;
+pub mod session;

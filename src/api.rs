@@ -1,0 +1,119 @@
+//! The `VncSession` type, defined once for every source.
+//!
+//! Standalone manifests and Kubernetes custom resources deserialize into the very same
+//! struct, so a manifest that works on a bare host works unchanged as a custom resource.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// The API group and version every VncSession carries.
+pub const API_VERSION: &str = "vncd.io/v1alpha1";
+/// The kind every VncSession carries.
+pub const KIND: &str = "VncSession";
+
+/// What a console session wants: a VNC server to expose on a websocket port.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[kube(
+    group = "vncd.io",
+    version = "v1alpha1",
+    kind = "VncSession",
+    namespaced,
+    status = "VncSessionStatus",
+    shortname = "vnc",
+    printcolumn = r#"{"name":"Node","type":"string","jsonPath":".spec.nodeName"}"#,
+    printcolumn = r#"{"name":"Port","type":"integer","jsonPath":".status.port"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    printcolumn = r#"{"name":"Target","type":"string","priority":1,"jsonPath":".status.target"}"#,
+    printcolumn = r#"{"name":"URL","type":"string","priority":1,"jsonPath":".status.url"}"#,
+    selectable = ".spec.nodeName"
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VncSessionSpec {
+    /// The VNC server this session exposes.
+    pub target: Target,
+    /// A websocket port to use instead of one picked from the pool; it must lie inside the pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: Option<i32>,
+    /// The node whose vncd serves this session (Kubernetes mode only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
+}
+
+/// Where the VNC server listens: exactly one of `host`+`port` or `unixSocket`.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Target {
+    /// Host name or IP address of a TCP VNC server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// TCP port of the VNC server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: Option<i32>,
+    /// Absolute path of a unix socket VNC server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unix_socket: Option<String>,
+}
+
+/// Where a session is in its life; the values a VM manager waits on.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum Phase {
+    /// Accepted, but no ready proxy yet (allocating, starting, waiting for a port).
+    Pending,
+    /// The proxy is alive and its port accepts connections.
+    Ready,
+    /// The session cannot be served as it stands; `reason` and `message` say why.
+    Failed,
+    /// The session is going away; its proxy is being stopped.
+    Terminating,
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = match self {
+            Phase::Pending => "Pending",
+            Phase::Ready => "Ready",
+            Phase::Failed => "Failed",
+            Phase::Terminating => "Terminating",
+        };
+        f.write_str(s)
+    }
+}
+
+/// What vncd reports about a session. Only vncd writes it.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VncSessionStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// The leased websocket port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<i32>,
+    /// Where a browser reaches the console.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// The proxy's process id on its host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<i32>,
+    /// The VNC server the proxy forwards to, as `host:port` or `unix:PATH`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// A machine-readable word for the current state, e.g. `PoolExhausted`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// A sentence for people.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// When the port was leased.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocated_at: Option<Time>,
+    /// The spec generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}

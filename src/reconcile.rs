@@ -1,0 +1,430 @@
+//! The reconcile decision: desired sessions + leases + observed processes -> actions.
+//!
+//! [`plan`] is a pure function. It reads plain data and returns plain data, so every
+//! rule of convergence is unit-tested and property-tested here without processes,
+//! files or clocks. The controller runs it in a loop: observe, plan, persist, act,
+//! report. It never needs to know where the desired state came from or where the
+//! leases are kept.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::api::Phase;
+use crate::lease::{Lease, ProcRef};
+use crate::pool::{Pool, PortRange};
+use crate::session::{Desired, Endpoint};
+
+/// What the supervisor saw of a lease's proxy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProxyState {
+    /// A live process carrying this lease's marker leads its process group.
+    Running {
+        process: ProcRef,
+        /// Its port has a listening socket owned by the process group.
+        listening: bool,
+        /// How long the process has been alive.
+        age_ms: u64,
+    },
+    /// No live process for this lease.
+    Absent,
+}
+
+/// Restart bookkeeping for one session, kept by the controller across passes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RestartState {
+    /// Starts since the proxy was last stably ready.
+    pub starts: u32,
+    pub last_start_ms: u64,
+    /// Why the last attempt ended, if it did.
+    pub last_error: Option<String>,
+}
+
+impl RestartState {
+    /// How long to wait after the last start before starting again.
+    pub fn backoff_ms(&self) -> u64 {
+        match self.starts {
+            0 => 0,
+            n => (500u64 << (n - 1).min(16)).min(MAX_BACKOFF_MS),
+        }
+    }
+
+    /// When the next start may happen.
+    pub fn next_start_ms(&self) -> u64 {
+        self.last_start_ms.saturating_add(self.backoff_ms())
+    }
+}
+
+/// The longest pause between two restarts of a failing proxy.
+pub const MAX_BACKOFF_MS: u64 = 30_000;
+/// A proxy that has been ready this long is considered healthy; its backoff resets.
+pub const STABLE_MS: u64 = 10_000;
+
+/// Limits that shape decisions.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub range: PortRange,
+    pub max_sessions: usize,
+    /// How long a new proxy may take to listen before it is declared failed.
+    pub start_timeout_ms: u64,
+}
+
+/// Everything [`plan`] looks at.
+#[derive(Debug)]
+pub struct Inputs<'a> {
+    pub desired: &'a BTreeMap<String, Desired>,
+    /// Sessions whose source is unreadable right now (a manifest that stopped parsing).
+    /// Their leases and proxies are left exactly as they are.
+    pub protected: &'a BTreeSet<String>,
+    pub leases: &'a BTreeMap<String, Lease>,
+    /// Observed proxies by session; a missing entry means [`ProxyState::Absent`].
+    pub proxies: &'a BTreeMap<String, ProxyState>,
+    /// Processes that carry our marker but belong to no lease.
+    pub orphans: &'a [ProcRef],
+    /// Ports another program holds (bind failed and no process of ours owns them).
+    pub busy: &'a BTreeSet<u16>,
+    pub restarts: &'a BTreeMap<String, RestartState>,
+    pub limits: Limits,
+    pub now_ms: u64,
+}
+
+/// Why a proxy is stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// Its session is gone.
+    Removed,
+    /// Its session now wants another target or port.
+    SpecChanged,
+    /// It did not listen within the start timeout.
+    NotListening,
+}
+
+/// One step towards the desired state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Lease `port` for `session` (persisted before anything else happens).
+    Lease { session: String, port: u16 },
+    /// Give back `session`'s port; its proxy is confirmed gone.
+    Release { session: String, port: u16 },
+    /// Point the lease at a new target; its proxy is confirmed gone.
+    Retarget { session: String, target: Endpoint },
+    /// Persist the identity of the process found serving the lease (adoption).
+    Record { session: String, process: ProcRef },
+    /// Start the proxy of a persisted lease.
+    Start { session: String },
+    /// Stop a proxy of ours.
+    Stop {
+        session: String,
+        process: ProcRef,
+        why: StopReason,
+    },
+    /// End a process of ours that no lease accounts for.
+    KillOrphan { process: ProcRef },
+}
+
+impl Action {
+    /// True for actions that change the lease store.
+    pub fn changes_leases(&self) -> bool {
+        matches!(
+            self,
+            Action::Lease { .. } | Action::Release { .. } | Action::Retarget { .. } | Action::Record { .. }
+        )
+    }
+}
+
+/// Reasons reported in status, stable for machines to match on.
+pub mod reason {
+    pub const ALLOCATING: &str = "Allocating";
+    pub const STARTING: &str = "Starting";
+    pub const READY: &str = "ProxyReady";
+    pub const RESTARTING: &str = "Restarting";
+    pub const PROXY_FAILED: &str = "ProxyFailed";
+    pub const POOL_EXHAUSTED: &str = "PoolExhausted";
+    pub const PORT_CONFLICT: &str = "PortConflict";
+    pub const PORT_IN_USE: &str = "PortInUse";
+    pub const SPEC_CHANGED: &str = "SpecChanged";
+    pub const TERMINATING: &str = "Terminating";
+}
+
+/// What to tell the world about one desired session.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Report {
+    pub phase: Phase,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl Report {
+    fn new(phase: Phase, reason: &'static str, message: impl Into<String>) -> Self {
+        Report {
+            phase,
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+/// The outcome of one planning pass.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub actions: Vec<Action>,
+    /// A report for every desired session and every session still terminating.
+    pub reports: BTreeMap<String, Report>,
+    /// Something is in motion (starting, backing off); plan again soon even without events.
+    pub busy: bool,
+}
+
+/// Decides what to do. See the module docs.
+pub fn plan(input: &Inputs<'_>) -> Plan {
+    let mut out = Plan::default();
+    let state = |name: &str| input.proxies.get(name).copied().unwrap_or(ProxyState::Absent);
+
+    // Ports that automatic allocation must not take: leased, busy, or requested by
+    // a desired session (so a requested port stays free for the one who asked).
+    let mut taken: BTreeSet<u16> = input.leases.values().map(|l| l.port).collect();
+    taken.extend(input.busy.iter().copied());
+    taken.extend(input.desired.values().filter_map(|d| d.requested_port));
+    let mut pool = Pool::new(input.limits.range, taken);
+    let port_holder: BTreeMap<u16, &str> = input
+        .leases
+        .values()
+        .map(|l| (l.port, l.session.as_str()))
+        .collect();
+    let mut lease_count = input.leases.len();
+    let mut granted_requests: BTreeSet<u16> = BTreeSet::new();
+
+    for (name, want) in input.desired {
+        let report = match input.leases.get(name) {
+            None => {
+                let (report, lease) = allocate(
+                    input,
+                    want,
+                    &mut pool,
+                    &port_holder,
+                    &mut granted_requests,
+                    lease_count,
+                );
+                if let Some(port) = lease {
+                    lease_count += 1;
+                    out.actions.push(Action::Lease {
+                        session: name.clone(),
+                        port,
+                    });
+                    out.busy = true;
+                }
+                report
+            }
+            Some(lease) => converge_leased(input, want, lease, state(name), &mut out),
+        };
+        out.reports.insert(name.clone(), report);
+    }
+
+    for (name, lease) in input.leases {
+        if input.desired.contains_key(name) || input.protected.contains(name) {
+            continue;
+        }
+        match state(name) {
+            ProxyState::Running { process, .. } => {
+                out.actions.push(Action::Stop {
+                    session: name.clone(),
+                    process,
+                    why: StopReason::Removed,
+                });
+                out.reports.insert(
+                    name.clone(),
+                    Report::new(Phase::Terminating, reason::TERMINATING, "stopping the proxy"),
+                );
+                out.busy = true;
+            }
+            ProxyState::Absent => out.actions.push(Action::Release {
+                session: name.clone(),
+                port: lease.port,
+            }),
+        }
+    }
+
+    for process in input.orphans {
+        out.actions.push(Action::KillOrphan { process: *process });
+    }
+    out
+}
+
+/// A desired session without a lease: try to lease a port.
+fn allocate(
+    input: &Inputs<'_>,
+    want: &Desired,
+    pool: &mut Pool,
+    port_holder: &BTreeMap<u16, &str>,
+    granted_requests: &mut BTreeSet<u16>,
+    lease_count: usize,
+) -> (Report, Option<u16>) {
+    let pending = |reason, msg: String| (Report::new(Phase::Pending, reason, msg), None);
+    if lease_count >= input.limits.max_sessions {
+        return pending(
+            reason::POOL_EXHAUSTED,
+            format!(
+                "all {} sessions allowed by --max-sessions are in use; waiting for a port",
+                input.limits.max_sessions
+            ),
+        );
+    }
+    let port = match want.requested_port {
+        Some(p) => {
+            if let Some(holder) = port_holder.get(&p) {
+                return pending(
+                    reason::PORT_CONFLICT,
+                    format!("requested port {p} is leased to session {holder:?}"),
+                );
+            }
+            if !granted_requests.insert(p) {
+                return pending(
+                    reason::PORT_CONFLICT,
+                    format!("requested port {p} is also requested by another session"),
+                );
+            }
+            if input.busy.contains(&p) {
+                return pending(
+                    reason::PORT_IN_USE,
+                    format!("requested port {p} is in use by another program; retrying"),
+                );
+            }
+            p
+        }
+        None => match pool.pick() {
+            Some(p) => p,
+            None => {
+                return pending(
+                    reason::POOL_EXHAUSTED,
+                    format!("no free port in {}; waiting for one", input.limits.range),
+                );
+            }
+        },
+    };
+    pool.take(port);
+    (
+        Report::new(Phase::Pending, reason::ALLOCATING, format!("leasing port {port}")),
+        Some(port),
+    )
+}
+
+/// A desired session that holds a lease: make its proxy match.
+fn converge_leased(
+    input: &Inputs<'_>,
+    want: &Desired,
+    lease: &Lease,
+    proxy: ProxyState,
+    out: &mut Plan,
+) -> Report {
+    let name = &want.name;
+    let wrong_port = want.requested_port.is_some_and(|p| p != lease.port);
+    let wrong_target = want.target != lease.target;
+    let restart = input.restarts.get(name).cloned().unwrap_or_default();
+
+    match proxy {
+        ProxyState::Running { process, .. } if wrong_port || wrong_target => {
+            out.actions.push(Action::Stop {
+                session: name.clone(),
+                process,
+                why: StopReason::SpecChanged,
+            });
+            out.busy = true;
+            Report::new(Phase::Pending, reason::SPEC_CHANGED, "restarting the proxy for the new spec")
+        }
+        ProxyState::Running {
+            process,
+            listening,
+            age_ms,
+        } => {
+            if lease.process != Some(process) {
+                out.actions.push(Action::Record {
+                    session: name.clone(),
+                    process,
+                });
+            }
+            if listening {
+                Report::new(
+                    Phase::Ready,
+                    reason::READY,
+                    format!("proxy pid {} serves port {}", process.pid, lease.port),
+                )
+            } else if age_ms > input.limits.start_timeout_ms {
+                out.actions.push(Action::Stop {
+                    session: name.clone(),
+                    process,
+                    why: StopReason::NotListening,
+                });
+                out.busy = true;
+                Report::new(
+                    Phase::Failed,
+                    reason::PROXY_FAILED,
+                    format!(
+                        "proxy pid {} did not listen on port {} within {} ms",
+                        process.pid, lease.port, input.limits.start_timeout_ms
+                    ),
+                )
+            } else {
+                out.busy = true;
+                Report::new(
+                    Phase::Pending,
+                    reason::STARTING,
+                    format!("waiting for proxy pid {} to listen on port {}", process.pid, lease.port),
+                )
+            }
+        }
+        ProxyState::Absent if wrong_port => {
+            out.actions.push(Action::Release {
+                session: name.clone(),
+                port: lease.port,
+            });
+            out.busy = true;
+            Report::new(Phase::Pending, reason::SPEC_CHANGED, "moving to the requested port")
+        }
+        ProxyState::Absent if wrong_target => {
+            out.actions.push(Action::Retarget {
+                session: name.clone(),
+                target: want.target.clone(),
+            });
+            out.busy = true;
+            Report::new(Phase::Pending, reason::SPEC_CHANGED, "restarting the proxy for the new target")
+        }
+        ProxyState::Absent if input.busy.contains(&lease.port) => {
+            out.busy = true;
+            if want.requested_port.is_some() {
+                Report::new(
+                    Phase::Pending,
+                    reason::PORT_IN_USE,
+                    format!("port {} is in use by another program; retrying", lease.port),
+                )
+            } else {
+                out.actions.push(Action::Release {
+                    session: name.clone(),
+                    port: lease.port,
+                });
+                Report::new(
+                    Phase::Pending,
+                    reason::PORT_IN_USE,
+                    format!("port {} was taken by another program; leasing another", lease.port),
+                )
+            }
+        }
+        ProxyState::Absent => {
+            out.busy = true;
+            if input.now_ms >= restart.next_start_ms() {
+                out.actions.push(Action::Start { session: name.clone() });
+                let verb = if restart.starts == 0 { "starting" } else { "restarting" };
+                Report::new(
+                    Phase::Pending,
+                    if restart.starts == 0 { reason::STARTING } else { reason::RESTARTING },
+                    format!("{verb} the proxy on port {}", lease.port),
+                )
+            } else {
+                let wait = restart.next_start_ms() - input.now_ms;
+                let why = restart.last_error.as_deref().unwrap_or("the proxy exited");
+                let phase = if restart.starts >= 2 { Phase::Failed } else { Phase::Pending };
+                let reason = if restart.starts >= 2 { reason::PROXY_FAILED } else { reason::RESTARTING };
+                Report::new(phase, reason, format!("{why}; restarting in {wait} ms"))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,504 @@
+use std::collections::{BTreeMap, BTreeSet};
+
+use jiff::Timestamp;
+use proptest::prelude::*;
+
+use super::*;
+
+fn range() -> PortRange {
+    PortRange::new(6100, 6105).expect("range")
+}
+
+fn limits(max: usize) -> Limits {
+    Limits {
+        range: range(),
+        max_sessions: max,
+        start_timeout_ms: 5_000,
+    }
+}
+
+fn desired(name: &str, port: u16, requested: Option<u16>) -> Desired {
+    Desired {
+        name: name.into(),
+        target: Endpoint::Tcp {
+            host: "127.0.0.1".into(),
+            port,
+        },
+        requested_port: requested,
+        generation: 1,
+    }
+}
+
+/// A simulated host: it executes actions the way the controller and the kernel would,
+/// and panics the moment an action would break an invariant.
+#[derive(Debug)]
+struct Sim {
+    desired: BTreeMap<String, Desired>,
+    leases: BTreeMap<String, Lease>,
+    /// Running proxies by session: (identity, listening, born_ms).
+    procs: BTreeMap<String, (ProcRef, bool, u64)>,
+    orphans: Vec<ProcRef>,
+    /// Ports held by other programs.
+    foreign: BTreeSet<u16>,
+    /// Busy ports the controller learnt about from failed bind probes.
+    known_busy: BTreeSet<u16>,
+    restarts: BTreeMap<String, RestartState>,
+    now: u64,
+    next_pid: i32,
+    limits: Limits,
+}
+
+impl Sim {
+    fn new(max: usize) -> Self {
+        Sim {
+            desired: BTreeMap::new(),
+            leases: BTreeMap::new(),
+            procs: BTreeMap::new(),
+            orphans: Vec::new(),
+            foreign: BTreeSet::new(),
+            known_busy: BTreeSet::new(),
+            restarts: BTreeMap::new(),
+            now: 1_000_000,
+            next_pid: 100,
+            limits: limits(max),
+        }
+    }
+
+    fn spawn(&mut self) -> ProcRef {
+        self.next_pid += 1;
+        ProcRef {
+            pid: self.next_pid,
+            start_time: self.now,
+        }
+    }
+
+    fn plan(&self) -> Plan {
+        let proxies: BTreeMap<String, ProxyState> = self
+            .procs
+            .iter()
+            .map(|(s, (p, listening, born))| {
+                let state = ProxyState::Running {
+                    process: *p,
+                    listening: *listening,
+                    age_ms: self.now - born,
+                };
+                (s.clone(), state)
+            })
+            .collect();
+        // The controller probes the ports of leases whose proxy is absent.
+        let mut busy = self.known_busy.clone();
+        for l in self.leases.values() {
+            if !self.procs.contains_key(&l.session) && self.foreign.contains(&l.port) {
+                busy.insert(l.port);
+            }
+        }
+        plan(&Inputs {
+            desired: &self.desired,
+            protected: &BTreeSet::new(),
+            leases: &self.leases,
+            proxies: &proxies,
+            orphans: &self.orphans,
+            busy: &busy,
+            restarts: &self.restarts,
+            limits: self.limits,
+            now_ms: self.now,
+        })
+    }
+
+    /// One pass: plan, apply, advance time. Returns the number of actions.
+    fn step(&mut self) -> Plan {
+        let plan = self.plan();
+        for action in &plan.actions {
+            self.apply(action);
+            self.check_invariants();
+        }
+        for (s, (p, listening, born)) in self.procs.iter_mut() {
+            if *born < self.now {
+                *listening = true;
+            }
+            let r = self.restarts.entry(s.clone()).or_default();
+            if *listening && self.now.saturating_sub(p.start_time) >= STABLE_MS {
+                r.starts = 0;
+            }
+        }
+        self.now += 1_000;
+        plan
+    }
+
+    fn apply(&mut self, action: &Action) {
+        match action {
+            Action::Lease { session, port } => {
+                assert!(!self.leases.contains_key(session), "double lease for {session}");
+                assert!(
+                    self.leases.values().all(|l| l.port != *port),
+                    "port {port} leased twice"
+                );
+                assert!(self.limits.range.contains(*port));
+                if self.foreign.contains(port) {
+                    // The controller's bind probe fails: no lease, remember the port.
+                    self.known_busy.insert(*port);
+                    return;
+                }
+                let target = self.desired[session].target.clone();
+                let lease = Lease::new(session, *port, target, Timestamp::UNIX_EPOCH);
+                self.leases.insert(session.clone(), lease);
+            }
+            Action::Release { session, port } => {
+                assert!(!self.procs.contains_key(session), "released {session} with a live proxy");
+                let l = self.leases.remove(session).expect("release of a missing lease");
+                assert_eq!(l.port, *port);
+            }
+            Action::Retarget { session, target } => {
+                assert!(!self.procs.contains_key(session));
+                self.leases.get_mut(session).expect("lease").target = target.clone();
+            }
+            Action::Record { session, process } => {
+                assert_eq!(self.procs[session].0, *process);
+                self.leases.get_mut(session).expect("lease").process = Some(*process);
+            }
+            Action::Start { session } => {
+                let lease = self.leases.get(session).expect("start without a persisted lease").clone();
+                assert!(!self.procs.contains_key(session), "second proxy for {session}");
+                let r = self.restarts.entry(session.clone()).or_default();
+                r.starts += 1;
+                r.last_start_ms = self.now;
+                if self.foreign.contains(&lease.port) {
+                    r.last_error = Some("Address already in use".into());
+                    return;
+                }
+                let p = self.spawn();
+                self.procs.insert(session.clone(), (p, false, self.now));
+                self.leases.get_mut(session).expect("lease").process = Some(p);
+            }
+            Action::Stop { session, process, .. } => {
+                let (p, ..) = self.procs.remove(session).expect("stop of a missing proxy");
+                assert_eq!(p, *process, "stopped a process that is not the session's");
+            }
+            Action::KillOrphan { process } => {
+                let before = self.orphans.len();
+                self.orphans.retain(|o| o != process);
+                assert_eq!(before, self.orphans.len() + 1, "killed a process that is not an orphan");
+            }
+        }
+    }
+
+    fn check_invariants(&self) {
+        let ports: BTreeSet<u16> = self.leases.values().map(|l| l.port).collect();
+        assert_eq!(ports.len(), self.leases.len(), "a port is leased twice: {:?}", self.leases);
+        for s in self.procs.keys() {
+            assert!(self.leases.contains_key(s), "proxy of {s} runs without a lease");
+        }
+        assert!(self.leases.len() <= self.limits.max_sessions);
+    }
+
+    fn converge(&mut self) -> Plan {
+        let mut last = Plan::default();
+        for _ in 0..200 {
+            last = self.step();
+            if last.actions.is_empty() && !last.busy {
+                return last;
+            }
+        }
+        panic!("did not converge: {last:?}\n{self:?}");
+    }
+}
+
+#[test]
+fn a_new_session_is_leased_then_started_then_ready() {
+    let mut sim = Sim::new(5);
+    sim.desired.insert("a".into(), desired("a", 5901, None));
+    let p = sim.step();
+    assert_eq!(p.actions, vec![Action::Lease { session: "a".into(), port: 6100 }]);
+    assert_eq!(p.reports["a"].phase, Phase::Pending);
+    let p = sim.step();
+    assert_eq!(p.actions, vec![Action::Start { session: "a".into() }]);
+    let p = sim.step();
+    assert!(p.actions.is_empty());
+    assert_eq!(p.reports["a"].reason, reason::STARTING);
+    let p = sim.step();
+    assert_eq!(p.reports["a"].phase, Phase::Ready);
+    assert!(!p.busy);
+}
+
+#[test]
+fn removal_stops_the_proxy_before_releasing_the_port() {
+    let mut sim = Sim::new(5);
+    sim.desired.insert("a".into(), desired("a", 5901, None));
+    sim.converge();
+    sim.desired.clear();
+    let p = sim.step();
+    assert!(matches!(p.actions[..], [Action::Stop { why: StopReason::Removed, .. }]));
+    assert_eq!(p.reports["a"].phase, Phase::Terminating);
+    let p = sim.step();
+    assert_eq!(p.actions, vec![Action::Release { session: "a".into(), port: 6100 }]);
+    assert!(sim.leases.is_empty());
+}
+
+#[test]
+fn exhaustion_is_reported_and_heals_when_a_port_frees() {
+    let mut sim = Sim::new(2);
+    for n in ["a", "b", "c"] {
+        sim.desired.insert(n.into(), desired(n, 5901, None));
+    }
+    let p = sim.converge();
+    assert_eq!(p.reports["c"].reason, reason::POOL_EXHAUSTED);
+    assert_eq!(p.reports["a"].phase, Phase::Ready);
+    sim.desired.remove("a");
+    let p = sim.converge();
+    assert_eq!(p.reports["c"].phase, Phase::Ready);
+}
+
+#[test]
+fn a_crashed_proxy_restarts_on_the_same_port_with_backoff() {
+    let mut sim = Sim::new(5);
+    sim.desired.insert("a".into(), desired("a", 5901, None));
+    sim.converge();
+    let port = sim.leases["a"].port;
+    sim.procs.clear();
+    let p = sim.plan();
+    assert_eq!(p.actions, vec![Action::Start { session: "a".into() }]);
+    sim.apply(&p.actions[0]);
+    // Dies again at once: the next start waits.
+    sim.procs.clear();
+    let p = sim.plan();
+    assert!(p.actions.is_empty(), "{p:?}");
+    assert_eq!(p.reports["a"].reason, reason::RESTARTING);
+    sim.converge();
+    assert_eq!(sim.leases["a"].port, port);
+}
+
+#[test]
+fn backoff_grows_and_is_capped() {
+    let mut r = RestartState::default();
+    assert_eq!(r.backoff_ms(), 0);
+    r.starts = 1;
+    assert_eq!(r.backoff_ms(), 500);
+    r.starts = 3;
+    assert_eq!(r.backoff_ms(), 2_000);
+    r.starts = 40;
+    assert_eq!(r.backoff_ms(), MAX_BACKOFF_MS);
+}
+
+#[test]
+fn a_port_taken_by_another_program_is_skipped_not_dropped() {
+    let mut sim = Sim::new(5);
+    sim.foreign.insert(6100);
+    sim.desired.insert("a".into(), desired("a", 5901, None));
+    sim.converge();
+    assert_eq!(sim.leases["a"].port, 6101);
+    // The port comes back into use once the other program leaves.
+    sim.foreign.clear();
+    sim.known_busy.clear();
+    sim.desired.insert("b".into(), desired("b", 5902, None));
+    sim.converge();
+    assert_eq!(sim.leases["b"].port, 6100);
+}
+
+#[test]
+fn a_lease_whose_port_was_taken_while_down_moves() {
+    let mut sim = Sim::new(5);
+    sim.desired.insert("a".into(), desired("a", 5901, None));
+    sim.converge();
+    sim.procs.clear();
+    sim.foreign.insert(6100);
+    let p = sim.step();
+    assert_eq!(p.actions, vec![Action::Release { session: "a".into(), port: 6100 }]);
+    assert_eq!(p.reports["a"].reason, reason::PORT_IN_USE);
+    sim.converge();
+    assert_eq!(sim.leases["a"].port, 6101);
+}
+
+#[test]
+fn requested_ports_are_honoured_and_conflicts_reported() {
+    let mut sim = Sim::new(5);
+    sim.desired.insert("a".into(), desired("a", 5901, Some(6103)));
+    sim.desired.insert("b".into(), desired("b", 5902, Some(6103)));
+    sim.desired.insert("c".into(), desired("c", 5903, None));
+    let p = sim.converge();
+    assert_eq!(sim.leases["a"].port, 6103);
+    assert_eq!(p.reports["b"].reason, reason::PORT_CONFLICT);
+    assert_ne!(sim.leases["c"].port, 6103);
+}
+
+#[test]
+fn a_target_change_restarts_on_the_same_port() {
+    let mut sim = Sim::new(5);
+    sim.desired.insert("a".into(), desired("a", 5901, None));
+    sim.converge();
+    let old = sim.procs["a"].0;
+    sim.desired.insert("a".into(), desired("a", 5999, None));
+    let p = sim.step();
+    assert!(matches!(p.actions[..], [Action::Stop { why: StopReason::SpecChanged, .. }]));
+    sim.converge();
+    assert_eq!(sim.leases["a"].port, 6100);
+    assert_eq!(
+        sim.leases["a"].target,
+        Endpoint::Tcp { host: "127.0.0.1".into(), port: 5999 }
+    );
+    assert_ne!(sim.procs["a"].0, old);
+}
+
+#[test]
+fn adoption_records_the_running_process_without_restarting_it() {
+    let mut sim = Sim::new(5);
+    sim.desired.insert("a".into(), desired("a", 5901, None));
+    sim.converge();
+    let proc_before = sim.procs["a"].0;
+    // A controller restart that lost the pid (crash between spawn and record).
+    sim.leases.get_mut("a").expect("lease").process = None;
+    sim.restarts.clear();
+    let p = sim.step();
+    assert_eq!(
+        p.actions,
+        vec![Action::Record { session: "a".into(), process: proc_before }]
+    );
+    assert_eq!(p.reports["a"].phase, Phase::Ready);
+}
+
+#[test]
+fn a_proxy_that_never_listens_is_stopped_after_the_timeout() {
+    let mut sim = Sim::new(5);
+    sim.desired.insert("a".into(), desired("a", 5901, None));
+    sim.converge();
+    let p = sim.procs["a"].0;
+    sim.procs.insert("a".into(), (p, false, sim.now - 6_000));
+    let plan = sim.plan();
+    assert!(matches!(plan.actions[..], [Action::Stop { why: StopReason::NotListening, .. }]));
+    assert_eq!(plan.reports["a"].phase, Phase::Failed);
+}
+
+#[test]
+fn protected_sessions_keep_their_lease_and_proxy() {
+    let mut sim = Sim::new(5);
+    sim.desired.insert("a".into(), desired("a", 5901, None));
+    sim.converge();
+    sim.desired.clear();
+    let protected = BTreeSet::from(["a".to_string()]);
+    let proxies = BTreeMap::new();
+    let p = plan(&Inputs {
+        desired: &sim.desired,
+        protected: &protected,
+        leases: &sim.leases,
+        proxies: &proxies,
+        orphans: &[],
+        busy: &BTreeSet::new(),
+        restarts: &BTreeMap::new(),
+        limits: sim.limits,
+        now_ms: 0,
+    });
+    assert!(p.actions.is_empty(), "{p:?}");
+}
+
+#[test]
+fn orphans_are_killed() {
+    let mut sim = Sim::new(5);
+    let o = sim.spawn();
+    sim.orphans.push(o);
+    let p = sim.step();
+    assert_eq!(p.actions, vec![Action::KillOrphan { process: o }]);
+}
+
+#[derive(Clone, Debug)]
+enum Event {
+    Create(usize, Option<u16>),
+    Delete(usize),
+    Retarget(usize, u16),
+    Crash(usize, bool),
+    ControllerRestart,
+    ForeignTake(u16),
+    ForeignFree(u16),
+    Steps(u8),
+}
+
+fn event() -> impl Strategy<Value = Event> {
+    prop_oneof![
+        3 => (0..8usize, prop::option::weighted(0.2, 6100..=6105u16)).prop_map(|(i, p)| Event::Create(i, p)),
+        2 => (0..8usize).prop_map(Event::Delete),
+        1 => (0..8usize, 5900..5905u16).prop_map(|(i, p)| Event::Retarget(i, p)),
+        2 => (0..8usize, any::<bool>()).prop_map(|(i, c)| Event::Crash(i, c)),
+        1 => Just(Event::ControllerRestart),
+        1 => (6100..=6105u16).prop_map(Event::ForeignTake),
+        1 => (6100..=6105u16).prop_map(Event::ForeignFree),
+        3 => (0..4u8).prop_map(Event::Steps),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(400))]
+
+    /// No sequence of create, delete, crash, restart and foreign-port events ever leases
+    /// a port twice or runs a proxy without a lease; once faults stop, everything
+    /// converges with no orphan and no stray lease.
+    #[test]
+    fn never_double_leases_and_always_converges(events in prop::collection::vec(event(), 1..40)) {
+        let mut sim = Sim::new(5);
+        let name = |i: usize| format!("s{i}");
+        for ev in events {
+            match ev {
+                Event::Create(i, req) => {
+                    sim.desired.insert(name(i), desired(&name(i), 5901, req));
+                }
+                Event::Delete(i) => {
+                    sim.desired.remove(&name(i));
+                }
+                Event::Retarget(i, port) => {
+                    if let Some(d) = sim.desired.get_mut(&name(i)) {
+                        d.target = Endpoint::Tcp { host: "127.0.0.1".into(), port };
+                    }
+                }
+                Event::Crash(i, leave_child) => {
+                    if sim.procs.remove(&name(i)).is_some() && leave_child {
+                        let child = sim.spawn();
+                        sim.orphans.push(child);
+                    }
+                }
+                Event::ControllerRestart => {
+                    sim.restarts.clear();
+                    sim.known_busy.clear();
+                }
+                Event::ForeignTake(p) => {
+                    // Another program can only bind a port nobody listens on.
+                    let ours = sim.leases.values().any(|l| l.port == p && sim.procs.contains_key(&l.session));
+                    if !ours {
+                        sim.foreign.insert(p);
+                    }
+                }
+                Event::ForeignFree(p) => {
+                    sim.foreign.remove(&p);
+                }
+                Event::Steps(n) => {
+                    for _ in 0..n {
+                        sim.step();
+                    }
+                }
+            }
+            sim.check_invariants();
+        }
+        // Faults stop: foreign programs leave, and converge.
+        sim.foreign.clear();
+        sim.known_busy.clear();
+        let last = sim.converge();
+        prop_assert!(sim.orphans.is_empty());
+        for s in sim.leases.keys() {
+            prop_assert!(sim.desired.contains_key(s), "stray lease {}", s);
+        }
+        let leased = sim.leases.len();
+        for (n, d) in &sim.desired {
+            let r = &last.reports[n];
+            if sim.leases.contains_key(n) {
+                prop_assert_eq!(r.phase, Phase::Ready, "{} not ready: {:?}", n, r);
+                prop_assert!(sim.procs.contains_key(n));
+                prop_assert_eq!(sim.leases[n].target.clone(), d.target.clone());
+                if let Some(p) = d.requested_port {
+                    prop_assert_eq!(sim.leases[n].port, p);
+                }
+            } else {
+                let ok = r.reason == reason::POOL_EXHAUSTED || r.reason == reason::PORT_CONFLICT;
+                prop_assert!(ok, "{} unleased for {:?}", n, r);
+                if r.reason == reason::POOL_EXHAUSTED && d.requested_port.is_none() {
+                    prop_assert!(leased == sim.limits.max_sessions || leased == sim.limits.range.len());
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,253 @@
+//! A validated session: what the reconcile core works with.
+//!
+//! Every source (a manifest directory, Kubernetes, libvirt) turns its objects into
+//! [`Desired`] values through [`Desired::from_spec`], so validation rules are the same
+//! wherever a session comes from.
+
+use std::fmt;
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::api::VncSessionSpec;
+use crate::pool::PortRange;
+
+/// Where a proxy forwards to, after validation.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "camelCase")]
+pub enum Endpoint {
+    /// A TCP VNC server.
+    Tcp { host: String, port: u16 },
+    /// A VNC server on a unix socket.
+    Unix { path: String },
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::Tcp { host, port } if host.contains(':') => write!(f, "[{host}]:{port}"),
+            Endpoint::Tcp { host, port } => write!(f, "{host}:{port}"),
+            Endpoint::Unix { path } => write!(f, "unix:{path}"),
+        }
+    }
+}
+
+/// A session as a source wants it, already validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Desired {
+    pub name: String,
+    pub target: Endpoint,
+    /// A port the user asked for, inside the pool.
+    pub requested_port: Option<u16>,
+    /// Changes whenever the spec changes; reported back as `observedGeneration`.
+    pub generation: i64,
+}
+
+/// Why a session spec was refused. Messages name the offending field and value.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SpecError {
+    #[error(
+        "name {0:?} is not valid: use 1-253 lowercase letters, digits, '-' or '.', starting and ending with a letter or digit"
+    )]
+    Name(String),
+    #[error("spec.target needs either host and port, or unixSocket")]
+    NoTarget,
+    #[error("spec.target has both host/port and unixSocket; give only one")]
+    BothTargets,
+    #[error("spec.target.port is missing (host {0:?} needs a port)")]
+    NoTargetPort(String),
+    #[error("spec.target.host is missing (port {0} needs a host)")]
+    NoTargetHost(i32),
+    #[error("spec.target.port {0} is out of range 1-65535")]
+    TargetPort(i64),
+    #[error("spec.target.host {0:?} is not an IP address or DNS name")]
+    Host(String),
+    #[error("spec.target.unixSocket {0:?} must be an absolute path without '..' or control characters")]
+    UnixSocket(String),
+    #[error("spec.port {port} is outside the port pool {range}")]
+    PortOutsidePool { port: i64, range: PortRange },
+}
+
+/// DNS-1123 subdomain: the rule Kubernetes applies to object names.
+pub fn is_valid_name(name: &str) -> bool {
+    let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.';
+    let alnum = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
+    !name.is_empty()
+        && name.len() <= 253
+        && name.chars().all(ok_char)
+        && name.starts_with(alnum)
+        && name.ends_with(alnum)
+}
+
+fn is_valid_host(host: &str) -> bool {
+    if host.parse::<IpAddr>().is_ok() {
+        return true;
+    }
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    host.len() <= 253 && host.split('.').all(label_ok)
+}
+
+fn is_valid_socket_path(path: &str) -> bool {
+    path.starts_with('/')
+        && path.len() <= 107
+        && !path.split('/').any(|c| c == "..")
+        && !path.chars().any(char::is_control)
+}
+
+/// A stable 63-bit hash of the spec, so standalone manifests get a generation like
+/// Kubernetes objects do, and `vncd apply --wait` can tell when its change was seen.
+pub fn spec_generation(spec: &VncSessionSpec) -> i64 {
+    // FNV-1a over the canonical JSON form of the spec.
+    let json = serde_json::to_vec(spec).unwrap_or_default();
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in json {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    i64::try_from(h >> 1).unwrap_or(i64::MAX)
+}
+
+impl Desired {
+    /// Validates a spec under `name` against the pool it will be served from.
+    pub fn from_spec(name: &str, spec: &VncSessionSpec, pool: PortRange) -> Result<Self, SpecError> {
+        if !is_valid_name(name) {
+            return Err(SpecError::Name(name.to_owned()));
+        }
+        let t = &spec.target;
+        let target = match (&t.host, t.port, &t.unix_socket) {
+            (None, None, None) => return Err(SpecError::NoTarget),
+            (Some(_), _, Some(_)) | (_, Some(_), Some(_)) => return Err(SpecError::BothTargets),
+            (None, None, Some(path)) => {
+                if !is_valid_socket_path(path) {
+                    return Err(SpecError::UnixSocket(path.clone()));
+                }
+                Endpoint::Unix { path: path.clone() }
+            }
+            (Some(host), None, None) => return Err(SpecError::NoTargetPort(host.clone())),
+            (None, Some(port), None) => return Err(SpecError::NoTargetHost(port)),
+            (Some(host), Some(port), None) => {
+                let port = u16::try_from(port)
+                    .ok()
+                    .filter(|p| *p != 0)
+                    .ok_or(SpecError::TargetPort(i64::from(port)))?;
+                if !is_valid_host(host) {
+                    return Err(SpecError::Host(host.clone()));
+                }
+                Endpoint::Tcp {
+                    host: host.clone(),
+                    port,
+                }
+            }
+        };
+        let requested_port = match spec.port {
+            None => None,
+            Some(p) => Some(
+                u16::try_from(p)
+                    .ok()
+                    .filter(|p| pool.contains(*p))
+                    .ok_or(SpecError::PortOutsidePool {
+                        port: i64::from(p),
+                        range: pool,
+                    })?,
+            ),
+        };
+        Ok(Desired {
+            name: name.to_owned(),
+            target,
+            requested_port,
+            generation: spec_generation(spec),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::Target;
+
+    fn spec(host: Option<&str>, port: Option<i32>, sock: Option<&str>) -> VncSessionSpec {
+        VncSessionSpec {
+            target: Target {
+                host: host.map(str::to_owned),
+                port,
+                unix_socket: sock.map(str::to_owned),
+            },
+            port: None,
+            node_name: None,
+        }
+    }
+
+    fn check(s: &VncSessionSpec) -> Result<Desired, SpecError> {
+        Desired::from_spec("vm1", s, PortRange::default())
+    }
+
+    #[test]
+    fn accepts_tcp_and_unix_targets() {
+        let d = check(&spec(Some("127.0.0.1"), Some(5901), None)).unwrap();
+        assert_eq!(d.target.to_string(), "127.0.0.1:5901");
+        let d = check(&spec(Some("::1"), Some(5901), None)).unwrap();
+        assert_eq!(d.target.to_string(), "[::1]:5901");
+        let d = check(&spec(None, None, Some("/run/vm1.sock"))).unwrap();
+        assert_eq!(d.target.to_string(), "unix:/run/vm1.sock");
+        assert!(check(&spec(Some("vnc-host.example"), Some(1), None)).is_ok());
+    }
+
+    #[test]
+    fn refuses_bad_targets_with_the_field_named() {
+        assert_eq!(check(&spec(None, None, None)), Err(SpecError::NoTarget));
+        assert_eq!(
+            check(&spec(Some("h"), Some(1), Some("/s"))),
+            Err(SpecError::BothTargets)
+        );
+        assert_eq!(check(&spec(Some("h"), Some(0), None)), Err(SpecError::TargetPort(0)));
+        assert_eq!(
+            check(&spec(Some("h"), Some(70000), None)),
+            Err(SpecError::TargetPort(70000))
+        );
+        assert_eq!(
+            check(&spec(Some("h; rm -rf /"), Some(1), None)),
+            Err(SpecError::Host("h; rm -rf /".into()))
+        );
+        assert!(matches!(check(&spec(Some("$(id)"), Some(1), None)), Err(SpecError::Host(_))));
+        assert!(matches!(check(&spec(None, None, Some("rel/path"))), Err(SpecError::UnixSocket(_))));
+        assert!(matches!(check(&spec(None, None, Some("/a/../b"))), Err(SpecError::UnixSocket(_))));
+        assert!(matches!(check(&spec(Some("h"), None, None)), Err(SpecError::NoTargetPort(_))));
+        let msg = check(&spec(Some("h"), Some(-5), None)).unwrap_err().to_string();
+        assert!(msg.contains("-5"), "{msg}");
+    }
+
+    #[test]
+    fn requested_port_must_lie_in_the_pool() {
+        let mut s = spec(Some("h"), Some(5900), None);
+        s.port = Some(6500);
+        assert_eq!(check(&s).unwrap().requested_port, Some(6500));
+        s.port = Some(80);
+        let err = check(&s).unwrap_err();
+        assert!(err.to_string().contains("outside the port pool 6100-6999"), "{err}");
+        s.port = Some(-1);
+        assert!(check(&s).is_err());
+    }
+
+    #[test]
+    fn names_follow_dns_rules() {
+        assert!(is_valid_name("vm-1.prod"));
+        for bad in ["", "VM1", "a/b", "../x", "-a", "a-", "a_b", &"a".repeat(254)] {
+            assert!(!is_valid_name(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn generation_changes_with_the_spec() {
+        let a = spec(Some("h"), Some(1), None);
+        let b = spec(Some("h"), Some(2), None);
+        assert_eq!(spec_generation(&a), spec_generation(&a.clone()));
+        assert_ne!(spec_generation(&a), spec_generation(&b));
+        assert!(spec_generation(&a) >= 0);
+    }
+}
