@@ -253,6 +253,10 @@ fn a_crashed_proxy_restarts_on_the_same_port_with_backoff() {
     let mut sim = Sim::new(5);
     sim.desired.insert("a".into(), desired("a", 5901, None));
     sim.converge();
+    for _ in 0..12 {
+        sim.step(); // long enough to count as stable
+    }
+    assert_eq!(sim.restarts["a"].starts, 0);
     let port = sim.leases["a"].port;
     sim.procs.clear();
     let p = sim.plan();
