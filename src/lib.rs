@@ -11,3 +11,5 @@ pub mod lease;
 pub mod pool;
 pub mod reconcile;
 pub mod session;
+pub mod fsutil;
+pub mod store;
