@@ -13,3 +13,5 @@ pub mod reconcile;
 pub mod session;
 pub mod fsutil;
 pub mod store;
+pub mod net;
+pub mod supervisor;

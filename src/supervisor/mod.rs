@@ -1,0 +1,408 @@
+//! The supervisor owns proxy processes, whatever the backend.
+//!
+//! Identity is pid + start time + marker: every proxy is started with `VNCD_MARK_*`
+//! variables in its environment naming the state directory (owner), the session and the
+//! lease uid. A process is ours only if all three agree, so a reused pid, another
+//! vncd's proxy or an unrelated websockify is never signalled. Each proxy leads its
+//! own process group, so a stop reaches the per-connection children that websockify
+//! forks (they hold the listening socket too).
+
+pub mod procfs;
+pub mod websockify;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::unistd::Pid;
+use tokio::sync::mpsc;
+
+use crate::lease::{Lease, ProcRef};
+use crate::reconcile::ProxyState;
+use crate::session::Endpoint;
+
+/// Environment variables that mark a proxy as ours.
+pub mod marker {
+    pub const OWNER: &str = "VNCD_MARK_OWNER";
+    pub const SESSION: &str = "VNCD_MARK_SESSION";
+    pub const LEASE: &str = "VNCD_MARK_LEASE";
+    pub const PORT: &str = "VNCD_MARK_PORT";
+    pub const TARGET: &str = "VNCD_MARK_TARGET";
+}
+
+/// What a backend needs to build a proxy's command line.
+#[derive(Clone, Debug)]
+pub struct ProxySpec {
+    pub session: String,
+    pub listen: IpAddr,
+    pub port: u16,
+    pub target: Endpoint,
+    pub web: Option<PathBuf>,
+}
+
+/// A program and its arguments.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommandLine {
+    pub program: PathBuf,
+    pub args: Vec<String>,
+}
+
+/// How to start a proxy. The only thing that differs between websockify and
+/// `vncd proxy`; supervision is the same for both.
+pub trait Backend: Send + Sync + std::fmt::Debug {
+    fn name(&self) -> &'static str;
+    fn command(&self, spec: &ProxySpec) -> CommandLine;
+}
+
+/// A process that carries our owner marker.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Marked {
+    pub process: ProcRef,
+    pub pgid: i32,
+    pub session: String,
+    pub lease: String,
+    pub port: Option<u16>,
+    pub target: Option<String>,
+}
+
+/// What one scan of /proc found.
+#[derive(Clone, Debug, Default)]
+pub struct Observation {
+    pub proxies: BTreeMap<String, ProxyState>,
+    pub orphans: Vec<ProcRef>,
+    /// Ports on which some process of ours (leader, child or orphan) listens.
+    pub held_by_us: BTreeSet<u16>,
+    /// Every marked process, for cleanup and rebuild.
+    pub marked: Vec<Marked>,
+}
+
+/// A proxy that ended on its own, reported so the controller can react at once.
+#[derive(Clone, Debug)]
+pub struct Exit {
+    pub session: String,
+    pub pid: i32,
+    pub status: String,
+}
+
+/// Why a proxy could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("cannot open proxy log {}: {source}", path.display())]
+    Log {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start {} for session {session:?}: {source}", program.display())]
+    Exec {
+        program: PathBuf,
+        session: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("proxy for session {session:?} exited before it could be identified")]
+    Vanished { session: String },
+}
+
+/// The process supervisor. See the module docs.
+#[derive(Debug)]
+pub struct Supervisor {
+    owner: String,
+    backend: Box<dyn Backend>,
+    listen: IpAddr,
+    web: Option<PathBuf>,
+    log_dir: PathBuf,
+    grace: Duration,
+    exits: Option<mpsc::UnboundedSender<Exit>>,
+}
+
+impl Supervisor {
+    /// `owner` identifies this vncd's proxies: the canonical state directory path.
+    pub fn new(
+        owner: String,
+        backend: Box<dyn Backend>,
+        listen: IpAddr,
+        web: Option<PathBuf>,
+        log_dir: PathBuf,
+        grace: Duration,
+    ) -> Self {
+        Supervisor {
+            owner,
+            backend,
+            listen,
+            web,
+            log_dir,
+            grace,
+            exits: None,
+        }
+    }
+
+    /// Where proxies that exit on their own are reported.
+    pub fn report_exits(&mut self, tx: mpsc::UnboundedSender<Exit>) {
+        self.exits = Some(tx);
+    }
+
+    pub fn backend_name(&self) -> &'static str {
+        self.backend.name()
+    }
+
+    pub fn listen_address(&self) -> IpAddr {
+        self.listen
+    }
+
+    /// Every live process that carries our owner marker.
+    pub fn scan(&self) -> Vec<Marked> {
+        procfs::pids()
+            .into_iter()
+            .filter_map(|pid| {
+                let env = procfs::environ(pid)?;
+                if env.get(marker::OWNER)? != &self.owner {
+                    return None;
+                }
+                let st = procfs::stat(pid).filter(procfs::Stat::is_alive)?;
+                Some(Marked {
+                    process: ProcRef {
+                        pid,
+                        start_time: st.start_time,
+                    },
+                    pgid: st.pgid,
+                    session: env.get(marker::SESSION).cloned().unwrap_or_default(),
+                    lease: env.get(marker::LEASE).cloned().unwrap_or_default(),
+                    port: env.get(marker::PORT).and_then(|p| p.parse().ok()),
+                    target: env.get(marker::TARGET).cloned(),
+                })
+            })
+            .collect()
+    }
+
+    /// Matches our processes against the leases: which lease has a live proxy, is it
+    /// listening, and which processes belong to no lease at all.
+    pub fn observe(&self, leases: &BTreeMap<String, Lease>) -> Observation {
+        let marked = self.scan();
+        let listeners = procfs::listening_sockets();
+        let now = procfs::uptime_ms();
+        let ticks = procfs::clock_ticks();
+        let mut obs = Observation::default();
+
+        // Group leaders that match a lease exactly.
+        let mut leaders: BTreeMap<&str, &Marked> = BTreeMap::new();
+        for m in &marked {
+            let Some(lease) = leases.get(&m.session) else { continue };
+            if lease.uid != m.lease || m.process.pid != m.pgid {
+                continue;
+            }
+            let better = match leaders.get(m.session.as_str()) {
+                None => true,
+                Some(prev) => lease.process == Some(m.process) && lease.process != Some(prev.process),
+            };
+            if better {
+                leaders.insert(&m.session, m);
+            }
+        }
+        let leader_pgids: BTreeSet<i32> = leaders.values().map(|m| m.pgid).collect();
+
+        let mut sockets_by_pgid: BTreeMap<i32, BTreeSet<u64>> = BTreeMap::new();
+        for m in &marked {
+            let inodes = procfs::socket_inodes(m.process.pid);
+            for (port, ids) in &listeners {
+                if !ids.is_disjoint(&inodes) {
+                    obs.held_by_us.insert(*port);
+                }
+            }
+            sockets_by_pgid.entry(m.pgid).or_default().extend(inodes);
+            let is_leader = leaders.get(m.session.as_str()).is_some_and(|l| l.process == m.process);
+            let in_live_group = leader_pgids.contains(&m.pgid);
+            if !is_leader && !in_live_group {
+                obs.orphans.push(m.process);
+            }
+        }
+
+        for (session, m) in leaders {
+            let port = leases[session].port;
+            let listening = listeners.get(&port).is_some_and(|ids| {
+                sockets_by_pgid
+                    .get(&m.pgid)
+                    .is_some_and(|mine| !mine.is_disjoint(ids))
+            });
+            let started_ms = m.process.start_time.saturating_mul(1000) / ticks;
+            obs.proxies.insert(
+                session.to_owned(),
+                ProxyState::Running {
+                    process: m.process,
+                    listening,
+                    age_ms: now.saturating_sub(started_ms),
+                },
+            );
+        }
+        obs.marked = marked;
+        obs
+    }
+
+    /// Starts the proxy of a persisted lease, in its own process group, with our marker.
+    pub fn spawn(&self, lease: &Lease) -> Result<ProcRef, SpawnError> {
+        let spec = ProxySpec {
+            session: lease.session.clone(),
+            listen: self.listen,
+            port: lease.port,
+            target: lease.target.clone(),
+            web: self.web.clone(),
+        };
+        let line = self.backend.command(&spec);
+        let log_path = self.log_dir.join(format!("{}.log", lease.session));
+        let log = open_log(&log_path).map_err(|source| SpawnError::Log {
+            path: log_path.clone(),
+            source,
+        })?;
+        let log2 = log.try_clone().map_err(|source| SpawnError::Log {
+            path: log_path.clone(),
+            source,
+        })?;
+        let mut cmd = tokio::process::Command::new(&line.program);
+        cmd.args(&line.args);
+        // Our own VNCD_* settings are not the proxy's business.
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("VNCD_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.env(marker::OWNER, &self.owner)
+            .env(marker::SESSION, &lease.session)
+            .env(marker::LEASE, &lease.uid)
+            .env(marker::PORT, lease.port.to_string())
+            .env(marker::TARGET, lease.target.to_string())
+            .stdin(Stdio::null())
+            // A file, not a pipe: the proxy must outlive us without SIGPIPE.
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log2))
+            .process_group(0)
+            .kill_on_drop(false);
+        let mut child = cmd.spawn().map_err(|source| SpawnError::Exec {
+            program: line.program.clone(),
+            session: lease.session.clone(),
+            source,
+        })?;
+        let vanished = || SpawnError::Vanished {
+            session: lease.session.clone(),
+        };
+        let pid = child.id().and_then(|p| i32::try_from(p).ok()).ok_or_else(vanished)?;
+        let st = procfs::stat(pid).ok_or_else(vanished)?;
+        let exits = self.exits.clone();
+        let session = lease.session.clone();
+        // Reap the child (no zombies) and say why it ended.
+        tokio::spawn(async move {
+            let status = match child.wait().await {
+                Ok(s) => s.to_string(),
+                Err(e) => format!("unknown status ({e})"),
+            };
+            if let Some(tx) = exits {
+                let _ = tx.send(Exit { session, pid, status });
+            }
+        });
+        Ok(ProcRef {
+            pid,
+            start_time: st.start_time,
+        })
+    }
+
+    /// True if `process` is still the very process we started (same start time, our marker).
+    pub fn is_ours(&self, process: ProcRef) -> bool {
+        let same = procfs::stat(process.pid)
+            .is_some_and(|st| st.is_alive() && st.start_time == process.start_time);
+        same && procfs::environ(process.pid)
+            .is_some_and(|env| env.get(marker::OWNER) == Some(&self.owner))
+    }
+
+    /// Stops a proxy: SIGTERM to its whole group, SIGKILL after the grace period.
+    /// Does nothing unless the process is provably ours.
+    pub async fn stop(&self, process: ProcRef) -> bool {
+        if !self.is_ours(process) {
+            return false;
+        }
+        let leads_group = procfs::stat(process.pid).is_some_and(|st| st.pgid == process.pid);
+        terminate(process.pid, leads_group, self.grace).await;
+        true
+    }
+
+    /// Ends a marked process that no lease accounts for (checked again right before).
+    pub async fn kill_orphan(&self, process: ProcRef) -> bool {
+        self.stop(process).await
+    }
+
+    /// The last non-empty line a proxy wrote to its log, for failure messages.
+    pub fn last_log_line(&self, session: &str) -> Option<String> {
+        last_line(&self.log_dir.join(format!("{session}.log")))
+    }
+}
+
+fn open_log(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    // Keep logs bounded: start over once a log passes 1 MiB.
+    let too_big = std::fs::metadata(path).is_ok_and(|m| m.len() > 1024 * 1024);
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(!too_big)
+        .write(true)
+        .truncate(too_big)
+        .mode(0o600)
+        .open(path)
+}
+
+fn last_line(path: &Path) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).ok()?;
+    let len = f.metadata().ok()?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(4096))).ok()?;
+    let mut buf = Vec::new();
+    f.read_to_end(&mut buf).ok()?;
+    let text = String::from_utf8_lossy(&buf);
+    text.lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .map(|l| l.chars().take(300).collect())
+}
+
+fn group_alive(pgid: i32) -> bool {
+    killpg(Pid::from_raw(pgid), None).is_ok()
+}
+
+fn proc_alive(pid: i32) -> bool {
+    procfs::stat(pid).is_some_and(|s| s.is_alive())
+}
+
+/// SIGTERM, wait up to `grace`, SIGKILL, wait a little more.
+async fn terminate(pid: i32, group: bool, grace: Duration) {
+    let signal = |sig| {
+        let _ = if group {
+            killpg(Pid::from_raw(pid), sig)
+        } else {
+            kill(Pid::from_raw(pid), sig)
+        };
+    };
+    let alive = || if group { group_alive(pid) && proc_or_members(pid) } else { proc_alive(pid) };
+    signal(Signal::SIGTERM);
+    let deadline = tokio::time::Instant::now() + grace;
+    while alive() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if alive() {
+        signal(Signal::SIGKILL);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while alive() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// A group whose only remaining member is an unreaped zombie counts as gone.
+fn proc_or_members(pgid: i32) -> bool {
+    if proc_alive(pgid) {
+        return true;
+    }
+    procfs::pids()
+        .into_iter()
+        .any(|p| procfs::stat(p).is_some_and(|s| s.pgid == pgid && s.is_alive()))
+}
