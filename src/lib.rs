@@ -15,3 +15,5 @@ pub mod fsutil;
 pub mod store;
 pub mod net;
 pub mod supervisor;
+pub mod manifest;
+pub mod source;
