@@ -17,3 +17,6 @@ pub mod net;
 pub mod supervisor;
 pub mod manifest;
 pub mod source;
+pub mod status;
+pub mod controller;
+pub mod cli;

@@ -32,6 +32,21 @@ impl fmt::Display for Endpoint {
     }
 }
 
+impl std::str::FromStr for Endpoint {
+    type Err = String;
+
+    /// Reads the [`fmt::Display`] form back: `host:port`, `[v6]:port` or `unix:PATH`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            return Ok(Endpoint::Unix { path: path.to_owned() });
+        }
+        let (host, port) = s.rsplit_once(':').ok_or_else(|| format!("{s:?} has no port"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let port = port.parse().map_err(|_| format!("{s:?} has a bad port"))?;
+        Ok(Endpoint::Tcp { host: host.to_owned(), port })
+    }
+}
+
 /// A session as a source wants it, already validated.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Desired {
@@ -232,6 +247,18 @@ mod tests {
         assert!(err.to_string().contains("outside the port pool 6100-6999"), "{err}");
         s.port = Some(-1);
         assert!(check(&s).is_err());
+    }
+
+    #[test]
+    fn endpoints_round_trip_through_text() {
+        for e in [
+            Endpoint::Tcp { host: "127.0.0.1".into(), port: 5901 },
+            Endpoint::Tcp { host: "::1".into(), port: 1 },
+            Endpoint::Unix { path: "/run/a b.sock".into() },
+        ] {
+            assert_eq!(e.to_string().parse::<Endpoint>().unwrap(), e);
+        }
+        assert!("nope".parse::<Endpoint>().is_err());
     }
 
     #[test]

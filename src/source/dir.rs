@@ -146,8 +146,9 @@ impl DirSource {
                 continue;
             }
             let result = read_manifest(&path, meta.size(), self.pool).map_err(|e| {
-                let name = std::fs::read_to_string(&path)
-                    .ok()
+                let name = (meta.size() <= MAX_MANIFEST_BYTES)
+                    .then(|| std::fs::read_to_string(&path).ok())
+                    .flatten()
                     .and_then(|t| manifest::claimed_name(&t));
                 (name, format!("{}: {e}", path.display()))
             });

@@ -155,90 +155,12 @@ impl Supervisor {
 
     /// Every live process that carries our owner marker.
     pub fn scan(&self) -> Vec<Marked> {
-        procfs::pids()
-            .into_iter()
-            .filter_map(|pid| {
-                let env = procfs::environ(pid)?;
-                if env.get(marker::OWNER)? != &self.owner {
-                    return None;
-                }
-                let st = procfs::stat(pid).filter(procfs::Stat::is_alive)?;
-                Some(Marked {
-                    process: ProcRef {
-                        pid,
-                        start_time: st.start_time,
-                    },
-                    pgid: st.pgid,
-                    session: env.get(marker::SESSION).cloned().unwrap_or_default(),
-                    lease: env.get(marker::LEASE).cloned().unwrap_or_default(),
-                    port: env.get(marker::PORT).and_then(|p| p.parse().ok()),
-                    target: env.get(marker::TARGET).cloned(),
-                })
-            })
-            .collect()
+        scan(&self.owner)
     }
 
-    /// Matches our processes against the leases: which lease has a live proxy, is it
-    /// listening, and which processes belong to no lease at all.
+    /// Scans and classifies in one go; see [`classify`].
     pub fn observe(&self, leases: &BTreeMap<String, Lease>) -> Observation {
-        let marked = self.scan();
-        let listeners = procfs::listening_sockets();
-        let now = procfs::uptime_ms();
-        let ticks = procfs::clock_ticks();
-        let mut obs = Observation::default();
-
-        // Group leaders that match a lease exactly.
-        let mut leaders: BTreeMap<&str, &Marked> = BTreeMap::new();
-        for m in &marked {
-            let Some(lease) = leases.get(&m.session) else { continue };
-            if lease.uid != m.lease || m.process.pid != m.pgid {
-                continue;
-            }
-            let better = match leaders.get(m.session.as_str()) {
-                None => true,
-                Some(prev) => lease.process == Some(m.process) && lease.process != Some(prev.process),
-            };
-            if better {
-                leaders.insert(&m.session, m);
-            }
-        }
-        let leader_pgids: BTreeSet<i32> = leaders.values().map(|m| m.pgid).collect();
-
-        let mut sockets_by_pgid: BTreeMap<i32, BTreeSet<u64>> = BTreeMap::new();
-        for m in &marked {
-            let inodes = procfs::socket_inodes(m.process.pid);
-            for (port, ids) in &listeners {
-                if !ids.is_disjoint(&inodes) {
-                    obs.held_by_us.insert(*port);
-                }
-            }
-            sockets_by_pgid.entry(m.pgid).or_default().extend(inodes);
-            let is_leader = leaders.get(m.session.as_str()).is_some_and(|l| l.process == m.process);
-            let in_live_group = leader_pgids.contains(&m.pgid);
-            if !is_leader && !in_live_group {
-                obs.orphans.push(m.process);
-            }
-        }
-
-        for (session, m) in leaders {
-            let port = leases[session].port;
-            let listening = listeners.get(&port).is_some_and(|ids| {
-                sockets_by_pgid
-                    .get(&m.pgid)
-                    .is_some_and(|mine| !mine.is_disjoint(ids))
-            });
-            let started_ms = m.process.start_time.saturating_mul(1000) / ticks;
-            obs.proxies.insert(
-                session.to_owned(),
-                ProxyState::Running {
-                    process: m.process,
-                    listening,
-                    age_ms: now.saturating_sub(started_ms),
-                },
-            );
-        }
-        obs.marked = marked;
-        obs
+        classify(self.scan(), leases)
     }
 
     /// Starts the proxy of a persisted lease, in its own process group, with our marker.
@@ -315,8 +237,9 @@ impl Supervisor {
             .is_some_and(|env| env.get(marker::OWNER) == Some(&self.owner))
     }
 
-    /// Stops a proxy: SIGTERM to its whole group, SIGKILL after the grace period.
-    /// Does nothing unless the process is provably ours.
+    /// Stops a proxy or an orphan: SIGTERM (to its whole group if it leads one), SIGKILL
+    /// after the grace period. Identity is checked right before signalling; a process
+    /// that is not provably ours is left alone and `false` returned.
     pub async fn stop(&self, process: ProcRef) -> bool {
         if !self.is_ours(process) {
             return false;
@@ -326,16 +249,103 @@ impl Supervisor {
         true
     }
 
-    /// Ends a marked process that no lease accounts for (checked again right before).
-    pub async fn kill_orphan(&self, process: ProcRef) -> bool {
-        self.stop(process).await
-    }
-
     /// The last non-empty line a proxy wrote to its log, for failure messages.
     pub fn last_log_line(&self, session: &str) -> Option<String> {
         last_line(&self.log_dir.join(format!("{session}.log")))
     }
 }
+
+/// Every live process that carries our owner marker.
+pub fn scan(owner: &str) -> Vec<Marked> {
+    procfs::pids()
+        .into_iter()
+        .filter_map(|pid| {
+            let env = procfs::environ(pid)?;
+            if env.get(marker::OWNER)? != owner {
+                return None;
+            }
+            let st = procfs::stat(pid).filter(procfs::Stat::is_alive)?;
+            Some(Marked {
+                process: ProcRef {
+                    pid,
+                    start_time: st.start_time,
+                },
+                pgid: st.pgid,
+                session: env.get(marker::SESSION).cloned().unwrap_or_default(),
+                lease: env.get(marker::LEASE).cloned().unwrap_or_default(),
+                port: env.get(marker::PORT).and_then(|p| p.parse().ok()),
+                target: env.get(marker::TARGET).cloned(),
+            })
+        })
+        .collect()
+}
+
+/// Matches our processes against the leases: which lease has a live proxy, is it
+/// listening, and which processes belong to no lease at all.
+///
+/// Scan first, read leases second: a proxy is only started after its lease is
+/// persisted, so any process the scan saw has its lease in a later read, and a
+/// concurrent `vncd cleanup` never mistakes a just-started proxy for an orphan.
+pub fn classify(marked: Vec<Marked>, leases: &BTreeMap<String, Lease>) -> Observation {
+    let listeners = procfs::listening_sockets();
+    let now = procfs::uptime_ms();
+    let ticks = procfs::clock_ticks();
+    let mut obs = Observation::default();
+
+    // Group leaders that match a lease exactly.
+    let mut leaders: BTreeMap<&str, &Marked> = BTreeMap::new();
+    for m in &marked {
+        let Some(lease) = leases.get(&m.session) else { continue };
+        if lease.uid != m.lease || m.process.pid != m.pgid {
+            continue;
+        }
+        let better = match leaders.get(m.session.as_str()) {
+            None => true,
+            Some(prev) => lease.process == Some(m.process) && lease.process != Some(prev.process),
+        };
+        if better {
+            leaders.insert(&m.session, m);
+        }
+    }
+    let leader_pgids: BTreeSet<i32> = leaders.values().map(|m| m.pgid).collect();
+
+    let mut sockets_by_pgid: BTreeMap<i32, BTreeSet<u64>> = BTreeMap::new();
+    for m in &marked {
+        let inodes = procfs::socket_inodes(m.process.pid);
+        for (port, ids) in &listeners {
+            if !ids.is_disjoint(&inodes) {
+                obs.held_by_us.insert(*port);
+            }
+        }
+        sockets_by_pgid.entry(m.pgid).or_default().extend(inodes);
+        let is_leader = leaders.get(m.session.as_str()).is_some_and(|l| l.process == m.process);
+        let in_live_group = leader_pgids.contains(&m.pgid);
+        if !is_leader && !in_live_group {
+            obs.orphans.push(m.process);
+        }
+    }
+
+    for (session, m) in leaders {
+        let port = leases[session].port;
+        let listening = listeners.get(&port).is_some_and(|ids| {
+            sockets_by_pgid
+                .get(&m.pgid)
+                .is_some_and(|mine| !mine.is_disjoint(ids))
+        });
+        let started_ms = m.process.start_time.saturating_mul(1000) / ticks;
+        obs.proxies.insert(
+            session.to_owned(),
+            ProxyState::Running {
+                process: m.process,
+                listening,
+                age_ms: now.saturating_sub(started_ms),
+            },
+        );
+    }
+    obs.marked = marked;
+    obs
+}
+
 
 fn open_log(path: &Path) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;

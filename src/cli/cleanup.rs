@@ -1,0 +1,198 @@
+//! `vncd cleanup`: the seed's cleanup daemon, made safe.
+//!
+//! It runs the same [`plan`] as the controller and keeps only two kinds of action:
+//! releasing leases whose session is gone and whose proxy is dead, and ending marked
+//! processes that no lease accounts for. It never touches a lease of a session that
+//! is still wanted, never treats an unreadable sessions directory as "nothing wanted",
+//! and commits with compare-and-swap, so it is safe beside a running `vncd run`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use jiff::Timestamp;
+use tracing::{info, warn};
+
+use super::{PoolArgs, SessionsArgs, StateArgs, runtime};
+use crate::lease::Lease;
+use crate::reconcile::{self, Action, Inputs, Limits};
+use crate::source::dir::DirSource;
+use crate::store::file::{FileStore, StateDir, read_state, write_state};
+use crate::store::lock::LockGuard;
+use crate::store::{LeaseChange, LeaseSet, StoreError};
+use crate::supervisor::websockify::Websockify;
+use crate::supervisor::{Supervisor, classify, scan};
+
+#[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("mode").required(true).args(["once", "interval"]))]
+pub struct CleanupArgs {
+    #[command(flatten)]
+    pub sessions: SessionsArgs,
+    #[command(flatten)]
+    pub state: StateArgs,
+    #[command(flatten)]
+    pub pool: PoolArgs,
+    /// One pass, then exit.
+    #[arg(long)]
+    pub once: bool,
+    /// Repeat every SECS seconds until SIGTERM.
+    #[arg(long, value_name = "SECS")]
+    pub interval: Option<u64>,
+    /// If the state file is corrupt, move it aside and rebuild it from the proxies that
+    /// carry this state directory's marker.
+    #[arg(long)]
+    pub rebuild_state: bool,
+    /// Seconds between SIGTERM and SIGKILL for orphans.
+    #[arg(long, default_value_t = 2.0)]
+    pub stop_grace: f64,
+}
+
+/// What one pass did.
+#[derive(Debug, Default)]
+struct Stats {
+    released: usize,
+    orphans: usize,
+    awaiting_restart: usize,
+    stopping: usize,
+}
+
+pub fn cleanup(args: CleanupArgs) -> anyhow::Result<ExitCode> {
+    let dir = args.state.dir();
+    let owner = std::fs::canonicalize(dir.root())
+        .with_context(|| format!("state directory {} does not exist", dir.root().display()))?
+        .display()
+        .to_string();
+    if args.rebuild_state {
+        rebuild(&dir, &owner)?;
+    }
+    let grace = Duration::try_from_secs_f64(args.stop_grace).context("--stop-grace")?;
+    let supervisor = Supervisor::new(
+        owner.clone(),
+        Box::new(Websockify { program: "websockify".into() }),
+        "127.0.0.1".parse()?,
+        None,
+        dir.root().join("logs"),
+        grace,
+    );
+    let rt = runtime()?;
+    rt.block_on(async {
+        loop {
+            match pass(&args, &dir, &owner, &supervisor).await {
+                Ok(s) => info!(
+                    released = s.released,
+                    orphans_ended = s.orphans,
+                    awaiting_restart = s.awaiting_restart,
+                    left_to_vncd_run = s.stopping,
+                    "cleanup pass done"
+                ),
+                Err(e) if args.once => return Err(e),
+                Err(e) => warn!(error = %format!("{e:#}"), "cleanup pass failed; changing nothing"),
+            }
+            let Some(secs) = args.interval else { break };
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(secs.max(1))) => {}
+                _ = tokio::signal::ctrl_c() => break,
+            }
+        }
+        anyhow::Ok(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn pass(args: &CleanupArgs, dir: &StateDir, owner: &str, sup: &Supervisor) -> anyhow::Result<Stats> {
+    let snapshot = DirSource::once(&args.sessions.sessions_dir, args.pool.port_range).scan()?;
+    let store = FileStore::new(dir.clone(), Duration::from_secs(10));
+    for _attempt in 0..5 {
+        let marked = scan(owner);
+        let set = read_state(&dir.leases())?;
+        let obs = classify(marked, &set.leases);
+        let plan = reconcile::plan(&Inputs {
+            desired: &snapshot.desired,
+            protected: &snapshot.protected,
+            leases: &set.leases,
+            proxies: &obs.proxies,
+            orphans: &obs.orphans,
+            busy: &BTreeSet::new(),
+            restarts: &BTreeMap::new(),
+            limits: Limits {
+                range: args.pool.port_range,
+                max_sessions: args.pool.max_sessions,
+                start_timeout_ms: u64::MAX,
+            },
+            now_ms: 0,
+        });
+        let mut stats = Stats::default();
+        let mut releases = Vec::new();
+        for action in &plan.actions {
+            match action {
+                Action::Release { session, port } if !snapshot.desired.contains_key(session) => {
+                    info!(session = %session, port, "releasing stale lease (session gone, proxy dead)");
+                    releases.push(LeaseChange::Remove(session.clone()));
+                }
+                Action::KillOrphan { process } => {
+                    if sup.stop(*process).await {
+                        warn!(pid = process.pid, "ended orphaned proxy");
+                        stats.orphans += 1;
+                    }
+                }
+                Action::Start { .. } => stats.awaiting_restart += 1,
+                Action::Stop { .. } => stats.stopping += 1,
+                _ => {}
+            }
+        }
+        if releases.is_empty() {
+            return Ok(stats);
+        }
+        stats.released = releases.len();
+        let store = store.clone();
+        let base = set.revision;
+        match tokio::task::spawn_blocking(move || store.commit_blocking(base, releases)).await? {
+            Ok(_) => return Ok(stats),
+            Err(StoreError::Conflict { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    anyhow::bail!("the leases kept changing underneath cleanup; try again")
+}
+
+/// Rebuilds a corrupt state file from the proxies that prove they are ours.
+fn rebuild(dir: &StateDir, owner: &str) -> anyhow::Result<()> {
+    let _guard = LockGuard::acquire(&dir.leases_lock(), Duration::from_secs(10))?;
+    match read_state(&dir.leases()) {
+        Ok(_) => {
+            info!("state file is readable; nothing to rebuild");
+            return Ok(());
+        }
+        Err(StoreError::Corrupt { .. }) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let aside = dir.root().join(format!("leases.json.corrupt-{}", Timestamp::now().as_second()));
+    std::fs::rename(dir.leases(), &aside)
+        .with_context(|| format!("cannot move {} aside", dir.leases().display()))?;
+    warn!(kept_as = %aside.display(), "moved the corrupt state file aside");
+    let mut set = LeaseSet::default();
+    let mut ports = BTreeSet::new();
+    for m in scan(owner).into_iter().filter(|m| m.process.pid == m.pgid) {
+        let (Some(port), Some(target)) = (m.port, m.target.as_deref().and_then(|t| t.parse().ok())) else {
+            continue;
+        };
+        if set.leases.contains_key(&m.session) || !ports.insert(port) {
+            continue; // a second claimant becomes an orphan on the next pass
+        }
+        let lease = Lease {
+            session: m.session.clone(),
+            port,
+            target,
+            uid: m.lease.clone(),
+            process: Some(m.process),
+            allocated_at: Timestamp::now(),
+        };
+        info!(session = %m.session, port, pid = m.process.pid, "rebuilt lease from running proxy");
+        set.leases.insert(m.session, lease);
+    }
+    set.revision = 1;
+    write_state(&dir.leases(), &set)?;
+    Ok(())
+}

@@ -1,0 +1,146 @@
+//! `vncd get` and `vncd status`: read-only views that work while `vncd run` runs.
+
+use std::process::ExitCode;
+
+use clap::{Args, ValueEnum};
+use serde_json::json;
+
+use super::{PoolArgs, StateArgs};
+use crate::api::VncSession;
+use crate::store::file::read_state;
+use crate::store::lock::is_held;
+use crate::supervisor::{classify, scan};
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum Output {
+    Table,
+    Json,
+    Yaml,
+}
+
+#[derive(Debug, Args)]
+pub struct GetArgs {
+    /// Show only this session.
+    pub name: Option<String>,
+    #[command(flatten)]
+    pub state: StateArgs,
+    /// Output format. JSON and YAML print a kubectl-style List (or one object when NAME is given).
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+fn warn_if_not_running(state: &StateArgs) {
+    let dir = state.dir();
+    if !is_held(&dir.controller_lock()) {
+        eprintln!(
+            "warning: no `vncd run` holds {}; this status may be stale",
+            dir.controller_lock().display()
+        );
+    }
+}
+
+fn cell(s: Option<String>) -> String {
+    s.filter(|s| !s.is_empty()).unwrap_or_else(|| "-".into())
+}
+
+fn table(items: &[VncSession]) -> String {
+    let mut rows = vec![["NAME", "PHASE", "PORT", "PID", "TARGET", "URL", "MESSAGE"].map(String::from).to_vec()];
+    for i in items {
+        let st = i.status.clone().unwrap_or_default();
+        rows.push(vec![
+            cell(i.metadata.name.clone()),
+            cell(st.phase.map(|p| p.to_string())),
+            cell(st.port.map(|p| p.to_string())),
+            cell(st.pid.map(|p| p.to_string())),
+            cell(st.target),
+            cell(st.url),
+            cell(st.message),
+        ]);
+    }
+    let widths: Vec<usize> = (0..6)
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        for (c, w) in widths.iter().enumerate() {
+            out.push_str(&format!("{:<w$}   ", r[c], w = *w));
+        }
+        out.push_str(&r[6]);
+        out.push('\n');
+    }
+    out
+}
+
+pub fn get(args: GetArgs) -> anyhow::Result<ExitCode> {
+    let file = crate::status::file::read(&args.state.dir().sessions())?;
+    warn_if_not_running(&args.state);
+    let mut items = file.items;
+    if let Some(name) = &args.name {
+        items.retain(|i| i.metadata.name.as_deref() == Some(name));
+        if items.is_empty() {
+            eprintln!("vncd: session {name:?} not found");
+            return Ok(ExitCode::from(1));
+        }
+    }
+    let value = if args.name.is_some() {
+        serde_json::to_value(&items[0])?
+    } else {
+        json!({"apiVersion": "v1", "kind": "List", "items": items})
+    };
+    match args.output {
+        Output::Table => print!("{}", table(&items)),
+        Output::Json => println!("{}", serde_json::to_string_pretty(&value)?),
+        Output::Yaml => print!("{}", serde_saphyr::to_string(&value)?),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub state: StateArgs,
+    #[command(flatten)]
+    pub pool: PoolArgs,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
+    let dir = args.state.dir();
+    let owner = std::fs::canonicalize(dir.root())
+        .map_or_else(|_| dir.root().display().to_string(), |p| p.display().to_string());
+    // Scan before reading leases (see supervisor::classify).
+    let marked = scan(&owner);
+    let set = read_state(&dir.leases())?;
+    let obs = classify(marked, &set.leases);
+    let total = args.pool.port_range.len();
+    let allocated = set.leases.values().filter(|l| args.pool.port_range.contains(l.port)).count();
+    let utilization = ((allocated as f64) * 1000.0 / (total as f64)).round() / 10.0;
+    let dead = set.leases.len() - obs.proxies.len();
+    let running = is_held(&dir.controller_lock());
+    let healthy = dead == 0 && obs.orphans.is_empty() && utilization < 90.0;
+    let value = json!({
+        "port_pool": {
+            "total_ports": total,
+            "allocated_ports": allocated,
+            "free_ports": total - allocated,
+            "utilization_percent": utilization,
+        },
+        "active_processes": obs.proxies.len(),
+        "dead_proxies": dead,
+        "orphan_processes": obs.orphans.len(),
+        "controller_running": running,
+        "system_health": if healthy { "healthy" } else { "warning" },
+    });
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        println!("port pool:     {} ({} ports)", args.pool.port_range, total);
+        println!("allocated:     {allocated} ({utilization}%), free: {}", total - allocated);
+        println!("proxies:       {} running, {dead} dead, {} orphaned", obs.proxies.len(), obs.orphans.len());
+        println!("controller:    {}", if running { "running" } else { "not running" });
+        println!("health:        {}", value["system_health"].as_str().unwrap_or("?"));
+    }
+    Ok(ExitCode::SUCCESS)
+}

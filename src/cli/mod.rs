@@ -1,0 +1,134 @@
+//! The command line: `vncd run | get | status | cleanup | apply | delete | crd`.
+//!
+//! Every flag has a `VNCD_<FLAG>` environment fallback, so a systemd unit or a
+//! container can configure vncd without arguments.
+
+mod apply;
+mod cleanup;
+mod get;
+mod run;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::pool::PortRange;
+use crate::store::file::StateDir;
+
+/// vncd leases websocket ports for VM consoles and supervises the proxies that serve
+/// them, so that many VMs starting at once never collide on a port, leak a proxy or
+/// lose their console when vncd restarts.
+#[derive(Debug, Parser)]
+#[command(name = "vncd", version, about, max_term_width = 100)]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, env = "VNCD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human, global = true)]
+    pub log_format: LogFormat,
+    /// Log filter, e.g. `info` or `vncd=debug`.
+    #[arg(long, env = "VNCD_LOG", default_value = "info", global = true)]
+    pub log: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Watch a directory of VncSession manifests and converge: lease ports, run proxies,
+    /// report URLs, repair crashes, release what is removed.
+    Run(run::RunArgs),
+    /// List sessions with their status (like `kubectl get`).
+    Get(get::GetArgs),
+    /// Port pool and process health, as the seed's system status.
+    Status(get::StatusArgs),
+    /// Repair stale leases and end vncd's orphaned proxies; safe beside `vncd run`.
+    Cleanup(cleanup::CleanupArgs),
+    /// Write a VncSession manifest into the sessions directory (atomically).
+    Apply(apply::ApplyArgs),
+    /// Remove a session's manifest.
+    Delete(apply::DeleteArgs),
+    /// Print the VncSession CustomResourceDefinition as YAML.
+    Crd,
+}
+
+/// Where vncd keeps its state.
+#[derive(Debug, Clone, Args)]
+pub struct StateArgs {
+    /// State directory: leases.json, sessions.json, locks and proxy logs.
+    #[arg(long, env = "VNCD_STATE_DIR", default_value = "/var/lib/vncd")]
+    pub state_dir: PathBuf,
+}
+
+impl StateArgs {
+    pub fn dir(&self) -> StateDir {
+        StateDir::new(&self.state_dir)
+    }
+}
+
+/// Where manifests live.
+#[derive(Debug, Clone, Args)]
+pub struct SessionsArgs {
+    /// Directory of VncSession manifests (*.yaml, *.yml).
+    #[arg(long, env = "VNCD_SESSIONS_DIR", default_value = "/etc/vncd/sessions")]
+    pub sessions_dir: PathBuf,
+}
+
+/// The port pool.
+#[derive(Debug, Clone, Args)]
+pub struct PoolArgs {
+    /// Websocket ports to lease from, inclusive.
+    #[arg(long, env = "VNCD_PORT_RANGE", default_value_t = PortRange::default())]
+    pub port_range: PortRange,
+    /// Most sessions served at once.
+    #[arg(long, env = "VNCD_MAX_SESSIONS", default_value_t = 800)]
+    pub max_sessions: usize,
+}
+
+fn init_logging(cli: &Cli) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Human => builder.init(),
+    }
+}
+
+/// Runs the parsed command line.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli);
+    let result = match cli.command {
+        Command::Run(args) => run::run(args),
+        Command::Get(args) => get::get(args),
+        Command::Status(args) => get::status(args),
+        Command::Cleanup(args) => cleanup::cleanup(args),
+        Command::Apply(args) => apply::apply(args),
+        Command::Delete(args) => apply::delete(args),
+        Command::Crd => print_crd(),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("vncd: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn print_crd() -> anyhow::Result<ExitCode> {
+    use kube::CustomResourceExt;
+    print!("{}", serde_saphyr::to_string(&crate::api::VncSession::crd())?);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A multi-threaded runtime for the commands that need one.
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}

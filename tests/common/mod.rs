@@ -1,0 +1,371 @@
+//! Shared harness for integration tests: the real `vncd` binary, real websockify and a
+//! real QEMU VNC server. Every process a test starts is ended by pid in a Drop guard,
+//! including the proxies vncd started (found by vncd's marker for the test's own state
+//! directory), so a failing test leaves nothing behind.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt, StreamExt};
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::unistd::Pid;
+use serde_json::Value;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_vncd");
+
+/// Fails the test with a clear message if a required real component is missing.
+pub fn require(program: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
+        .unwrap_or(false);
+    assert!(found, "{program} is not installed; run scripts/test (it installs the real components)");
+}
+
+/// Polls `f` until it returns Some, or panics with `what` after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A free TCP port on loopback (bound once and released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A real VNC server: QEMU with no machine, serving RFB on loopback.
+pub struct Qemu {
+    child: Child,
+    pub port: u16,
+    pub socket: Option<PathBuf>,
+}
+
+impl Qemu {
+    pub fn tcp() -> Qemu {
+        require("qemu-system-x86_64");
+        for _ in 0..20 {
+            let port = free_port();
+            if port <= 5900 {
+                continue;
+            }
+            let display = format!("127.0.0.1:{}", port - 5900);
+            let child = qemu(&display);
+            let mut q = Qemu { child, port, socket: None };
+            if q.wait_banner() {
+                return q;
+            }
+        }
+        panic!("could not start QEMU as a VNC server");
+    }
+
+    pub fn unix(path: &Path) -> Qemu {
+        require("qemu-system-x86_64");
+        let child = qemu(&format!("unix:{}", path.display()));
+        let mut q = Qemu { child, port: 0, socket: Some(path.to_owned()) };
+        assert!(q.wait_banner(), "QEMU did not serve VNC on {}", path.display());
+        q
+    }
+
+    fn wait_banner(&mut self) -> bool {
+        use std::io::Read;
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(10) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return false;
+            }
+            let stream: Option<Box<dyn Read>> = match &self.socket {
+                Some(p) => std::os::unix::net::UnixStream::connect(p).ok().map(|s| Box::new(s) as Box<dyn Read>),
+                None => std::net::TcpStream::connect(("127.0.0.1", self.port)).ok().map(|s| Box::new(s) as Box<dyn Read>),
+            };
+            if let Some(mut s) = stream {
+                let mut buf = [0u8; 12];
+                if s.read_exact(&mut buf).is_ok() && &buf == b"RFB 003.008\n" {
+                    return true;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(30));
+        }
+        false
+    }
+}
+
+fn qemu(vnc: &str) -> Child {
+    Command::new("qemu-system-x86_64")
+        .args(["-display", "none", "-nodefaults", "-machine", "none", "-vnc", vnc])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn qemu")
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One vncd setup: a sessions dir, a state dir and (maybe) a running `vncd run`.
+pub struct Vncd {
+    pub tmp: tempfile::TempDir,
+    pub sessions: PathBuf,
+    pub state: PathBuf,
+    pub range: (u16, u16),
+    pub extra: Vec<String>,
+    pub child: Option<Child>,
+}
+
+impl Vncd {
+    /// A setup whose pool is `size` ports starting at a free-looking base port.
+    pub fn new(size: u16) -> Vncd {
+        require("websockify");
+        let tmp = tempfile::tempdir().unwrap();
+        let sessions = tmp.path().join("sessions");
+        let state = tmp.path().join("state");
+        std::fs::create_dir_all(&sessions).unwrap();
+        let base = pool_base(size);
+        Vncd { tmp, sessions, state, range: (base, base + size - 1), extra: Vec::new(), child: None }
+    }
+
+    pub fn range_arg(&self) -> String {
+        format!("{}-{}", self.range.0, self.range.1)
+    }
+
+    pub fn base_args(&self) -> Vec<String> {
+        vec![
+            "--sessions-dir".into(),
+            self.sessions.display().to_string(),
+            "--state-dir".into(),
+            self.state.display().to_string(),
+            "--port-range".into(),
+            self.range_arg(),
+        ]
+    }
+
+    /// Spawns `vncd run`, logging to state/../vncd.log.
+    pub fn start(&mut self) {
+        assert!(self.child.is_none());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.tmp.path().join("vncd.log"))
+            .unwrap();
+        let mut args = vec!["run".to_string()];
+        args.extend(self.base_args());
+        args.extend(["--public-host".into(), "127.0.0.1".into(), "--listen-address".into(), "127.0.0.1".into()]);
+        args.extend(["--resync-interval".into(), "0.5".into()]);
+        args.extend(self.extra.clone());
+        let child = Command::new(BIN)
+            .args(&args)
+            .env("VNCD_LOG", "vncd=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.tmp.path().join("vncd.log")).unwrap_or_default()
+    }
+
+    /// SIGKILL to vncd alone: its proxies must live on.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM to vncd and wait for it.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().unwrap();
+        kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM).unwrap();
+        c.wait().unwrap()
+    }
+
+    /// Runs a vncd subcommand to completion.
+    pub fn cmd(&self, args: &[&str]) -> Output {
+        Command::new(BIN).args(args).env("VNCD_LOG", "warn").output().unwrap()
+    }
+
+    /// Runs a vncd subcommand with the standard dirs and pool appended.
+    pub fn cmd_here(&self, args: &[&str]) -> Output {
+        let mut all: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        all.extend(self.base_args());
+        Command::new(BIN).args(&all).env("VNCD_LOG", "warn").output().unwrap()
+    }
+
+    pub fn write_manifest(&self, file: &str, text: &str) {
+        let tmp = self.sessions.join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(tmp, self.sessions.join(file)).unwrap();
+    }
+
+    pub fn add_session(&self, name: &str, target_port: u16) {
+        self.write_manifest(&format!("{name}.yaml"), &manifest(name, u32::from(target_port)));
+    }
+
+    pub fn remove_session(&self, name: &str) {
+        std::fs::remove_file(self.sessions.join(format!("{name}.yaml"))).unwrap();
+    }
+
+    /// `vncd get -o json` items, or an empty list before the first status.
+    pub fn items(&self) -> Vec<Value> {
+        let out = Command::new(BIN)
+            .args(["get", "-o", "json", "--state-dir"])
+            .arg(&self.state)
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            return Vec::new();
+        }
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["items"].as_array().cloned().unwrap_or_default()
+    }
+
+    pub fn item(&self, name: &str) -> Option<Value> {
+        self.items().into_iter().find(|i| i["metadata"]["name"] == name)
+    }
+
+    /// Waits for `name` to be Ready and returns its status.
+    pub fn wait_ready(&self, name: &str) -> Value {
+        self.wait_status(name, "Ready", Duration::from_secs(20))
+    }
+
+    pub fn wait_status(&self, name: &str, phase: &str, timeout: Duration) -> Value {
+        let mut last = Value::Null;
+        let start = Instant::now();
+        loop {
+            if let Some(i) = self.item(name) {
+                if i["status"]["phase"] == phase {
+                    return i["status"].clone();
+                }
+                last = i["status"].clone();
+            }
+            if start.elapsed() > timeout {
+                panic!("{name} not {phase} after {timeout:?}; last status {last}\nvncd log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn leases(&self) -> Value {
+        let text = std::fs::read_to_string(self.state.join("leases.json")).unwrap_or_else(|_| "{\"leases\":[]}".into());
+        serde_json::from_str(&text).unwrap()
+    }
+
+    pub fn owner(&self) -> String {
+        std::fs::canonicalize(&self.state)
+            .map(|p| p.display().to_string())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Vncd {
+    fn drop(&mut self) {
+        self.kill9();
+        // End the proxies this test's vncd started: they carry its state dir as marker.
+        for m in vncd::supervisor::scan(&self.owner()) {
+            let _ = killpg(Pid::from_raw(m.pgid), Signal::SIGKILL);
+            let _ = kill(Pid::from_raw(m.process.pid), Signal::SIGKILL);
+        }
+    }
+}
+
+/// Hands out disjoint pool ranges so tests running in parallel never share ports.
+fn pool_base(size: u16) -> u16 {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    // Each test binary gets its own band via its name, then slices it.
+    let exe = std::env::current_exe().unwrap();
+    let name = exe.file_name().unwrap().to_string_lossy().into_owned();
+    let band = name.bytes().fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b))) % 8;
+    let base = 20000 + band as u16 * 1000;
+    base + NEXT.fetch_add(size + 1, Ordering::SeqCst)
+}
+
+pub fn manifest(name: &str, target_port: u32) -> String {
+    format!(
+        "apiVersion: vncd.io/v1alpha1\nkind: VncSession\nmetadata:\n  name: {name}\nspec:\n  target:\n    host: 127.0.0.1\n    port: {target_port}\n"
+    )
+}
+
+pub fn pid_alive(pid: i64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            let st = s.rsplit_once(')').map(|(_, r)| r.trim().chars().next()).flatten();
+            !matches!(st, Some('Z') | Some('X') | None)
+        })
+        .unwrap_or(false)
+}
+
+pub type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A websocket VNC client, as noVNC would be: `binary` subprotocol, byte-stream reads.
+pub struct Client {
+    pub ws: Ws,
+    buf: Vec<u8>,
+}
+
+impl Client {
+    pub async fn connect(url: &str) -> Client {
+        let mut req = url.into_client_request().unwrap();
+        req.headers_mut().insert("Sec-WebSocket-Protocol", "binary".parse().unwrap());
+        let (ws, _) = tokio::time::timeout(Duration::from_secs(5), tokio_tungstenite::connect_async(req))
+            .await
+            .expect("websocket connect timed out")
+            .expect("websocket connect");
+        Client { ws, buf: Vec::new() }
+    }
+
+    /// Reads exactly `n` bytes of the stream carried in binary frames.
+    pub async fn read(&mut self, n: usize) -> Vec<u8> {
+        while self.buf.len() < n {
+            let msg = tokio::time::timeout(Duration::from_secs(5), self.ws.next())
+                .await
+                .expect("websocket read timed out")
+                .expect("websocket closed")
+                .expect("websocket error");
+            if let Message::Binary(b) = msg {
+                self.buf.extend_from_slice(&b);
+            }
+        }
+        self.buf.drain(..n).collect()
+    }
+
+    pub async fn write(&mut self, bytes: &[u8]) {
+        self.ws.send(Message::Binary(bytes.to_vec().into())).await.unwrap();
+    }
+
+    /// The RFB handshake after the banner, up to ServerInit: returns width and height.
+    pub async fn handshake(&mut self) -> (u16, u16) {
+        self.write(b"RFB 003.008\n").await;
+        let n = self.read(1).await[0] as usize;
+        let types = self.read(n).await;
+        assert!(types.contains(&1), "VNC server offers no 'None' security: {types:?}");
+        self.write(&[1]).await;
+        assert_eq!(self.read(4).await, [0, 0, 0, 0], "security result");
+        self.write(&[1]).await; // ClientInit, shared
+        let init = self.read(4).await;
+        (u16::from_be_bytes([init[0], init[1]]), u16::from_be_bytes([init[2], init[3]]))
+    }
+}
+
+/// Connects through vncd's port and reads the RFB banner from the real VNC server.
+pub async fn rfb_banner(port: u16) -> Vec<u8> {
+    let mut c = Client::connect(&format!("ws://127.0.0.1:{port}/")).await;
+    c.read(12).await
+}

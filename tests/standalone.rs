@@ -1,0 +1,461 @@
+//! The standalone mode end to end: the real vncd binary, real websockify, a real QEMU
+//! VNC server, and a real websocket client reading the RFB banner through vncd's port.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::net::TcpListener;
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+fn port_of(status: &Value) -> u16 {
+    status["port"].as_u64().unwrap() as u16
+}
+
+fn pid_of(status: &Value) -> i64 {
+    status["pid"].as_i64().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_becomes_ready_serves_rfb_and_is_released_on_delete() {
+    let qemu = Qemu::tcp();
+    let mut v = Vncd::new(5);
+    v.start();
+    v.add_session("vm1", qemu.port);
+    let st = v.wait_ready("vm1");
+    let port = port_of(&st);
+    assert!((v.range.0..=v.range.1).contains(&port));
+    assert_eq!(st["url"], format!("ws://127.0.0.1:{port}/"));
+    assert_eq!(st["target"], format!("127.0.0.1:{}", qemu.port));
+    assert!(st["allocatedAt"].is_string());
+    let mut c = Client::connect(st["url"].as_str().unwrap()).await;
+    assert_eq!(c.read(12).await, b"RFB 003.008\n");
+    let (w, h) = c.handshake().await;
+    assert!(w > 0 && h > 0, "ServerInit {w}x{h}");
+
+    // The lease is on disk with pid and start time.
+    let leases = v.leases();
+    let l = &leases["leases"][0];
+    assert_eq!(l["session"], "vm1");
+    assert_eq!(l["port"], port);
+    assert_eq!(l["process"]["pid"], st["pid"]);
+    assert!(l["process"]["startTime"].as_u64().unwrap() > 0);
+
+    let pid = pid_of(&st);
+    v.remove_session("vm1");
+    wait_for("lease release", Duration::from_secs(10), || {
+        v.leases()["leases"].as_array().unwrap().is_empty().then_some(())
+    });
+    assert!(!pid_alive(pid), "proxy {pid} still running after delete");
+    wait_for("vm1 gone from get", Duration::from_secs(5), || v.item("vm1").is_none().then_some(()));
+    TcpListener::bind(("127.0.0.1", port)).expect("port free again");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn proxies_survive_kill_9_of_vncd_and_are_adopted_with_clients_connected() {
+    let qemu = Qemu::tcp();
+    let mut v = Vncd::new(5);
+    v.start();
+    v.add_session("vm1", qemu.port);
+    v.add_session("vm2", qemu.port);
+    let s1 = v.wait_ready("vm1");
+    let s2 = v.wait_ready("vm2");
+    let mut c = Client::connect(s1["url"].as_str().unwrap()).await;
+    assert_eq!(c.read(12).await, b"RFB 003.008\n");
+
+    v.kill9();
+    assert!(pid_alive(pid_of(&s1)) && pid_alive(pid_of(&s2)), "proxies died with vncd");
+    assert_eq!(rfb_banner(port_of(&s2)).await, b"RFB 003.008\n");
+
+    v.start();
+    // Same ports, same pids: adopted, not restarted.
+    std::thread::sleep(Duration::from_millis(1500));
+    let a1 = v.wait_ready("vm1");
+    let a2 = v.wait_ready("vm2");
+    assert_eq!((a1["pid"].clone(), a1["port"].clone()), (s1["pid"].clone(), s1["port"].clone()));
+    assert_eq!((a2["pid"].clone(), a2["port"].clone()), (s2["pid"].clone(), s2["port"].clone()));
+    // The client connected before the crash never noticed.
+    let (w, h) = c.handshake().await;
+    assert!(w > 0 && h > 0);
+    assert!(!v.log().contains("started proxy session=vm1 port") || v.log().matches("started proxy session=vm1").count() == 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_proxy_comes_back_on_the_same_port() {
+    let qemu = Qemu::tcp();
+    let mut v = Vncd::new(5);
+    v.start();
+    v.add_session("vm1", qemu.port);
+    let st = v.wait_ready("vm1");
+    let old = pid_of(&st);
+    nix::sys::signal::killpg(nix::unistd::Pid::from_raw(old as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let new = wait_for("a new proxy", Duration::from_secs(15), || {
+        let s = v.item("vm1")?["status"].clone();
+        (s["phase"] == "Ready" && s["pid"].as_i64()? != old).then_some(s)
+    });
+    assert_eq!(new["port"], st["port"]);
+    assert_eq!(rfb_banner(port_of(&new)).await, b"RFB 003.008\n");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_proxy_of_an_adopted_session_killed_while_vncd_was_down_is_restarted() {
+    let qemu = Qemu::tcp();
+    let mut v = Vncd::new(5);
+    v.start();
+    v.add_session("vm1", qemu.port);
+    let st = v.wait_ready("vm1");
+    v.kill9();
+    nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid_of(&st) as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    v.start();
+    let new = wait_for("a restarted proxy", Duration::from_secs(15), || {
+        let s = v.item("vm1")?["status"].clone();
+        (s["phase"] == "Ready" && s["pid"] != st["pid"]).then_some(s)
+    });
+    assert_eq!(new["port"], st["port"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_port_held_by_a_foreign_listener_is_skipped_and_reused_once_free() {
+    let qemu = Qemu::tcp();
+    let mut v = Vncd::new(4);
+    // Small pools allocate lowest first; a foreign program holds the first port.
+    let foreign = TcpListener::bind(("127.0.0.1", v.range.0)).unwrap();
+    v.start();
+    v.add_session("vm1", qemu.port);
+    let st = v.wait_ready("vm1");
+    assert_eq!(port_of(&st), v.range.0 + 1);
+    assert_eq!(rfb_banner(port_of(&st)).await, b"RFB 003.008\n");
+    // Never dropped from the pool for good: once free, it is leased again.
+    drop(foreign);
+    std::thread::sleep(Duration::from_secs(11)); // the busy mark expires after 10 s
+    v.add_session("vm2", qemu.port);
+    let st2 = v.wait_ready("vm2");
+    assert_eq!(port_of(&st2), v.range.0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pool_exhaustion_is_reported_and_heals_when_a_port_frees() {
+    let qemu = Qemu::tcp();
+    let mut v = Vncd::new(2);
+    v.start();
+    for n in ["a", "b"] {
+        v.add_session(n, qemu.port);
+        v.wait_ready(n);
+    }
+    v.add_session("c", qemu.port);
+    let st = v.wait_status("c", "Pending", Duration::from_secs(10));
+    wait_for("PoolExhausted", Duration::from_secs(5), || {
+        (v.item("c")?["status"]["reason"] == "PoolExhausted").then_some(())
+    });
+    assert!(st["port"].is_null());
+    // The others are unaffected.
+    assert_eq!(v.item("a").unwrap()["status"]["phase"], "Ready");
+    v.remove_session("a");
+    let st = v.wait_ready("c");
+    assert_eq!(rfb_banner(port_of(&st)).await, b"RFB 003.008\n");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_manifests_are_reported_and_disturb_nothing() {
+    let qemu = Qemu::tcp();
+    let mut v = Vncd::new(5);
+    v.start();
+    v.add_session("good", qemu.port);
+    let good = v.wait_ready("good");
+    let m = manifest("x", qemu.port.into());
+    v.write_manifest("notyaml.yaml", "{{{ not: [yaml");
+    v.write_manifest("notarget.yaml", &m.replace("x\n", "notarget\n").replace("  target:\n    host: 127.0.0.1\n", "  target:\n"));
+    v.write_manifest("badport.yaml", &manifest("badport", 70000));
+    v.write_manifest("outofpool.yaml", &format!("{}  port: 80\n", manifest("outofpool", qemu.port.into())));
+    v.write_manifest("badhost.yaml", &manifest("badhost", 1).replace("127.0.0.1", "\"a;reboot\""));
+    v.write_manifest("dup.yaml", &manifest("good", u32::from(qemu.port) + 1));
+    v.write_manifest("kind.yaml", &m.replace("VncSession", "Pod").replace("x\n", "kind\n"));
+    v.write_manifest("huge.yaml", &format!("{m}# {}\n", "x".repeat(200_000)));
+    v.write_manifest("bin.yaml", "\u{0}\u{1}\u{2}garbage");
+    std::os::unix::fs::symlink("/etc/hostname", v.sessions.join("link.yaml")).unwrap();
+
+    let expect = [
+        ("notyaml", "not valid YAML"),
+        ("notarget", "spec.target"),
+        ("badport", "70000"),
+        ("outofpool", "outside the port pool"),
+        ("badhost", "a;reboot"),
+        ("kind", "kind \"Pod\""),
+        ("huge", "bytes; the limit"),
+        ("bin", "not"),
+        ("link", "symbolic link"),
+    ];
+    for (name, needle) in expect {
+        let st = wait_for(&format!("rejection of {name}"), Duration::from_secs(10), || {
+            let i = v.item(name)?;
+            (i["status"]["phase"] == "Failed").then(|| i["status"].clone())
+        });
+        assert_eq!(st["reason"], "InvalidManifest", "{name}: {st}");
+        let msg = st["message"].as_str().unwrap();
+        assert!(msg.contains(needle), "{name}: {msg:?} lacks {needle:?}");
+    }
+    // The duplicate is reported on the session it collided with; the session is untouched.
+    let g = wait_for("duplicate warning", Duration::from_secs(5), || {
+        let s = v.item("good")?["status"].clone();
+        s["message"].as_str()?.contains("duplicate name").then_some(s)
+    });
+    assert_eq!(g["phase"], "Ready");
+    assert_eq!(g["pid"], good["pid"]);
+    assert_eq!(g["target"], format!("127.0.0.1:{}", qemu.port));
+    assert_eq!(rfb_banner(port_of(&g)).await, b"RFB 003.008\n");
+    // vncd is still running, and `vncd get` in table form shows them all.
+    assert!(v.child.as_mut().unwrap().try_wait().unwrap().is_none());
+    let out = v.cmd(&["get", "--state-dir", v.state.to_str().unwrap()]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    for (name, _) in expect {
+        assert!(table.contains(name), "{name} missing from table:\n{table}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_manifest_that_turns_invalid_keeps_its_console() {
+    let qemu = Qemu::tcp();
+    let mut v = Vncd::new(3);
+    v.start();
+    v.add_session("vm1", qemu.port);
+    let st = v.wait_ready("vm1");
+    v.write_manifest("vm1.yaml", &manifest("vm1", qemu.port.into()).replace("port: ", "port: nope"));
+    let now = wait_for("warning", Duration::from_secs(5), || {
+        let s = v.item("vm1")?["status"].clone();
+        s["message"].as_str()?.contains("still serving").then_some(s)
+    });
+    assert_eq!(now["pid"], st["pid"]);
+    assert_eq!(now["phase"], "Ready");
+}
+
+#[test]
+fn a_second_vncd_on_the_same_state_dir_refuses_clearly() {
+    let mut v = Vncd::new(3);
+    v.start();
+    wait_for("first vncd to lock", Duration::from_secs(5), || {
+        v.state.join("vncd.lock").exists().then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let mut args = vec!["run", "--lock-timeout", "0.3"];
+    let base = v.base_args();
+    args.extend(base.iter().map(String::as_str));
+    let out = v.cmd(&args);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("vncd.lock") && err.contains("another"), "{err}");
+    let pid = v.child.as_ref().unwrap().id();
+    assert!(err.contains(&format!("pid {pid}")), "{err}");
+}
+
+#[test]
+fn a_corrupt_state_file_is_refused_and_left_untouched() {
+    let mut v = Vncd::new(3);
+    std::fs::create_dir_all(&v.state).unwrap();
+    let junk = b"{\"version\":1,\"revision\":3,\"leases\":[{\"session\":\"vm1\",\"po";
+    std::fs::write(v.state.join("leases.json"), junk).unwrap();
+    v.start();
+    let status = v.child.as_mut().unwrap().wait().unwrap();
+    v.child = None;
+    assert!(!status.success());
+    let log = v.log();
+    assert!(log.contains("leases.json") && log.contains("corrupt"), "{log}");
+    assert_eq!(std::fs::read(v.state.join("leases.json")).unwrap(), junk);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_corrupt_state_file_can_be_rebuilt_from_proven_proxies() {
+    let qemu = Qemu::tcp();
+    let mut v = Vncd::new(3);
+    v.start();
+    v.add_session("vm1", qemu.port);
+    let st = v.wait_ready("vm1");
+    v.kill9();
+    std::fs::write(v.state.join("leases.json"), b"garbage").unwrap();
+    let out = v.cmd_here(&["cleanup", "--once", "--rebuild-state"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let leases = v.leases();
+    assert_eq!(leases["leases"][0]["session"], "vm1");
+    assert_eq!(leases["leases"][0]["port"], st["port"]);
+    assert_eq!(leases["leases"][0]["process"]["pid"], st["pid"]);
+    let kept: Vec<_> = std::fs::read_dir(&v.state)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("leases.json.corrupt-"))
+        .collect();
+    assert_eq!(kept.len(), 1, "the corrupt file is kept as evidence");
+    v.start();
+    let again = v.wait_ready("vm1");
+    assert_eq!(again["pid"], st["pid"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cleanup_ends_our_orphans_releases_stale_leases_and_spares_foreign_processes() {
+    require("websockify");
+    let qemu = Qemu::tcp();
+    let mut v = Vncd::new(6);
+    v.start();
+    v.add_session("keep", qemu.port);
+    v.add_session("gone", qemu.port);
+    let keep = v.wait_ready("keep");
+    let gone = v.wait_ready("gone");
+    v.kill9();
+    // The session "gone" is deleted and its proxy died while no vncd ran: a stale lease.
+    v.remove_session("gone");
+    nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid_of(&gone) as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    // An orphan of ours: a proxy with our marker but no lease.
+    let orphan_port = v.range.1;
+    let mut orphan = std::process::Command::new("websockify")
+        .arg(format!("127.0.0.1:{orphan_port}"))
+        .arg(format!("127.0.0.1:{}", qemu.port))
+        .env(vncd::supervisor::marker::OWNER, v.owner())
+        .env(vncd::supervisor::marker::SESSION, "ghost")
+        .env(vncd::supervisor::marker::LEASE, "deadbeef")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // A foreign websockify with no marker: never to be touched.
+    let foreign_port = free_port();
+    let mut foreign = std::process::Command::new("websockify")
+        .arg(format!("127.0.0.1:{foreign_port}"))
+        .arg(format!("127.0.0.1:{}", qemu.port))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("orphan to listen", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", orphan_port)).ok()
+    });
+
+    let out = v.cmd_here(&["cleanup", "--once"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let status = wait_for("orphan to end", Duration::from_secs(5), || orphan.try_wait().unwrap());
+    assert!(!status.success() || status.code().is_some());
+    assert!(foreign.try_wait().unwrap().is_none(), "cleanup touched a foreign websockify");
+    let sessions: Vec<String> = v.leases()["leases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["session"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(sessions, ["keep"], "stale lease released, live one kept");
+    assert!(pid_alive(pid_of(&keep)), "cleanup stopped a wanted proxy");
+    let _ = foreign.kill();
+    let _ = foreign.wait();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stop_on_exit_ends_every_proxy_and_releases_every_port() {
+    let qemu = Qemu::tcp();
+    let mut v = Vncd::new(3);
+    v.extra.push("--stop-on-exit".into());
+    v.start();
+    v.add_session("vm1", qemu.port);
+    let st = v.wait_ready("vm1");
+    let status = v.terminate();
+    assert!(status.success());
+    assert!(!pid_alive(pid_of(&st)));
+    assert!(v.leases()["leases"].as_array().unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn by_default_sigterm_leaves_consoles_running() {
+    let qemu = Qemu::tcp();
+    let mut v = Vncd::new(3);
+    v.start();
+    v.add_session("vm1", qemu.port);
+    let st = v.wait_ready("vm1");
+    assert!(v.terminate().success());
+    assert!(pid_alive(pid_of(&st)));
+    assert_eq!(rfb_banner(port_of(&st)).await, b"RFB 003.008\n");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn apply_wait_prints_the_url_and_delete_wait_returns_after_release() {
+    let qemu = Qemu::tcp();
+    let mut v = Vncd::new(3);
+    v.start();
+    let file = v.tmp.path().join("vm9.yaml");
+    std::fs::write(&file, format!("{}  port: {}\n", manifest("vm9", qemu.port.into()), v.range.1)).unwrap();
+    let out = v.cmd_here(&["apply", "-f", file.to_str().unwrap(), "--wait", "--timeout", "20"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains(&format!("ws://127.0.0.1:{}/", v.range.1)), "{stdout}");
+    assert_eq!(rfb_banner(v.range.1).await, b"RFB 003.008\n");
+    let pid = pid_of(&v.item("vm9").unwrap()["status"]);
+    let out = v.cmd(&[
+        "delete",
+        "vm9",
+        "--wait",
+        "--sessions-dir",
+        v.sessions.to_str().unwrap(),
+        "--state-dir",
+        v.state.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(v.leases()["leases"].as_array().unwrap().is_empty());
+    assert!(!pid_alive(pid));
+    // A manifest apply refuses never reaches the directory.
+    std::fs::write(&file, manifest("vm9", 0)).unwrap();
+    let out = v.cmd_here(&["apply", "-f", file.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("spec.target.port 0"));
+    assert!(!v.sessions.join("vm9.yaml").exists());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_unix_socket_target_is_served() {
+    let tmp = tempfile::tempdir().unwrap();
+    let qemu = Qemu::unix(&tmp.path().join("vnc.sock"));
+    let mut v = Vncd::new(3);
+    v.start();
+    v.write_manifest(
+        "u.yaml",
+        &format!(
+            "apiVersion: vncd.io/v1alpha1\nkind: VncSession\nmetadata: {{name: u}}\nspec:\n  target: {{unixSocket: {}}}\n",
+            qemu.socket.as_ref().unwrap().display()
+        ),
+    );
+    let st = v.wait_ready("u");
+    assert_eq!(rfb_banner(port_of(&st)).await, b"RFB 003.008\n");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_proxy_that_cannot_start_is_reported_and_retried_without_leaking() {
+    let mut v = Vncd::new(3);
+    let fake = v.tmp.path().join("broken-proxy");
+    std::fs::write(&fake, "#!/bin/sh\necho 'cannot open display: simulated failure' >&2\nexit 3\n").unwrap();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut std::fs::metadata(&fake).unwrap().permissions(), 0o755);
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    v.extra.extend(["--websockify".into(), fake.display().to_string()]);
+    v.start();
+    v.add_session("vm1", 5999);
+    let st = v.wait_status("vm1", "Failed", Duration::from_secs(15));
+    let msg = st["message"].as_str().unwrap();
+    assert!(msg.contains("simulated failure") && msg.contains("restarting in"), "{msg}");
+    // Deleting it releases its port even though its proxy never ran.
+    v.remove_session("vm1");
+    wait_for("release", Duration::from_secs(10), || {
+        v.leases()["leases"].as_array().unwrap().is_empty().then_some(())
+    });
+}
+
+#[test]
+fn status_reports_the_pool_like_the_seed() {
+    let qemu = Qemu::tcp();
+    let mut v = Vncd::new(10);
+    v.start();
+    v.add_session("vm1", qemu.port);
+    v.wait_ready("vm1");
+    let range = v.range_arg();
+    let out = v.cmd(&["status", "--json", "--state-dir", v.state.to_str().unwrap(), "--port-range", &range]);
+    let s: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(s["port_pool"]["total_ports"], 10);
+    assert_eq!(s["port_pool"]["allocated_ports"], 1);
+    assert_eq!(s["port_pool"]["free_ports"], 9);
+    assert_eq!(s["port_pool"]["utilization_percent"], 10.0);
+    assert_eq!(s["active_processes"], 1);
+    assert_eq!(s["system_health"], "healthy");
+}
