@@ -61,7 +61,14 @@ pub enum ControllerError {
 }
 
 impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
-    pub fn new(source: S, store: L, sink: R, mut supervisor: Supervisor, statuses: StatusBuilder, config: LoopConfig) -> Self {
+    pub fn new(
+        source: S,
+        store: L,
+        sink: R,
+        mut supervisor: Supervisor,
+        statuses: StatusBuilder,
+        config: LoopConfig,
+    ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         supervisor.report_exits(tx);
         Controller {
@@ -122,7 +129,10 @@ impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
     }
 
     fn on_exit(&mut self, exit: Exit) {
-        let tail = self.supervisor.last_log_line(&exit.session).unwrap_or_default();
+        let tail = self
+            .supervisor
+            .last_log_line(&exit.session)
+            .unwrap_or_default();
         let msg = if tail.is_empty() {
             format!("proxy pid {} exited ({})", exit.pid, exit.status)
         } else {
@@ -161,7 +171,11 @@ impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
         let now = self.now_ms();
         self.busy_ports.retain(|_, at| at.elapsed() < BUSY_FOR);
         for (session, state) in &obs.proxies {
-            if let ProxyState::Running { listening: true, age_ms, .. } = state
+            if let ProxyState::Running {
+                listening: true,
+                age_ms,
+                ..
+            } = state
                 && *age_ms >= reconcile::STABLE_MS
                 && let Some(r) = self.restarts.get_mut(session)
             {
@@ -200,10 +214,19 @@ impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
                         again = true;
                         continue;
                     }
-                    let Some(want) = snapshot.desired.get(session) else { continue };
-                    changes.push(LeaseChange::Put(Lease::new(session, *port, want.target.clone(), Timestamp::now())));
+                    let Some(want) = snapshot.desired.get(session) else {
+                        continue;
+                    };
+                    changes.push(LeaseChange::Put(Lease::new(
+                        session,
+                        *port,
+                        want.target.clone(),
+                        Timestamp::now(),
+                    )));
                 }
-                Action::Release { session, .. } => changes.push(LeaseChange::Remove(session.clone())),
+                Action::Release { session, .. } => {
+                    changes.push(LeaseChange::Remove(session.clone()))
+                }
                 Action::Retarget { session, target } => {
                     if let Some(l) = self.leases.leases.get(session) {
                         let mut l = l.clone();
@@ -240,15 +263,20 @@ impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
                     warn!(pid = process.pid, "ending orphaned proxy of ours");
                     stops.push(self.supervisor.stop(*process));
                 }
-                Action::Stop { session, process, why } => {
+                Action::Stop {
+                    session,
+                    process,
+                    why,
+                } => {
                     info!(session = %session, pid = process.pid, reason = ?why, "stopping proxy");
                     if *why == StopReason::NotListening {
                         let port = self.leases.leases.get(session).map_or(0, |l| l.port);
                         let tail = self.supervisor.last_log_line(session).unwrap_or_default();
-                        self.restarts.entry(session.clone()).or_default().last_error = Some(format!(
-                            "proxy pid {} did not listen on port {port} within {} ms: {tail}",
-                            process.pid, self.config.limits.start_timeout_ms
-                        ));
+                        self.restarts.entry(session.clone()).or_default().last_error =
+                            Some(format!(
+                                "proxy pid {} did not listen on port {port} within {} ms: {tail}",
+                                process.pid, self.config.limits.start_timeout_ms
+                            ));
                     }
                     stops.push(self.supervisor.stop(*process));
                 }
@@ -259,8 +287,12 @@ impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
         join_all(stops).await;
         let mut records = Vec::new();
         for action in &plan.actions {
-            let Action::Start { session } = action else { continue };
-            let Some(lease) = self.leases.leases.get(session).cloned() else { continue };
+            let Action::Start { session } = action else {
+                continue;
+            };
+            let Some(lease) = self.leases.leases.get(session).cloned() else {
+                continue;
+            };
             let r = self.restarts.entry(session.clone()).or_default();
             r.starts += 1;
             r.last_start_ms = now;
@@ -283,9 +315,15 @@ impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
         }
 
         // 3. Report, from persisted leases only.
-        let items = self.statuses.build(snapshot, &plan.reports, &self.leases.leases);
+        let items = self
+            .statuses
+            .build(snapshot, &plan.reports, &self.leases.leases);
         self.sink.publish(&items).await;
-        debug!(elapsed_ms = started.elapsed().as_millis() as u64, actions = plan.actions.len(), "pass done");
+        debug!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            actions = plan.actions.len(),
+            "pass done"
+        );
         plan.busy || again
     }
 

@@ -7,16 +7,16 @@
 //! proxy processes, [`source`] says what is desired, and [`controller`] runs the loop.
 
 pub mod api;
+pub mod cli;
+pub mod controller;
+pub mod fsutil;
 pub mod lease;
+pub mod manifest;
+pub mod net;
 pub mod pool;
 pub mod reconcile;
 pub mod session;
-pub mod fsutil;
-pub mod store;
-pub mod net;
-pub mod supervisor;
-pub mod manifest;
 pub mod source;
 pub mod status;
-pub mod controller;
-pub mod cli;
+pub mod store;
+pub mod supervisor;

@@ -93,12 +93,19 @@ pub fn parse(text: &str, pool: PortRange) -> Result<Parsed, ManifestError> {
     let doc = match docs.as_slice() {
         [] => return Err(ManifestError::Empty),
         [one] => one,
-        _ => return Err(ManifestError::Yaml("more than one YAML document in one file".into())),
+        _ => {
+            return Err(ManifestError::Yaml(
+                "more than one YAML document in one file".into(),
+            ));
+        }
     };
     let Value::Object(map) = doc else {
         return Err(ManifestError::NotAMapping);
     };
-    let api_version = map.get("apiVersion").and_then(Value::as_str).unwrap_or_default();
+    let api_version = map
+        .get("apiVersion")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
     if api_version != API_VERSION {
         return Err(ManifestError::ApiVersion(api_version.to_owned()));
     }
@@ -106,8 +113,9 @@ pub fn parse(text: &str, pool: PortRange) -> Result<Parsed, ManifestError> {
     if kind != KIND {
         return Err(ManifestError::Kind(kind.to_owned()));
     }
-    let metadata: ObjectMeta = serde_json::from_value(map.get("metadata").cloned().unwrap_or(Value::Null))
-        .map_err(|e| ManifestError::Metadata(e.to_string()))?;
+    let metadata: ObjectMeta =
+        serde_json::from_value(map.get("metadata").cloned().unwrap_or(Value::Null))
+            .map_err(|e| ManifestError::Metadata(e.to_string()))?;
     let name = metadata.name.clone().ok_or(ManifestError::NoName)?;
     let spec_value = map.get("spec").cloned().ok_or(ManifestError::NoSpec)?;
     let spec: VncSessionSpec =
@@ -146,10 +154,16 @@ mod tests {
         assert!(err("- a\n- b\n").contains("mapping"));
         assert!(err(&GOOD.replace("VncSession", "Pod")).contains("kind \"Pod\""));
         assert!(err(&GOOD.replace("vncd.io/v1alpha1", "v1")).contains("apiVersion \"v1\""));
-        assert!(err(&GOOD.replace("  name: vm1\n", "  labels: {}\n")).contains("metadata.name is missing"));
+        assert!(
+            err(&GOOD.replace("  name: vm1\n", "  labels: {}\n"))
+                .contains("metadata.name is missing")
+        );
         assert!(err(&GOOD.replace("port: 5901", "port: 99999")).contains("99999"));
         assert!(err(&GOOD.replace("port: 5901", "port: \"x\"")).contains("spec is invalid"));
-        assert!(err(&GOOD.replace("    port: 5901\n", "    port: 5901\n    prot: 1\n")).contains("prot"));
+        assert!(
+            err(&GOOD.replace("    port: 5901\n", "    port: 5901\n    prot: 1\n"))
+                .contains("prot")
+        );
         assert!(err(&GOOD.replace("vm1", "../etc")).contains("not valid"));
         assert!(err(&format!("{GOOD}---\n{GOOD}")).contains("more than one"));
         assert!(err(&GOOD.replace("127.0.0.1", "a;reboot")).contains("a;reboot"));
@@ -173,7 +187,9 @@ mod tests {
         let mut bomb = String::from("a: &a [x,x,x,x,x,x,x,x,x]\n");
         for i in 1..10 {
             let p = i - 1;
-            bomb.push_str(&format!("a{i}: &a{i} [*a{p},*a{p},*a{p},*a{p},*a{p},*a{p},*a{p},*a{p},*a{p}]\n"));
+            bomb.push_str(&format!(
+                "a{i}: &a{i} [*a{p},*a{p},*a{p},*a{p},*a{p},*a{p},*a{p},*a{p},*a{p}]\n"
+            ));
         }
         let bomb = bomb.replacen("&a [", "&a0 [", 1);
         let start = std::time::Instant::now();

@@ -20,7 +20,10 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
         assert!(!can_bind("127.0.0.1".parse().unwrap(), port));
-        assert!(!can_bind("0.0.0.0".parse().unwrap(), port), "wildcard overlaps loopback");
+        assert!(
+            !can_bind("0.0.0.0".parse().unwrap(), port),
+            "wildcard overlaps loopback"
+        );
         drop(l);
         assert!(can_bind("127.0.0.1".parse().unwrap(), port));
     }

@@ -130,7 +130,12 @@ impl Pool {
 
     /// Ports in the range that are not taken.
     pub fn free_count(&self) -> usize {
-        self.range.len() - self.taken.iter().filter(|p| self.range.contains(**p)).count()
+        self.range.len()
+            - self
+                .taken
+                .iter()
+                .filter(|p| self.range.contains(**p))
+                .count()
     }
 }
 
@@ -142,10 +147,22 @@ mod tests {
     fn parses_ranges_and_names_bad_ones() {
         assert_eq!("6100-6999".parse::<PortRange>().unwrap().len(), 900);
         assert_eq!("7000-7000".parse::<PortRange>().unwrap().len(), 1);
-        assert!(matches!("6999-6100".parse::<PortRange>(), Err(PortRangeError::Reversed(_))));
-        assert!(matches!("6100".parse::<PortRange>(), Err(PortRangeError::Syntax(_))));
-        assert!(matches!("0-10".parse::<PortRange>(), Err(PortRangeError::Number(..))));
-        assert!(matches!("1-70000".parse::<PortRange>(), Err(PortRangeError::Number(..))));
+        assert!(matches!(
+            "6999-6100".parse::<PortRange>(),
+            Err(PortRangeError::Reversed(_))
+        ));
+        assert!(matches!(
+            "6100".parse::<PortRange>(),
+            Err(PortRangeError::Syntax(_))
+        ));
+        assert!(matches!(
+            "0-10".parse::<PortRange>(),
+            Err(PortRangeError::Number(..))
+        ));
+        assert!(matches!(
+            "1-70000".parse::<PortRange>(),
+            Err(PortRangeError::Number(..))
+        ));
         let msg = "1-x".parse::<PortRange>().unwrap_err().to_string();
         assert!(msg.contains("\"x\""), "{msg}");
     }

@@ -125,7 +125,10 @@ impl Action {
     pub fn changes_leases(&self) -> bool {
         matches!(
             self,
-            Action::Lease { .. } | Action::Release { .. } | Action::Retarget { .. } | Action::Record { .. }
+            Action::Lease { .. }
+                | Action::Release { .. }
+                | Action::Retarget { .. }
+                | Action::Record { .. }
         )
     }
 }
@@ -175,7 +178,13 @@ pub struct Plan {
 /// Decides what to do. See the module docs.
 pub fn plan(input: &Inputs<'_>) -> Plan {
     let mut out = Plan::default();
-    let state = |name: &str| input.proxies.get(name).copied().unwrap_or(ProxyState::Absent);
+    let state = |name: &str| {
+        input
+            .proxies
+            .get(name)
+            .copied()
+            .unwrap_or(ProxyState::Absent)
+    };
 
     // Ports that automatic allocation must not take: leased, busy, or requested by
     // a desired session (so a requested port stays free for the one who asked).
@@ -230,7 +239,11 @@ pub fn plan(input: &Inputs<'_>) -> Plan {
                 });
                 out.reports.insert(
                     name.clone(),
-                    Report::new(Phase::Terminating, reason::TERMINATING, "stopping the proxy"),
+                    Report::new(
+                        Phase::Terminating,
+                        reason::TERMINATING,
+                        "stopping the proxy",
+                    ),
                 );
                 out.busy = true;
             }
@@ -300,7 +313,11 @@ fn allocate(
     };
     pool.take(port);
     (
-        Report::new(Phase::Pending, reason::ALLOCATING, format!("leasing port {port}")),
+        Report::new(
+            Phase::Pending,
+            reason::ALLOCATING,
+            format!("leasing port {port}"),
+        ),
         Some(port),
     )
 }
@@ -326,7 +343,11 @@ fn converge_leased(
                 why: StopReason::SpecChanged,
             });
             out.busy = true;
-            Report::new(Phase::Pending, reason::SPEC_CHANGED, "restarting the proxy for the new spec")
+            Report::new(
+                Phase::Pending,
+                reason::SPEC_CHANGED,
+                "restarting the proxy for the new spec",
+            )
         }
         ProxyState::Running {
             process,
@@ -365,7 +386,10 @@ fn converge_leased(
                 Report::new(
                     Phase::Pending,
                     reason::STARTING,
-                    format!("waiting for proxy pid {} to listen on port {}", process.pid, lease.port),
+                    format!(
+                        "waiting for proxy pid {} to listen on port {}",
+                        process.pid, lease.port
+                    ),
                 )
             }
         }
@@ -375,7 +399,11 @@ fn converge_leased(
                 port: lease.port,
             });
             out.busy = true;
-            Report::new(Phase::Pending, reason::SPEC_CHANGED, "moving to the requested port")
+            Report::new(
+                Phase::Pending,
+                reason::SPEC_CHANGED,
+                "moving to the requested port",
+            )
         }
         ProxyState::Absent if wrong_target => {
             out.actions.push(Action::Retarget {
@@ -383,7 +411,11 @@ fn converge_leased(
                 target: want.target.clone(),
             });
             out.busy = true;
-            Report::new(Phase::Pending, reason::SPEC_CHANGED, "restarting the proxy for the new target")
+            Report::new(
+                Phase::Pending,
+                reason::SPEC_CHANGED,
+                "restarting the proxy for the new target",
+            )
         }
         ProxyState::Absent if input.busy.contains(&lease.port) => {
             out.busy = true;
@@ -401,25 +433,46 @@ fn converge_leased(
                 Report::new(
                     Phase::Pending,
                     reason::PORT_IN_USE,
-                    format!("port {} was taken by another program; leasing another", lease.port),
+                    format!(
+                        "port {} was taken by another program; leasing another",
+                        lease.port
+                    ),
                 )
             }
         }
         ProxyState::Absent => {
             out.busy = true;
             if input.now_ms >= restart.next_start_ms() {
-                out.actions.push(Action::Start { session: name.clone() });
-                let verb = if restart.starts == 0 { "starting" } else { "restarting" };
+                out.actions.push(Action::Start {
+                    session: name.clone(),
+                });
+                let verb = if restart.starts == 0 {
+                    "starting"
+                } else {
+                    "restarting"
+                };
                 Report::new(
                     Phase::Pending,
-                    if restart.starts == 0 { reason::STARTING } else { reason::RESTARTING },
+                    if restart.starts == 0 {
+                        reason::STARTING
+                    } else {
+                        reason::RESTARTING
+                    },
                     format!("{verb} the proxy on port {}", lease.port),
                 )
             } else {
                 let wait = restart.next_start_ms() - input.now_ms;
                 let why = restart.last_error.as_deref().unwrap_or("the proxy exited");
-                let phase = if restart.starts >= 2 { Phase::Failed } else { Phase::Pending };
-                let reason = if restart.starts >= 2 { reason::PROXY_FAILED } else { reason::RESTARTING };
+                let phase = if restart.starts >= 2 {
+                    Phase::Failed
+                } else {
+                    Phase::Pending
+                };
+                let reason = if restart.starts >= 2 {
+                    reason::PROXY_FAILED
+                } else {
+                    reason::RESTARTING
+                };
                 Report::new(phase, reason, format!("{why}; restarting in {wait} ms"))
             }
         }

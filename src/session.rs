@@ -38,12 +38,19 @@ impl std::str::FromStr for Endpoint {
     /// Reads the [`fmt::Display`] form back: `host:port`, `[v6]:port` or `unix:PATH`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         if let Some(path) = s.strip_prefix("unix:") {
-            return Ok(Endpoint::Unix { path: path.to_owned() });
+            return Ok(Endpoint::Unix {
+                path: path.to_owned(),
+            });
         }
-        let (host, port) = s.rsplit_once(':').ok_or_else(|| format!("{s:?} has no port"))?;
+        let (host, port) = s
+            .rsplit_once(':')
+            .ok_or_else(|| format!("{s:?} has no port"))?;
         let host = host.trim_start_matches('[').trim_end_matches(']');
         let port = port.parse().map_err(|_| format!("{s:?} has a bad port"))?;
-        Ok(Endpoint::Tcp { host: host.to_owned(), port })
+        Ok(Endpoint::Tcp {
+            host: host.to_owned(),
+            port,
+        })
     }
 }
 
@@ -77,7 +84,9 @@ pub enum SpecError {
     TargetPort(i64),
     #[error("spec.target.host {0:?} is not an IP address or DNS name")]
     Host(String),
-    #[error("spec.target.unixSocket {0:?} must be an absolute path without '..' or control characters")]
+    #[error(
+        "spec.target.unixSocket {0:?} must be an absolute path without '..' or control characters"
+    )]
     UnixSocket(String),
     #[error("spec.port {port} is outside the port pool {range}")]
     PortOutsidePool { port: i64, range: PortRange },
@@ -130,7 +139,11 @@ pub fn spec_generation(spec: &VncSessionSpec) -> i64 {
 
 impl Desired {
     /// Validates a spec under `name` against the pool it will be served from.
-    pub fn from_spec(name: &str, spec: &VncSessionSpec, pool: PortRange) -> Result<Self, SpecError> {
+    pub fn from_spec(
+        name: &str,
+        spec: &VncSessionSpec,
+        pool: PortRange,
+    ) -> Result<Self, SpecError> {
         if !is_valid_name(name) {
             return Err(SpecError::Name(name.to_owned()));
         }
@@ -162,15 +175,12 @@ impl Desired {
         };
         let requested_port = match spec.port {
             None => None,
-            Some(p) => Some(
-                u16::try_from(p)
-                    .ok()
-                    .filter(|p| pool.contains(*p))
-                    .ok_or(SpecError::PortOutsidePool {
-                        port: i64::from(p),
-                        range: pool,
-                    })?,
-            ),
+            Some(p) => Some(u16::try_from(p).ok().filter(|p| pool.contains(*p)).ok_or(
+                SpecError::PortOutsidePool {
+                    port: i64::from(p),
+                    range: pool,
+                },
+            )?),
         };
         Ok(Desired {
             name: name.to_owned(),
@@ -220,7 +230,10 @@ mod tests {
             check(&spec(Some("h"), Some(1), Some("/s"))),
             Err(SpecError::BothTargets)
         );
-        assert_eq!(check(&spec(Some("h"), Some(0), None)), Err(SpecError::TargetPort(0)));
+        assert_eq!(
+            check(&spec(Some("h"), Some(0), None)),
+            Err(SpecError::TargetPort(0))
+        );
         assert_eq!(
             check(&spec(Some("h"), Some(70000), None)),
             Err(SpecError::TargetPort(70000))
@@ -229,11 +242,25 @@ mod tests {
             check(&spec(Some("h; rm -rf /"), Some(1), None)),
             Err(SpecError::Host("h; rm -rf /".into()))
         );
-        assert!(matches!(check(&spec(Some("$(id)"), Some(1), None)), Err(SpecError::Host(_))));
-        assert!(matches!(check(&spec(None, None, Some("rel/path"))), Err(SpecError::UnixSocket(_))));
-        assert!(matches!(check(&spec(None, None, Some("/a/../b"))), Err(SpecError::UnixSocket(_))));
-        assert!(matches!(check(&spec(Some("h"), None, None)), Err(SpecError::NoTargetPort(_))));
-        let msg = check(&spec(Some("h"), Some(-5), None)).unwrap_err().to_string();
+        assert!(matches!(
+            check(&spec(Some("$(id)"), Some(1), None)),
+            Err(SpecError::Host(_))
+        ));
+        assert!(matches!(
+            check(&spec(None, None, Some("rel/path"))),
+            Err(SpecError::UnixSocket(_))
+        ));
+        assert!(matches!(
+            check(&spec(None, None, Some("/a/../b"))),
+            Err(SpecError::UnixSocket(_))
+        ));
+        assert!(matches!(
+            check(&spec(Some("h"), None, None)),
+            Err(SpecError::NoTargetPort(_))
+        ));
+        let msg = check(&spec(Some("h"), Some(-5), None))
+            .unwrap_err()
+            .to_string();
         assert!(msg.contains("-5"), "{msg}");
     }
 
@@ -244,7 +271,10 @@ mod tests {
         assert_eq!(check(&s).unwrap().requested_port, Some(6500));
         s.port = Some(80);
         let err = check(&s).unwrap_err();
-        assert!(err.to_string().contains("outside the port pool 6100-6999"), "{err}");
+        assert!(
+            err.to_string().contains("outside the port pool 6100-6999"),
+            "{err}"
+        );
         s.port = Some(-1);
         assert!(check(&s).is_err());
     }
@@ -252,9 +282,17 @@ mod tests {
     #[test]
     fn endpoints_round_trip_through_text() {
         for e in [
-            Endpoint::Tcp { host: "127.0.0.1".into(), port: 5901 },
-            Endpoint::Tcp { host: "::1".into(), port: 1 },
-            Endpoint::Unix { path: "/run/a b.sock".into() },
+            Endpoint::Tcp {
+                host: "127.0.0.1".into(),
+                port: 5901,
+            },
+            Endpoint::Tcp {
+                host: "::1".into(),
+                port: 1,
+            },
+            Endpoint::Unix {
+                path: "/run/a b.sock".into(),
+            },
         ] {
             assert_eq!(e.to_string().parse::<Endpoint>().unwrap(), e);
         }
@@ -264,7 +302,16 @@ mod tests {
     #[test]
     fn names_follow_dns_rules() {
         assert!(is_valid_name("vm-1.prod"));
-        for bad in ["", "VM1", "a/b", "../x", "-a", "a-", "a_b", &"a".repeat(254)] {
+        for bad in [
+            "",
+            "VM1",
+            "a/b",
+            "../x",
+            "-a",
+            "a-",
+            "a_b",
+            &"a".repeat(254),
+        ] {
             assert!(!is_valid_name(bad), "{bad:?}");
         }
     }

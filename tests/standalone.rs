@@ -46,10 +46,16 @@ async fn a_session_becomes_ready_serves_rfb_and_is_released_on_delete() {
     let pid = pid_of(&st);
     v.remove_session("vm1");
     wait_for("lease release", Duration::from_secs(10), || {
-        v.leases()["leases"].as_array().unwrap().is_empty().then_some(())
+        v.leases()["leases"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+            .then_some(())
     });
     assert!(!pid_alive(pid), "proxy {pid} still running after delete");
-    wait_for("vm1 gone from get", Duration::from_secs(5), || v.item("vm1").is_none().then_some(()));
+    wait_for("vm1 gone from get", Duration::from_secs(5), || {
+        v.item("vm1").is_none().then_some(())
+    });
     TcpListener::bind(("127.0.0.1", port)).expect("port free again");
 }
 
@@ -66,7 +72,10 @@ async fn proxies_survive_kill_9_of_vncd_and_are_adopted_with_clients_connected()
     assert_eq!(c.read(12).await, b"RFB 003.008\n");
 
     v.kill9();
-    assert!(pid_alive(pid_of(&s1)) && pid_alive(pid_of(&s2)), "proxies died with vncd");
+    assert!(
+        pid_alive(pid_of(&s1)) && pid_alive(pid_of(&s2)),
+        "proxies died with vncd"
+    );
     assert_eq!(rfb_banner(port_of(&s2)).await, b"RFB 003.008\n");
 
     v.start();
@@ -74,12 +83,21 @@ async fn proxies_survive_kill_9_of_vncd_and_are_adopted_with_clients_connected()
     std::thread::sleep(Duration::from_millis(1500));
     let a1 = v.wait_ready("vm1");
     let a2 = v.wait_ready("vm2");
-    assert_eq!((a1["pid"].clone(), a1["port"].clone()), (s1["pid"].clone(), s1["port"].clone()));
-    assert_eq!((a2["pid"].clone(), a2["port"].clone()), (s2["pid"].clone(), s2["port"].clone()));
+    assert_eq!(
+        (a1["pid"].clone(), a1["port"].clone()),
+        (s1["pid"].clone(), s1["port"].clone())
+    );
+    assert_eq!(
+        (a2["pid"].clone(), a2["port"].clone()),
+        (s2["pid"].clone(), s2["port"].clone())
+    );
     // The client connected before the crash never noticed.
     let (w, h) = c.handshake().await;
     assert!(w > 0 && h > 0);
-    assert!(!v.log().contains("started proxy session=vm1 port") || v.log().matches("started proxy session=vm1").count() == 1);
+    assert!(
+        !v.log().contains("started proxy session=vm1 port")
+            || v.log().matches("started proxy session=vm1").count() == 1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -90,7 +108,11 @@ async fn a_killed_proxy_comes_back_on_the_same_port() {
     v.add_session("vm1", qemu.port);
     let st = v.wait_ready("vm1");
     let old = pid_of(&st);
-    nix::sys::signal::killpg(nix::unistd::Pid::from_raw(old as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(old as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
     let new = wait_for("a new proxy", Duration::from_secs(15), || {
         let s = v.item("vm1")?["status"].clone();
         (s["phase"] == "Ready" && s["pid"].as_i64()? != old).then_some(s)
@@ -107,7 +129,11 @@ async fn a_proxy_of_an_adopted_session_killed_while_vncd_was_down_is_restarted()
     v.add_session("vm1", qemu.port);
     let st = v.wait_ready("vm1");
     v.kill9();
-    nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid_of(&st) as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(pid_of(&st) as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
     v.start();
     let new = wait_for("a restarted proxy", Duration::from_secs(15), || {
         let s = v.item("vm1")?["status"].clone();
@@ -166,12 +192,25 @@ async fn bad_manifests_are_reported_and_disturb_nothing() {
     let good = v.wait_ready("good");
     let m = manifest("x", qemu.port.into());
     v.write_manifest("notyaml.yaml", "{{{ not: [yaml");
-    v.write_manifest("notarget.yaml", &m.replace("x\n", "notarget\n").replace("  target:\n    host: 127.0.0.1\n", "  target:\n"));
+    v.write_manifest(
+        "notarget.yaml",
+        &m.replace("x\n", "notarget\n")
+            .replace("  target:\n    host: 127.0.0.1\n", "  target:\n"),
+    );
     v.write_manifest("badport.yaml", &manifest("badport", 70000));
-    v.write_manifest("outofpool.yaml", &format!("{}  port: 80\n", manifest("outofpool", qemu.port.into())));
-    v.write_manifest("badhost.yaml", &manifest("badhost", 1).replace("127.0.0.1", "\"a;reboot\""));
+    v.write_manifest(
+        "outofpool.yaml",
+        &format!("{}  port: 80\n", manifest("outofpool", qemu.port.into())),
+    );
+    v.write_manifest(
+        "badhost.yaml",
+        &manifest("badhost", 1).replace("127.0.0.1", "\"a;reboot\""),
+    );
     v.write_manifest("dup.yaml", &manifest("good", u32::from(qemu.port) + 1));
-    v.write_manifest("kind.yaml", &m.replace("VncSession", "Pod").replace("x\n", "kind\n"));
+    v.write_manifest(
+        "kind.yaml",
+        &m.replace("VncSession", "Pod").replace("x\n", "kind\n"),
+    );
     v.write_manifest("huge.yaml", &format!("{m}# {}\n", "x".repeat(200_000)));
     v.write_manifest("bin.yaml", "\u{0}\u{1}\u{2}garbage");
     std::os::unix::fs::symlink("/etc/hostname", v.sessions.join("link.yaml")).unwrap();
@@ -188,10 +227,14 @@ async fn bad_manifests_are_reported_and_disturb_nothing() {
         ("link", "symbolic link"),
     ];
     for (name, needle) in expect {
-        let st = wait_for(&format!("rejection of {name}"), Duration::from_secs(10), || {
-            let i = v.item(name)?;
-            (i["status"]["phase"] == "Failed").then(|| i["status"].clone())
-        });
+        let st = wait_for(
+            &format!("rejection of {name}"),
+            Duration::from_secs(10),
+            || {
+                let i = v.item(name)?;
+                (i["status"]["phase"] == "Failed").then(|| i["status"].clone())
+            },
+        );
         assert_eq!(st["reason"], "InvalidManifest", "{name}: {st}");
         let msg = st["message"].as_str().unwrap();
         assert!(msg.contains(needle), "{name}: {msg:?} lacks {needle:?}");
@@ -199,7 +242,10 @@ async fn bad_manifests_are_reported_and_disturb_nothing() {
     // The duplicate is reported on the session it collided with; the session is untouched.
     let g = wait_for("duplicate warning", Duration::from_secs(5), || {
         let s = v.item("good")?["status"].clone();
-        s["message"].as_str()?.contains("duplicate name").then_some(s)
+        s["message"]
+            .as_str()?
+            .contains("duplicate name")
+            .then_some(s)
     });
     assert_eq!(g["phase"], "Ready");
     assert_eq!(g["pid"], good["pid"]);
@@ -221,10 +267,16 @@ async fn a_manifest_that_turns_invalid_keeps_its_console() {
     v.start();
     v.add_session("vm1", qemu.port);
     let st = v.wait_ready("vm1");
-    v.write_manifest("vm1.yaml", &manifest("vm1", qemu.port.into()).replace("port: ", "port: nope"));
+    v.write_manifest(
+        "vm1.yaml",
+        &manifest("vm1", qemu.port.into()).replace("port: ", "port: nope"),
+    );
     let now = wait_for("warning", Duration::from_secs(5), || {
         let s = v.item("vm1")?["status"].clone();
-        s["message"].as_str()?.contains("still serving").then_some(s)
+        s["message"]
+            .as_str()?
+            .contains("still serving")
+            .then_some(s)
     });
     assert_eq!(now["pid"], st["pid"]);
     assert_eq!(now["phase"], "Ready");
@@ -244,7 +296,10 @@ fn a_second_vncd_on_the_same_state_dir_refuses_clearly() {
     let out = v.cmd(&args);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("vncd.lock") && err.contains("another"), "{err}");
+    assert!(
+        err.contains("vncd.lock") && err.contains("another"),
+        "{err}"
+    );
     let pid = v.child.as_ref().unwrap().id();
     assert!(err.contains(&format!("pid {pid}")), "{err}");
 }
@@ -260,7 +315,10 @@ fn a_corrupt_state_file_is_refused_and_left_untouched() {
     v.child = None;
     assert!(!status.success());
     let log = v.log();
-    assert!(log.contains("leases.json") && log.contains("corrupt"), "{log}");
+    assert!(
+        log.contains("leases.json") && log.contains("corrupt"),
+        "{log}"
+    );
     assert_eq!(std::fs::read(v.state.join("leases.json")).unwrap(), junk);
 }
 
@@ -274,7 +332,11 @@ async fn a_corrupt_state_file_can_be_rebuilt_from_proven_proxies() {
     v.kill9();
     std::fs::write(v.state.join("leases.json"), b"garbage").unwrap();
     let out = v.cmd_here(&["cleanup", "--once", "--rebuild-state"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let leases = v.leases();
     assert_eq!(leases["leases"][0]["session"], "vm1");
     assert_eq!(leases["leases"][0]["port"], st["port"]);
@@ -303,7 +365,11 @@ async fn cleanup_ends_our_orphans_releases_stale_leases_and_spares_foreign_proce
     v.kill9();
     // The session "gone" is deleted and its proxy died while no vncd ran: a stale lease.
     v.remove_session("gone");
-    nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid_of(&gone) as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(pid_of(&gone) as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
     // An orphan of ours: a proxy with our marker but no lease.
     let orphan_port = v.range.1;
     let mut orphan = std::process::Command::new("websockify")
@@ -330,10 +396,19 @@ async fn cleanup_ends_our_orphans_releases_stale_leases_and_spares_foreign_proce
     });
 
     let out = v.cmd_here(&["cleanup", "--once"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let status = wait_for("orphan to end", Duration::from_secs(5), || orphan.try_wait().unwrap());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = wait_for("orphan to end", Duration::from_secs(5), || {
+        orphan.try_wait().unwrap()
+    });
     assert!(!status.success() || status.code().is_some());
-    assert!(foreign.try_wait().unwrap().is_none(), "cleanup touched a foreign websockify");
+    assert!(
+        foreign.try_wait().unwrap().is_none(),
+        "cleanup touched a foreign websockify"
+    );
     let sessions: Vec<String> = v.leases()["leases"]
         .as_array()
         .unwrap()
@@ -378,11 +453,33 @@ async fn apply_wait_prints_the_url_and_delete_wait_returns_after_release() {
     let mut v = Vncd::new(3);
     v.start();
     let file = v.tmp.path().join("vm9.yaml");
-    std::fs::write(&file, format!("{}  port: {}\n", manifest("vm9", qemu.port.into()), v.range.1)).unwrap();
-    let out = v.cmd_here(&["apply", "-f", file.to_str().unwrap(), "--wait", "--timeout", "20"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(
+        &file,
+        format!(
+            "{}  port: {}\n",
+            manifest("vm9", qemu.port.into()),
+            v.range.1
+        ),
+    )
+    .unwrap();
+    let out = v.cmd_here(&[
+        "apply",
+        "-f",
+        file.to_str().unwrap(),
+        "--wait",
+        "--timeout",
+        "20",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains(&format!("ws://127.0.0.1:{}/", v.range.1)), "{stdout}");
+    assert!(
+        stdout.contains(&format!("ws://127.0.0.1:{}/", v.range.1)),
+        "{stdout}"
+    );
     assert_eq!(rfb_banner(v.range.1).await, b"RFB 003.008\n");
     let pid = pid_of(&v.item("vm9").unwrap()["status"]);
     let out = v.cmd(&[
@@ -394,7 +491,11 @@ async fn apply_wait_prints_the_url_and_delete_wait_returns_after_release() {
         "--state-dir",
         v.state.to_str().unwrap(),
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(v.leases()["leases"].as_array().unwrap().is_empty());
     assert!(!pid_alive(pid));
     // A manifest apply refuses never reaches the directory.
@@ -426,19 +527,34 @@ async fn a_unix_socket_target_is_served() {
 async fn a_proxy_that_cannot_start_is_reported_and_retried_without_leaking() {
     let mut v = Vncd::new(3);
     let fake = v.tmp.path().join("broken-proxy");
-    std::fs::write(&fake, "#!/bin/sh\necho 'cannot open display: simulated failure' >&2\nexit 3\n").unwrap();
-    std::os::unix::fs::PermissionsExt::set_mode(&mut std::fs::metadata(&fake).unwrap().permissions(), 0o755);
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho 'cannot open display: simulated failure' >&2\nexit 3\n",
+    )
+    .unwrap();
+    std::os::unix::fs::PermissionsExt::set_mode(
+        &mut std::fs::metadata(&fake).unwrap().permissions(),
+        0o755,
+    );
     std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    v.extra.extend(["--websockify".into(), fake.display().to_string()]);
+    v.extra
+        .extend(["--websockify".into(), fake.display().to_string()]);
     v.start();
     v.add_session("vm1", 5999);
     let st = v.wait_status("vm1", "Failed", Duration::from_secs(15));
     let msg = st["message"].as_str().unwrap();
-    assert!(msg.contains("simulated failure") && msg.contains("restarting in"), "{msg}");
+    assert!(
+        msg.contains("simulated failure") && msg.contains("restarting in"),
+        "{msg}"
+    );
     // Deleting it releases its port even though its proxy never ran.
     v.remove_session("vm1");
     wait_for("release", Duration::from_secs(10), || {
-        v.leases()["leases"].as_array().unwrap().is_empty().then_some(())
+        v.leases()["leases"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+            .then_some(())
     });
 }
 
@@ -450,7 +566,14 @@ fn status_reports_the_pool_like_the_seed() {
     v.add_session("vm1", qemu.port);
     v.wait_ready("vm1");
     let range = v.range_arg();
-    let out = v.cmd(&["status", "--json", "--state-dir", v.state.to_str().unwrap(), "--port-range", &range]);
+    let out = v.cmd(&[
+        "status",
+        "--json",
+        "--state-dir",
+        v.state.to_str().unwrap(),
+        "--port-range",
+        &range,
+    ]);
     let s: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(s["port_pool"]["total_ports"], 10);
     assert_eq!(s["port_pool"]["allocated_ports"], 1);

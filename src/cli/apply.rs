@@ -51,7 +51,8 @@ pub struct DeleteArgs {
 
 /// Manifest files in `dir` that claim session `name`.
 fn files_claiming(dir: &Path, name: &str) -> anyhow::Result<Vec<PathBuf>> {
-    let rd = std::fs::read_dir(dir).with_context(|| format!("cannot read sessions directory {}", dir.display()))?;
+    let rd = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read sessions directory {}", dir.display()))?;
     let mut out = Vec::new();
     for entry in rd.flatten() {
         let path = entry.path();
@@ -60,8 +61,14 @@ fn files_claiming(dir: &Path, name: &str) -> anyhow::Result<Vec<PathBuf>> {
         if fname.starts_with('.') || !is_manifest || !path.is_file() {
             continue;
         }
-        let small = entry.metadata().is_ok_and(|m| m.len() <= manifest::MAX_MANIFEST_BYTES);
-        let text = if small { std::fs::read_to_string(&path).unwrap_or_default() } else { String::new() };
+        let small = entry
+            .metadata()
+            .is_ok_and(|m| m.len() <= manifest::MAX_MANIFEST_BYTES);
+        let text = if small {
+            std::fs::read_to_string(&path).unwrap_or_default()
+        } else {
+            String::new()
+        };
         let stem = fname.rsplit_once('.').map_or(fname.as_str(), |(s, _)| s);
         if manifest::claimed_name(&text).as_deref() == Some(name) || stem == name {
             out.push(path);
@@ -79,7 +86,8 @@ pub fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
             .read_to_end(&mut bytes)
             .context("cannot read standard input")?;
     } else {
-        let f = std::fs::File::open(&args.file).with_context(|| format!("cannot open {}", args.file.display()))?;
+        let f = std::fs::File::open(&args.file)
+            .with_context(|| format!("cannot open {}", args.file.display()))?;
         f.take(manifest::MAX_MANIFEST_BYTES + 1)
             .read_to_end(&mut bytes)
             .with_context(|| format!("cannot read {}", args.file.display()))?;
@@ -90,12 +98,19 @@ pub fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
     let dir = &args.sessions.sessions_dir;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let existing = files_claiming(dir, &name)?;
-    let target = existing.first().cloned().unwrap_or_else(|| dir.join(format!("{name}.yaml")));
+    let target = existing
+        .first()
+        .cloned()
+        .unwrap_or_else(|| dir.join(format!("{name}.yaml")));
     let unchanged = std::fs::read(&target).is_ok_and(|old| old == bytes);
     if !unchanged {
-        write_atomic(&target, &bytes, 0o644).with_context(|| format!("cannot write {}", target.display()))?;
+        write_atomic(&target, &bytes, 0o644)
+            .with_context(|| format!("cannot write {}", target.display()))?;
     }
-    println!("vncsession/{name} {}", if unchanged { "unchanged" } else { "configured" });
+    println!(
+        "vncsession/{name} {}",
+        if unchanged { "unchanged" } else { "configured" }
+    );
     if !args.wait {
         return Ok(ExitCode::SUCCESS);
     }
@@ -104,7 +119,10 @@ pub fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
     let mut last = String::from("no status yet");
     while Instant::now() < deadline {
         if let Ok(file) = crate::status::file::read(&sessions)
-            && let Some(item) = file.items.iter().find(|i| i.metadata.name.as_deref() == Some(&name))
+            && let Some(item) = file
+                .items
+                .iter()
+                .find(|i| i.metadata.name.as_deref() == Some(&name))
             && let Some(st) = &item.status
         {
             last = format!(
@@ -112,14 +130,19 @@ pub fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
                 st.phase.map_or("-".into(), |p| p.to_string()),
                 st.message.clone().unwrap_or_default()
             );
-            if st.observed_generation == Some(parsed.desired.generation) && st.phase == Some(Phase::Ready) {
+            if st.observed_generation == Some(parsed.desired.generation)
+                && st.phase == Some(Phase::Ready)
+            {
                 println!("{}", st.url.clone().unwrap_or_default());
                 return Ok(ExitCode::SUCCESS);
             }
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    eprintln!("vncd: session {name:?} not Ready after {}s: {last}", args.timeout);
+    eprintln!(
+        "vncd: session {name:?} not Ready after {}s: {last}",
+        args.timeout
+    );
     Ok(ExitCode::from(1))
 }
 
@@ -127,7 +150,11 @@ pub fn delete(args: DeleteArgs) -> anyhow::Result<ExitCode> {
     let dir = &args.sessions.sessions_dir;
     let files = files_claiming(dir, &args.name)?;
     if files.is_empty() {
-        eprintln!("vncd: no manifest for session {:?} in {}", args.name, dir.display());
+        eprintln!(
+            "vncd: no manifest for session {:?} in {}",
+            args.name,
+            dir.display()
+        );
         return Ok(ExitCode::from(1));
     }
     for f in &files {
@@ -147,6 +174,9 @@ pub fn delete(args: DeleteArgs) -> anyhow::Result<ExitCode> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    eprintln!("vncd: port of session {:?} not released after {}s", args.name, args.timeout);
+    eprintln!(
+        "vncd: port of session {:?} not released after {}s",
+        args.name, args.timeout
+    );
     Ok(ExitCode::from(1))
 }

@@ -70,7 +70,9 @@ pub fn cleanup(args: CleanupArgs) -> anyhow::Result<ExitCode> {
     let grace = Duration::try_from_secs_f64(args.stop_grace).context("--stop-grace")?;
     let supervisor = Supervisor::new(
         owner.clone(),
-        Box::new(Websockify { program: "websockify".into() }),
+        Box::new(Websockify {
+            program: "websockify".into(),
+        }),
         "127.0.0.1".parse()?,
         None,
         dir.root().join("logs"),
@@ -101,7 +103,12 @@ pub fn cleanup(args: CleanupArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn pass(args: &CleanupArgs, dir: &StateDir, owner: &str, sup: &Supervisor) -> anyhow::Result<Stats> {
+async fn pass(
+    args: &CleanupArgs,
+    dir: &StateDir,
+    owner: &str,
+    sup: &Supervisor,
+) -> anyhow::Result<Stats> {
     let snapshot = DirSource::once(&args.sessions.sessions_dir, args.pool.port_range).scan()?;
     let store = FileStore::new(dir.clone(), Duration::from_secs(10));
     for _attempt in 0..5 {
@@ -131,11 +138,9 @@ async fn pass(args: &CleanupArgs, dir: &StateDir, owner: &str, sup: &Supervisor)
                     info!(session = %session, port, "releasing stale lease (session gone, proxy dead)");
                     releases.push(LeaseChange::Remove(session.clone()));
                 }
-                Action::KillOrphan { process } => {
-                    if sup.stop(*process).await {
-                        warn!(pid = process.pid, "ended orphaned proxy");
-                        stats.orphans += 1;
-                    }
+                Action::KillOrphan { process } if sup.stop(*process).await => {
+                    warn!(pid = process.pid, "ended orphaned proxy");
+                    stats.orphans += 1;
                 }
                 Action::Start { .. } => stats.awaiting_restart += 1,
                 Action::Stop { .. } => stats.stopping += 1,
@@ -168,14 +173,18 @@ fn rebuild(dir: &StateDir, owner: &str) -> anyhow::Result<()> {
         Err(StoreError::Corrupt { .. }) => {}
         Err(e) => return Err(e.into()),
     }
-    let aside = dir.root().join(format!("leases.json.corrupt-{}", Timestamp::now().as_second()));
+    let aside = dir.root().join(format!(
+        "leases.json.corrupt-{}",
+        Timestamp::now().as_second()
+    ));
     std::fs::rename(dir.leases(), &aside)
         .with_context(|| format!("cannot move {} aside", dir.leases().display()))?;
     warn!(kept_as = %aside.display(), "moved the corrupt state file aside");
     let mut set = LeaseSet::default();
     let mut ports = BTreeSet::new();
     for m in scan(owner).into_iter().filter(|m| m.process.pid == m.pgid) {
-        let (Some(port), Some(target)) = (m.port, m.target.as_deref().and_then(|t| t.parse().ok())) else {
+        let (Some(port), Some(target)) = (m.port, m.target.as_deref().and_then(|t| t.parse().ok()))
+        else {
             continue;
         };
         if set.leases.contains_key(&m.session) || !ports.insert(port) {

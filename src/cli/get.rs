@@ -44,7 +44,11 @@ fn cell(s: Option<String>) -> String {
 }
 
 fn table(items: &[VncSession]) -> String {
-    let mut rows = vec![["NAME", "PHASE", "PORT", "PID", "TARGET", "URL", "MESSAGE"].map(String::from).to_vec()];
+    let mut rows = vec![
+        ["NAME", "PHASE", "PORT", "PID", "TARGET", "URL", "MESSAGE"]
+            .map(String::from)
+            .to_vec(),
+    ];
     for i in items {
         let st = i.status.clone().unwrap_or_default();
         rows.push(vec![
@@ -108,14 +112,20 @@ pub struct StatusArgs {
 
 pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let dir = args.state.dir();
-    let owner = std::fs::canonicalize(dir.root())
-        .map_or_else(|_| dir.root().display().to_string(), |p| p.display().to_string());
+    let owner = std::fs::canonicalize(dir.root()).map_or_else(
+        |_| dir.root().display().to_string(),
+        |p| p.display().to_string(),
+    );
     // Scan before reading leases (see supervisor::classify).
     let marked = scan(&owner);
     let set = read_state(&dir.leases())?;
     let obs = classify(marked, &set.leases);
     let total = args.pool.port_range.len();
-    let allocated = set.leases.values().filter(|l| args.pool.port_range.contains(l.port)).count();
+    let allocated = set
+        .leases
+        .values()
+        .filter(|l| args.pool.port_range.contains(l.port))
+        .count();
     let utilization = ((allocated as f64) * 1000.0 / (total as f64)).round() / 10.0;
     let dead = set.leases.len() - obs.proxies.len();
     let running = is_held(&dir.controller_lock());
@@ -137,10 +147,23 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
         println!("port pool:     {} ({} ports)", args.pool.port_range, total);
-        println!("allocated:     {allocated} ({utilization}%), free: {}", total - allocated);
-        println!("proxies:       {} running, {dead} dead, {} orphaned", obs.proxies.len(), obs.orphans.len());
-        println!("controller:    {}", if running { "running" } else { "not running" });
-        println!("health:        {}", value["system_health"].as_str().unwrap_or("?"));
+        println!(
+            "allocated:     {allocated} ({utilization}%), free: {}",
+            total - allocated
+        );
+        println!(
+            "proxies:       {} running, {dead} dead, {} orphaned",
+            obs.proxies.len(),
+            obs.orphans.len()
+        );
+        println!(
+            "controller:    {}",
+            if running { "running" } else { "not running" }
+        );
+        println!(
+            "health:        {}",
+            value["system_health"].as_str().unwrap_or("?")
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -93,7 +93,9 @@ pub struct PoolArgs {
 fn init_logging(cli: &Cli) {
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Human => builder.init(),
@@ -124,11 +126,16 @@ pub fn main() -> ExitCode {
 
 fn print_crd() -> anyhow::Result<ExitCode> {
     use kube::CustomResourceExt;
-    print!("{}", serde_saphyr::to_string(&crate::api::VncSession::crd())?);
+    print!(
+        "{}",
+        serde_saphyr::to_string(&crate::api::VncSession::crd())?
+    );
     Ok(ExitCode::SUCCESS)
 }
 
 /// A multi-threaded runtime for the commands that need one.
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }

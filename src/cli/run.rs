@@ -68,7 +68,8 @@ pub struct RunArgs {
 }
 
 fn secs(v: f64, flag: &str) -> anyhow::Result<Duration> {
-    Duration::try_from_secs_f64(v).with_context(|| format!("--{flag} {v} is not a number of seconds"))
+    Duration::try_from_secs_f64(v)
+        .with_context(|| format!("--{flag} {v} is not a number of seconds"))
 }
 
 /// Finds `program` in PATH (or checks the path), so a missing websockify is one clear
@@ -101,7 +102,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let state = args.state.dir();
     state.create()?;
     let owner = std::fs::canonicalize(state.root())
-        .with_context(|| format!("cannot resolve state directory {}", args.state.state_dir.display()))?
+        .with_context(|| {
+            format!(
+                "cannot resolve state directory {}",
+                args.state.state_dir.display()
+            )
+        })?
         .display()
         .to_string();
     let lock_timeout = secs(args.lock_timeout, "lock-timeout")?;
@@ -120,7 +126,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let limits = Limits {
         range: args.pool.port_range,
         max_sessions: args.pool.max_sessions,
-        start_timeout_ms: u64::try_from(secs(args.start_timeout, "start-timeout")?.as_millis()).unwrap_or(u64::MAX),
+        start_timeout_ms: u64::try_from(secs(args.start_timeout, "start-timeout")?.as_millis())
+            .unwrap_or(u64::MAX),
     };
     let config = LoopConfig {
         limits,
@@ -153,7 +160,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             backend = supervisor.backend_name(),
             "vncd running"
         );
-        let controller = Controller::new(source, store, sink, supervisor, StatusBuilder::new(url), config);
+        let controller = Controller::new(
+            source,
+            store,
+            sink,
+            supervisor,
+            StatusBuilder::new(url),
+            config,
+        );
         controller.run(shutdown_signal()).await?;
         anyhow::Ok(())
     })?;
@@ -164,7 +178,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 /// Resolves on SIGTERM or SIGINT.
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         std::future::pending::<()>().await;
         return;
     };

@@ -128,7 +128,10 @@ impl Sim {
     fn apply(&mut self, action: &Action) {
         match action {
             Action::Lease { session, port } => {
-                assert!(!self.leases.contains_key(session), "double lease for {session}");
+                assert!(
+                    !self.leases.contains_key(session),
+                    "double lease for {session}"
+                );
                 assert!(
                     self.leases.values().all(|l| l.port != *port),
                     "port {port} leased twice"
@@ -144,8 +147,14 @@ impl Sim {
                 self.leases.insert(session.clone(), lease);
             }
             Action::Release { session, port } => {
-                assert!(!self.procs.contains_key(session), "released {session} with a live proxy");
-                let l = self.leases.remove(session).expect("release of a missing lease");
+                assert!(
+                    !self.procs.contains_key(session),
+                    "released {session} with a live proxy"
+                );
+                let l = self
+                    .leases
+                    .remove(session)
+                    .expect("release of a missing lease");
                 assert_eq!(l.port, *port);
             }
             Action::Retarget { session, target } => {
@@ -157,8 +166,15 @@ impl Sim {
                 self.leases.get_mut(session).expect("lease").process = Some(*process);
             }
             Action::Start { session } => {
-                let lease = self.leases.get(session).expect("start without a persisted lease").clone();
-                assert!(!self.procs.contains_key(session), "second proxy for {session}");
+                let lease = self
+                    .leases
+                    .get(session)
+                    .expect("start without a persisted lease")
+                    .clone();
+                assert!(
+                    !self.procs.contains_key(session),
+                    "second proxy for {session}"
+                );
                 let r = self.restarts.entry(session.clone()).or_default();
                 r.starts += 1;
                 r.last_start_ms = self.now;
@@ -170,23 +186,37 @@ impl Sim {
                 self.procs.insert(session.clone(), (p, false, self.now));
                 self.leases.get_mut(session).expect("lease").process = Some(p);
             }
-            Action::Stop { session, process, .. } => {
+            Action::Stop {
+                session, process, ..
+            } => {
                 let (p, ..) = self.procs.remove(session).expect("stop of a missing proxy");
                 assert_eq!(p, *process, "stopped a process that is not the session's");
             }
             Action::KillOrphan { process } => {
                 let before = self.orphans.len();
                 self.orphans.retain(|o| o != process);
-                assert_eq!(before, self.orphans.len() + 1, "killed a process that is not an orphan");
+                assert_eq!(
+                    before,
+                    self.orphans.len() + 1,
+                    "killed a process that is not an orphan"
+                );
             }
         }
     }
 
     fn check_invariants(&self) {
         let ports: BTreeSet<u16> = self.leases.values().map(|l| l.port).collect();
-        assert_eq!(ports.len(), self.leases.len(), "a port is leased twice: {:?}", self.leases);
+        assert_eq!(
+            ports.len(),
+            self.leases.len(),
+            "a port is leased twice: {:?}",
+            self.leases
+        );
         for s in self.procs.keys() {
-            assert!(self.leases.contains_key(s), "proxy of {s} runs without a lease");
+            assert!(
+                self.leases.contains_key(s),
+                "proxy of {s} runs without a lease"
+            );
         }
         assert!(self.leases.len() <= self.limits.max_sessions);
     }
@@ -208,10 +238,21 @@ fn a_new_session_is_leased_then_started_then_ready() {
     let mut sim = Sim::new(5);
     sim.desired.insert("a".into(), desired("a", 5901, None));
     let p = sim.step();
-    assert_eq!(p.actions, vec![Action::Lease { session: "a".into(), port: 6100 }]);
+    assert_eq!(
+        p.actions,
+        vec![Action::Lease {
+            session: "a".into(),
+            port: 6100
+        }]
+    );
     assert_eq!(p.reports["a"].phase, Phase::Pending);
     let p = sim.step();
-    assert_eq!(p.actions, vec![Action::Start { session: "a".into() }]);
+    assert_eq!(
+        p.actions,
+        vec![Action::Start {
+            session: "a".into()
+        }]
+    );
     let p = sim.step();
     assert!(p.actions.is_empty());
     assert_eq!(p.reports["a"].reason, reason::STARTING);
@@ -227,10 +268,22 @@ fn removal_stops_the_proxy_before_releasing_the_port() {
     sim.converge();
     sim.desired.clear();
     let p = sim.step();
-    assert!(matches!(p.actions[..], [Action::Stop { why: StopReason::Removed, .. }]));
+    assert!(matches!(
+        p.actions[..],
+        [Action::Stop {
+            why: StopReason::Removed,
+            ..
+        }]
+    ));
     assert_eq!(p.reports["a"].phase, Phase::Terminating);
     let p = sim.step();
-    assert_eq!(p.actions, vec![Action::Release { session: "a".into(), port: 6100 }]);
+    assert_eq!(
+        p.actions,
+        vec![Action::Release {
+            session: "a".into(),
+            port: 6100
+        }]
+    );
     assert!(sim.leases.is_empty());
 }
 
@@ -260,7 +313,12 @@ fn a_crashed_proxy_restarts_on_the_same_port_with_backoff() {
     let port = sim.leases["a"].port;
     sim.procs.clear();
     let p = sim.plan();
-    assert_eq!(p.actions, vec![Action::Start { session: "a".into() }]);
+    assert_eq!(
+        p.actions,
+        vec![Action::Start {
+            session: "a".into()
+        }]
+    );
     sim.apply(&p.actions[0]);
     // Dies again at once: the next start waits.
     sim.procs.clear();
@@ -306,7 +364,13 @@ fn a_lease_whose_port_was_taken_while_down_moves() {
     sim.procs.clear();
     sim.foreign.insert(6100);
     let p = sim.step();
-    assert_eq!(p.actions, vec![Action::Release { session: "a".into(), port: 6100 }]);
+    assert_eq!(
+        p.actions,
+        vec![Action::Release {
+            session: "a".into(),
+            port: 6100
+        }]
+    );
     assert_eq!(p.reports["a"].reason, reason::PORT_IN_USE);
     sim.converge();
     assert_eq!(sim.leases["a"].port, 6101);
@@ -315,8 +379,10 @@ fn a_lease_whose_port_was_taken_while_down_moves() {
 #[test]
 fn requested_ports_are_honoured_and_conflicts_reported() {
     let mut sim = Sim::new(5);
-    sim.desired.insert("a".into(), desired("a", 5901, Some(6103)));
-    sim.desired.insert("b".into(), desired("b", 5902, Some(6103)));
+    sim.desired
+        .insert("a".into(), desired("a", 5901, Some(6103)));
+    sim.desired
+        .insert("b".into(), desired("b", 5902, Some(6103)));
     sim.desired.insert("c".into(), desired("c", 5903, None));
     let p = sim.converge();
     assert_eq!(sim.leases["a"].port, 6103);
@@ -332,12 +398,21 @@ fn a_target_change_restarts_on_the_same_port() {
     let old = sim.procs["a"].0;
     sim.desired.insert("a".into(), desired("a", 5999, None));
     let p = sim.step();
-    assert!(matches!(p.actions[..], [Action::Stop { why: StopReason::SpecChanged, .. }]));
+    assert!(matches!(
+        p.actions[..],
+        [Action::Stop {
+            why: StopReason::SpecChanged,
+            ..
+        }]
+    ));
     sim.converge();
     assert_eq!(sim.leases["a"].port, 6100);
     assert_eq!(
         sim.leases["a"].target,
-        Endpoint::Tcp { host: "127.0.0.1".into(), port: 5999 }
+        Endpoint::Tcp {
+            host: "127.0.0.1".into(),
+            port: 5999
+        }
     );
     assert_ne!(sim.procs["a"].0, old);
 }
@@ -354,7 +429,10 @@ fn adoption_records_the_running_process_without_restarting_it() {
     let p = sim.step();
     assert_eq!(
         p.actions,
-        vec![Action::Record { session: "a".into(), process: proc_before }]
+        vec![Action::Record {
+            session: "a".into(),
+            process: proc_before
+        }]
     );
     assert_eq!(p.reports["a"].phase, Phase::Ready);
 }
@@ -367,7 +445,13 @@ fn a_proxy_that_never_listens_is_stopped_after_the_timeout() {
     let p = sim.procs["a"].0;
     sim.procs.insert("a".into(), (p, false, sim.now - 6_000));
     let plan = sim.plan();
-    assert!(matches!(plan.actions[..], [Action::Stop { why: StopReason::NotListening, .. }]));
+    assert!(matches!(
+        plan.actions[..],
+        [Action::Stop {
+            why: StopReason::NotListening,
+            ..
+        }]
+    ));
     assert_eq!(plan.reports["a"].phase, Phase::Failed);
 }
 

@@ -30,6 +30,9 @@ struct FileKey {
     ino: u64,
 }
 
+/// A file claiming a session name: its path, its (last valid) manifest, a warning.
+type Claim<'a> = (&'a PathBuf, &'a Parsed, Option<String>);
+
 #[derive(Debug)]
 struct FileState {
     key: FileKey,
@@ -56,13 +59,14 @@ impl DirSource {
             source,
         })?;
         let (tx, rx) = mpsc::channel(1);
-        let mut watcher = notify::recommended_watcher(move |_res: notify::Result<notify::Event>| {
-            let _ = tx.try_send(());
-        })
-        .map_err(|e| SourceError::Watch {
-            path: dir.to_owned(),
-            detail: e.to_string(),
-        })?;
+        let mut watcher =
+            notify::recommended_watcher(move |_res: notify::Result<notify::Event>| {
+                let _ = tx.try_send(());
+            })
+            .map_err(|e| SourceError::Watch {
+                path: dir.to_owned(),
+                detail: e.to_string(),
+            })?;
         watcher
             .watch(dir, RecursiveMode::NonRecursive)
             .map_err(|e| SourceError::Watch {
@@ -79,7 +83,12 @@ impl DirSource {
         Self::build(dir, pool, rx, None)
     }
 
-    fn build(dir: &Path, pool: PortRange, events: mpsc::Receiver<()>, w: Option<notify::RecommendedWatcher>) -> Self {
+    fn build(
+        dir: &Path,
+        pool: PortRange,
+        events: mpsc::Receiver<()>,
+        w: Option<notify::RecommendedWatcher>,
+    ) -> Self {
         DirSource {
             dir: dir.to_owned(),
             pool,
@@ -137,7 +146,9 @@ impl DirSource {
                 ino: meta.ino(),
             };
             let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-            let fresh = now.duration_since(modified).map_or(true, |age| age < SETTLE);
+            let fresh = now
+                .duration_since(modified)
+                .map_or(true, |age| age < SETTLE);
             if self.files.get(&path).is_some_and(|f| f.key == key) {
                 continue; // unchanged since we last read it
             }
@@ -157,7 +168,14 @@ impl DirSource {
                 (Err(_), Some(prev)) => prev.last_good,
                 (Err(_), None) => None,
             };
-            self.files.insert(path, FileState { key, result, last_good });
+            self.files.insert(
+                path,
+                FileState {
+                    key,
+                    result,
+                    last_good,
+                },
+            );
         }
         self.files.retain(|p, _| seen.contains(p));
         self.assemble(&mut snap);
@@ -167,13 +185,20 @@ impl DirSource {
 
     fn assemble(&mut self, snap: &mut Snapshot) {
         // Which file serves each name: the previous owner if it still claims the name.
-        let mut claims: BTreeMap<String, Vec<(&PathBuf, &Parsed, Option<String>)>> = BTreeMap::new();
+        let mut claims: BTreeMap<String, Vec<Claim<'_>>> = BTreeMap::new();
         for (path, f) in &self.files {
             match (&f.result, &f.last_good) {
-                (Ok(p), _) => claims.entry(p.desired.name.clone()).or_default().push((path, p, None)),
+                (Ok(p), _) => claims
+                    .entry(p.desired.name.clone())
+                    .or_default()
+                    .push((path, p, None)),
                 (Err((_, err)), Some(good)) => {
                     let note = format!("{err}; still serving the last valid version of this file");
-                    claims.entry(good.desired.name.clone()).or_default().push((path, good, Some(note)));
+                    claims.entry(good.desired.name.clone()).or_default().push((
+                        path,
+                        good,
+                        Some(note),
+                    ));
                 }
                 (Err((name, err)), None) => {
                     let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned());
@@ -252,7 +277,12 @@ mod tests {
     fn write_old(path: &Path, text: &str) {
         std::fs::write(path, text).unwrap();
         let old = SystemTime::now() - Duration::from_secs(5);
-        std::fs::File::options().write(true).open(path).unwrap().set_modified(old).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
     }
 
     #[test]
@@ -268,7 +298,11 @@ mod tests {
         assert_eq!(snap.desired.keys().collect::<Vec<_>>(), ["a"]);
         let names: BTreeSet<_> = snap.rejected.iter().map(|r| r.name.as_str()).collect();
         assert_eq!(names, BTreeSet::from(["b", "evil"]));
-        assert!(snap.rejected.iter().any(|r| r.error.contains("symbolic link")));
+        assert!(
+            snap.rejected
+                .iter()
+                .any(|r| r.error.contains("symbolic link"))
+        );
         assert!(snap.protected.contains("b"));
     }
 
@@ -276,7 +310,11 @@ mod tests {
     fn a_file_being_written_is_not_read_until_it_settles() {
         let d = tempfile::tempdir().unwrap();
         let mut src = DirSource::once(d.path(), PortRange::default());
-        std::fs::write(d.path().join("a.yaml"), "apiVersion: vncd.io/v1alpha1\nkind: VncSess").unwrap();
+        std::fs::write(
+            d.path().join("a.yaml"),
+            "apiVersion: vncd.io/v1alpha1\nkind: VncSess",
+        )
+        .unwrap();
         let snap = src.scan().unwrap();
         assert!(snap.unsettled);
         assert!(snap.rejected.is_empty() && snap.desired.is_empty());
@@ -296,7 +334,11 @@ mod tests {
         write_old(&p, &manifest("a", 5901).replace("port: 5901", "port: nope"));
         let snap = src.scan().unwrap();
         assert!(snap.desired.contains_key("a"));
-        assert!(snap.warnings["a"].contains("still serving"), "{:?}", snap.warnings);
+        assert!(
+            snap.warnings["a"].contains("still serving"),
+            "{:?}",
+            snap.warnings
+        );
     }
 
     #[test]
@@ -304,13 +346,20 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         write_old(&d.path().join("z.yaml"), &manifest("vm", 5901));
         let mut src = DirSource::once(d.path(), PortRange::default());
-        assert_eq!(src.scan().unwrap().desired["vm"].target.to_string(), "127.0.0.1:5901");
+        assert_eq!(
+            src.scan().unwrap().desired["vm"].target.to_string(),
+            "127.0.0.1:5901"
+        );
         // A file sorting earlier claims the same name later: it is the duplicate.
         write_old(&d.path().join("a.yaml"), &manifest("vm", 5902));
         let snap = src.scan().unwrap();
         assert_eq!(snap.desired["vm"].target.to_string(), "127.0.0.1:5901");
         assert_eq!(snap.rejected.len(), 1);
-        assert!(snap.rejected[0].error.contains("duplicate name"), "{:?}", snap.rejected);
+        assert!(
+            snap.rejected[0].error.contains("duplicate name"),
+            "{:?}",
+            snap.rejected
+        );
         assert!(snap.rejected[0].origin.ends_with("a.yaml"));
     }
 

@@ -26,9 +26,15 @@ pub enum ReadError {
     #[error("no status yet at {}: has `vncd run` been started with this --state-dir?", .0.display())]
     Missing(PathBuf),
     #[error("cannot read {}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{} is not a status file: {source}", path.display())]
-    Format { path: PathBuf, source: serde_json::Error },
+    Format {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
 }
 
 pub fn read(path: &Path) -> Result<SessionsFile, ReadError> {
@@ -36,10 +42,16 @@ pub fn read(path: &Path) -> Result<SessionsFile, ReadError> {
         if e.kind() == std::io::ErrorKind::NotFound {
             ReadError::Missing(path.to_owned())
         } else {
-            ReadError::Io { path: path.to_owned(), source: e }
+            ReadError::Io {
+                path: path.to_owned(),
+                source: e,
+            }
         }
     })?;
-    serde_json::from_slice(&bytes).map_err(|source| ReadError::Format { path: path.to_owned(), source })
+    serde_json::from_slice(&bytes).map_err(|source| ReadError::Format {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// Writes `sessions.json` whenever the statuses change.
@@ -83,7 +95,9 @@ impl StatusSink for FileSink {
         let res = tokio::task::spawn_blocking(move || write_atomic(&path, &bytes, 0o644)).await;
         match res {
             Ok(Ok(())) => self.last = Some(items_json),
-            Ok(Err(e)) => tracing::warn!(path = %self.path.display(), error = %e, "cannot write statuses"),
+            Ok(Err(e)) => {
+                tracing::warn!(path = %self.path.display(), error = %e, "cannot write statuses")
+            }
             Err(e) => tracing::warn!(error = %e, "status writer failed"),
         }
     }

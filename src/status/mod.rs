@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::IpAddr;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::api::{Phase, Target, VncSession, VncSessionSpec, VncSessionStatus};
 use crate::lease::Lease;
@@ -81,7 +81,14 @@ impl StatusBuilder {
         }
     }
 
-    fn condition(&mut self, name: &str, ready: bool, reason: &str, message: &str, gen_: Option<i64>) -> Condition {
+    fn condition(
+        &mut self,
+        name: &str,
+        ready: bool,
+        reason: &str,
+        message: &str,
+        gen_: Option<i64>,
+    ) -> Condition {
         let entry = self
             .transitions
             .entry(name.to_owned())
@@ -119,13 +126,16 @@ impl StatusBuilder {
         }
         for (name, report) in reports {
             let lease = leases.get(name);
-            let (mut obj, generation) = match (snapshot.objects.get(name), snapshot.desired.get(name)) {
-                (Some(o), Some(d)) => (o.clone(), Some(d.generation)),
-                _ => {
-                    let target = lease.map(|l| l.target.clone()).unwrap_or(Endpoint::Unix { path: String::new() });
-                    (VncSession::new(name, spec_of(&target)), None)
-                }
-            };
+            let (mut obj, generation) =
+                match (snapshot.objects.get(name), snapshot.desired.get(name)) {
+                    (Some(o), Some(d)) => (o.clone(), Some(d.generation)),
+                    _ => {
+                        let target = lease.map(|l| l.target.clone()).unwrap_or(Endpoint::Unix {
+                            path: String::new(),
+                        });
+                        (VncSession::new(name, spec_of(&target)), None)
+                    }
+                };
             let mut message = report.message.clone();
             if let Some(w) = warnings.get(name) {
                 message = format!("{message} (warning: {w})");
@@ -150,12 +160,18 @@ impl StatusBuilder {
             if snapshot.desired.contains_key(&r.name) || reports.contains_key(&r.name) {
                 continue;
             }
-            let mut obj = VncSession::new(&r.name, VncSessionSpec {
-                target: Target::default(),
-                port: None,
-                node_name: None,
-            });
-            obj.metadata.annotations = Some(BTreeMap::from([(SOURCE_ANNOTATION.to_owned(), r.origin.clone())]));
+            let mut obj = VncSession::new(
+                &r.name,
+                VncSessionSpec {
+                    target: Target::default(),
+                    port: None,
+                    node_name: None,
+                },
+            );
+            obj.metadata.annotations = Some(BTreeMap::from([(
+                SOURCE_ANNOTATION.to_owned(),
+                r.origin.clone(),
+            )]));
             let cond = self.condition(&r.name, false, INVALID, &r.error, None);
             obj.status = Some(VncSessionStatus {
                 phase: Some(Phase::Failed),
@@ -169,8 +185,10 @@ impl StatusBuilder {
             });
             items.push(obj);
         }
-        let live: std::collections::BTreeSet<String> =
-            items.iter().filter_map(|i| i.metadata.name.clone()).collect();
+        let live: std::collections::BTreeSet<String> = items
+            .iter()
+            .filter_map(|i| i.metadata.name.clone())
+            .collect();
         self.transitions.retain(|k, _| live.contains(k));
         items.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
         items
@@ -188,7 +206,11 @@ mod tests {
 
     #[test]
     fn urls_follow_web_and_tls_settings() {
-        let mut u = UrlStyle { public_host: "vnc.example".into(), web: false, tls: false };
+        let mut u = UrlStyle {
+            public_host: "vnc.example".into(),
+            web: false,
+            tls: false,
+        };
         assert_eq!(u.url(6100), "ws://vnc.example:6100/");
         u.web = true;
         assert_eq!(u.url(6100), "http://vnc.example:6100/vnc.html");

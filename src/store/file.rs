@@ -91,7 +91,10 @@ pub fn read_state(path: &Path) -> Result<LeaseSet, StoreError> {
         Err(e) => return Err(io(e)),
     };
     if meta.len() > MAX_STATE_BYTES {
-        return Err(corrupt(format!("it is {} bytes, more than a state file can be", meta.len())));
+        return Err(corrupt(format!(
+            "it is {} bytes, more than a state file can be",
+            meta.len()
+        )));
     }
     let bytes = std::fs::read(path).map_err(io)?;
     let disk: OnDisk = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
@@ -105,13 +108,19 @@ pub fn read_state(path: &Path) -> Result<LeaseSet, StoreError> {
     let mut ports = BTreeSet::new();
     for lease in disk.leases {
         if !is_valid_name(&lease.session) {
-            return Err(corrupt(format!("lease for invalid session name {:?}", lease.session)));
+            return Err(corrupt(format!(
+                "lease for invalid session name {:?}",
+                lease.session
+            )));
         }
         if !ports.insert(lease.port) {
             return Err(corrupt(format!("port {} is leased twice", lease.port)));
         }
         if leases.contains_key(&lease.session) {
-            return Err(corrupt(format!("session {:?} holds two leases", lease.session)));
+            return Err(corrupt(format!(
+                "session {:?} holds two leases",
+                lease.session
+            )));
         }
         leases.insert(lease.session.clone(), lease);
     }
@@ -148,7 +157,11 @@ impl FileStore {
     }
 
     /// The blocking commit, run under `leases.lock`.
-    pub fn commit_blocking(&self, base: u64, changes: Vec<LeaseChange>) -> Result<LeaseSet, StoreError> {
+    pub fn commit_blocking(
+        &self,
+        base: u64,
+        changes: Vec<LeaseChange>,
+    ) -> Result<LeaseSet, StoreError> {
         let _guard = LockGuard::acquire(&self.dir.leases_lock(), self.lock_timeout)?;
         let mut set = read_state(&self.dir.leases())?;
         if set.revision != base {
@@ -171,7 +184,11 @@ impl LeaseStore for FileStore {
             .unwrap_or_else(|e| Err(StoreError::Invalid(format!("state reader panicked: {e}"))))
     }
 
-    async fn commit(&mut self, base: u64, changes: Vec<LeaseChange>) -> Result<LeaseSet, StoreError> {
+    async fn commit(
+        &mut self,
+        base: u64,
+        changes: Vec<LeaseChange>,
+    ) -> Result<LeaseSet, StoreError> {
         let me = self.clone();
         tokio::task::spawn_blocking(move || me.commit_blocking(base, changes))
             .await
@@ -205,45 +222,78 @@ mod tests {
     fn a_missing_file_is_empty_and_commits_persist_with_mode_0600() {
         let (_d, s) = store();
         assert_eq!(read_state(&s.dir.leases()).unwrap(), LeaseSet::default());
-        let set = s.commit_blocking(0, vec![LeaseChange::Put(lease("a", 6100))]).unwrap();
+        let set = s
+            .commit_blocking(0, vec![LeaseChange::Put(lease("a", 6100))])
+            .unwrap();
         assert_eq!(set.revision, 1);
         let back = read_state(&s.dir.leases()).unwrap();
         assert_eq!(back, set);
-        let mode = std::fs::metadata(s.dir.leases()).unwrap().permissions().mode();
+        let mode = std::fs::metadata(s.dir.leases())
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
 
     #[test]
     fn a_stale_revision_is_a_conflict_and_changes_nothing() {
         let (_d, s) = store();
-        s.commit_blocking(0, vec![LeaseChange::Put(lease("a", 6100))]).unwrap();
-        let err = s.commit_blocking(0, vec![LeaseChange::Put(lease("b", 6101))]).unwrap_err();
-        assert!(matches!(err, StoreError::Conflict { expected: 0, found: 1 }));
+        s.commit_blocking(0, vec![LeaseChange::Put(lease("a", 6100))])
+            .unwrap();
+        let err = s
+            .commit_blocking(0, vec![LeaseChange::Put(lease("b", 6101))])
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            StoreError::Conflict {
+                expected: 0,
+                found: 1
+            }
+        ));
         assert_eq!(read_state(&s.dir.leases()).unwrap().leases.len(), 1);
     }
 
     #[test]
     fn a_port_cannot_be_leased_twice() {
         let (_d, s) = store();
-        s.commit_blocking(0, vec![LeaseChange::Put(lease("a", 6100))]).unwrap();
-        let err = s.commit_blocking(1, vec![LeaseChange::Put(lease("b", 6100))]).unwrap_err();
-        assert!(err.to_string().contains("port 6100 is already leased"), "{err}");
+        s.commit_blocking(0, vec![LeaseChange::Put(lease("a", 6100))])
+            .unwrap();
+        let err = s
+            .commit_blocking(1, vec![LeaseChange::Put(lease("b", 6100))])
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("port 6100 is already leased"),
+            "{err}"
+        );
     }
 
     #[test]
     fn a_corrupt_file_is_refused_never_reset() {
         let (_d, s) = store();
-        s.commit_blocking(0, vec![LeaseChange::Put(lease("a", 6100))]).unwrap();
+        s.commit_blocking(0, vec![LeaseChange::Put(lease("a", 6100))])
+            .unwrap();
         let full = std::fs::read(s.dir.leases()).unwrap();
         std::fs::write(s.dir.leases(), &full[..full.len() / 2]).unwrap();
         let err = read_state(&s.dir.leases()).unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("leases.json") && msg.contains("corrupt"), "{msg}");
+        assert!(
+            msg.contains("leases.json") && msg.contains("corrupt"),
+            "{msg}"
+        );
         // A commit refuses too, and leaves the evidence untouched.
-        assert!(s.commit_blocking(1, vec![LeaseChange::Remove("a".into())]).is_err());
-        assert_eq!(std::fs::read(s.dir.leases()).unwrap(), &full[..full.len() / 2]);
+        assert!(
+            s.commit_blocking(1, vec![LeaseChange::Remove("a".into())])
+                .is_err()
+        );
+        assert_eq!(
+            std::fs::read(s.dir.leases()).unwrap(),
+            &full[..full.len() / 2]
+        );
         std::fs::write(s.dir.leases(), b"").unwrap();
-        assert!(read_state(&s.dir.leases()).is_err(), "an empty file is not 'no leases'");
+        assert!(
+            read_state(&s.dir.leases()).is_err(),
+            "an empty file is not 'no leases'"
+        );
     }
 
     #[test]
@@ -255,7 +305,12 @@ mod tests {
             leases: vec![lease("a", 6100), lease("b", 6100)],
         };
         std::fs::write(s.dir.leases(), serde_json::to_vec(&disk).unwrap()).unwrap();
-        assert!(read_state(&s.dir.leases()).unwrap_err().to_string().contains("leased twice"));
+        assert!(
+            read_state(&s.dir.leases())
+                .unwrap_err()
+                .to_string()
+                .contains("leased twice")
+        );
     }
 
     #[test]
@@ -269,7 +324,9 @@ mod tests {
                 for i in 0..25 {
                     loop {
                         let set = read_state(&s.dir.leases()).unwrap();
-                        let port = (6100..7000).find(|p| set.leases.values().all(|l| l.port != *p)).unwrap();
+                        let port = (6100..7000)
+                            .find(|p| set.leases.values().all(|l| l.port != *p))
+                            .unwrap();
                         let l = lease(&format!("w{w}-{i}"), port);
                         match s.commit_blocking(set.revision, vec![LeaseChange::Put(l)]) {
                             Ok(_) => {

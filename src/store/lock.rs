@@ -62,7 +62,9 @@ impl LockGuard {
                 Err(TryLockError::WouldBlock) => {
                     return Err(LockError::Timeout {
                         path: path.to_owned(),
-                        holder: holder_of(path).map(|p| format!(" (pid {p})")).unwrap_or_default(),
+                        holder: holder_of(path)
+                            .map(|p| format!(" (pid {p})"))
+                            .unwrap_or_default(),
                         waited: timeout,
                     });
                 }
@@ -108,7 +110,10 @@ mod tests {
         let err = LockGuard::acquire(&p, Duration::from_millis(30)).unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("vncd.lock"), "{msg}");
-        assert!(msg.contains(&format!("pid {}", std::process::id())), "{msg}");
+        assert!(
+            msg.contains(&format!("pid {}", std::process::id())),
+            "{msg}"
+        );
         drop(g);
         assert!(!is_held(&p));
         LockGuard::acquire(&p, Duration::ZERO).unwrap();

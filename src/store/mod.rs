@@ -33,7 +33,9 @@ pub enum LeaseChange {
 /// Why a store could not load or commit.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("the leases changed underneath us (expected revision {expected}, found {found}); re-planning")]
+    #[error(
+        "the leases changed underneath us (expected revision {expected}, found {found}); re-planning"
+    )]
     Conflict { expected: u64, found: u64 },
     #[error("state file {}: {source}", path.display())]
     Io {

@@ -209,7 +209,10 @@ impl Supervisor {
         let vanished = || SpawnError::Vanished {
             session: lease.session.clone(),
         };
-        let pid = child.id().and_then(|p| i32::try_from(p).ok()).ok_or_else(vanished)?;
+        let pid = child
+            .id()
+            .and_then(|p| i32::try_from(p).ok())
+            .ok_or_else(vanished)?;
         let st = procfs::stat(pid).ok_or_else(vanished)?;
         let exits = self.exits.clone();
         let session = lease.session.clone();
@@ -220,7 +223,11 @@ impl Supervisor {
                 Err(e) => format!("unknown status ({e})"),
             };
             if let Some(tx) = exits {
-                let _ = tx.send(Exit { session, pid, status });
+                let _ = tx.send(Exit {
+                    session,
+                    pid,
+                    status,
+                });
             }
         });
         Ok(ProcRef {
@@ -295,7 +302,9 @@ pub fn classify(marked: Vec<Marked>, leases: &BTreeMap<String, Lease>) -> Observ
     // Group leaders that match a lease exactly.
     let mut leaders: BTreeMap<&str, &Marked> = BTreeMap::new();
     for m in &marked {
-        let Some(lease) = leases.get(&m.session) else { continue };
+        let Some(lease) = leases.get(&m.session) else {
+            continue;
+        };
         if lease.uid != m.lease || m.process.pid != m.pgid {
             continue;
         }
@@ -318,7 +327,9 @@ pub fn classify(marked: Vec<Marked>, leases: &BTreeMap<String, Lease>) -> Observ
             }
         }
         sockets_by_pgid.entry(m.pgid).or_default().extend(inodes);
-        let is_leader = leaders.get(m.session.as_str()).is_some_and(|l| l.process == m.process);
+        let is_leader = leaders
+            .get(m.session.as_str())
+            .is_some_and(|l| l.process == m.process);
         let in_live_group = leader_pgids.contains(&m.pgid);
         if !is_leader && !in_live_group {
             obs.orphans.push(m.process);
@@ -345,7 +356,6 @@ pub fn classify(marked: Vec<Marked>, leases: &BTreeMap<String, Lease>) -> Observ
     obs.marked = marked;
     obs
 }
-
 
 fn open_log(path: &Path) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
@@ -392,7 +402,13 @@ async fn terminate(pid: i32, group: bool, grace: Duration) {
             kill(Pid::from_raw(pid), sig)
         };
     };
-    let alive = || if group { group_alive(pid) && proc_or_members(pid) } else { proc_alive(pid) };
+    let alive = || {
+        if group {
+            group_alive(pid) && proc_or_members(pid)
+        } else {
+            proc_alive(pid)
+        }
+    };
     signal(Signal::SIGTERM);
     let deadline = tokio::time::Instant::now() + grace;
     while alive() && tokio::time::Instant::now() < deadline {

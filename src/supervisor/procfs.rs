@@ -57,7 +57,8 @@ pub fn pids() -> Vec<i32> {
     let Ok(rd) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
-    rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect()
+    rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect()
 }
 
 /// Inodes of the sockets a process has open.
@@ -128,9 +129,21 @@ mod tests {
     fn parses_stat_even_with_parentheses_in_the_name() {
         let s = "1234 (we(ird) name) S 1 1234 1234 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 98765 1000 10";
         let st = parse_stat(s).unwrap();
-        assert_eq!(st, Stat { state: 'S', ppid: 1, pgid: 1234, start_time: 98765 });
+        assert_eq!(
+            st,
+            Stat {
+                state: 'S',
+                ppid: 1,
+                pgid: 1234,
+                start_time: 98765
+            }
+        );
         assert!(st.is_alive());
-        assert!(!parse_stat("1 (x) Z 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 0 0 1 0 5 0 0").unwrap().is_alive());
+        assert!(
+            !parse_stat("1 (x) Z 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 0 0 1 0 5 0 0")
+                .unwrap()
+                .is_alive()
+        );
     }
 
     #[test]

@@ -59,13 +59,28 @@ mod tests {
 
     #[test]
     fn builds_tcp_and_unix_command_lines() {
-        let w = Websockify { program: "websockify".into() };
-        let tcp = Endpoint::Tcp { host: "127.0.0.1".into(), port: 5901 };
-        assert_eq!(w.command(&spec(tcp, None)).args, ["0.0.0.0:6100", "127.0.0.1:5901"]);
-        let unix = Endpoint::Unix { path: "/run/vm.sock".into() };
+        let w = Websockify {
+            program: "websockify".into(),
+        };
+        let tcp = Endpoint::Tcp {
+            host: "127.0.0.1".into(),
+            port: 5901,
+        };
+        assert_eq!(
+            w.command(&spec(tcp, None)).args,
+            ["0.0.0.0:6100", "127.0.0.1:5901"]
+        );
+        let unix = Endpoint::Unix {
+            path: "/run/vm.sock".into(),
+        };
         assert_eq!(
             w.command(&spec(unix, Some("/usr/share/novnc"))).args,
-            ["--web", "/usr/share/novnc", "--unix-target=/run/vm.sock", "0.0.0.0:6100"]
+            [
+                "--web",
+                "/usr/share/novnc",
+                "--unix-target=/run/vm.sock",
+                "0.0.0.0:6100"
+            ]
         );
     }
 }

@@ -23,7 +23,10 @@ pub fn require(program: &str) {
     let found = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
         .unwrap_or(false);
-    assert!(found, "{program} is not installed; run scripts/test (it installs the real components)");
+    assert!(
+        found,
+        "{program} is not installed; run scripts/test (it installs the real components)"
+    );
 }
 
 /// Polls `f` until it returns Some, or panics with `what` after `timeout`.
@@ -33,14 +36,21 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
         if let Some(v) = f() {
             return v;
         }
-        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
 /// A free TCP port on loopback (bound once and released).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A real VNC server: QEMU with no machine, serving RFB on loopback.
@@ -60,7 +70,11 @@ impl Qemu {
             }
             let display = format!("127.0.0.1:{}", port - 5900);
             let child = qemu(&display);
-            let mut q = Qemu { child, port, socket: None };
+            let mut q = Qemu {
+                child,
+                port,
+                socket: None,
+            };
             if q.wait_banner() {
                 return q;
             }
@@ -71,8 +85,16 @@ impl Qemu {
     pub fn unix(path: &Path) -> Qemu {
         require("qemu-system-x86_64");
         let child = qemu(&format!("unix:{}", path.display()));
-        let mut q = Qemu { child, port: 0, socket: Some(path.to_owned()) };
-        assert!(q.wait_banner(), "QEMU did not serve VNC on {}", path.display());
+        let mut q = Qemu {
+            child,
+            port: 0,
+            socket: Some(path.to_owned()),
+        };
+        assert!(
+            q.wait_banner(),
+            "QEMU did not serve VNC on {}",
+            path.display()
+        );
         q
     }
 
@@ -84,8 +106,12 @@ impl Qemu {
                 return false;
             }
             let stream: Option<Box<dyn Read>> = match &self.socket {
-                Some(p) => std::os::unix::net::UnixStream::connect(p).ok().map(|s| Box::new(s) as Box<dyn Read>),
-                None => std::net::TcpStream::connect(("127.0.0.1", self.port)).ok().map(|s| Box::new(s) as Box<dyn Read>),
+                Some(p) => std::os::unix::net::UnixStream::connect(p)
+                    .ok()
+                    .map(|s| Box::new(s) as Box<dyn Read>),
+                None => std::net::TcpStream::connect(("127.0.0.1", self.port))
+                    .ok()
+                    .map(|s| Box::new(s) as Box<dyn Read>),
             };
             if let Some(mut s) = stream {
                 let mut buf = [0u8; 12];
@@ -101,7 +127,15 @@ impl Qemu {
 
 fn qemu(vnc: &str) -> Child {
     Command::new("qemu-system-x86_64")
-        .args(["-display", "none", "-nodefaults", "-machine", "none", "-vnc", vnc])
+        .args([
+            "-display",
+            "none",
+            "-nodefaults",
+            "-machine",
+            "none",
+            "-vnc",
+            vnc,
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -135,7 +169,14 @@ impl Vncd {
         let state = tmp.path().join("state");
         std::fs::create_dir_all(&sessions).unwrap();
         let base = pool_base(size);
-        Vncd { tmp, sessions, state, range: (base, base + size - 1), extra: Vec::new(), child: None }
+        Vncd {
+            tmp,
+            sessions,
+            state,
+            range: (base, base + size - 1),
+            extra: Vec::new(),
+            child: None,
+        }
     }
 
     pub fn range_arg(&self) -> String {
@@ -163,7 +204,12 @@ impl Vncd {
             .unwrap();
         let mut args = vec!["run".to_string()];
         args.extend(self.base_args());
-        args.extend(["--public-host".into(), "127.0.0.1".into(), "--listen-address".into(), "127.0.0.1".into()]);
+        args.extend([
+            "--public-host".into(),
+            "127.0.0.1".into(),
+            "--listen-address".into(),
+            "127.0.0.1".into(),
+        ]);
         args.extend(["--resync-interval".into(), "0.5".into()]);
         args.extend(self.extra.clone());
         let child = Command::new(BIN)
@@ -198,14 +244,22 @@ impl Vncd {
 
     /// Runs a vncd subcommand to completion.
     pub fn cmd(&self, args: &[&str]) -> Output {
-        Command::new(BIN).args(args).env("VNCD_LOG", "warn").output().unwrap()
+        Command::new(BIN)
+            .args(args)
+            .env("VNCD_LOG", "warn")
+            .output()
+            .unwrap()
     }
 
     /// Runs a vncd subcommand with the standard dirs and pool appended.
     pub fn cmd_here(&self, args: &[&str]) -> Output {
         let mut all: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         all.extend(self.base_args());
-        Command::new(BIN).args(&all).env("VNCD_LOG", "warn").output().unwrap()
+        Command::new(BIN)
+            .args(&all)
+            .env("VNCD_LOG", "warn")
+            .output()
+            .unwrap()
     }
 
     pub fn write_manifest(&self, file: &str, text: &str) {
@@ -215,7 +269,10 @@ impl Vncd {
     }
 
     pub fn add_session(&self, name: &str, target_port: u16) {
-        self.write_manifest(&format!("{name}.yaml"), &manifest(name, u32::from(target_port)));
+        self.write_manifest(
+            &format!("{name}.yaml"),
+            &manifest(name, u32::from(target_port)),
+        );
     }
 
     pub fn remove_session(&self, name: &str) {
@@ -237,7 +294,9 @@ impl Vncd {
     }
 
     pub fn item(&self, name: &str) -> Option<Value> {
-        self.items().into_iter().find(|i| i["metadata"]["name"] == name)
+        self.items()
+            .into_iter()
+            .find(|i| i["metadata"]["name"] == name)
     }
 
     /// Waits for `name` to be Ready and returns its status.
@@ -256,14 +315,18 @@ impl Vncd {
                 last = i["status"].clone();
             }
             if start.elapsed() > timeout {
-                panic!("{name} not {phase} after {timeout:?}; last status {last}\nvncd log:\n{}", self.log());
+                panic!(
+                    "{name} not {phase} after {timeout:?}; last status {last}\nvncd log:\n{}",
+                    self.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
 
     pub fn leases(&self) -> Value {
-        let text = std::fs::read_to_string(self.state.join("leases.json")).unwrap_or_else(|_| "{\"leases\":[]}".into());
+        let text = std::fs::read_to_string(self.state.join("leases.json"))
+            .unwrap_or_else(|_| "{\"leases\":[]}".into());
         serde_json::from_str(&text).unwrap()
     }
 
@@ -292,7 +355,10 @@ fn pool_base(size: u16) -> u16 {
     // Each test binary gets its own band via its name, then slices it.
     let exe = std::env::current_exe().unwrap();
     let name = exe.file_name().unwrap().to_string_lossy().into_owned();
-    let band = name.bytes().fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b))) % 8;
+    let band = name
+        .bytes()
+        .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)))
+        % 8;
     let base = 20000 + band as u16 * 1000;
     base + NEXT.fetch_add(size + 1, Ordering::SeqCst)
 }
@@ -306,13 +372,16 @@ pub fn manifest(name: &str, target_port: u32) -> String {
 pub fn pid_alive(pid: i64) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|s| {
-            let st = s.rsplit_once(')').map(|(_, r)| r.trim().chars().next()).flatten();
+            let st = s
+                .rsplit_once(')')
+                .and_then(|(_, r)| r.trim().chars().next());
             !matches!(st, Some('Z') | Some('X') | None)
         })
         .unwrap_or(false)
 }
 
-pub type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+pub type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// A websocket VNC client, as noVNC would be: `binary` subprotocol, byte-stream reads.
 pub struct Client {
@@ -323,12 +392,19 @@ pub struct Client {
 impl Client {
     pub async fn connect(url: &str) -> Client {
         let mut req = url.into_client_request().unwrap();
-        req.headers_mut().insert("Sec-WebSocket-Protocol", "binary".parse().unwrap());
-        let (ws, _) = tokio::time::timeout(Duration::from_secs(5), tokio_tungstenite::connect_async(req))
-            .await
-            .expect("websocket connect timed out")
-            .expect("websocket connect");
-        Client { ws, buf: Vec::new() }
+        req.headers_mut()
+            .insert("Sec-WebSocket-Protocol", "binary".parse().unwrap());
+        let (ws, _) = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio_tungstenite::connect_async(req),
+        )
+        .await
+        .expect("websocket connect timed out")
+        .expect("websocket connect");
+        Client {
+            ws,
+            buf: Vec::new(),
+        }
     }
 
     /// Reads exactly `n` bytes of the stream carried in binary frames.
@@ -347,7 +423,10 @@ impl Client {
     }
 
     pub async fn write(&mut self, bytes: &[u8]) {
-        self.ws.send(Message::Binary(bytes.to_vec().into())).await.unwrap();
+        self.ws
+            .send(Message::Binary(bytes.to_vec().into()))
+            .await
+            .unwrap();
     }
 
     /// The RFB handshake after the banner, up to ServerInit: returns width and height.
@@ -355,12 +434,18 @@ impl Client {
         self.write(b"RFB 003.008\n").await;
         let n = self.read(1).await[0] as usize;
         let types = self.read(n).await;
-        assert!(types.contains(&1), "VNC server offers no 'None' security: {types:?}");
+        assert!(
+            types.contains(&1),
+            "VNC server offers no 'None' security: {types:?}"
+        );
         self.write(&[1]).await;
         assert_eq!(self.read(4).await, [0, 0, 0, 0], "security result");
         self.write(&[1]).await; // ClientInit, shared
         let init = self.read(4).await;
-        (u16::from_be_bytes([init[0], init[1]]), u16::from_be_bytes([init[2], init[3]]))
+        (
+            u16::from_be_bytes([init[0], init[1]]),
+            u16::from_be_bytes([init[2], init[3]]),
+        )
     }
 }
 
