@@ -117,6 +117,8 @@ pub struct Supervisor {
     log_dir: PathBuf,
     grace: Duration,
     exits: Option<mpsc::UnboundedSender<Exit>>,
+    /// Pids we are stopping on purpose, so their exit is not reported as a crash.
+    stopping: std::sync::Arc<std::sync::Mutex<BTreeSet<i32>>>,
 }
 
 impl Supervisor {
@@ -137,6 +139,7 @@ impl Supervisor {
             log_dir,
             grace,
             exits: None,
+            stopping: Default::default(),
         }
     }
 
@@ -252,7 +255,14 @@ impl Supervisor {
             return false;
         }
         let leads_group = procfs::stat(process.pid).is_some_and(|st| st.pgid == process.pid);
+        if let Ok(mut s) = self.stopping.lock() {
+            s.insert(process.pid);
+        }
         terminate(process.pid, leads_group, self.grace).await;
+        // Children of earlier runs are reaped by init; forget them once gone.
+        if let Ok(mut s) = self.stopping.lock() {
+            s.retain(|p| procfs::stat(*p).is_some_and(|st| st.is_alive()) || *p == process.pid);
+        }
         true
     }
 
