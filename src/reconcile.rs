@@ -65,6 +65,10 @@ pub struct Limits {
     pub max_sessions: usize,
     /// How long a new proxy may take to listen before it is declared failed.
     pub start_timeout_ms: u64,
+    /// Most proxies starting (spawned, not yet listening) at once. Starting hundreds of
+    /// proxies together on a small host makes every one of them miss its start timeout;
+    /// a bounded herd keeps the timeout meaningful.
+    pub max_starting: usize,
 }
 
 /// Everything [`plan`] looks at.
@@ -137,6 +141,7 @@ impl Action {
 pub mod reason {
     pub const ALLOCATING: &str = "Allocating";
     pub const STARTING: &str = "Starting";
+    pub const QUEUED: &str = "Queued";
     pub const READY: &str = "ProxyReady";
     pub const RESTARTING: &str = "Restarting";
     pub const PROXY_FAILED: &str = "ProxyFailed";
@@ -199,6 +204,19 @@ pub fn plan(input: &Inputs<'_>) -> Plan {
         .collect();
     let mut lease_count = input.leases.len();
     let mut granted_requests: BTreeSet<u16> = BTreeSet::new();
+    let mut starting = input
+        .proxies
+        .values()
+        .filter(|p| {
+            matches!(
+                p,
+                ProxyState::Running {
+                    listening: false,
+                    ..
+                }
+            )
+        })
+        .count();
 
     for (name, want) in input.desired {
         let report = match input.leases.get(name) {
@@ -221,7 +239,9 @@ pub fn plan(input: &Inputs<'_>) -> Plan {
                 }
                 report
             }
-            Some(lease) => converge_leased(input, want, lease, state(name), &mut out),
+            Some(lease) => {
+                converge_leased(input, want, lease, state(name), &mut starting, &mut out)
+            }
         };
         out.reports.insert(name.clone(), report);
     }
@@ -328,6 +348,7 @@ fn converge_leased(
     want: &Desired,
     lease: &Lease,
     proxy: ProxyState,
+    starting: &mut usize,
     out: &mut Plan,
 ) -> Report {
     let name = &want.name;
@@ -442,7 +463,17 @@ fn converge_leased(
         }
         ProxyState::Absent => {
             out.busy = true;
-            if input.now_ms >= restart.next_start_ms() {
+            if input.now_ms >= restart.next_start_ms() && *starting >= input.limits.max_starting {
+                Report::new(
+                    Phase::Pending,
+                    reason::QUEUED,
+                    format!(
+                        "waiting for a start slot ({} proxies are starting)",
+                        *starting
+                    ),
+                )
+            } else if input.now_ms >= restart.next_start_ms() {
+                *starting += 1;
                 out.actions.push(Action::Start {
                     session: name.clone(),
                 });

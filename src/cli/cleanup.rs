@@ -127,6 +127,7 @@ async fn pass(
                 range: args.pool.port_range,
                 max_sessions: args.pool.max_sessions,
                 start_timeout_ms: u64::MAX,
+                max_starting: usize::MAX,
             },
             now_ms: 0,
         });

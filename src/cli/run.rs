@@ -55,6 +55,9 @@ pub struct RunArgs {
     /// Seconds a new proxy may take to listen before it counts as failed.
     #[arg(long, env = "VNCD_START_TIMEOUT", default_value_t = 10.0)]
     pub start_timeout: f64,
+    /// Most proxies starting at once; the rest queue (reason Queued).
+    #[arg(long, env = "VNCD_MAX_STARTING", default_value_t = 16)]
+    pub max_starting: usize,
     /// Seconds between SIGTERM and SIGKILL when stopping a proxy.
     #[arg(long, env = "VNCD_STOP_GRACE", default_value_t = 2.0)]
     pub stop_grace: f64,
@@ -128,6 +131,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         max_sessions: args.pool.max_sessions,
         start_timeout_ms: u64::try_from(secs(args.start_timeout, "start-timeout")?.as_millis())
             .unwrap_or(u64::MAX),
+        max_starting: args.max_starting.max(1),
     };
     let config = LoopConfig {
         limits,

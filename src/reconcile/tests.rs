@@ -14,6 +14,7 @@ fn limits(max: usize) -> Limits {
         range: range(),
         max_sessions: max,
         start_timeout_ms: 5_000,
+        max_starting: 3,
     }
 }
 
@@ -475,6 +476,34 @@ fn protected_sessions_keep_their_lease_and_proxy() {
         now_ms: 0,
     });
     assert!(p.actions.is_empty(), "{p:?}");
+}
+
+#[test]
+fn starts_are_bounded_and_the_rest_queue() {
+    let mut sim = Sim::new(5);
+    for n in ["a", "b", "c", "d", "e"] {
+        sim.desired.insert(n.into(), desired(n, 5901, None));
+    }
+    sim.step(); // leases
+    let p = sim.step();
+    let starts = p
+        .actions
+        .iter()
+        .filter(|a| matches!(a, Action::Start { .. }))
+        .count();
+    assert_eq!(starts, 3);
+    assert_eq!(p.reports["e"].reason, reason::QUEUED);
+    let p = sim.step(); // the first three are still starting: no slot
+    assert!(!p.actions.iter().any(|a| matches!(a, Action::Start { .. })));
+    assert_eq!(p.reports["d"].reason, reason::QUEUED);
+    let p = sim.step(); // they listen now; the other two may start
+    let starts = p
+        .actions
+        .iter()
+        .filter(|a| matches!(a, Action::Start { .. }))
+        .count();
+    assert_eq!(starts, 2);
+    sim.converge();
 }
 
 #[test]

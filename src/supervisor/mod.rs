@@ -117,8 +117,9 @@ pub struct Supervisor {
     log_dir: PathBuf,
     grace: Duration,
     exits: Option<mpsc::UnboundedSender<Exit>>,
-    /// Pids we are stopping on purpose, so their exit is not reported as a crash.
-    stopping: std::sync::Arc<std::sync::Mutex<BTreeSet<i32>>>,
+    /// Our live children, and whether we are stopping each on purpose (so that its
+    /// exit is not reported as a crash).
+    children: std::sync::Arc<std::sync::Mutex<BTreeMap<i32, bool>>>,
 }
 
 impl Supervisor {
@@ -139,7 +140,7 @@ impl Supervisor {
             log_dir,
             grace,
             exits: None,
-            stopping: Default::default(),
+            children: Default::default(),
         }
     }
 
@@ -255,14 +256,16 @@ impl Supervisor {
             return false;
         }
         let leads_group = procfs::stat(process.pid).is_some_and(|st| st.pgid == process.pid);
-        if let Ok(mut s) = self.stopping.lock() {
-            s.insert(process.pid);
+        if let Some(stopping) = self
+            .children
+            .lock()
+            .ok()
+            .as_mut()
+            .and_then(|c| c.get_mut(&process.pid))
+        {
+            *stopping = true;
         }
         terminate(process.pid, leads_group, self.grace).await;
-        // Children of earlier runs are reaped by init; forget them once gone.
-        if let Ok(mut s) = self.stopping.lock() {
-            s.retain(|p| procfs::stat(*p).is_some_and(|st| st.is_alive()) || *p == process.pid);
-        }
         true
     }
 
