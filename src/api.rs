@@ -4,7 +4,7 @@
 //! struct, so a manifest that works on a bare host works unchanged as a custom resource.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use kube::CustomResource;
+use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -12,6 +12,12 @@ use serde::{Deserialize, Serialize};
 pub const API_VERSION: &str = "vncd.io/v1alpha1";
 /// The kind every VncSession carries.
 pub const KIND: &str = "VncSession";
+
+/// The CEL rule on `spec.target`: exactly one of `host`+`port` or `unixSocket`.
+pub const TARGET_RULE: &str =
+    "has(self.unixSocket) ? !has(self.host) && !has(self.port) : has(self.host) && has(self.port)";
+/// What the API server answers when [`TARGET_RULE`] fails.
+pub const TARGET_RULE_MESSAGE: &str = "spec.target needs exactly one of host+port or unixSocket";
 
 /// What a console session wants: a VNC server to expose on a websocket port.
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
@@ -44,8 +50,12 @@ pub struct VncSessionSpec {
 }
 
 /// Where the VNC server listens: exactly one of `host`+`port` or `unixSocket`.
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema, Default)]
+///
+/// The CEL rule lets the API server refuse a target vncd could never serve at admission,
+/// so `kubectl apply` fails at once instead of leaving a Failed object behind.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, KubeSchema, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[x_kube(validation = Rule::new(TARGET_RULE).message(TARGET_RULE_MESSAGE))]
 pub struct Target {
     /// Host name or IP address of a TCP VNC server.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -111,6 +121,16 @@ pub struct VncSessionStatus {
     /// When the port was leased.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allocated_at: Option<Time>,
+    /// The node whose vncd holds the lease (Kubernetes mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// The lease's unique id; the proxy carries it in its environment (Kubernetes mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_uid: Option<String>,
+    /// The proxy's start time in clock ticks since its host booted; with `pid` it proves
+    /// the process is still the one vncd started (Kubernetes mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process_start_time: Option<i64>,
     /// The spec generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,

@@ -10,6 +10,8 @@ pub mod api;
 pub mod cli;
 pub mod controller;
 pub mod fsutil;
+pub mod http;
+pub mod k8s;
 pub mod lease;
 pub mod manifest;
 pub mod net;

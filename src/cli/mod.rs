@@ -1,4 +1,4 @@
-//! The command line: `vncd run | get | status | cleanup | apply | delete | crd`.
+//! The command line: `vncd run | kube | get | status | cleanup | apply | delete | crd`.
 //!
 //! Every flag has a `VNCD_<FLAG>` environment fallback, so a systemd unit or a
 //! container can configure vncd without arguments.
@@ -6,7 +6,9 @@
 mod apply;
 mod cleanup;
 mod get;
+mod kube;
 mod run;
+mod serve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -43,6 +45,9 @@ pub enum Command {
     /// Watch a directory of VncSession manifests and converge: lease ports, run proxies,
     /// report URLs, repair crashes, release what is removed.
     Run(run::RunArgs),
+    /// Kubernetes mode (one instance per node, e.g. a DaemonSet): serve the VncSessions
+    /// whose spec.nodeName is this node; leases live in their statuses.
+    Kube(Box<kube::KubeArgs>),
     /// List sessions with their status (like `kubectl get`).
     Get(get::GetArgs),
     /// Port pool and process health, as the seed's system status.
@@ -108,6 +113,7 @@ pub fn main() -> ExitCode {
     init_logging(&cli);
     let result = match cli.command {
         Command::Run(args) => run::run(args),
+        Command::Kube(args) => kube::kube(*args),
         Command::Get(args) => get::get(args),
         Command::Status(args) => get::status(args),
         Command::Cleanup(args) => cleanup::cleanup(args),
@@ -125,7 +131,7 @@ pub fn main() -> ExitCode {
 }
 
 fn print_crd() -> anyhow::Result<ExitCode> {
-    use kube::CustomResourceExt;
+    use ::kube::CustomResourceExt;
     print!(
         "{}",
         serde_saphyr::to_string(&crate::api::VncSession::crd())?

@@ -1,30 +1,19 @@
 //! `vncd run`: the standalone controller.
 
-use std::net::IpAddr;
-use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Args, ValueEnum};
+use clap::Args;
 use tracing::info;
 
-use super::{PoolArgs, SessionsArgs, StateArgs, runtime};
-use crate::controller::{Controller, LoopConfig};
-use crate::reconcile::Limits;
+use super::serve::{ServeArgs, secs, shutdown_signal};
+use super::{SessionsArgs, StateArgs, runtime};
+use crate::controller::Controller;
 use crate::source::dir::DirSource;
+use crate::status::StatusBuilder;
 use crate::status::file::FileSink;
-use crate::status::{StatusBuilder, UrlStyle};
 use crate::store::file::FileStore;
 use crate::store::lock::LockGuard;
-use crate::supervisor::websockify::Websockify;
-use crate::supervisor::{Backend, Supervisor};
-
-#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
-pub enum BackendKind {
-    /// websockify (Python), one process per session.
-    Websockify,
-}
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -33,72 +22,10 @@ pub struct RunArgs {
     #[command(flatten)]
     pub state: StateArgs,
     #[command(flatten)]
-    pub pool: PoolArgs,
-    /// Which proxy serves each session.
-    #[arg(long, env = "VNCD_BACKEND", value_enum, default_value_t = BackendKind::Websockify)]
-    pub backend: BackendKind,
-    /// The websockify program (a name looked up in PATH, or a path).
-    #[arg(long, env = "VNCD_WEBSOCKIFY", default_value = "websockify")]
-    pub websockify: PathBuf,
-    /// A noVNC directory for the proxy to serve; URLs then point at its vnc.html.
-    #[arg(long, env = "VNCD_WEB")]
-    pub web: Option<PathBuf>,
-    /// Address the proxies listen on.
-    #[arg(long, env = "VNCD_LISTEN_ADDRESS", default_value = "0.0.0.0")]
-    pub listen_address: IpAddr,
-    /// Host name put in console URLs [default: this machine's host name].
-    #[arg(long, env = "VNCD_PUBLIC_HOST")]
-    pub public_host: Option<String>,
-    /// Seconds between full resyncs, which repair what no event reports (a killed proxy).
-    #[arg(long, env = "VNCD_RESYNC_INTERVAL", default_value_t = 2.0)]
-    pub resync_interval: f64,
-    /// Seconds a new proxy may take to listen before it counts as failed.
-    #[arg(long, env = "VNCD_START_TIMEOUT", default_value_t = 10.0)]
-    pub start_timeout: f64,
-    /// Most proxies starting at once; the rest queue (reason Queued).
-    #[arg(long, env = "VNCD_MAX_STARTING", default_value_t = 16)]
-    pub max_starting: usize,
-    /// Seconds between SIGTERM and SIGKILL when stopping a proxy.
-    #[arg(long, env = "VNCD_STOP_GRACE", default_value_t = 2.0)]
-    pub stop_grace: f64,
+    pub serve: ServeArgs,
     /// Seconds to wait for another vncd to let go of the state directory.
     #[arg(long, env = "VNCD_LOCK_TIMEOUT", default_value_t = 10.0)]
     pub lock_timeout: f64,
-    /// Stop every proxy and release every port when vncd exits (by default they keep
-    /// running and the next vncd adopts them).
-    #[arg(long, env = "VNCD_STOP_ON_EXIT")]
-    pub stop_on_exit: bool,
-}
-
-fn secs(v: f64, flag: &str) -> anyhow::Result<Duration> {
-    Duration::try_from_secs_f64(v)
-        .with_context(|| format!("--{flag} {v} is not a number of seconds"))
-}
-
-/// Finds `program` in PATH (or checks the path), so a missing websockify is one clear
-/// error at start instead of hundreds of failed sessions.
-fn resolve_program(program: &PathBuf) -> anyhow::Result<PathBuf> {
-    if program.components().count() > 1 {
-        anyhow::ensure!(program.is_file(), "{} does not exist", program.display());
-        return Ok(program.clone());
-    }
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .map(|d| d.join(program))
-        .find(|p| p.is_file())
-        .with_context(|| {
-            format!(
-                "{} not found in PATH; install it (`pip install websockify`) or pass --websockify PATH",
-                program.display()
-            )
-        })
-}
-
-fn default_public_host() -> String {
-    nix::unistd::gethostname()
-        .ok()
-        .and_then(|h| h.into_string().ok())
-        .unwrap_or_else(|| "localhost".into())
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
@@ -118,49 +45,22 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     lock.record_pid()
         .with_context(|| format!("cannot write {}", state.controller_lock().display()))?;
 
-    let backend: Box<dyn Backend> = match args.backend {
-        BackendKind::Websockify => Box::new(Websockify {
-            program: resolve_program(&args.websockify)?,
-        }),
-    };
-    if let Some(web) = &args.web {
-        anyhow::ensure!(web.is_dir(), "--web {} is not a directory", web.display());
-    }
-    let limits = Limits {
-        range: args.pool.port_range,
-        max_sessions: args.pool.max_sessions,
-        start_timeout_ms: u64::try_from(secs(args.start_timeout, "start-timeout")?.as_millis())
-            .unwrap_or(u64::MAX),
-        max_starting: args.max_starting.max(1),
-    };
-    let config = LoopConfig {
-        limits,
-        resync: secs(args.resync_interval, "resync-interval")?,
-        stop_on_exit: args.stop_on_exit,
-    };
-    let supervisor = Supervisor::new(
-        owner.clone(),
-        backend,
-        args.listen_address,
-        args.web.clone(),
-        state.root().join("logs"),
-        secs(args.stop_grace, "stop-grace")?,
-    );
-    let url = UrlStyle {
-        public_host: args.public_host.clone().unwrap_or_else(default_public_host),
-        web: args.web.is_some(),
-        tls: false,
-    };
+    let config = args.serve.loop_config()?;
+    let supervisor = args
+        .serve
+        .supervisor(owner.clone(), &state.root().join("logs"))?;
+    let url = args.serve.url_style();
+    let pool = args.serve.pool.clone();
     let rt = runtime()?;
     rt.block_on(async move {
-        let source = DirSource::watch(&args.sessions.sessions_dir, args.pool.port_range)?;
+        let source = DirSource::watch(&args.sessions.sessions_dir, pool.port_range)?;
         let store = FileStore::new(state.clone(), lock_timeout);
         let sink = FileSink::new(state.sessions(), supervisor.backend_name());
         info!(
             sessions_dir = %args.sessions.sessions_dir.display(),
             state_dir = %owner,
-            port_range = %args.pool.port_range,
-            max_sessions = args.pool.max_sessions,
+            port_range = %pool.port_range,
+            max_sessions = pool.max_sessions,
             backend = supervisor.backend_name(),
             "vncd running"
         );
@@ -177,20 +77,4 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     })?;
     drop(lock);
     Ok(ExitCode::SUCCESS)
-}
-
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM received"),
-        _ = int.recv() => info!("SIGINT received"),
-    }
 }

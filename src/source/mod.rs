@@ -5,6 +5,7 @@
 //! from a directory, the Kubernetes API or libvirt.
 
 pub mod dir;
+pub mod kube;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;

@@ -4,6 +4,7 @@
 //! reports a port or URL that a crash could take back.
 
 pub mod file;
+pub mod kube;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -153,6 +154,8 @@ impl StatusBuilder {
                 allocated_at: lease.map(|l| Time(l.allocated_at)),
                 observed_generation: generation,
                 conditions: vec![cond],
+                // Lease identity fields are for stores that keep leases in the status.
+                ..VncSessionStatus::default()
             });
             items.push(obj);
         }

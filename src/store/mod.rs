@@ -6,6 +6,7 @@
 //! `vncd cleanup`, say) can never both hand out one port: the loser re-plans.
 
 pub mod file;
+pub mod kube_status;
 pub mod lock;
 
 use std::collections::BTreeMap;
@@ -53,6 +54,9 @@ pub enum StoreError {
     Lock(#[from] lock::LockError),
     #[error("a lease change is inconsistent: {0}")]
     Invalid(String),
+    /// The Kubernetes API refused or failed a read or write (Kubernetes mode).
+    #[error("VncSession {object}: {detail}")]
+    Api { object: String, detail: String },
 }
 
 /// A durable home for leases. See the module docs.

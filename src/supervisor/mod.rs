@@ -372,6 +372,10 @@ pub fn classify(marked: Vec<Marked>, leases: &BTreeMap<String, Lease>) -> Observ
 
 fn open_log(path: &Path) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
+    // Kubernetes session keys are `namespace/name`: one log directory per namespace.
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
     // Keep logs bounded: start over once a log passes 1 MiB.
     let too_big = std::fs::metadata(path).is_ok_and(|m| m.len() > 1024 * 1024);
     std::fs::OpenOptions::new()

@@ -1,0 +1,224 @@
+//! `vncd kube`: the controller in Kubernetes mode, one instance per node (DaemonSet).
+//!
+//! The same core as `vncd run`, with the Kubernetes adapters: sessions are the VncSessions
+//! whose `spec.nodeName` is this node (a field selector, so each node receives only its
+//! share), leases live in their statuses, statuses and events go to the API server.
+//! Before the controller starts, the instance takes the node lease `vncd-NODE`; a second
+//! instance for the same node waits passively until the holder stops renewing.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+
+use anyhow::Context;
+use clap::Args;
+use kube::{Api, Client};
+use tokio::sync::watch;
+use tracing::{error, info};
+
+use super::serve::{ServeArgs, secs, shutdown_signal};
+use super::{StateArgs, runtime};
+use crate::api::VncSession;
+use crate::controller::Controller;
+use crate::http::{AppState, Health};
+use crate::k8s::crd;
+use crate::k8s::events::Events;
+use crate::k8s::node_lease::{LeaseConfig, NodeLease};
+use crate::k8s::objects::Objects;
+use crate::k8s::writer::Writer;
+use crate::session::is_valid_name;
+use crate::source::kube::KubeSource;
+use crate::status::StatusBuilder;
+use crate::status::kube::KubeStatusSink;
+use crate::store::kube_status::KubeStatusStore;
+
+#[derive(Debug, Args)]
+pub struct KubeArgs {
+    /// The node this instance serves: it takes the VncSessions whose spec.nodeName is this
+    /// (in a DaemonSet, the pod's spec.nodeName via the downward API).
+    #[arg(long, env = "VNCD_NODE_NAME")]
+    pub node_name: String,
+    /// Serve only this namespace's sessions [default: all namespaces].
+    #[arg(long, env = "VNCD_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Namespace of the node lease vncd-NODE [default: $POD_NAMESPACE, else kube-system].
+    #[arg(long, env = "VNCD_LEASE_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+    /// Seconds a silent holder keeps the node lease before a standby takes over.
+    #[arg(long, env = "VNCD_LEASE_DURATION", default_value_t = 15.0)]
+    pub lease_duration: f64,
+    /// This instance's name in the node lease [default: $POD_NAME, else HOSTNAME-PID].
+    #[arg(long, env = "VNCD_IDENTITY")]
+    pub identity: Option<String>,
+    /// Serve /healthz and /readyz on this address (e.g. 0.0.0.0:9850).
+    #[arg(long, env = "VNCD_HTTP")]
+    pub http: Option<SocketAddr>,
+    /// Proxy logs go to STATE_DIR/logs/NAMESPACE/NAME.log (leases live in the API server).
+    #[command(flatten)]
+    pub state: StateArgs,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+/// Why `vncd kube` stopped serving.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    #[error("--node-name {0:?} is not a valid node name")]
+    NodeName(String),
+    #[error(
+        "cannot configure a Kubernetes client (KUBECONFIG, ~/.kube/config or the in-cluster service account): {0}"
+    )]
+    Client(#[source] kube::Error),
+    #[error("{0}; stopped serving so the new holder alone writes this node's sessions")]
+    LeaseLost(String),
+}
+
+fn default_identity() -> String {
+    std::env::var("POD_NAME")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| {
+            format!(
+                "{}-{}",
+                super::serve::default_public_host(),
+                std::process::id()
+            )
+        })
+}
+
+fn lease_namespace(flag: Option<String>) -> String {
+    flag.or_else(|| std::env::var("POD_NAMESPACE").ok())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "kube-system".into())
+}
+
+/// Resolves once `stop` turns true.
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+pub fn kube(args: KubeArgs) -> anyhow::Result<ExitCode> {
+    let node = args.node_name.clone();
+    if !is_valid_name(&node) {
+        return Err(KubeError::NodeName(node).into());
+    }
+    let config = args.serve.loop_config()?;
+    let log_dir = args.state.state_dir.join("logs");
+    std::fs::create_dir_all(&log_dir)
+        .with_context(|| format!("cannot create proxy log directory {}", log_dir.display()))?;
+    // Every instance for this node marks its proxies alike, so a successor adopts them.
+    let supervisor = args
+        .serve
+        .supervisor(format!("kube:{node}"), Path::new(&log_dir))?;
+    let url = args.serve.url_style();
+    let pool = args.serve.pool.port_range;
+    let lease_cfg = LeaseConfig {
+        namespace: lease_namespace(args.lease_namespace.clone()),
+        node: node.clone(),
+        identity: args.identity.clone().unwrap_or_else(default_identity),
+        duration: secs(args.lease_duration, "lease-duration")?,
+    };
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let (stop_tx, stop) = watch::channel(false);
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            let _ = stop_tx.send(true);
+        });
+        let client = Client::try_default().await.map_err(KubeError::Client)?;
+        let (api, scope): (Api<VncSession>, String) = match &args.namespace {
+            Some(ns) => (Api::namespaced(client.clone(), ns), format!(" in namespace {ns:?}")),
+            None => (Api::all(client.clone()), String::new()),
+        };
+        crd::check(&api, &scope).await?;
+
+        let health = Health::default();
+        if let Some(addr) = args.http {
+            let bound = crate::http::serve(
+                addr,
+                crate::http::router(AppState {
+                    health: health.clone(),
+                }),
+            )
+            .await?;
+            info!(addr = %bound, "serving /healthz and /readyz");
+        }
+
+        info!(node = %node, lease = %lease_cfg.name(), namespace = %lease_cfg.namespace, identity = %lease_cfg.identity, "taking the node lease");
+        let held = tokio::select! {
+            held = NodeLease::new(client.clone(), lease_cfg.clone()).acquire() => held,
+            () = stopped(stop.clone()) => return anyhow::Ok(ExitCode::SUCCESS),
+        };
+        health.set_leader(true);
+
+        let objects = Objects::default();
+        let writer = Writer::new(client.clone());
+        let events = Events::start(client.clone(), &node);
+        let source = KubeSource::start(api.clone(), &node, pool, objects.clone());
+        tokio::select! {
+            () = source.synced() => {}
+            () = stopped(stop.clone()) => {
+                held.release().await;
+                return anyhow::Ok(ExitCode::SUCCESS);
+            }
+        }
+        let watch_stats = source.stats();
+        let store = KubeStatusStore::new(
+            api,
+            writer.clone(),
+            objects.clone(),
+            &node,
+            url.clone(),
+            events.clone(),
+        );
+        let sink = KubeStatusSink::new(
+            writer.clone(),
+            objects,
+            &node,
+            url.clone(),
+            events.clone(),
+            health.synced.clone(),
+        );
+        info!(
+            node = %node,
+            namespace = args.namespace.as_deref().unwrap_or("(all)"),
+            port_range = %pool,
+            max_sessions = args.serve.pool.max_sessions,
+            backend = supervisor.backend_name(),
+            "vncd kube running"
+        );
+        let controller = Controller::new(source, store, sink, supervisor, StatusBuilder::new(url), config);
+        let mut lost = None;
+        let shutdown = async {
+            tokio::select! {
+                () = stopped(stop.clone()) => {}
+                why = held.lost() => lost = Some(why),
+            }
+        };
+        let result = controller.run(shutdown).await;
+        health.set_leader(false);
+        let (status_writes, finalizer_writes, conflicts) = writer.counts().summary();
+        info!(
+            status_writes,
+            finalizer_writes,
+            conflicts,
+            events = events.published(),
+            watch_events = watch_stats.events.load(Ordering::Relaxed),
+            watch_objects = watch_stats.distinct.load(Ordering::Relaxed),
+            watch_foreign = watch_stats.foreign.load(Ordering::Relaxed),
+            "vncd kube stopped"
+        );
+        result?;
+        match lost {
+            Some(why) => {
+                error!(reason = %why, "lost the node lease");
+                Err(KubeError::LeaseLost(why).into())
+            }
+            None => {
+                held.release().await;
+                Ok(ExitCode::SUCCESS)
+            }
+        }
+    })
+}
