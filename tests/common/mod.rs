@@ -349,7 +349,7 @@ impl Drop for Vncd {
 }
 
 /// Hands out disjoint pool ranges so tests running in parallel never share ports.
-fn pool_base(size: u16) -> u16 {
+pub fn pool_base(size: u16) -> u16 {
     use std::sync::atomic::{AtomicU16, Ordering};
     static NEXT: AtomicU16 = AtomicU16::new(0);
     // Each test binary gets its own band via its name, then slices it.

@@ -1,0 +1,540 @@
+//! Kubernetes mode end to end: the real `vncd kube` binary against a real kube-apiserver
+//! (scripts/testcluster), real websockify, a real QEMU VNC server, and a websocket
+//! client reading the RFB banner through the ports vncd leased.
+//!
+//! One API server serves the whole binary; each test uses its own node name, namespace
+//! and port pool, so tests run in parallel without seeing each other.
+#![allow(clippy::unwrap_used)]
+
+#[path = "common/cluster.rs"]
+mod cluster;
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use cluster::{KubeVncd, cluster};
+use common::{Client, Qemu, pid_alive, rfb_banner};
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{DeleteParams, ListParams, PostParams};
+use kube::{Api, ResourceExt};
+use vncd::api::{Phase, Target, VncSession, VncSessionSpec, VncSessionStatus};
+
+fn spec(node: Option<&str>, target_port: u16) -> VncSessionSpec {
+    VncSessionSpec {
+        target: Target {
+            host: Some("127.0.0.1".into()),
+            port: Some(i32::from(target_port)),
+            unix_socket: None,
+        },
+        port: None,
+        node_name: node.map(str::to_owned),
+    }
+}
+
+async fn create(api: &Api<VncSession>, name: &str, spec: VncSessionSpec) {
+    api.create(&PostParams::default(), &VncSession::new(name, spec))
+        .await
+        .unwrap_or_else(|e| panic!("cannot create VncSession {name}: {e}"));
+}
+
+fn status(o: &VncSession) -> VncSessionStatus {
+    o.status.clone().unwrap_or_default()
+}
+
+fn is_ready(o: &VncSession) -> bool {
+    status(o).phase == Some(Phase::Ready)
+}
+
+/// Polls the objects until `done` holds, or panics with the objects and vncd's log.
+async fn wait_objects(
+    api: &Api<VncSession>,
+    what: &str,
+    timeout: Duration,
+    logs: &[&KubeVncd],
+    done: impl Fn(&[VncSession]) -> bool,
+) -> Vec<VncSession> {
+    let start = Instant::now();
+    loop {
+        let items = api.list(&ListParams::default()).await.unwrap().items;
+        if done(&items) {
+            return items;
+        }
+        if start.elapsed() > timeout {
+            let summary: Vec<String> = items
+                .iter()
+                .map(|o| format!("{} {:?}", o.name_any(), o.status))
+                .collect();
+            let log: String = logs
+                .iter()
+                .map(|v| v.log())
+                .collect::<Vec<_>>()
+                .join("\n---\n");
+            let tail: Vec<&str> = log.lines().rev().take(80).collect();
+            panic!(
+                "timed out after {timeout:?} waiting for {what}\nobjects:\n{}\nvncd log (last lines, newest first):\n{}",
+                summary.join("\n"),
+                tail.join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn wait_ready(api: &Api<VncSession>, n: usize, logs: &[&KubeVncd]) -> Vec<VncSession> {
+    wait_objects(
+        api,
+        &format!("{n} sessions Ready"),
+        Duration::from_secs(180),
+        logs,
+        |items| items.len() == n && items.iter().all(is_ready),
+    )
+    .await
+}
+
+async fn wait_probe(v: &KubeVncd, path: &str, code: u16) {
+    let start = Instant::now();
+    while v.probe(path) != Some(code) {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{path} of vncd for {} never answered {code} (last {:?})\n{}",
+            v.node,
+            v.probe(path),
+            v.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Events by reason about objects in `ns`.
+async fn event_counts(client: &kube::Client, ns: &str) -> BTreeMap<String, BTreeSet<String>> {
+    let api: Api<Event> = Api::namespaced(client.clone(), ns);
+    let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for e in api.list(&ListParams::default()).await.unwrap().items {
+        let obj = e.regarding.and_then(|r| r.name).unwrap_or_default();
+        out.entry(e.reason.unwrap_or_default())
+            .or_default()
+            .insert(obj);
+    }
+    out
+}
+
+async fn wait_events(client: &kube::Client, ns: &str, reason: &str, n: usize) {
+    let start = Instant::now();
+    loop {
+        let got = event_counts(client, ns).await;
+        let have = got.get(reason).map_or(0, BTreeSet::len);
+        if have >= n {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "only {have} of {n} sessions got a {reason} event: {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn port_of(o: &VncSession) -> u16 {
+    u16::try_from(status(o).port.expect("a Ready session has a port")).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fifty_sessions_become_ready_on_unique_ports_serve_rfb_and_are_cleaned_up_on_delete() {
+    let c = cluster();
+    let ns = "fifty";
+    c.create_namespace(ns);
+    let qemu = Qemu::tcp();
+    let mut v = KubeVncd::new("node-fifty", Some(ns), ns, 60);
+    v.start();
+    let client = c.client().await;
+    let api: Api<VncSession> = Api::namespaced(client.clone(), ns);
+    for i in 0..50 {
+        create(
+            &api,
+            &format!("vm{i:02}"),
+            spec(Some("node-fifty"), qemu.port),
+        )
+        .await;
+    }
+    let items = wait_ready(&api, 50, &[&v]).await;
+
+    let ports: BTreeSet<u16> = items.iter().map(port_of).collect();
+    assert_eq!(ports.len(), 50, "every session has its own port");
+    assert!(ports.iter().all(|p| (v.range.0..=v.range.1).contains(p)));
+    let mut pids = Vec::new();
+    for o in &items {
+        let st = status(o);
+        assert_eq!(st.node.as_deref(), Some("node-fifty"));
+        assert!(st.lease_uid.is_some() && st.allocated_at.is_some());
+        assert_eq!(
+            st.target.as_deref(),
+            Some(format!("127.0.0.1:{}", qemu.port).as_str())
+        );
+        assert_eq!(st.url, Some(format!("ws://127.0.0.1:{}/", port_of(o))));
+        assert_eq!(st.observed_generation, o.metadata.generation);
+        assert!(
+            o.finalizers().iter().any(|f| f == "vncd.io/cleanup"),
+            "{} has no finalizer",
+            o.name_any()
+        );
+        let pid = st.pid.expect("pid recorded");
+        assert!(pid_alive(i64::from(pid)));
+        pids.push(pid);
+        assert_eq!(
+            rfb_banner(port_of(o)).await,
+            b"RFB 003.008\n",
+            "{}",
+            o.name_any()
+        );
+    }
+    wait_events(&client, ns, "Allocated", 50).await;
+    wait_events(&client, ns, "Ready", 50).await;
+
+    api.delete_collection(&DeleteParams::default(), &ListParams::default())
+        .await
+        .unwrap();
+    wait_objects(
+        &api,
+        "every object gone (finalizers removed)",
+        Duration::from_secs(120),
+        &[&v],
+        |items| items.is_empty(),
+    )
+    .await;
+    for pid in pids {
+        assert!(
+            !pid_alive(i64::from(pid)),
+            "proxy {pid} outlived its session"
+        );
+    }
+    for p in ports {
+        std::net::TcpListener::bind(("127.0.0.1", p))
+            .unwrap_or_else(|e| panic!("port {p} not free after delete: {e}"));
+    }
+    wait_events(&client, ns, "Released", 50).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_and_restart_adopts_every_proxy_with_no_lease_lost_and_clients_connected() {
+    let c = cluster();
+    let ns = "adopt";
+    c.create_namespace(ns);
+    let qemu = Qemu::tcp();
+    let mut v = KubeVncd::new("node-adopt", Some(ns), ns, 10);
+    v.start();
+    let api: Api<VncSession> = Api::namespaced(c.client().await, ns);
+    for i in 0..5 {
+        create(&api, &format!("vm{i}"), spec(Some("node-adopt"), qemu.port)).await;
+    }
+    let before = wait_ready(&api, 5, &[&v]).await;
+    let mut client = Client::connect(status(&before[0]).url.as_deref().unwrap()).await;
+    assert_eq!(client.read(12).await, b"RFB 003.008\n");
+
+    v.kill9();
+    for o in &before {
+        assert!(
+            pid_alive(i64::from(status(o).pid.unwrap())),
+            "proxy died with vncd"
+        );
+    }
+    let log_len = v.log().len();
+    v.start();
+    wait_probe(&v, "/readyz", 200).await;
+    // A few passes later nothing may have moved.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = wait_ready(&api, 5, &[&v]).await;
+    let key = |o: &VncSession| {
+        let s = status(o);
+        (
+            o.name_any(),
+            s.port,
+            s.pid,
+            s.process_start_time,
+            s.lease_uid,
+        )
+    };
+    assert_eq!(
+        after.iter().map(key).collect::<Vec<_>>(),
+        before.iter().map(key).collect::<Vec<_>>(),
+        "same ports, pids and leases after the restart"
+    );
+    let second_run = &v.log()[log_len..];
+    assert!(
+        !second_run.contains("started proxy") && !second_run.contains("lease allocated"),
+        "the restarted vncd started or leased something:\n{second_run}"
+    );
+    // The client connected before the kill still talks to the VNC server.
+    let (w, h) = client.handshake().await;
+    assert!(w > 0 && h > 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_instance_for_the_node_stays_passive_and_takes_over_on_shutdown() {
+    let c = cluster();
+    let ns = "passive";
+    c.create_namespace(ns);
+    let qemu = Qemu::tcp();
+    let node = "node-passive";
+    let mut a = KubeVncd::new(node, Some(ns), ns, 10);
+    a.start();
+    let api: Api<VncSession> = Api::namespaced(c.client().await, ns);
+    create(&api, "vm1", spec(Some(node), qemu.port)).await;
+    wait_ready(&api, 1, &[&a]).await;
+    wait_probe(&a, "/readyz", 200).await;
+
+    let mut b = KubeVncd::with_range(node, Some(ns), ns, a.range);
+    b.start();
+    wait_probe(&b, "/healthz", 200).await;
+    assert_eq!(b.probe("/readyz"), Some(503), "a standby is not ready");
+    create(&api, "vm2", spec(Some(node), qemu.port)).await;
+    let items = wait_ready(&api, 2, &[&a, &b]).await;
+    let holder = c.kubectl_ok(&[
+        "get",
+        "lease",
+        "-n",
+        ns,
+        &format!("vncd-{node}"),
+        "-o",
+        "jsonpath={.spec.holderIdentity}",
+    ]);
+    assert_eq!(holder, a.identity);
+    assert!(b.log().contains("waiting passively"), "{}", b.log());
+    for msg in [
+        "lease allocated",
+        "started proxy",
+        "loaded leases; adopting running proxies",
+    ] {
+        assert!(
+            b.log_events(msg).is_empty(),
+            "the standby did {msg:?}:\n{}",
+            b.log()
+        );
+    }
+
+    // A graceful stop keeps the proxies and hands the node over at once.
+    assert!(
+        a.terminate().success(),
+        "vncd exited with an error:\n{}",
+        a.log()
+    );
+    for o in &items {
+        assert!(
+            pid_alive(i64::from(status(o).pid.unwrap())),
+            "SIGTERM stopped a proxy"
+        );
+    }
+    wait_probe(&b, "/readyz", 200).await;
+    create(&api, "vm3", spec(Some(node), qemu.port)).await;
+    let after = wait_ready(&api, 3, &[&b]).await;
+    for o in &items {
+        let now = after.iter().find(|x| x.name_any() == o.name_any()).unwrap();
+        assert_eq!(
+            status(now).pid,
+            status(o).pid,
+            "{} was not adopted",
+            o.name_any()
+        );
+    }
+    assert_eq!(b.log_events("started proxy").len(), 1, "b started only vm3");
+    assert_eq!(rfb_banner(port_of(&after[2])).await, b"RFB 003.008\n");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn invalid_objects_are_refused_by_the_schema_or_reported_in_status() {
+    let c = cluster();
+    let ns = "invalid";
+    c.create_namespace(ns);
+    let qemu = Qemu::tcp();
+    let node = "node-invalid";
+    let mut v = KubeVncd::new(node, Some(ns), ns, 5);
+    v.start();
+    let apply = |body: &str| {
+        let doc = format!(
+            "apiVersion: vncd.io/v1alpha1\nkind: VncSession\nmetadata: {{name: x, namespace: {ns}}}\nspec: {{nodeName: {node}, {body}}}\n"
+        );
+        c.kubectl_stdin(&["apply", "-f", "-"], doc.as_bytes())
+    };
+    for (body, says) in [
+        (
+            "target: {host: 127.0.0.1, port: 5901, unixSocket: /run/x.sock}",
+            "exactly one of host+port or unixSocket",
+        ),
+        (
+            "target: {host: 127.0.0.1}",
+            "exactly one of host+port or unixSocket",
+        ),
+        ("target: {}", "exactly one of host+port or unixSocket"),
+        ("target: {host: 127.0.0.1, port: 70000}", "65535"),
+        ("target: {unixSocket: /s}, port: 0", "spec.port"),
+        ("target: {unixSocket: /s}, extra: 1", "unknown field"),
+    ] {
+        let out = apply(body);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "the API server accepted {body}");
+        assert!(err.contains(says), "{body}: {err}");
+    }
+
+    // Valid for the schema, invalid for this node: reported in status, nothing leased.
+    let api: Api<VncSession> = Api::namespaced(c.client().await, ns);
+    let mut outside = spec(Some(node), qemu.port);
+    outside.port = Some(80);
+    create(&api, "outside-pool", outside).await;
+    let mut bad_host = spec(Some(node), qemu.port);
+    bad_host.target.host = Some("bad host!".into());
+    create(&api, "bad-host", bad_host).await;
+    create(&api, "good", spec(Some(node), qemu.port)).await;
+    let items = wait_objects(
+        &api,
+        "two Failed and one Ready",
+        Duration::from_secs(60),
+        &[&v],
+        |items| {
+            let phase = |n: &str| {
+                items
+                    .iter()
+                    .find(|o| o.name_any() == n)
+                    .and_then(|o| status(o).phase)
+            };
+            phase("outside-pool") == Some(Phase::Failed)
+                && phase("bad-host") == Some(Phase::Failed)
+                && phase("good") == Some(Phase::Ready)
+        },
+    )
+    .await;
+    for (name, says) in [
+        ("outside-pool", "outside the port pool"),
+        ("bad-host", "not an IP address or DNS name"),
+    ] {
+        let o = items.iter().find(|o| o.name_any() == name).unwrap();
+        let st = status(o);
+        assert_eq!(st.reason.as_deref(), Some("InvalidManifest"), "{name}");
+        assert!(
+            st.message.as_deref().unwrap_or_default().contains(says),
+            "{name}: {st:?}"
+        );
+        assert_eq!(st.port, None, "{name} got a port");
+        assert!(o.finalizers().is_empty(), "{name} got a finalizer");
+        assert_eq!(
+            st.conditions.first().map(|c| c.status.as_str()),
+            Some("False")
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kubectl_get_shows_node_port_phase_age_and_wide_adds_target_and_url() {
+    let c = cluster();
+    let ns = "columns";
+    c.create_namespace(ns);
+    let qemu = Qemu::tcp();
+    let node = "node-columns";
+    let mut v = KubeVncd::new(node, Some(ns), ns, 5);
+    v.start();
+    let api: Api<VncSession> = Api::namespaced(c.client().await, ns);
+    create(&api, "vm1", spec(Some(node), qemu.port)).await;
+    let items = wait_ready(&api, 1, &[&v]).await;
+    let port = port_of(&items[0]).to_string();
+
+    let table = c.kubectl_ok(&["get", "vncsessions", "-n", ns]);
+    let rows: Vec<Vec<&str>> = table
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(rows[0], ["NAME", "NODE", "PORT", "PHASE", "AGE"], "{table}");
+    assert_eq!(
+        &rows[1][..4],
+        ["vm1", node, port.as_str(), "Ready"],
+        "{table}"
+    );
+
+    let wide = c.kubectl_ok(&["get", "vnc", "-n", ns, "-o", "wide"]);
+    let rows: Vec<Vec<&str>> = wide
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        rows[0],
+        ["NAME", "NODE", "PORT", "PHASE", "AGE", "TARGET", "URL"],
+        "{wide}"
+    );
+    let target = format!("127.0.0.1:{}", qemu.port);
+    let url = format!("ws://127.0.0.1:{port}/");
+    assert_eq!(&rows[1][5..], [target.as_str(), url.as_str()], "{wide}");
+
+    // The field selector the controller relies on, as the API server serves it.
+    let mine = c.kubectl_ok(&[
+        "get",
+        "vnc",
+        "-A",
+        "--field-selector",
+        &format!("spec.nodeName={node}"),
+        "-o",
+        "name",
+    ]);
+    assert_eq!(mine.trim(), "vncsession.vncd.io/vm1");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn only_this_nodes_sessions_reach_it_in_any_namespace_and_unscheduled_ones_are_untouched() {
+    let c = cluster();
+    let (ns_a, ns_b) = ("filter-a", "filter-b");
+    c.create_namespace(ns_a);
+    c.create_namespace(ns_b);
+    let qemu = Qemu::tcp();
+    let node = "node-filter";
+    // No --namespace: all namespaces.
+    let mut v = KubeVncd::new(node, None, ns_a, 10);
+    v.start();
+    let client = c.client().await;
+    let a: Api<VncSession> = Api::namespaced(client.clone(), ns_a);
+    let b: Api<VncSession> = Api::namespaced(client.clone(), ns_b);
+    create(&a, "mine", spec(Some(node), qemu.port)).await;
+    create(&b, "mine-too", spec(Some(node), qemu.port)).await;
+    for i in 0..3 {
+        create(
+            &a,
+            &format!("other{i}"),
+            spec(Some("node-elsewhere"), qemu.port),
+        )
+        .await;
+    }
+    create(&b, "unscheduled", spec(None, qemu.port)).await;
+
+    let all: Api<VncSession> = Api::all(client.clone());
+    let is_mine = |o: &VncSession| o.spec.node_name.as_deref() == Some(node);
+    wait_objects(
+        &all,
+        "both of this node's sessions Ready",
+        Duration::from_secs(60),
+        &[&v],
+        |items| items.iter().filter(|o| is_mine(o) && is_ready(o)).count() == 2,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for api in [&a, &b] {
+        for o in api.list(&ListParams::default()).await.unwrap().items {
+            if !is_mine(&o) {
+                assert!(
+                    o.status.is_none(),
+                    "{} got a status: {:?}",
+                    o.name_any(),
+                    o.status
+                );
+                assert!(
+                    o.finalizers().is_empty(),
+                    "{} got a finalizer",
+                    o.name_any()
+                );
+            }
+        }
+    }
+    assert!(v.terminate().success());
+    let summary = v.log_events("vncd kube stopped");
+    let f = &summary.last().expect("exit summary logged")["fields"];
+    assert_eq!(
+        f["watch_objects"], 2,
+        "the watch delivered other nodes' objects: {f}"
+    );
+    assert_eq!(f["watch_foreign"], 0, "{f}");
+}
