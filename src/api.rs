@@ -25,6 +25,7 @@ pub const TARGET_RULE_MESSAGE: &str = "spec.target needs exactly one of host+por
     group = "vncd.io",
     version = "v1alpha1",
     kind = "VncSession",
+    doc = "A VM console: a VNC server exposed on a websocket port by the vncd of spec.nodeName.",
     namespaced,
     status = "VncSessionStatus",
     shortname = "vnc",

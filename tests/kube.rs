@@ -538,3 +538,116 @@ async fn only_this_nodes_sessions_reach_it_in_any_namespace_and_unscheduled_ones
     );
     assert_eq!(f["watch_foreign"], 0, "{f}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_charts_arguments_and_rbac_are_enough_to_serve_a_node() {
+    use k8s_openapi::api::apps::v1::DaemonSet;
+    let c = cluster();
+    let ns = "chart";
+    c.create_namespace(ns);
+    let qemu = Qemu::tcp();
+    let node = "node-chart";
+    let mut v = KubeVncd::new(node, Some(ns), ns, 5);
+    let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/vncd");
+    let range = format!("portRange={}-{}", v.range.0, v.range.1);
+    let http = format!("http.port={}", v.http);
+    let values = [
+        "--set",
+        "listenAddress=127.0.0.1",
+        "--set",
+        "publicHost=127.0.0.1",
+        "--set",
+        &range,
+        "--set",
+        &http,
+        "--set",
+        "leaseDuration=2",
+    ];
+    let render = |only: &[&str]| {
+        let mut args = vec!["template", "vncd", chart, "--namespace", ns];
+        args.extend(values);
+        for o in only {
+            args.extend(["--show-only", o]);
+        }
+        c.helm(&args)
+    };
+    // The chart's own ServiceAccount and RBAC, applied for real.
+    let rbac = render(&[
+        "templates/serviceaccount.yaml",
+        "templates/clusterrole.yaml",
+        "templates/clusterrolebinding.yaml",
+    ]);
+    let out = c.kubectl_stdin(&["apply", "-f", "-"], rbac.as_bytes());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let kubeconfig = v.tmp.path().join("sa.kubeconfig");
+    c.user_kubeconfig(
+        &format!("system:serviceaccount:{ns}:vncd"),
+        &[
+            "system:serviceaccounts",
+            &format!("system:serviceaccounts:{ns}"),
+        ],
+        &kubeconfig,
+    );
+
+    // The DaemonSet's container arguments, with the downward-API variables the kubelet
+    // would expand. The chart binds --http on 0.0.0.0; tests stay on loopback.
+    let ds: DaemonSet = serde_saphyr::from_str(&render(&["templates/daemonset.yaml"])).unwrap();
+    let container = &ds.spec.unwrap().template.spec.unwrap().containers[0];
+    let state = v.tmp.path().join("state").display().to_string();
+    let mut args: Vec<String> = container
+        .args
+        .clone()
+        .unwrap()
+        .into_iter()
+        .map(|a| {
+            a.replace("$(NODE_NAME)", node)
+                .replace("$(HOST_IP)", "127.0.0.1")
+                .replace("$(POD_NAMESPACE)", ns)
+                .replace("0.0.0.0:", "127.0.0.1:")
+                .replace("/var/lib/vncd", &state)
+        })
+        .collect();
+    args.extend([
+        "--namespace".into(),
+        ns.into(),
+        "--start-timeout".into(),
+        "60".into(),
+    ]);
+    v.start_with(
+        args,
+        &kubeconfig,
+        &[("POD_NAME", "vncd-abcde"), ("POD_NAMESPACE", ns)],
+    );
+
+    let client = c.client().await;
+    let api: Api<VncSession> = Api::namespaced(client.clone(), ns);
+    create(&api, "vm1", spec(Some(node), qemu.port)).await;
+    let items = wait_ready(&api, 1, &[&v]).await;
+    assert_eq!(rfb_banner(port_of(&items[0])).await, b"RFB 003.008\n");
+    wait_probe(&v, "/readyz", 200).await;
+    let holder = c.kubectl_ok(&[
+        "get",
+        "lease",
+        "-n",
+        ns,
+        &format!("vncd-{node}"),
+        "-o",
+        "jsonpath={.spec.holderIdentity}",
+    ]);
+    assert_eq!(holder, "vncd-abcde", "the pod name is the lease identity");
+    wait_events(&client, ns, "Ready", 1).await;
+    api.delete("vm1", &DeleteParams::default()).await.unwrap();
+    wait_objects(&api, "vm1 gone", Duration::from_secs(60), &[&v], |i| {
+        i.is_empty()
+    })
+    .await;
+    assert!(
+        !v.log().contains("Forbidden") && !v.log().contains("forbidden"),
+        "the chart's RBAC refused something:\n{}",
+        v.log()
+    );
+}

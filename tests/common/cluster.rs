@@ -159,6 +159,38 @@ impl Cluster {
     pub fn create_namespace(&self, ns: &str) {
         self.kubectl_ok(&["create", "namespace", ns]);
     }
+
+    /// `helm ARGS`, which must succeed; returns stdout.
+    pub fn helm(&self, args: &[&str]) -> String {
+        let out = Command::new(self.dir.join("bin/helm"))
+            .args(args)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "helm {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// A kubeconfig (client certificate) for `user` in `groups`, written to `out`.
+    pub fn user_kubeconfig(&self, user: &str, groups: &[&str], out: &Path) {
+        let mut cmd = Command::new(self.dir.join("bin/vncd-testcluster"));
+        cmd.args(["user-kubeconfig", "--dir"])
+            .arg(&self.dir)
+            .args(["--user", user]);
+        for g in groups {
+            cmd.args(["--group", g]);
+        }
+        let o = cmd.arg("--out").arg(out).output().unwrap();
+        assert!(
+            o.status.success(),
+            "user-kubeconfig failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
 }
 
 /// One `vncd kube` instance (started or not) with its own temp dir and port pool.
@@ -247,6 +279,11 @@ impl KubeVncd {
     }
 
     pub fn start(&mut self) {
+        self.start_with(self.args(), &cluster().kubeconfig, &[]);
+    }
+
+    /// Starts `vncd ARGS` with another identity (kubeconfig) and extra environment.
+    pub fn start_with(&mut self, args: Vec<String>, kubeconfig: &Path, env: &[(&str, &str)]) {
         assert!(self.child.is_none(), "already started");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -254,12 +291,13 @@ impl KubeVncd {
             .open(self.log_path())
             .unwrap();
         let child = Command::new(VNCD)
-            .args(self.args())
-            .env("KUBECONFIG", &cluster().kubeconfig)
+            .args(args)
+            .env("KUBECONFIG", kubeconfig)
             .env("VNCD_LOG", "vncd=debug")
             .env("VNCD_LOG_FORMAT", "json")
             .env_remove("POD_NAME")
             .env_remove("POD_NAMESPACE")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)

@@ -1,0 +1,48 @@
+//! The committed CRD files are exactly what `vncd crd` prints, so the chart and
+//! `kubectl apply -f crds/` never drift from the types vncd reads and writes.
+
+use std::path::Path;
+use std::process::Command;
+
+#[test]
+fn committed_crds_match_vncd_crd() {
+    let out = Command::new(env!("CARGO_BIN_EXE_vncd"))
+        .arg("crd")
+        .output()
+        .expect("run vncd crd");
+    assert!(out.status.success(), "vncd crd failed");
+    let generated = String::from_utf8(out.stdout).expect("utf-8");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for file in [
+        "crds/vncsessions.vncd.io.yaml",
+        "charts/vncd/crds/vncsessions.vncd.io.yaml",
+    ] {
+        let committed = std::fs::read_to_string(root.join(file))
+            .unwrap_or_else(|e| panic!("cannot read {file}: {e}"));
+        assert!(
+            committed == generated,
+            "{file} differs from `vncd crd`; regenerate it with `cargo run -- crd > {file}`"
+        );
+    }
+}
+
+#[test]
+fn the_crd_declares_what_kubernetes_mode_relies_on() {
+    let out = Command::new(env!("CARGO_BIN_EXE_vncd"))
+        .arg("crd")
+        .output()
+        .expect("run vncd crd");
+    let crd = String::from_utf8(out.stdout).expect("utf-8");
+    for needle in [
+        // The node's field selector needs the full path, .spec included.
+        "selectableFields:\n    - jsonPath: .spec.nodeName",
+        "x-kubernetes-validations:",
+        "exactly one of host+port or unixSocket",
+        "subresources:\n      status: {}",
+        "maximum: 65535.0",
+        "minimum: 1.0",
+        "shortNames:\n    - vnc",
+    ] {
+        assert!(crd.contains(needle), "the CRD lacks {needle:?}:\n{crd}");
+    }
+}
