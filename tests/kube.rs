@@ -651,3 +651,71 @@ async fn the_charts_arguments_and_rbac_are_enough_to_serve_a_node() {
         v.log()
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_taken_off_the_node_is_released_and_stays_deletable() {
+    use kube::api::{Patch, PatchParams};
+    let c = cluster();
+    let ns = "moved";
+    c.create_namespace(ns);
+    let qemu = Qemu::tcp();
+    let node = "node-moved";
+    let mut v = KubeVncd::new(node, Some(ns), ns, 5);
+    v.start();
+    let api: Api<VncSession> = Api::namespaced(c.client().await, ns);
+    create(&api, "unassigned", spec(Some(node), qemu.port)).await;
+    create(&api, "elsewhere", spec(Some(node), qemu.port)).await;
+    let before = wait_ready(&api, 2, &[&v]).await;
+
+    // One loses its node (unscheduled), the other moves to a node with no vncd.
+    let merge =
+        |node: serde_json::Value| Patch::Merge(serde_json::json!({"spec": {"nodeName": node}}));
+    api.patch(
+        "unassigned",
+        &PatchParams::default(),
+        &merge(serde_json::Value::Null),
+    )
+    .await
+    .unwrap();
+    api.patch(
+        "elsewhere",
+        &PatchParams::default(),
+        &merge("node-gone".into()),
+    )
+    .await
+    .unwrap();
+    let after = wait_objects(
+        &api,
+        "both released by this node",
+        Duration::from_secs(60),
+        &[&v],
+        |items| {
+            items.len() == 2
+                && items.iter().all(|o| {
+                    let st = status(o);
+                    st.port.is_none()
+                        && st.lease_uid.is_none()
+                        && st.reason.as_deref() == Some("Released")
+                        && o.finalizers().is_empty()
+                })
+        },
+    )
+    .await;
+    for o in &before {
+        let pid = status(o).pid.unwrap();
+        assert!(
+            !pid_alive(i64::from(pid)),
+            "proxy {pid} of {} still runs",
+            o.name_any()
+        );
+    }
+    assert_eq!(status(&after[0]).phase, Some(Phase::Pending));
+    // Nothing blocks their deletion.
+    api.delete_collection(&DeleteParams::default(), &ListParams::default())
+        .await
+        .unwrap();
+    wait_objects(&api, "both deleted", Duration::from_secs(30), &[&v], |i| {
+        i.is_empty()
+    })
+    .await;
+}

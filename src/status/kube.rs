@@ -3,11 +3,13 @@
 //! The sink writes only what differs from what the server holds, and it writes little:
 //! - a change of `phase` is written at once (Ready, Failed and Terminating are what
 //!   clients wait for);
-//! - any other change (a Pending reason such as Allocating -> Starting, a message, the
-//!   pid) waits until it has stood for [`SETTLE`], so a proxy that is ready within a
-//!   second goes from the lease write straight to one `Ready` write. A session stuck in
-//!   Pending still shows why after [`SETTLE`]; a message that keeps changing (a countdown)
-//!   is written at most every [`MIN_GAP`].
+//! - any other change (a message, the pid, a Pending reason) waits until it has stood for
+//!   [`SETTLE`], or [`PROGRESS_SETTLE`] while the session merely makes progress
+//!   (Allocating, Queued, Starting), so a proxy goes from the lease write straight to one
+//!   `Ready` write even when hundreds start at once. A session stuck in Pending for a
+//!   reason that needs attention (PortConflict, PoolExhausted, ...) shows it after
+//!   [`SETTLE`]; a message that keeps changing (a countdown) is written at most every
+//!   [`MIN_GAP`].
 //!
 //! With the lease store's single lease write that makes two status writes from creation to
 //! Ready (plus one finalizer patch unless the creator set `vncd.io/cleanup` already).
@@ -36,9 +38,19 @@ use crate::reconcile::reason;
 use crate::store::kube_status::put_lease_fields;
 
 /// How long a change that keeps the phase must stand before it is written.
-pub const SETTLE: Duration = Duration::from_secs(1);
+///
+/// Long enough for a proxy that starts normally (websockify needs 0.3-3 s, more when many
+/// start at once) to go from its lease straight to Ready; short enough that a session
+/// stuck in Pending shows its real reason (Queued, PortInUse, ...) within seconds.
+pub const SETTLE: Duration = Duration::from_secs(5);
+/// How long a Pending session may show its lease write's words while it merely makes
+/// normal progress ([`PROGRESS`] reasons), before its current reason is written anyway.
+pub const PROGRESS_SETTLE: Duration = Duration::from_secs(30);
+/// Pending reasons that mean "on its way": not worth a write of their own when many
+/// sessions start at once. Problems (PortConflict, PortInUse, PoolExhausted, ...) are.
+pub const PROGRESS: [&str; 3] = [reason::ALLOCATING, reason::QUEUED, reason::STARTING];
 /// Least time between two writes of one object that keep its phase.
-pub const MIN_GAP: Duration = Duration::from_secs(5);
+pub const MIN_GAP: Duration = Duration::from_secs(10);
 /// Writes in flight at once.
 const PARALLEL_WRITES: usize = 16;
 
@@ -85,6 +97,22 @@ pub fn compose(
     s
 }
 
+/// The status fields that differ between `a` and `b` (for the debug log).
+pub fn differing_fields(a: &VncSessionStatus, b: &VncSessionStatus) -> Vec<String> {
+    let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) =
+        (serde_json::to_value(a), serde_json::to_value(b))
+    else {
+        return Vec::new();
+    };
+    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .cloned()
+        .collect()
+}
+
 /// Whether a write is due now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Due {
@@ -111,7 +139,13 @@ pub fn due(
     if want.phase != have.phase {
         return Due::Now;
     }
-    let settled = first_seen.is_some_and(|t| now.duration_since(t) >= SETTLE);
+    let progress = want.phase == Some(Phase::Pending)
+        && want
+            .reason
+            .as_deref()
+            .is_some_and(|r| PROGRESS.contains(&r));
+    let settle = if progress { PROGRESS_SETTLE } else { SETTLE };
+    let settled = first_seen.is_some_and(|t| now.duration_since(t) >= settle);
     let gap_ok = last_write.is_none_or(|t| now.duration_since(t) >= MIN_GAP);
     if settled && gap_ok {
         Due::Now
@@ -276,6 +310,7 @@ impl KubeStatusSink {
     ) {
         match job {
             Job::Status { key, known, want } => {
+                debug!(session = %key, fields = ?differing_fields(&known.status, &want), "writing status");
                 let r = self.writer.apply_status(&known, &want).await;
                 let r = r.map(|obj| {
                     self.objects.observe(&obj);
@@ -445,21 +480,36 @@ mod tests {
         assert_eq!(due(&pending, &pending, None, None, t0), Due::Same);
         assert_eq!(due(&ready, &pending, None, Some(t0), t0), Due::Now);
         assert_eq!(due(&starting, &pending, None, None, t0), Due::Later);
+        // Normal progress waits long; a problem shows after SETTLE.
         assert_eq!(
-            due(&starting, &pending, Some(t0), None, t0 + SETTLE / 2),
+            due(&starting, &pending, Some(t0), None, t0 + SETTLE),
             Due::Later
         );
         assert_eq!(
-            due(&starting, &pending, Some(t0), None, t0 + SETTLE),
+            due(&starting, &pending, Some(t0), None, t0 + PROGRESS_SETTLE),
+            Due::Now
+        );
+        let conflict = report(
+            Phase::Pending,
+            reason::PORT_CONFLICT,
+            false,
+            Timestamp::now(),
+        );
+        assert_eq!(
+            due(&conflict, &pending, Some(t0), None, t0 + SETTLE / 2),
+            Due::Later
+        );
+        assert_eq!(
+            due(&conflict, &pending, Some(t0), None, t0 + SETTLE),
             Due::Now
         );
         // A message that keeps changing is written at most every MIN_GAP.
         assert_eq!(
-            due(&starting, &pending, Some(t0), Some(t0), t0 + SETTLE),
+            due(&conflict, &pending, Some(t0), Some(t0), t0 + SETTLE),
             Due::Later
         );
         assert_eq!(
-            due(&starting, &pending, Some(t0), Some(t0), t0 + MIN_GAP),
+            due(&conflict, &pending, Some(t0), Some(t0), t0 + MIN_GAP),
             Due::Now
         );
     }
@@ -483,6 +533,16 @@ mod tests {
         assert_eq!(kinds(&failed, &failed), []);
         assert_eq!(kinds(&pending, &conflict), [Reason::PortConflict]);
         assert_eq!(kinds(&conflict, &conflict), []);
+    }
+
+    #[test]
+    fn differing_fields_are_named() {
+        let a = report(Phase::Pending, reason::STARTING, false, Timestamp::now());
+        let mut b = a.clone();
+        assert!(differing_fields(&a, &b).is_empty());
+        b.phase = Some(Phase::Ready);
+        b.port = Some(1);
+        assert_eq!(differing_fields(&a, &b), ["phase", "port"]);
     }
 
     #[test]

@@ -22,7 +22,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use futures::{StreamExt, stream};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::Api;
 use kube::api::ListParams;
 use tracing::{debug, info, warn};
@@ -58,13 +59,19 @@ pub fn put_lease_fields(
     status.port = lease.map(|l| i32::from(l.port));
     status.url = lease.map(|l| url.url(l.port));
     status.target = lease.map(|l| l.target.to_string());
-    status.allocated_at = lease.map(|l| Time(l.allocated_at));
+    // The API stores whole seconds; writing more would make every comparison differ.
+    status.allocated_at = lease.map(|l| Time(whole_seconds(l.allocated_at)));
     status.lease_uid = lease.map(|l| l.uid.clone());
     status.node = lease.map(|_| node.to_owned());
     status.pid = lease.and_then(|l| l.process).map(|p| p.pid);
     status.process_start_time = lease
         .and_then(|l| l.process)
         .map(|p| i64::try_from(p.start_time).unwrap_or(i64::MAX));
+}
+
+/// `t` without its fraction of a second, as `metav1.Time` carries it.
+pub fn whole_seconds(t: Timestamp) -> Timestamp {
+    Timestamp::from_second(t.as_second()).unwrap_or(t)
 }
 
 /// Reads the lease `node` wrote into `status`, if there is a complete one.
@@ -239,10 +246,21 @@ impl KubeStatusStore {
         let mut status = known.status.clone();
         put_lease_fields(&mut status, Some(lease), &self.node, &self.url);
         if status.phase.is_none() {
-            // The same words the plan reports, so the sink's first status adds nothing.
+            // The words the plan reports for this pass, so the sink's first status adds
+            // nothing but the pid, which waits for the Ready write.
+            let message = format!("leasing port {}", lease.port);
             status.phase = Some(Phase::Pending);
             status.reason = Some(reason::ALLOCATING.into());
-            status.message = Some(format!("leasing port {}", lease.port));
+            status.message = Some(message.clone());
+            status.observed_generation = known.generation;
+            status.conditions = vec![Condition {
+                type_: "Ready".into(),
+                status: "False".into(),
+                reason: reason::ALLOCATING.into(),
+                message,
+                observed_generation: known.generation,
+                last_transition_time: Time(whole_seconds(Timestamp::now())),
+            }];
         }
         match self.writer.apply_status(&known, &status).await {
             Ok(obj) => {
@@ -322,17 +340,21 @@ impl KubeStatusStore {
                     return self.released(lease, Some(&k));
                 }
             } else if holds {
+                // A status that keeps saying Ready without a port would be a lie; the sink
+                // writes the next state if this node still serves the session.
                 let mut status = k.status.clone();
                 put_lease_fields(&mut status, None, &self.node, &self.url);
-                if !k.watched {
-                    status.phase = Some(Phase::Pending);
-                    status.reason = Some(RELEASED.into());
-                    status.message = Some(format!(
+                status.phase = Some(Phase::Pending);
+                status.reason = Some(RELEASED.into());
+                status.message = Some(if k.watched {
+                    format!("node {} released port {}", self.node, lease.port)
+                } else {
+                    format!(
                         "node {} released port {}: the session is no longer assigned to it",
                         self.node, lease.port
-                    ));
-                    status.conditions.clear();
-                }
+                    )
+                });
+                status.conditions.clear();
                 self.writer.apply_status(&k, &status).await
             } else {
                 return self.released(lease, Some(&k));
@@ -535,7 +557,6 @@ impl LeaseStore for KubeStatusStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use jiff::Timestamp;
 
     fn lease(session: &str, port: u16) -> Lease {
         Lease::new(
@@ -560,6 +581,8 @@ mod tests {
     #[test]
     fn a_lease_round_trips_through_the_status() {
         let mut l = lease("ns/vm1", 6100);
+        // The API keeps whole seconds of allocatedAt.
+        l.allocated_at = whole_seconds(l.allocated_at);
         l.process = Some(ProcRef {
             pid: 42,
             start_time: 12345,
@@ -579,6 +602,16 @@ mod tests {
         let back = lease_from_status("ns/vm1", &st, "n1").unwrap();
         assert_eq!(back.process, None);
         assert_eq!(back.uid, l.uid);
+    }
+
+    #[test]
+    fn written_times_are_whole_seconds_like_the_api_stores_them() {
+        let l = lease("ns/vm1", 6100);
+        let mut st = VncSessionStatus::default();
+        put_lease_fields(&mut st, Some(&l), "n1", &url());
+        let json = serde_json::to_value(&st).unwrap();
+        let back: VncSessionStatus = serde_json::from_value(json).unwrap();
+        assert_eq!(back, st, "a status survives the API's round trip unchanged");
     }
 
     #[test]

@@ -201,6 +201,8 @@ pub struct KubeVncd {
     pub identity: String,
     pub range: (u16, u16),
     pub http: u16,
+    /// `--resync-interval` (seconds).
+    pub resync: String,
     pub extra: Vec<String>,
     pub tmp: tempfile::TempDir,
     child: Option<Child>,
@@ -229,6 +231,7 @@ impl KubeVncd {
             identity: format!("{node}-{}", tmp.path().display()),
             range,
             http: crate::common::free_port(),
+            resync: "0.5".into(),
             extra: Vec::new(),
             tmp,
             child: None,
@@ -263,7 +266,7 @@ impl KubeVncd {
             "--public-host".into(),
             "127.0.0.1".into(),
             "--resync-interval".into(),
-            "0.5".into(),
+            self.resync.clone(),
             // The tests check correctness, not speed, on machines shared with other
             // builds: a proxy slow to start must not be declared failed.
             "--start-timeout".into(),

@@ -1,0 +1,431 @@
+//! Kubernetes-mode benchmarks against a real kube-apiserver (scripts/testcluster).
+//!
+//! ```sh
+//! cargo bench --bench kube                 # both parts
+//! cargo bench --bench kube -- ready        # 200 sessions to Ready (real websockify + QEMU)
+//! cargo bench --bench kube -- scale        # 20 instances, 1,000 sessions
+//! ```
+//!
+//! 1. **ready**: one `vncd kube`, 200 VncSessions created at once against one QEMU VNC
+//!    server, real websockify proxies. Times creation -> Ready (per session and for all)
+//!    and counts the API writes vncd made, from the API server's own request metrics
+//!    (`apiserver_request_total`), per session. Run twice: objects created without the
+//!    finalizer (vncd adds it) and with `vncd.io/cleanup` already set by the creator.
+//! 2. **scale**: 20 `vncd kube` instances with different `--node-name` against one API
+//!    server, 1,000 sessions spread over them. Checks there are no 409 conflicts and that
+//!    each instance's watch delivered only its own node's 50 objects (each instance logs
+//!    what its watch delivered when it stops). A thousand Python websockify processes do
+//!    not fit this machine, so the instances run a stub proxy (this very binary, which
+//!    only listens on the leased port); leases, statuses, watches and writes are real.
+#![allow(clippy::unwrap_used, dead_code)]
+
+#[path = "../tests/common/cluster.rs"]
+mod cluster;
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cluster::{Cluster, KubeVncd, cluster};
+use common::Qemu;
+use futures::{StreamExt, TryStreamExt, stream};
+use kube::api::{DeleteParams, ListParams, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, ResourceExt};
+use vncd::api::{Phase, Target, VncSession, VncSessionSpec};
+
+fn main() {
+    // Started by vncd as the proxy of a session (scale part): only listen.
+    if std::env::var_os("VNCD_MARK_OWNER").is_some() {
+        stub_proxy();
+        return;
+    }
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let want =
+        |p: &str| !args.iter().any(|a| a == "ready" || a == "scale") || args.iter().any(|a| a == p);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let c = cluster();
+        println!("kube-apiserver: {}", c.dir.display());
+        if want("ready") {
+            ready(c, 200, false).await;
+            ready(c, 200, true).await;
+        }
+        if want("scale") {
+            scale(c, 20, 50).await;
+        }
+    });
+}
+
+/// Listens on the address vncd gave (the first argument that looks like HOST:PORT) and
+/// accepts connections until killed.
+fn stub_proxy() {
+    let listen = std::env::args()
+        .skip(1)
+        .find(|a| !a.starts_with('-'))
+        .expect("listen address");
+    let l = std::net::TcpListener::bind(&listen).expect("bind");
+    for s in l.incoming() {
+        drop(s);
+    }
+}
+
+/// `apiserver_request_total` by (resource, subresource, verb, code).
+type Requests = BTreeMap<(String, String, String, String), f64>;
+
+fn requests(c: &Cluster) -> Requests {
+    let text = c.kubectl_ok(&["get", "--raw", "/metrics"]);
+    let mut out = Requests::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("apiserver_request_total{") else {
+            continue;
+        };
+        let Some((labels, value)) = rest.rsplit_once("} ") else {
+            continue;
+        };
+        let mut l: HashMap<&str, &str> = HashMap::new();
+        for kv in labels.split("\",") {
+            if let Some((k, v)) = kv.split_once("=\"") {
+                l.insert(k, v.trim_end_matches('"'));
+            }
+        }
+        let key = (
+            l.get("resource").copied().unwrap_or_default().to_owned(),
+            l.get("subresource").copied().unwrap_or_default().to_owned(),
+            l.get("verb").copied().unwrap_or_default().to_owned(),
+            l.get("code").copied().unwrap_or_default().to_owned(),
+        );
+        *out.entry(key).or_default() += value.parse::<f64>().unwrap_or(0.0);
+    }
+    out
+}
+
+/// Requests between two snapshots matching `f`.
+fn delta(before: &Requests, after: &Requests, f: impl Fn(&str, &str, &str, &str) -> bool) -> f64 {
+    after
+        .iter()
+        .filter(|((r, s, v, c), _)| f(r, s, v, c))
+        .map(|(k, n)| n - before.get(k).copied().unwrap_or(0.0))
+        .sum()
+}
+
+/// A write that changes an object (server-side apply is counted as verb APPLY).
+fn is_write(verb: &str) -> bool {
+    matches!(verb, "APPLY" | "PATCH" | "PUT")
+}
+
+/// 409s on VncSessions, by verb and subresource.
+fn conflicts(before: &Requests, after: &Requests) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    for ((r, s, v, c), n) in after {
+        let key = (r.clone(), s.clone(), v.clone(), c.clone());
+        let d = n - before.get(&key).copied().unwrap_or(0.0);
+        if r == "vncsessions" && c == "409" && d > 0.0 {
+            *out.entry(format!("{v} {s}")).or_default() += d;
+        }
+    }
+    out
+}
+
+/// Writes vncd makes to VncSessions: (status applies, finalizer patches).
+fn session_writes(before: &Requests, after: &Requests) -> (f64, f64) {
+    (
+        delta(before, after, |r, s, v, _| {
+            r == "vncsessions" && s == "status" && is_write(v)
+        }),
+        delta(before, after, |r, s, v, _| {
+            r == "vncsessions" && s.is_empty() && is_write(v)
+        }),
+    )
+}
+
+fn session(node: &str, target_port: u16, finalizer: bool, name: &str) -> VncSession {
+    let mut o = VncSession::new(
+        name,
+        VncSessionSpec {
+            target: Target {
+                host: Some("127.0.0.1".into()),
+                port: Some(i32::from(target_port)),
+                unix_socket: None,
+            },
+            port: None,
+            node_name: Some(node.into()),
+        },
+    );
+    if finalizer {
+        o.metadata.finalizers = Some(vec!["vncd.io/cleanup".into()]);
+    }
+    o
+}
+
+/// Records when each object of `api` is first seen Ready.
+fn track_ready(api: Api<VncSession>) -> Arc<Mutex<HashMap<String, Instant>>> {
+    let seen: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let s = seen.clone();
+    tokio::spawn(async move {
+        let stream = watcher(api, watcher::Config::default()).applied_objects();
+        futures::pin_mut!(stream);
+        while let Ok(Some(o)) = stream.try_next().await {
+            if o.status.as_ref().and_then(|st| st.phase) == Some(Phase::Ready) {
+                s.lock()
+                    .unwrap()
+                    .entry(o.name_any())
+                    .or_insert_with(Instant::now);
+            }
+        }
+    });
+    seen
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+async fn wait_probe(v: &KubeVncd) {
+    let t = Instant::now();
+    while v.probe("/readyz") != Some(200) {
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "vncd for {} never ready:\n{}",
+            v.node,
+            v.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn create_all(api: &Api<VncSession>, objs: Vec<VncSession>) -> HashMap<String, Instant> {
+    stream::iter(objs)
+        .map(|o| {
+            let api = api.clone();
+            async move {
+                let name = o.name_any();
+                api.create(&PostParams::default(), &o).await.unwrap();
+                (name, Instant::now())
+            }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await
+}
+
+async fn ready(c: &Cluster, n: usize, finalizer: bool) {
+    let label = if finalizer { "with-finalizer" } else { "plain" };
+    let ns = format!("ready-{label}");
+    let node = format!("bench-{label}");
+    c.create_namespace(&ns);
+    let qemu = Qemu::tcp();
+    let mut v = KubeVncd::new(&node, Some(&ns), &ns, u16::try_from(n).unwrap() + 20);
+    v.start();
+    wait_probe(&v).await;
+    let client = c.client().await;
+    let api: Api<VncSession> = Api::namespaced(client, &ns);
+    let seen = track_ready(api.clone());
+    let m0 = requests(c);
+    let t0 = Instant::now();
+    let objs = (0..n)
+        .map(|i| session(&node, qemu.port, finalizer, &format!("vm{i:03}")))
+        .collect();
+    let created = create_all(&api, objs).await;
+    let t_created = t0.elapsed();
+    loop {
+        if seen.lock().unwrap().len() >= n {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(900),
+            "not all Ready after 900 s:\n{}",
+            v.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let t_all = t0.elapsed();
+    let m1 = requests(c);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let m2 = requests(c);
+    let mut lat: Vec<f64> = {
+        let s = seen.lock().unwrap();
+        created
+            .iter()
+            .map(|(k, at)| s[k].saturating_duration_since(*at).as_secs_f64())
+            .collect()
+    };
+    lat.sort_by(f64::total_cmp);
+    let (st1, fin1) = session_writes(&m0, &m1);
+    let (st2, fin2) = session_writes(&m0, &m2);
+    let events = delta(&m0, &m2, |r, _, v, _| {
+        r == "events" && (v == "POST" || v == "PATCH")
+    });
+
+    let d0 = Instant::now();
+    api.delete_collection(&DeleteParams::default(), &ListParams::default())
+        .await
+        .unwrap();
+    loop {
+        if api
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+        {
+            break;
+        }
+        assert!(
+            d0.elapsed() < Duration::from_secs(600),
+            "objects not gone:\n{}",
+            v.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let t_del = d0.elapsed();
+    let m3 = requests(c);
+    let (st3, fin3) = session_writes(&m2, &m3);
+    let conflicts = conflicts(&m0, &m3);
+    assert!(v.terminate().success());
+    let summary = v.log_events("vncd kube stopped");
+    let f = summary
+        .last()
+        .map(|s| s["fields"].clone())
+        .unwrap_or_default();
+    let nf = n as f64;
+    println!(
+        "\n## ready: {n} sessions, objects created {}",
+        if finalizer {
+            "with the finalizer already set"
+        } else {
+            "without a finalizer"
+        }
+    );
+    println!(
+        "created all {n} objects in {:.2} s",
+        t_created.as_secs_f64()
+    );
+    println!(
+        "all Ready {:.2} s after the first create",
+        t_all.as_secs_f64()
+    );
+    println!(
+        "per session create->Ready: p50 {:.2} s, p95 {:.2} s, max {:.2} s",
+        pct(&lat, 0.5),
+        pct(&lat, 0.95),
+        pct(&lat, 1.0)
+    );
+    println!(
+        "writes until all Ready: {st1} status + {fin1} finalizer = {:.2} per session",
+        (st1 + fin1) / nf
+    );
+    println!(
+        "writes 3 s later: {st2} status + {fin2} finalizer = {:.2} per session; {events} event writes ({:.2} per session)",
+        (st2 + fin2) / nf,
+        events / nf
+    );
+    println!(
+        "delete all: gone after {:.2} s; {st3} status + {fin3} finalizer writes ({:.2} per session)",
+        t_del.as_secs_f64(),
+        (st3 + fin3) / nf
+    );
+    println!("409 conflicts on vncsessions: {conflicts:?}");
+    println!(
+        "vncd's own count: {} status writes, {} finalizer writes, {} conflicts, {} events",
+        f["status_writes"], f["finalizer_writes"], f["conflicts"], f["events"]
+    );
+}
+
+async fn scale(c: &Cluster, nodes: usize, per_node: usize) {
+    let ns = "scale";
+    c.create_namespace(ns);
+    let stub = std::env::current_exe().unwrap().display().to_string();
+    let mut instances: Vec<KubeVncd> = (0..nodes)
+        .map(|i| {
+            let mut v = KubeVncd::new(
+                &format!("scale-n{i:02}"),
+                None,
+                ns,
+                u16::try_from(per_node).unwrap() + 10,
+            );
+            v.extra = vec!["--websockify".into(), stub.clone()];
+            // Twenty instances share this machine's /proc; on a real node there is one.
+            v.resync = "5".into();
+            v
+        })
+        .collect();
+    for v in &mut instances {
+        v.start();
+    }
+    for v in &instances {
+        wait_probe(v).await;
+    }
+    let client = c.client().await;
+    let api: Api<VncSession> = Api::namespaced(client, ns);
+    let seen = track_ready(api.clone());
+    let m0 = requests(c);
+    let t0 = Instant::now();
+    let total = nodes * per_node;
+    let objs = (0..total)
+        .map(|i| {
+            session(
+                &format!("scale-n{:02}", i % nodes),
+                5900,
+                false,
+                &format!("s{i:04}"),
+            )
+        })
+        .collect();
+    create_all(&api, objs).await;
+    let t_created = t0.elapsed();
+    loop {
+        if seen.lock().unwrap().len() >= total {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(1800),
+            "not all Ready after 1800 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let t_all = t0.elapsed();
+    let m1 = requests(c);
+    let (st, fin) = session_writes(&m0, &m1);
+    let conflicts = conflicts(&m0, &m1);
+    println!(
+        "\n## scale: {nodes} vncd kube instances, {total} sessions ({per_node} per node), stub proxies"
+    );
+    println!(
+        "created all {total} objects in {:.2} s; all Ready {:.2} s after the first create",
+        t_created.as_secs_f64(),
+        t_all.as_secs_f64()
+    );
+    println!(
+        "writes until all Ready: {st} status + {fin} finalizer = {:.2} per session",
+        (st + fin) / total as f64
+    );
+    println!("409 conflicts on vncsessions (API server metrics): {conflicts:?}");
+    println!(
+        "| node | watch events | distinct objects delivered | of another node | conflicts seen by vncd |"
+    );
+    println!("| --- | --- | --- | --- | --- |");
+    let mut all_own = true;
+    for v in &mut instances {
+        assert!(v.terminate().success(), "{}", v.log());
+        let s = v.log_events("vncd kube stopped");
+        let f = &s.last().unwrap()["fields"];
+        let distinct = f["watch_objects"].as_u64().unwrap_or(u64::MAX);
+        let foreign = f["watch_foreign"].as_u64().unwrap_or(u64::MAX);
+        all_own &= distinct == per_node as u64 && foreign == 0;
+        println!(
+            "| {} | {} | {} | {} | {} |",
+            v.node, f["watch_events"], distinct, foreign, f["conflicts"]
+        );
+    }
+    println!("every instance received only its own {per_node} objects: {all_own}");
+}
