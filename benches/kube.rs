@@ -53,6 +53,7 @@ fn main() {
         let c = cluster();
         println!("kube-apiserver: {}", c.dir.display());
         if want("ready") {
+            one_at_a_time(c, 10).await;
             ready(c, 200, false).await;
             ready(c, 200, true).await;
         }
@@ -338,6 +339,51 @@ async fn ready(c: &Cluster, n: usize, finalizer: bool) {
     println!(
         "vncd's own count: {} status writes, {} finalizer writes, {} conflicts, {} events",
         f["status_writes"], f["finalizer_writes"], f["conflicts"], f["events"]
+    );
+}
+
+/// Sessions created one after another, each waited for: latency without a crowd.
+async fn one_at_a_time(c: &Cluster, n: usize) {
+    let ns = "single";
+    let node = "bench-single";
+    c.create_namespace(ns);
+    let qemu = Qemu::tcp();
+    let mut v = KubeVncd::new(node, Some(ns), ns, 20);
+    v.start();
+    wait_probe(&v).await;
+    let api: Api<VncSession> = Api::namespaced(c.client().await, ns);
+    let seen = track_ready(api.clone());
+    let m0 = requests(c);
+    let mut lat = Vec::new();
+    for i in 0..n {
+        let name = format!("one{i}");
+        let t = Instant::now();
+        api.create(
+            &PostParams::default(),
+            &session(node, qemu.port, false, &name),
+        )
+        .await
+        .unwrap();
+        while !seen.lock().unwrap().contains_key(&name) {
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "{name} not Ready:\n{}",
+                v.log()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        lat.push(t.elapsed().as_secs_f64());
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (st, fin) = session_writes(&m0, &requests(c));
+    lat.sort_by(f64::total_cmp);
+    assert!(v.terminate().success());
+    println!("\n## one at a time: {n} sessions, each created after the previous one is Ready");
+    println!(
+        "create->Ready: p50 {:.2} s, max {:.2} s; writes {st} status + {fin} finalizer = {:.2} per session",
+        pct(&lat, 0.5),
+        pct(&lat, 1.0),
+        (st + fin) / n as f64
     );
 }
 

@@ -7,7 +7,7 @@
 //! instance for the same node waits passively until the holder stops renewing.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 
@@ -17,8 +17,8 @@ use kube::{Api, Client};
 use tokio::sync::watch;
 use tracing::{error, info};
 
+use super::runtime;
 use super::serve::{ServeArgs, secs, shutdown_signal};
-use super::{StateArgs, runtime};
 use crate::api::VncSession;
 use crate::controller::Controller;
 use crate::http::{AppState, Health};
@@ -54,9 +54,10 @@ pub struct KubeArgs {
     /// Serve /healthz and /readyz on this address (e.g. 0.0.0.0:9850).
     #[arg(long, env = "VNCD_HTTP")]
     pub http: Option<SocketAddr>,
-    /// Proxy logs go to STATE_DIR/logs/NAMESPACE/NAME.log (leases live in the API server).
-    #[command(flatten)]
-    pub state: StateArgs,
+    /// Where proxy logs go: STATE_DIR/logs/NAMESPACE/NAME.log (leases live in the API
+    /// server, not here).
+    #[arg(long, env = "VNCD_STATE_DIR", default_value = "/var/lib/vncd")]
+    pub state_dir: PathBuf,
     #[command(flatten)]
     pub serve: ServeArgs,
 }
@@ -104,7 +105,7 @@ pub fn kube(args: KubeArgs) -> anyhow::Result<ExitCode> {
         return Err(KubeError::NodeName(node).into());
     }
     let config = args.serve.loop_config()?;
-    let log_dir = args.state.state_dir.join("logs");
+    let log_dir = args.state_dir.join("logs");
     std::fs::create_dir_all(&log_dir)
         .with_context(|| format!("cannot create proxy log directory {}", log_dir.display()))?;
     // Every instance for this node marks its proxies alike, so a successor adopts them.

@@ -45,7 +45,7 @@ use crate::store::kube_status::put_lease_fields;
 pub const SETTLE: Duration = Duration::from_secs(5);
 /// How long a Pending session may show its lease write's words while it merely makes
 /// normal progress ([`PROGRESS`] reasons), before its current reason is written anyway.
-pub const PROGRESS_SETTLE: Duration = Duration::from_secs(30);
+pub const PROGRESS_SETTLE: Duration = Duration::from_secs(120);
 /// Pending reasons that mean "on its way": not worth a write of their own when many
 /// sessions start at once. Problems (PortConflict, PortInUse, PoolExhausted, ...) are.
 pub const PROGRESS: [&str; 3] = [reason::ALLOCATING, reason::QUEUED, reason::STARTING];
