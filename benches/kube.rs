@@ -298,6 +298,13 @@ async fn ready(c: &Cluster, n: usize, finalizer: bool) {
         .last()
         .map(|s| s["fields"].clone())
         .unwrap_or_default();
+    let mut passes: Vec<f64> = v
+        .log_events("pass done")
+        .iter()
+        .filter_map(|e| e["fields"]["elapsed_ms"].as_f64())
+        .collect();
+    passes.sort_by(f64::total_cmp);
+    let starts = v.log_events("started proxy").len();
     let nf = n as f64;
     println!(
         "\n## ready: {n} sessions, objects created {}",
@@ -336,6 +343,13 @@ async fn ready(c: &Cluster, n: usize, finalizer: bool) {
         (st3 + fin3) / nf
     );
     println!("409 conflicts on vncsessions: {conflicts:?}");
+    println!(
+        "controller passes: {} (p50 {:.0} ms, p95 {:.0} ms, max {:.0} ms); proxy starts: {starts}",
+        passes.len(),
+        pct(&passes, 0.5),
+        pct(&passes, 0.95),
+        pct(&passes, 1.0)
+    );
     println!(
         "vncd's own count: {} status writes, {} finalizer writes, {} conflicts, {} events",
         f["status_writes"], f["finalizer_writes"], f["conflicts"], f["events"]
