@@ -12,7 +12,7 @@
 //! are reported as rejected; one that already holds a lease keeps it untouched, like a
 //! broken manifest edit in standalone mode.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -184,7 +184,6 @@ pub fn snapshot_of(
         }
     }
     objects.set_watched(&watched);
-    snap.warnings = BTreeMap::new();
     snap
 }
 
