@@ -719,3 +719,45 @@ async fn a_session_taken_off_the_node_is_released_and_stays_deletable() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_instance_that_loses_its_node_lease_stops_writing_and_exits() {
+    let c = cluster();
+    let ns = "fenced";
+    c.create_namespace(ns);
+    let qemu = Qemu::tcp();
+    let node = "node-fenced";
+    let mut v = KubeVncd::new(node, Some(ns), ns, 5);
+    v.start();
+    let api: Api<VncSession> = Api::namespaced(c.client().await, ns);
+    create(&api, "vm1", spec(Some(node), qemu.port)).await;
+    let items = wait_ready(&api, 1, &[&v]).await;
+
+    // Someone else takes the node's Lease (as a new holder would after a partition).
+    c.kubectl_ok(&[
+        "patch",
+        "lease",
+        "-n",
+        ns,
+        &format!("vncd-{node}"),
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"holderIdentity":"intruder"}}"#,
+    ]);
+    let start = Instant::now();
+    let exit = loop {
+        if let Some(s) = v.try_wait() {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "vncd kept serving without its lease:\n{}",
+            v.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(!exit.success(), "losing the lease must be an error exit");
+    assert!(v.log().contains("lost the node lease"), "{}", v.log());
+    // Like any exit, it leaves the proxy to whoever serves the node next.
+    assert!(pid_alive(i64::from(status(&items[0]).pid.unwrap())));
+}

@@ -321,6 +321,13 @@ impl KubeVncd {
         }
     }
 
+    /// The exit status if vncd has exited (reaped); None while it runs.
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().ok()??;
+        self.child = None;
+        Some(status)
+    }
+
     /// SIGTERM and wait for the exit.
     pub fn terminate(&mut self) -> ExitStatus {
         let mut c = self.child.take().expect("not running");
