@@ -31,8 +31,17 @@ pub struct Cluster {
 
 static CLUSTER: OnceLock<Result<Cluster, String>> = OnceLock::new();
 
-/// The cluster of this test binary, started on first use.
+/// The cluster of this test binary, started on first use, with the CRD installed.
 pub fn cluster() -> &'static Cluster {
+    match CLUSTER.get_or_init(|| start().and_then(|c| c.install_crd().map(|()| c))) {
+        Ok(c) => c,
+        Err(e) => panic!("the test Kubernetes API server could not start: {e}"),
+    }
+}
+
+/// The cluster of this test binary without the VncSession CRD (use either this or
+/// [`cluster`] in one binary, not both).
+pub fn bare_cluster() -> &'static Cluster {
     match CLUSTER.get_or_init(start) {
         Ok(c) => c,
         Err(e) => panic!("the test Kubernetes API server could not start: {e}"),
@@ -80,32 +89,11 @@ fn start() -> Result<Cluster, String> {
             tail(&String::from_utf8_lossy(&out.stderr)),
         ));
     }
-    let c = Cluster {
+    Ok(Cluster {
         kubeconfig: dir.join("kubeconfig"),
         kubectl: dir.join("bin/kubectl"),
         dir,
-    };
-    let crd = Command::new(VNCD).arg("crd").output().unwrap();
-    let applied = c.kubectl_stdin(&["apply", "-f", "-"], &crd.stdout);
-    if !applied.status.success() {
-        return Err(format!(
-            "cannot install the CRD: {}",
-            String::from_utf8_lossy(&applied.stderr)
-        ));
-    }
-    let ok = c.kubectl(&[
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd/vncsessions.vncd.io",
-    ]);
-    if !ok.status.success() {
-        return Err(format!(
-            "CRD not established: {}",
-            String::from_utf8_lossy(&ok.stderr)
-        ));
-    }
-    Ok(c)
+    })
 }
 
 fn tail(s: &str) -> String {
@@ -114,6 +102,31 @@ fn tail(s: &str) -> String {
 }
 
 impl Cluster {
+    /// `vncd crd | kubectl apply -f -`, then waits until the CRD is Established.
+    pub fn install_crd(&self) -> Result<(), String> {
+        let crd = Command::new(VNCD).arg("crd").output().unwrap();
+        let applied = self.kubectl_stdin(&["apply", "-f", "-"], &crd.stdout);
+        if !applied.status.success() {
+            return Err(format!(
+                "cannot install the CRD: {}",
+                String::from_utf8_lossy(&applied.stderr)
+            ));
+        }
+        let ok = self.kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/vncsessions.vncd.io",
+        ]);
+        if !ok.status.success() {
+            return Err(format!(
+                "CRD not established: {}",
+                String::from_utf8_lossy(&ok.stderr)
+            ));
+        }
+        Ok(())
+    }
+
     pub fn kubectl(&self, args: &[&str]) -> Output {
         Command::new(&self.kubectl)
             .args(args)
