@@ -282,6 +282,9 @@ async fn connection(
     if summary.outcome.is_empty() {
         summary.outcome = "closed".into();
     }
+    if summary.path.is_empty() {
+        summary.path = "-".into();
+    }
     info!(
         peer = %peer,
         kind = summary.kind,
@@ -351,7 +354,12 @@ async fn serve<S>(
             summary.kind = "websocket";
             return websocket(shared, stream, req, buf, stop, summary).await;
         }
-        let keep_alive = req.keep_alive();
+        // A request with a body (not expected for GET/HEAD) ends the connection: its body
+        // would otherwise be taken for the next request.
+        let keep_alive = req.keep_alive()
+            && matches!(req.method.as_str(), "GET" | "HEAD")
+            && req.header("content-length").is_none_or(|l| l.trim() == "0")
+            && req.header("transfer-encoding").is_none();
         let served = web::serve(&mut stream, shared.web.as_deref(), &req, keep_alive);
         match unless_stopped(&mut stop, served).await {
             Some(Ok(n)) => summary.to_client += n,
