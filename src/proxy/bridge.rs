@@ -10,8 +10,11 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 
-/// Bytes read from the target at once, i.e. the largest frame sent to the client.
-const CHUNK: usize = 32 * 1024;
+/// Target read buffer: it starts small (an idle VNC session sends little) and doubles while reads
+/// fill it (bulk framebuffer updates: fewer, larger frames are much faster), up to the maximum,
+/// which is also the largest frame sent to the client. It shrinks back after many small reads in a row.
+const MIN_CHUNK: usize = 16 * 1024;
+const MAX_CHUNK: usize = 256 * 1024;
 /// How long to wait for the client's answer to our close frame.
 const CLOSE_WAIT: Duration = Duration::from_millis(500);
 
@@ -111,7 +114,8 @@ where
             End::Client
         };
         let downstream = async {
-            let mut buf = vec![0u8; CHUNK];
+            let mut buf = vec![0u8; MIN_CHUNK];
+            let mut small_reads = 0u32;
             loop {
                 let n = match target_rx.read(&mut buf).await {
                     Ok(0) => return End::Target,
@@ -126,6 +130,17 @@ where
                     return End::ClientError;
                 }
                 to_client += n as u64;
+                if n == buf.len() && buf.len() < MAX_CHUNK {
+                    buf.resize(buf.len() * 2, 0);
+                    small_reads = 0;
+                } else if n < MIN_CHUNK && buf.len() > MIN_CHUNK {
+                    // Back to small after a quiet spell, not after one short read.
+                    small_reads += 1;
+                    if small_reads == 64 {
+                        buf = vec![0u8; MIN_CHUNK];
+                        small_reads = 0;
+                    }
+                }
             }
         };
         let stopped = async {
