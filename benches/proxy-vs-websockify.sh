@@ -9,8 +9,10 @@
 #   2. with all N idle, sum Pss/Rss from /proc/PID/smaps_rollup (websockify: parent plus any
 #      children; idle it has none);
 #   3. connection setup latency through proxy #1: websocket connect (subprotocol binary) plus
-#      the 12-byte RFB banner from QEMU, LATENCY_SAMPLES times, sequentially;
-#   4. bulk throughput through one websocket, both directions, THROUGHPUT_MIB each. The target
+#      the 12-byte RFB banner from QEMU, LATENCY_SAMPLES times, sequentially; then the extra PSS
+#      per open session with 50 sessions held open at once through proxy #1;
+#   4. bulk throughput through one websocket, both directions, THROUGHPUT_MIB each, median of 3
+#      runs (the machine is shared, so single runs are noisy). The target
 #      is NOT QEMU here but a tiny Python TCP source/sink (QEMU cannot push bulk data on demand).
 # The websocket client is examples/wsbench.rs (Rust, tokio-tungstenite), the same for both kinds.
 # Requires: cargo, python3 with `pip install websockify==0.13.0`, qemu-system-x86_64.
@@ -69,6 +71,7 @@ cat >"$WORK/fleet.py" <<'PY'
 import os, signal, socket, statistics, subprocess, sys, time
 kind, n, vnc, src, sink, mib, lat, vncd, wsbench = sys.argv[1:10]
 n, mib, lat = int(n), int(mib), int(lat)
+sessions = 50
 
 def free_ports(k):
     socks = []
@@ -129,10 +132,13 @@ def tree(pid):
 
 def rollup(pid):
     vals = {}
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            k, _, rest = line.partition(":")
-            if k in ("Pss", "Rss"): vals[k] = int(rest.split()[0])
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                k, _, rest = line.partition(":")
+                if k in ("Pss", "Rss"): vals[k] = int(rest.split()[0])
+    except (FileNotFoundError, ProcessLookupError):
+        pass  # a websockify child that just exited
     return vals.get("Pss", 0), vals.get("Rss", 0)
 
 def wsb(*args):
@@ -156,12 +162,30 @@ try:
     r = wsb("latency", f"ws://127.0.0.1:{ports[0]}/", str(lat))
     print(f"connect_banner_ms_median={r['median_ms']}")
     print(f"connect_banner_ms_p90={r['p90_ms']}")
+    # Many sessions in one proxy: PSS of proxy #1 (and its children) idle vs with SESSIONS open.
+    time.sleep(1)  # websockify's per-connection children from the latency run must be gone
+    idle_pss = sum(rollup(pid)[0] for pid in tree(procs[0].pid))
+    holder = subprocess.Popen([wsbench, "hold", f"ws://127.0.0.1:{ports[0]}/", str(sessions)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding", "wsbench hold failed"
+        time.sleep(1)
+        tree_pids = tree(procs[0].pid)
+        busy_pss = sum(rollup(pid)[0] for pid in tree_pids)
+        print(f"pss_kib_per_session={(busy_pss - idle_pss) / sessions:.0f}")
+        print(f"os_processes_for_{sessions}_sessions={len(tree_pids)}")
+    finally:
+        holder.stdin.close(); holder.wait(timeout=30)
     stop_all()
     a, b = free_ports(2)
     start(a, src); start(b, sink)
     nbytes = str(mib << 20)
-    print(f"down_mib_per_s={wsb('down', f'ws://127.0.0.1:{a}/', nbytes)['mib_per_s']}")
-    print(f"up_mib_per_s={wsb('up', f'ws://127.0.0.1:{b}/', nbytes)['mib_per_s']}")
+    # Three runs per direction (the machine is shared): report the median.
+    downs = [wsb('down', f'ws://127.0.0.1:{a}/', nbytes) for _ in range(3)]
+    ups = [float(wsb('up', f'ws://127.0.0.1:{b}/', nbytes)['mib_per_s']) for _ in range(3)]
+    print(f"down_mib_per_s={statistics.median(float(d['mib_per_s']) for d in downs):.1f}")
+    print(f"down_avg_frame_kib={downs[0]['avg_frame_kib']}")
+    print(f"up_mib_per_s={statistics.median(ups):.1f}")
 finally:
     stop_all()
 PY
@@ -210,6 +234,7 @@ def load(p): return {l.split("=")[0].split(".", 1)[1]: float(l.split("=")[1]) fo
 v, w = load(sys.argv[1]), load(sys.argv[2])
 print("# ratios builtin/websockify (lower is better for time and memory, higher for throughput)")
 for k in ("pss_kib_per_proxy", "rss_kib_per_proxy", "spawn_ms_median", "connect_banner_ms_median",
+          "pss_kib_per_session",
           "down_mib_per_s", "up_mib_per_s"):
     print(f"ratio.{k}={v[k] / w[k]:.3f}   (vncd {v[k]:g} / websockify {w[k]:g})")
 PY

@@ -5,6 +5,8 @@
 //! - `wsbench down URL BYTES`: one websocket; read BYTES sent by the target; prints MiB/s.
 //! - `wsbench up URL BYTES`: one websocket; send BYTES in 32 KiB binary frames to the target,
 //!   then wait until the target closes; prints MiB/s.
+//! - `wsbench hold URL COUNT`: open COUNT websockets at once, read each banner, print `holding`
+//!   and keep them open until stdin closes.
 
 use std::time::{Duration, Instant};
 
@@ -23,18 +25,22 @@ async fn open(url: &str) -> Result<Ws, Error> {
     Ok(tokio_tungstenite::connect_async(req).await?.0)
 }
 
-/// Read binary data until `n` bytes arrived; returns how many did.
-async fn read_bytes(ws: &mut Ws, n: u64) -> Result<u64, Error> {
+/// Read binary data until `n` bytes arrived; returns how many did, and in how many messages.
+async fn read_bytes(ws: &mut Ws, n: u64) -> Result<(u64, u64), Error> {
     let mut got = 0u64;
+    let mut frames = 0u64;
     while got < n {
         match ws.next().await {
-            Some(Ok(Message::Binary(b))) => got += b.len() as u64,
+            Some(Ok(Message::Binary(b))) => {
+                got += b.len() as u64;
+                frames += 1;
+            }
             Some(Ok(Message::Close(_))) | None => break,
             Some(Ok(_)) => {}
             Some(Err(e)) => return Err(e),
         }
     }
-    Ok(got)
+    Ok((got, frames))
 }
 
 fn ms(d: Duration) -> f64 {
@@ -42,7 +48,9 @@ fn ms(d: Duration) -> f64 {
 }
 
 fn usage() -> anyhow::Error {
-    anyhow::anyhow!("usage: wsbench latency URL COUNT | down URL BYTES | up URL BYTES")
+    anyhow::anyhow!(
+        "usage: wsbench latency URL COUNT | down URL BYTES | up URL BYTES | hold URL COUNT"
+    )
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -58,7 +66,7 @@ async fn main() -> anyhow::Result<()> {
             for _ in 0..n {
                 let t = Instant::now();
                 let mut ws = open(url).await?;
-                anyhow::ensure!(read_bytes(&mut ws, 12).await? >= 12, "no RFB banner");
+                anyhow::ensure!(read_bytes(&mut ws, 12).await?.0 >= 12, "no RFB banner");
                 samples.push(t.elapsed());
                 let _ = ws.close(None).await;
                 // Let the close finish so the server is idle before the next sample.
@@ -71,10 +79,14 @@ async fn main() -> anyhow::Result<()> {
         "down" => {
             let mut ws = open(url).await?;
             let t = Instant::now();
-            let got = read_bytes(&mut ws, n).await?;
+            let (got, frames) = read_bytes(&mut ws, n).await?;
             let secs = t.elapsed().as_secs_f64();
             anyhow::ensure!(got >= n, "only {got} of {n} bytes arrived");
-            println!("mib_per_s={:.1}", got as f64 / secs / 1048576.0);
+            println!(
+                "mib_per_s={:.1} avg_frame_kib={:.1}",
+                got as f64 / secs / 1048576.0,
+                got as f64 / frames.max(1) as f64 / 1024.0
+            );
         }
         "up" => {
             let mut ws = open(url).await?;
@@ -94,6 +106,20 @@ async fn main() -> anyhow::Result<()> {
             }
             let secs = t.elapsed().as_secs_f64();
             println!("mib_per_s={:.1}", sent as f64 / secs / 1048576.0);
+        }
+        "hold" => {
+            let mut held = Vec::new();
+            for _ in 0..n {
+                let mut ws = open(url).await?;
+                anyhow::ensure!(read_bytes(&mut ws, 12).await?.0 >= 12, "no RFB banner");
+                held.push(ws);
+            }
+            println!("holding");
+            let mut sink = Vec::new();
+            tokio::io::AsyncReadExt::read_to_end(&mut tokio::io::stdin(), &mut sink).await?;
+            for mut ws in held {
+                let _ = ws.close(None).await;
+            }
         }
         _ => return Err(usage()),
     }

@@ -349,7 +349,7 @@ async fn serve<S>(
             }
         };
         summary.requests += 1;
-        summary.path = token::redact(&req.target);
+        summary.path = token::redact(&req.target, req.wants_websocket());
         if req.wants_websocket() {
             summary.kind = "websocket";
             return websocket(shared, stream, req, buf, stop, summary).await;

@@ -125,16 +125,16 @@ pub fn percent_decode(s: &str) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// A request path safe to log: no query string, and no path segment that may be a token.
-pub fn redact(target: &str) -> String {
+/// A request path safe to log: no query string, and for websocket requests no path beyond
+/// `/` or `/websockify` (anything else may be a token). Static file paths are kept.
+pub fn redact(target: &str, websocket: bool) -> String {
     let (path, query) = target
         .split_once('?')
         .map_or((target, None), |(p, q)| (p, Some(q)));
     let mut out = match path {
         "/" | "/websockify" | "/websockify/" => path.to_owned(),
         p if p.starts_with("/websockify/") => "/websockify/<redacted>".to_owned(),
-        p if p.matches('/').count() == 1 && !p.contains('.') => "/<redacted>".to_owned(),
-        // Static file paths: keep them, minus the query.
+        _ if websocket => "/<redacted>".to_owned(),
         p => p.chars().take(200).collect(),
     };
     if query.is_some() {
@@ -195,20 +195,28 @@ mod tests {
 
     #[test]
     fn redaction_hides_tokens() {
-        assert_eq!(redact("/websockify?token=SECRET"), "/websockify?<redacted>");
-        assert_eq!(redact("/?token=SECRET"), "/?<redacted>");
-        assert_eq!(redact("/SECRET"), "/<redacted>");
-        assert_eq!(redact("/websockify/SECRET"), "/websockify/<redacted>");
-        assert_eq!(redact("/vnc.html?path=x"), "/vnc.html?<redacted>");
-        assert_eq!(redact("/app/ui.js"), "/app/ui.js");
-        assert_eq!(redact("/websockify"), "/websockify");
+        assert_eq!(
+            redact("/websockify?token=SECRET", true),
+            "/websockify?<redacted>"
+        );
+        assert_eq!(redact("/?token=SECRET", true), "/?<redacted>");
+        assert_eq!(redact("/SECRET", true), "/<redacted>");
+        assert_eq!(redact("/SE.CRET", true), "/<redacted>");
+        assert_eq!(
+            redact("/websockify/SECRET", false),
+            "/websockify/<redacted>"
+        );
+        assert_eq!(redact("/vnc.html?path=x", false), "/vnc.html?<redacted>");
+        assert_eq!(redact("/app/ui.js", false), "/app/ui.js");
+        assert_eq!(redact("/websockify", true), "/websockify");
         for t in [
             "/websockify?token=SECRET",
             "/SECRET",
             "/websockify/SECRET",
             "/?a=SECRET",
+            "/a/SECRET.x",
         ] {
-            assert!(!redact(t).contains("SECRET"));
+            assert!(!redact(t, true).contains("SECRET"));
         }
     }
 }
