@@ -28,6 +28,10 @@ pub struct Lease {
     /// orphan search tells our processes from everyone else's, even before the pid
     /// is recorded here.
     pub uid: String,
+    /// The session's secret: the proxy refuses websocket clients that do not present it.
+    /// Kept only in files of mode 0600 (this lease file and the proxy's token file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
     /// The proxy process, once started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub process: Option<ProcRef>,
@@ -42,6 +46,7 @@ impl Lease {
             port,
             target,
             uid: random_hex(8),
+            token: Some(random_hex(16)),
             process: None,
             allocated_at: now,
         }

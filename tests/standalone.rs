@@ -14,6 +14,10 @@ fn port_of(status: &Value) -> u16 {
     status["port"].as_u64().unwrap() as u16
 }
 
+fn url_of(status: &Value) -> String {
+    status["url"].as_str().unwrap().to_owned()
+}
+
 fn pid_of(status: &Value) -> i64 {
     status["pid"].as_i64().unwrap()
 }
@@ -27,7 +31,11 @@ async fn a_session_becomes_ready_serves_rfb_and_is_released_on_delete() {
     let st = v.wait_ready("vm1");
     let port = port_of(&st);
     assert!((v.range.0..=v.range.1).contains(&port));
-    assert_eq!(st["url"], format!("ws://127.0.0.1:{port}/"));
+    let url = url_of(&st);
+    assert!(
+        url.starts_with(&format!("ws://127.0.0.1:{port}/?token=")),
+        "{url}"
+    );
     assert_eq!(st["target"], format!("127.0.0.1:{}", qemu.port));
     assert!(st["allocatedAt"].is_string());
     let mut c = Client::connect(st["url"].as_str().unwrap()).await;
@@ -76,7 +84,7 @@ async fn proxies_survive_kill_9_of_vncd_and_are_adopted_with_clients_connected()
         pid_alive(pid_of(&s1)) && pid_alive(pid_of(&s2)),
         "proxies died with vncd"
     );
-    assert_eq!(rfb_banner(port_of(&s2)).await, b"RFB 003.008\n");
+    assert_eq!(rfb_banner(&url_of(&s2)).await, b"RFB 003.008\n");
 
     v.start();
     // Same ports, same pids: adopted, not restarted.
@@ -118,7 +126,7 @@ async fn a_killed_proxy_comes_back_on_the_same_port() {
         (s["phase"] == "Ready" && s["pid"].as_i64()? != old).then_some(s)
     });
     assert_eq!(new["port"], st["port"]);
-    assert_eq!(rfb_banner(port_of(&new)).await, b"RFB 003.008\n");
+    assert_eq!(rfb_banner(&url_of(&new)).await, b"RFB 003.008\n");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -152,7 +160,7 @@ async fn a_port_held_by_a_foreign_listener_is_skipped_and_reused_once_free() {
     v.add_session("vm1", qemu.port);
     let st = v.wait_ready("vm1");
     assert_eq!(port_of(&st), v.range.0 + 1);
-    assert_eq!(rfb_banner(port_of(&st)).await, b"RFB 003.008\n");
+    assert_eq!(rfb_banner(&url_of(&st)).await, b"RFB 003.008\n");
     // Never dropped from the pool for good: once free, it is leased again.
     drop(foreign);
     std::thread::sleep(Duration::from_secs(11)); // the busy mark expires after 10 s
@@ -180,7 +188,7 @@ async fn pool_exhaustion_is_reported_and_heals_when_a_port_frees() {
     assert_eq!(v.item("a").unwrap()["status"]["phase"], "Ready");
     v.remove_session("a");
     let st = v.wait_ready("c");
-    assert_eq!(rfb_banner(port_of(&st)).await, b"RFB 003.008\n");
+    assert_eq!(rfb_banner(&url_of(&st)).await, b"RFB 003.008\n");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -250,7 +258,7 @@ async fn bad_manifests_are_reported_and_disturb_nothing() {
     assert_eq!(g["phase"], "Ready");
     assert_eq!(g["pid"], good["pid"]);
     assert_eq!(g["target"], format!("127.0.0.1:{}", qemu.port));
-    assert_eq!(rfb_banner(port_of(&g)).await, b"RFB 003.008\n");
+    assert_eq!(rfb_banner(&url_of(&g)).await, b"RFB 003.008\n");
     // vncd is still running, and `vncd get` in table form shows them all.
     assert!(v.child.as_mut().unwrap().try_wait().unwrap().is_none());
     let out = v.cmd(&["get", "--state-dir", v.state.to_str().unwrap()]);
@@ -444,7 +452,7 @@ async fn by_default_sigterm_leaves_consoles_running() {
     let st = v.wait_ready("vm1");
     assert!(v.terminate().success());
     assert!(pid_alive(pid_of(&st)));
-    assert_eq!(rfb_banner(port_of(&st)).await, b"RFB 003.008\n");
+    assert_eq!(rfb_banner(&url_of(&st)).await, b"RFB 003.008\n");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -480,7 +488,8 @@ async fn apply_wait_prints_the_url_and_delete_wait_returns_after_release() {
         stdout.contains(&format!("ws://127.0.0.1:{}/", v.range.1)),
         "{stdout}"
     );
-    assert_eq!(rfb_banner(v.range.1).await, b"RFB 003.008\n");
+    let url = stdout.lines().last().unwrap().trim().to_owned();
+    assert_eq!(rfb_banner(&url).await, b"RFB 003.008\n");
     let pid = pid_of(&v.item("vm9").unwrap()["status"]);
     let out = v.cmd(&[
         "delete",
@@ -520,7 +529,7 @@ async fn a_unix_socket_target_is_served() {
         ),
     );
     let st = v.wait_ready("u");
-    assert_eq!(rfb_banner(port_of(&st)).await, b"RFB 003.008\n");
+    assert_eq!(rfb_banner(&url_of(&st)).await, b"RFB 003.008\n");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -537,6 +546,7 @@ async fn a_proxy_that_cannot_start_is_reported_and_retried_without_leaking() {
         0o755,
     );
     std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    v.extra.extend(["--backend".into(), "websockify".into()]);
     v.extra
         .extend(["--websockify".into(), fake.display().to_string()]);
     v.start();
@@ -581,4 +591,35 @@ fn status_reports_the_pool_like_the_seed() {
     assert_eq!(s["port_pool"]["utilization_percent"], 10.0);
     assert_eq!(s["active_processes"], 1);
     assert_eq!(s["system_health"], "healthy");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_without_the_session_token_is_refused() {
+    let qemu = Qemu::tcp();
+    let mut v = Vncd::new(3);
+    v.start();
+    v.add_session("vm1", qemu.port);
+    let st = v.wait_ready("vm1");
+    let url = url_of(&st);
+    let (base, token) = url.split_once("?token=").unwrap();
+    assert_eq!(token.len(), 32, "a 128-bit token");
+    assert_eq!(try_banner(&url).await.unwrap(), b"RFB 003.008\n");
+    for bad in [
+        base.to_owned(),
+        format!("{base}?token=wrong"),
+        format!("{base}?token={}", &token[..31]),
+    ] {
+        let got = try_banner(&bad).await;
+        assert!(got.is_err(), "{bad} was let through: {got:?}");
+    }
+    // The token never reaches the log, and the files holding it are private.
+    assert!(!v.log().contains(token));
+    use std::os::unix::fs::PermissionsExt;
+    for f in ["leases.json", "sessions.json", "tokens/vm1.token"] {
+        let mode = std::fs::metadata(v.state.join(f))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "{f} is readable by others: {mode:o}");
+    }
 }

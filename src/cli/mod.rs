@@ -55,6 +55,8 @@ pub enum Command {
     Delete(apply::DeleteArgs),
     /// Print the VncSession CustomResourceDefinition as YAML.
     Crd,
+    /// Run one websocket -> VNC proxy (the builtin backend; started by `vncd run`).
+    Proxy(crate::proxy::ProxyArgs),
 }
 
 /// Where vncd keeps its state.
@@ -93,8 +95,10 @@ pub struct PoolArgs {
 fn init_logging(cli: &Cli) {
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Json => builder.json().init(),
@@ -114,6 +118,7 @@ pub fn main() -> ExitCode {
         Command::Apply(args) => apply::apply(args),
         Command::Delete(args) => apply::delete(args),
         Command::Crd => print_crd(),
+        Command::Proxy(args) => run_proxy(args),
     };
     match result {
         Ok(code) => code,
@@ -130,6 +135,15 @@ fn print_crd() -> anyhow::Result<ExitCode> {
         "{}",
         serde_saphyr::to_string(&crate::api::VncSession::crd())?
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One proxy per session: a current-thread runtime keeps each process small.
+fn run_proxy(args: crate::proxy::ProxyArgs) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(crate::proxy::run(args))?;
     Ok(ExitCode::SUCCESS)
 }
 

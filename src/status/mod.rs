@@ -33,16 +33,26 @@ pub struct UrlStyle {
 }
 
 impl UrlStyle {
-    pub fn url(&self, port: u16) -> String {
+    /// The console URL. With a token, the noVNC page is told to connect to
+    /// `websockify?token=...` (both backends accept that path), and a bare websocket URL
+    /// carries `?token=...`.
+    pub fn url(&self, port: u16, token: Option<&str>) -> String {
         let host = match self.public_host.parse::<IpAddr>() {
             Ok(IpAddr::V6(a)) => format!("[{a}]"),
             _ => self.public_host.clone(),
         };
-        match (self.web, self.tls) {
-            (true, false) => format!("http://{host}:{port}/vnc.html"),
-            (true, true) => format!("https://{host}:{port}/vnc.html"),
-            (false, false) => format!("ws://{host}:{port}/"),
-            (false, true) => format!("wss://{host}:{port}/"),
+        let (http, ws) = if self.tls {
+            ("https", "wss")
+        } else {
+            ("http", "ws")
+        };
+        match (self.web, token) {
+            (true, Some(t)) => {
+                format!("{http}://{host}:{port}/vnc.html?path=websockify%3Ftoken%3D{t}")
+            }
+            (true, None) => format!("{http}://{host}:{port}/vnc.html"),
+            (false, Some(t)) => format!("{ws}://{host}:{port}/?token={t}"),
+            (false, None) => format!("{ws}://{host}:{port}/"),
         }
     }
 }
@@ -145,7 +155,7 @@ impl StatusBuilder {
             obj.status = Some(VncSessionStatus {
                 phase: Some(report.phase),
                 port: lease.map(|l| i32::from(l.port)),
-                url: lease.map(|l| self.url.url(l.port)),
+                url: lease.map(|l| self.url.url(l.port, l.token.as_deref())),
                 pid: lease.and_then(|l| l.process).map(|p| p.pid),
                 target: lease.map(|l| l.target.to_string()),
                 reason: Some(report.reason.to_owned()),
