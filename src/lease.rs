@@ -53,6 +53,19 @@ impl Lease {
     }
 }
 
+/// Why and when a session expired. Kept after its lease is released, so a manifest
+/// that is still present does not start the session again until its spec changes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Expiry {
+    /// The spec generation that expired.
+    pub generation: i64,
+    /// `IdleTimeout` or `MaxLifetime`.
+    pub reason: String,
+    pub message: String,
+    pub at: Timestamp,
+}
+
 /// `n` random bytes as lowercase hex.
 pub fn random_hex(n: usize) -> String {
     let mut buf = vec![0u8; n];

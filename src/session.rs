@@ -63,6 +63,10 @@ pub struct Desired {
     pub requested_port: Option<u16>,
     /// Changes whenever the spec changes; reported back as `observedGeneration`.
     pub generation: i64,
+    /// End the session after this long with no client.
+    pub idle_timeout_ms: Option<u64>,
+    /// End the session this long after its lease.
+    pub max_lifetime_ms: Option<u64>,
 }
 
 /// Why a session spec was refused. Messages name the offending field and value.
@@ -88,6 +92,8 @@ pub enum SpecError {
         "spec.target.unixSocket {0:?} must be an absolute path without '..' or control characters"
     )]
     UnixSocket(String),
+    #[error("spec.{field} {value} must be between 1 and 315360000 seconds")]
+    Timeout { field: &'static str, value: i64 },
     #[error("spec.port {port} is outside the port pool {range}")]
     PortOutsidePool { port: i64, range: PortRange },
 }
@@ -182,11 +188,18 @@ impl Desired {
                 },
             )?),
         };
+        let secs = |field: &'static str, v: Option<i64>| match v {
+            None => Ok(None),
+            Some(s) if (1..=315_360_000).contains(&s) => Ok(Some(s.unsigned_abs() * 1000)),
+            Some(value) => Err(SpecError::Timeout { field, value }),
+        };
         Ok(Desired {
             name: name.to_owned(),
             target,
             requested_port,
             generation: spec_generation(spec),
+            idle_timeout_ms: secs("idleTimeoutSeconds", spec.idle_timeout_seconds)?,
+            max_lifetime_ms: secs("maxLifetimeSeconds", spec.max_lifetime_seconds)?,
         })
     }
 }
@@ -204,6 +217,8 @@ mod tests {
                 unix_socket: sock.map(str::to_owned),
             },
             port: None,
+            idle_timeout_seconds: None,
+            max_lifetime_seconds: None,
             node_name: None,
         }
     }
@@ -297,6 +312,33 @@ mod tests {
             assert_eq!(e.to_string().parse::<Endpoint>().unwrap(), e);
         }
         assert!("nope".parse::<Endpoint>().is_err());
+    }
+
+    #[test]
+    fn timeouts_are_validated_and_converted() {
+        let mut s = spec(Some("h"), Some(1), None);
+        s.idle_timeout_seconds = Some(30);
+        s.max_lifetime_seconds = Some(3600);
+        let d = check(&s).unwrap();
+        assert_eq!(
+            (d.idle_timeout_ms, d.max_lifetime_ms),
+            (Some(30_000), Some(3_600_000))
+        );
+        s.idle_timeout_seconds = Some(0);
+        assert!(
+            check(&s)
+                .unwrap_err()
+                .to_string()
+                .contains("spec.idleTimeoutSeconds 0")
+        );
+        s.idle_timeout_seconds = None;
+        s.max_lifetime_seconds = Some(-3);
+        assert!(
+            check(&s)
+                .unwrap_err()
+                .to_string()
+                .contains("spec.maxLifetimeSeconds -3")
+        );
     }
 
     #[test]

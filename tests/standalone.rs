@@ -623,3 +623,87 @@ async fn a_client_without_the_session_token_is_refused() {
         assert_eq!(mode & 0o077, 0, "{f} is readable by others: {mode:o}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_session_expires_and_stays_expired_until_its_spec_changes() {
+    let qemu = Qemu::tcp();
+    let mut v = Vncd::new(4);
+    v.start();
+    let idle = |secs: u32| {
+        format!(
+            "{}  idleTimeoutSeconds: {secs}\n",
+            manifest("idle", qemu.port.into())
+        )
+    };
+    v.write_manifest("idle.yaml", &idle(2));
+    v.write_manifest(
+        "busy.yaml",
+        &format!(
+            "{}  idleTimeoutSeconds: 2\n",
+            manifest("busy", qemu.port.into())
+        ),
+    );
+    let st = v.wait_ready("idle");
+    let busy = v.wait_ready("busy");
+    // A client keeps "busy" alive past its idle timeout.
+    let mut c = Client::connect(&url_of(&busy)).await;
+    assert_eq!(c.read(12).await, b"RFB 003.008\n");
+    let ex = v.wait_status("idle", "Expired", Duration::from_secs(10));
+    assert_eq!(ex["reason"], "IdleTimeout");
+    assert!(ex["port"].is_null() && ex["url"].is_null(), "{ex}");
+    assert!(!pid_alive(pid_of(&st)));
+    wait_for("idle lease released", Duration::from_secs(5), || {
+        let l = v.leases();
+        (!l["leases"]
+            .as_array()?
+            .iter()
+            .any(|l| l["session"] == "idle"))
+        .then_some(())
+    });
+    assert_eq!(v.item("busy").unwrap()["status"]["phase"], "Ready");
+    let (w, _) = c.handshake().await;
+    assert!(w > 0);
+    // Still expired a while later: the manifest is present but unchanged.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(v.item("idle").unwrap()["status"]["phase"], "Expired");
+    // A spec change brings it back.
+    v.write_manifest("idle.yaml", &idle(60));
+    let back = v.wait_ready("idle");
+    assert_eq!(rfb_banner(&url_of(&back)).await, b"RFB 003.008\n");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn max_lifetime_ends_a_session_even_with_a_live_client() {
+    let qemu = Qemu::tcp();
+    let mut v = Vncd::new(3);
+    v.start();
+    v.write_manifest(
+        "vm1.yaml",
+        &format!(
+            "{}  maxLifetimeSeconds: 3\n",
+            manifest("vm1", qemu.port.into())
+        ),
+    );
+    let st = v.wait_ready("vm1");
+    let mut c = Client::connect(&url_of(&st)).await;
+    assert_eq!(c.read(12).await, b"RFB 003.008\n");
+    let ex = v.wait_status("vm1", "Expired", Duration::from_secs(10));
+    assert_eq!(ex["reason"], "MaxLifetime");
+    // The live connection was cut.
+    let cut = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match futures::StreamExt::next(&mut c.ws).await {
+                None | Some(Err(_)) => break,
+                Some(Ok(tokio_tungstenite::tungstenite::Message::Close(_))) => break,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        cut.is_ok(),
+        "the client stayed connected after the lifetime ended"
+    );
+    assert!(!pid_alive(pid_of(&st)));
+    assert!(v.leases()["leases"].as_array().unwrap().is_empty());
+}

@@ -125,6 +125,9 @@ async fn pass(
             orphans: &obs.orphans,
             busy: &BTreeSet::new(),
             restarts: &BTreeMap::new(),
+            expired: &set.expired,
+            idle_ms: &BTreeMap::new(),
+            wall_now: Timestamp::now(),
             limits: Limits {
                 range: args.pool.port_range,
                 max_sessions: args.pool.max_sessions,

@@ -79,6 +79,8 @@ fn spec_of(target: &Endpoint) -> VncSessionSpec {
     VncSessionSpec {
         target,
         port: None,
+        idle_timeout_seconds: None,
+        max_lifetime_seconds: None,
         node_name: None,
     }
 }
@@ -175,6 +177,8 @@ impl StatusBuilder {
                 VncSessionSpec {
                     target: Target::default(),
                     port: None,
+                    idle_timeout_seconds: None,
+                    max_lifetime_seconds: None,
                     node_name: None,
                 },
             );
@@ -215,18 +219,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn urls_follow_web_and_tls_settings() {
+    fn urls_follow_web_tls_and_token_settings() {
         let mut u = UrlStyle {
             public_host: "vnc.example".into(),
             web: false,
             tls: false,
         };
-        assert_eq!(u.url(6100), "ws://vnc.example:6100/");
+        assert_eq!(u.url(6100, None), "ws://vnc.example:6100/");
+        assert_eq!(u.url(6100, Some("ab")), "ws://vnc.example:6100/?token=ab");
         u.web = true;
-        assert_eq!(u.url(6100), "http://vnc.example:6100/vnc.html");
+        assert_eq!(u.url(6100, None), "http://vnc.example:6100/vnc.html");
+        assert_eq!(
+            u.url(6100, Some("ab")),
+            "http://vnc.example:6100/vnc.html?path=websockify%3Ftoken%3Dab"
+        );
         u.tls = true;
-        assert_eq!(u.url(6100), "https://vnc.example:6100/vnc.html");
+        assert_eq!(u.url(6100, None), "https://vnc.example:6100/vnc.html");
+        u.web = false;
+        assert_eq!(u.url(6100, Some("ab")), "wss://vnc.example:6100/?token=ab");
         u.public_host = "::1".into();
-        assert_eq!(u.url(1), "https://[::1]:1/vnc.html");
+        assert_eq!(u.url(1, None), "wss://[::1]:1/");
     }
 }

@@ -92,6 +92,8 @@ pub struct Observation {
     pub held_by_us: BTreeSet<u16>,
     /// Every marked process, for cleanup and rebuild.
     pub marked: Vec<Marked>,
+    /// Connected clients per leased session with a live proxy.
+    pub clients: BTreeMap<String, usize>,
 }
 
 /// A proxy that ended on its own, reported so the controller can react at once.
@@ -387,8 +389,13 @@ pub fn classify(marked: Vec<Marked>, leases: &BTreeMap<String, Lease>) -> Observ
         }
     }
 
+    let established = procfs::established_by_port();
     for (session, m) in leaders {
         let port = leases[session].port;
+        obs.clients.insert(
+            session.to_owned(),
+            established.get(&port).copied().unwrap_or(0),
+        );
         let listening = listeners.get(&port).is_some_and(|ids| {
             sockets_by_pgid
                 .get(&m.pgid)
