@@ -707,3 +707,28 @@ async fn max_lifetime_ends_a_session_even_with_a_live_client() {
     assert!(!pid_alive(pid_of(&st)));
     assert!(v.leases()["leases"].as_array().unwrap().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_serves_wss_with_a_self_signed_certificate() {
+    let qemu = Qemu::tcp();
+    let mut v = Vncd::new(3);
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let cert = v.tmp.path().join("cert.pem");
+    let key = v.tmp.path().join("key.pem");
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    v.extra.extend([
+        "--tls-cert".into(),
+        cert.display().to_string(),
+        "--tls-key".into(),
+        key.display().to_string(),
+    ]);
+    v.start();
+    v.add_session("vm1", qemu.port);
+    let st = v.wait_ready("vm1");
+    let url = url_of(&st);
+    assert!(url.starts_with("wss://127.0.0.1:"), "{url}");
+    assert_eq!(wss_banner(&url, ck.cert.der()).await, b"RFB 003.008\n");
+    // Plain ws on the TLS port gets no console.
+    assert!(try_banner(&url.replacen("wss://", "ws://", 1)).await.is_err());
+}
