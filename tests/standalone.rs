@@ -730,5 +730,9 @@ async fn tls_serves_wss_with_a_self_signed_certificate() {
     assert!(url.starts_with("wss://127.0.0.1:"), "{url}");
     assert_eq!(wss_banner(&url, ck.cert.der()).await, b"RFB 003.008\n");
     // Plain ws on the TLS port gets no console.
-    assert!(try_banner(&url.replacen("wss://", "ws://", 1)).await.is_err());
+    assert!(
+        try_banner(&url.replacen("wss://", "ws://", 1))
+            .await
+            .is_err()
+    );
 }

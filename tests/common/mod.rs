@@ -500,23 +500,41 @@ pub async fn wss_banner(url: &str, cert_der: &[u8]) -> Vec<u8> {
     use tokio_rustls::rustls::{self, pki_types::CertificateDer, pki_types::ServerName};
     let mut roots = rustls::RootCertStore::empty();
     roots.add(CertificateDer::from(cert_der.to_vec())).unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let port: u16 = url
+        .split(':')
+        .nth(2)
         .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let port: u16 = url.split(':').nth(2).unwrap().split('/').next().unwrap().parse().unwrap();
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
     let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
         .await
         .expect("TLS handshake with the session's certificate");
     let mut req = url.into_client_request().unwrap();
-    req.headers_mut().insert("Sec-WebSocket-Protocol", "binary".parse().unwrap());
-    let (mut ws, _) = tokio_tungstenite::client_async(req, tls).await.expect("wss upgrade");
+    req.headers_mut()
+        .insert("Sec-WebSocket-Protocol", "binary".parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::client_async(req, tls)
+        .await
+        .expect("wss upgrade");
     let mut buf = Vec::new();
     while buf.len() < 12 {
-        match tokio::time::timeout(Duration::from_secs(5), ws.next()).await.expect("wss read timed out") {
+        match tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("wss read timed out")
+        {
             Some(Ok(Message::Binary(b))) => buf.extend_from_slice(&b),
             Some(Ok(_)) => {}
             other => panic!("wss closed before the banner: {other:?}"),
