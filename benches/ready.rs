@@ -37,7 +37,9 @@ fn ready_count(v: &Vncd) -> usize {
 fn proxies_pss_kib(v: &Vncd) -> u64 {
     vncd::supervisor::scan(&v.owner())
         .iter()
-        .filter_map(|m| std::fs::read_to_string(format!("/proc/{}/smaps_rollup", m.process.pid)).ok())
+        .filter_map(|m| {
+            std::fs::read_to_string(format!("/proc/{}/smaps_rollup", m.process.pid)).ok()
+        })
         .filter_map(|t| {
             t.lines()
                 .find(|l| l.starts_with("Pss:"))?
@@ -57,12 +59,21 @@ struct VncdRun {
 
 fn vncd_run(qemu: &Qemu, backend: &str, n: usize) -> VncdRun {
     let mut v = Vncd::new(n as u16 + 10);
-    v.extra
-        .extend(["--backend".into(), backend.into(), "--max-sessions".into(), n.to_string()]);
+    v.extra.extend([
+        "--backend".into(),
+        backend.into(),
+        "--max-sessions".into(),
+        n.to_string(),
+    ]);
     v.start();
     std::thread::sleep(Duration::from_millis(500));
     let texts: Vec<(String, String)> = (0..n)
-        .map(|i| (format!("vm{i}.yaml"), manifest(&format!("vm{i}"), qemu.port.into())))
+        .map(|i| {
+            (
+                format!("vm{i}.yaml"),
+                manifest(&format!("vm{i}"), qemu.port.into()),
+            )
+        })
         .collect();
     let start = Instant::now();
     for (f, t) in &texts {
@@ -70,7 +81,11 @@ fn vncd_run(qemu: &Qemu, backend: &str, n: usize) -> VncdRun {
     }
     while ready_count(&v) < n {
         let exited = v.child.as_mut().unwrap().try_wait().unwrap().is_some();
-        assert!(!exited && start.elapsed() < Duration::from_secs(300), "not all Ready:\n{}", v.log());
+        assert!(
+            !exited && start.elapsed() < Duration::from_secs(300),
+            "not all Ready:\n{}",
+            v.log()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let ready = start.elapsed();
@@ -121,7 +136,10 @@ fn seed_run(qemu: &Qemu, n: usize) -> Duration {
 }
 
 fn env_n(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn main() {
@@ -135,7 +153,10 @@ fn main() {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!("sessions created at once until all Ready, {cores} cores, one QEMU VNC target");
     let seed = seed_run(&qemu, 100);
-    println!("  seed-style, 100 one after another (websockify): {:.2} s", seed.as_secs_f64());
+    println!(
+        "  seed-style, 100 one after another (websockify): {:.2} s",
+        seed.as_secs_f64()
+    );
     let line = |label: &str, r: &VncdRun| {
         println!(
             "  {label}: ready {:.2} s ({:.3}x seed), released {:.2} s, proxy PSS {} KiB/session",

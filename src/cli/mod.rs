@@ -57,6 +57,11 @@ pub enum Command {
     Crd,
     /// Run one websocket -> VNC proxy (the builtin backend; started by `vncd run`).
     Proxy(crate::proxy::ProxyArgs),
+    /// Print a shell completion script, e.g. `vncd completions bash > /etc/bash_completion.d/vncd`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 /// Where vncd keeps its state.
@@ -119,6 +124,13 @@ pub fn main() -> ExitCode {
         Command::Delete(args) => apply::delete(args),
         Command::Crd => print_crd(),
         Command::Proxy(args) => run_proxy(args),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut buf = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "vncd", &mut buf);
+            emit(&String::from_utf8_lossy(&buf));
+            Ok(ExitCode::SUCCESS)
+        }
     };
     match result {
         Ok(code) => code,
@@ -131,11 +143,15 @@ pub fn main() -> ExitCode {
 
 fn print_crd() -> anyhow::Result<ExitCode> {
     use kube::CustomResourceExt;
-    print!(
-        "{}",
-        serde_saphyr::to_string(&crate::api::VncSession::crd())?
-    );
+    emit(&serde_saphyr::to_string(&crate::api::VncSession::crd())?);
     Ok(ExitCode::SUCCESS)
+}
+
+/// Writes command output to stdout; a closed pipe (`vncd get | head`) is not an error.
+pub(crate) fn emit(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
 }
 
 /// One proxy per session: a current-thread runtime keeps each process small.
