@@ -65,11 +65,13 @@ pub struct RunArgs {
     #[arg(long, env = "VNCD_RESYNC_INTERVAL", default_value_t = 2.0)]
     pub resync_interval: f64,
     /// Seconds a new proxy may take to listen before it counts as failed.
-    #[arg(long, env = "VNCD_START_TIMEOUT", default_value_t = 10.0)]
+    #[arg(long, env = "VNCD_START_TIMEOUT", default_value_t = 30.0)]
     pub start_timeout: f64,
-    /// Most proxies starting at once; the rest queue (reason Queued).
-    #[arg(long, env = "VNCD_MAX_STARTING", default_value_t = 16)]
-    pub max_starting: usize,
+    /// Most proxies starting at once; the rest queue (reason Queued) [default: 64 for
+    /// builtin, which starts in milliseconds; twice the CPU count for websockify, whose
+    /// Python start-up is CPU-bound and thrashes when hundreds start together].
+    #[arg(long, env = "VNCD_MAX_STARTING")]
+    pub max_starting: Option<usize>,
     /// Seconds between SIGTERM and SIGKILL when stopping a proxy.
     #[arg(long, env = "VNCD_STOP_GRACE", default_value_t = 2.0)]
     pub stop_grace: f64,
@@ -104,6 +106,13 @@ fn resolve_program(program: &PathBuf) -> anyhow::Result<PathBuf> {
                 program.display()
             )
         })
+}
+
+fn default_max_starting(backend: BackendKind) -> usize {
+    match backend {
+        BackendKind::Builtin => 64,
+        BackendKind::Websockify => std::thread::available_parallelism().map_or(2, |n| 2 * n.get()),
+    }
 }
 
 fn default_public_host() -> String {
@@ -171,7 +180,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         max_sessions: args.pool.max_sessions,
         start_timeout_ms: u64::try_from(secs(args.start_timeout, "start-timeout")?.as_millis())
             .unwrap_or(u64::MAX),
-        max_starting: args.max_starting.max(1),
+        max_starting: args
+            .max_starting
+            .unwrap_or_else(|| default_max_starting(args.backend))
+            .max(1),
     };
     let config = LoopConfig {
         limits,

@@ -255,13 +255,22 @@ impl Supervisor {
         let st = procfs::stat(pid).ok_or_else(vanished)?;
         let exits = self.exits.clone();
         let session = lease.session.clone();
-        // Reap the child (no zombies) and say why it ended.
+        let children = self.children.clone();
+        if let Ok(mut c) = children.lock() {
+            c.insert(pid, false);
+        }
+        // Reap the child (no zombies) and say why it ended, unless we ended it.
         tokio::spawn(async move {
             let status = match child.wait().await {
                 Ok(s) => s.to_string(),
                 Err(e) => format!("unknown status ({e})"),
             };
-            if let Some(tx) = exits {
+            let expected = children
+                .lock()
+                .ok()
+                .and_then(|mut c| c.remove(&pid))
+                .unwrap_or(false);
+            if let (Some(tx), false) = (exits, expected) {
                 let _ = tx.send(Exit {
                     session,
                     pid,
