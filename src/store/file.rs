@@ -219,7 +219,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let dir = StateDir::new(d.path());
         dir.create().unwrap();
-        (d, FileStore::new(dir, Duration::from_secs(1)))
+        (d, FileStore::new(dir, Duration::from_secs(30)))
     }
 
     #[test]

@@ -11,7 +11,7 @@ pub mod builtin;
 pub mod procfs;
 pub mod websockify;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -143,6 +143,7 @@ pub struct Supervisor {
     /// Our live children, and whether we are stopping each on purpose (so that its
     /// exit is not reported as a crash).
     children: std::sync::Arc<std::sync::Mutex<BTreeMap<i32, bool>>>,
+    cache: std::sync::Mutex<ScanCache>,
 }
 
 impl Supervisor {
@@ -164,6 +165,7 @@ impl Supervisor {
             grace,
             exits: None,
             children: Default::default(),
+            cache: Default::default(),
         }
     }
 
@@ -182,12 +184,19 @@ impl Supervisor {
 
     /// Every live process that carries our owner marker.
     pub fn scan(&self) -> Vec<Marked> {
-        scan(&self.owner)
+        match self.cache.lock() {
+            Ok(mut c) => scan_cached(&self.owner, &mut c),
+            Err(_) => scan(&self.owner),
+        }
     }
 
     /// Scans and classifies in one go; see [`classify`].
     pub fn observe(&self, leases: &BTreeMap<String, Lease>) -> Observation {
-        classify(self.scan(), leases)
+        let marked = self.scan();
+        match self.cache.lock() {
+            Ok(mut c) => classify_cached(marked, leases, &mut c),
+            Err(_) => classify(marked, leases),
+        }
     }
 
     /// Starts the proxy of a persisted lease, in its own process group, with our marker.
@@ -324,29 +333,74 @@ impl Supervisor {
     }
 }
 
+/// What a scan remembers between passes, so a steady state with hundreds of proxies
+/// costs one `stat` per process instead of reading every environment and fd table.
+/// Observation only: signalling always re-checks identity from /proc (see `is_ours`).
+#[derive(Debug, Default)]
+pub struct ScanCache {
+    /// The marker (or its absence) of each process, by pid and start time: a process's
+    /// initial environment never changes.
+    marks: HashMap<ProcRef, Option<Marker>>,
+    /// The listening socket each proxy leader was seen to own.
+    sockets: HashMap<ProcRef, u64>,
+}
+
+/// The marker fields a proxy carries in its environment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Marker {
+    session: String,
+    lease: String,
+    port: Option<u16>,
+    target: Option<String>,
+}
+
+fn read_marker(pid: i32, owner: &str) -> Option<Marker> {
+    let env = procfs::environ(pid)?;
+    if env.get(marker::OWNER)? != owner {
+        return None;
+    }
+    Some(Marker {
+        session: env.get(marker::SESSION).cloned().unwrap_or_default(),
+        lease: env.get(marker::LEASE).cloned().unwrap_or_default(),
+        port: env.get(marker::PORT).and_then(|p| p.parse().ok()),
+        target: env.get(marker::TARGET).cloned(),
+    })
+}
+
 /// Every live process that carries our owner marker.
 pub fn scan(owner: &str) -> Vec<Marked> {
-    procfs::pids()
+    scan_cached(owner, &mut ScanCache::default())
+}
+
+/// [`scan`], reusing what `cache` learnt in earlier passes.
+pub fn scan_cached(owner: &str, cache: &mut ScanCache) -> Vec<Marked> {
+    let mut seen = HashSet::new();
+    let marked = procfs::pids()
         .into_iter()
         .filter_map(|pid| {
-            let env = procfs::environ(pid)?;
-            if env.get(marker::OWNER)? != owner {
-                return None;
-            }
             let st = procfs::stat(pid).filter(procfs::Stat::is_alive)?;
+            let process = ProcRef {
+                pid,
+                start_time: st.start_time,
+            };
+            seen.insert(process);
+            let mark = cache
+                .marks
+                .entry(process)
+                .or_insert_with(|| read_marker(pid, owner))
+                .clone()?;
             Some(Marked {
-                process: ProcRef {
-                    pid,
-                    start_time: st.start_time,
-                },
+                process,
                 pgid: st.pgid,
-                session: env.get(marker::SESSION).cloned().unwrap_or_default(),
-                lease: env.get(marker::LEASE).cloned().unwrap_or_default(),
-                port: env.get(marker::PORT).and_then(|p| p.parse().ok()),
-                target: env.get(marker::TARGET).cloned(),
+                session: mark.session,
+                lease: mark.lease,
+                port: mark.port,
+                target: mark.target,
             })
         })
-        .collect()
+        .collect();
+    cache.marks.retain(|p, _| seen.contains(p));
+    marked
 }
 
 /// Matches our processes against the leases: which lease has a live proxy, is it
@@ -356,6 +410,15 @@ pub fn scan(owner: &str) -> Vec<Marked> {
 /// persisted, so any process the scan saw has its lease in a later read, and a
 /// concurrent `vncd cleanup` never mistakes a just-started proxy for an orphan.
 pub fn classify(marked: Vec<Marked>, leases: &BTreeMap<String, Lease>) -> Observation {
+    classify_cached(marked, leases, &mut ScanCache::default())
+}
+
+/// [`classify`], reusing the listening sockets `cache` saw proxies own.
+pub fn classify_cached(
+    marked: Vec<Marked>,
+    leases: &BTreeMap<String, Lease>,
+    cache: &mut ScanCache,
+) -> Observation {
     let listeners = procfs::listening_sockets();
     let now = procfs::uptime_ms();
     let ticks = procfs::clock_ticks();
@@ -379,46 +442,70 @@ pub fn classify(marked: Vec<Marked>, leases: &BTreeMap<String, Lease>) -> Observ
         }
     }
     let leader_pgids: BTreeSet<i32> = leaders.values().map(|m| m.pgid).collect();
-
-    let mut sockets_by_pgid: BTreeMap<i32, BTreeSet<u64>> = BTreeMap::new();
     for m in &marked {
-        let inodes = procfs::socket_inodes(m.process.pid);
-        for (port, ids) in &listeners {
-            if !ids.is_disjoint(&inodes) {
-                obs.held_by_us.insert(*port);
-            }
-        }
-        sockets_by_pgid.entry(m.pgid).or_default().extend(inodes);
         let is_leader = leaders
             .get(m.session.as_str())
             .is_some_and(|l| l.process == m.process);
-        let in_live_group = leader_pgids.contains(&m.pgid);
-        if !is_leader && !in_live_group {
+        if !is_leader && !leader_pgids.contains(&m.pgid) {
             obs.orphans.push(m.process);
         }
     }
 
     let established = procfs::established_by_port();
-    for (session, m) in leaders {
-        let port = leases[session].port;
+    let mut live = HashSet::new();
+    for (session, m) in &leaders {
+        let port = leases[*session].port;
         obs.clients.insert(
-            session.to_owned(),
+            (*session).to_owned(),
             established.get(&port).copied().unwrap_or(0),
         );
+        live.insert(m.process);
+        // Listening: the port's LISTEN socket belongs to the leader's group. A socket
+        // seen before that still listens on the port needs no fd walk.
         let listening = listeners.get(&port).is_some_and(|ids| {
-            sockets_by_pgid
-                .get(&m.pgid)
-                .is_some_and(|mine| !mine.is_disjoint(ids))
+            if cache
+                .sockets
+                .get(&m.process)
+                .is_some_and(|i| ids.contains(i))
+            {
+                return true;
+            }
+            let found = marked.iter().filter(|o| o.pgid == m.pgid).find_map(|o| {
+                procfs::socket_inodes(o.process.pid)
+                    .intersection(ids)
+                    .next()
+                    .copied()
+            });
+            if let Some(inode) = found {
+                cache.sockets.insert(m.process, inode);
+            }
+            found.is_some()
         });
         let started_ms = m.process.start_time.saturating_mul(1000) / ticks;
         obs.proxies.insert(
-            session.to_owned(),
+            (*session).to_owned(),
             ProxyState::Running {
                 process: m.process,
                 listening,
                 age_ms: now.saturating_sub(started_ms),
             },
         );
+    }
+    cache.sockets.retain(|p, _| live.contains(p));
+
+    // Ports of leases without a live proxy that some process of ours still listens on
+    // (a child of a dead leader, say): busy, but not taken by another program.
+    for lease in leases.values() {
+        if leaders.contains_key(lease.session.as_str()) {
+            continue;
+        }
+        if let Some(ids) = listeners.get(&lease.port)
+            && marked
+                .iter()
+                .any(|m| !procfs::socket_inodes(m.process.pid).is_disjoint(ids))
+        {
+            obs.held_by_us.insert(lease.port);
+        }
     }
     obs.marked = marked;
     obs
