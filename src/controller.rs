@@ -185,7 +185,22 @@ impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
                 r.starts = 0;
             }
         }
-        let idle_ms = self.idle_times(&obs.clients);
+        // Idle time counts only once a proxy serves its port: a slow start is not idleness.
+        let serving: BTreeMap<String, usize> = obs
+            .clients
+            .iter()
+            .filter(|(s, _)| {
+                matches!(
+                    obs.proxies.get(*s),
+                    Some(ProxyState::Running {
+                        listening: true,
+                        ..
+                    })
+                )
+            })
+            .map(|(s, n)| (s.clone(), *n))
+            .collect();
+        let idle_ms = self.idle_times(&serving);
         let listen = self.supervisor.listen_address();
         let mut busy: BTreeSet<u16> = self.busy_ports.keys().copied().collect();
         for lease in self.leases.leases.values() {

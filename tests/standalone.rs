@@ -682,14 +682,14 @@ async fn max_lifetime_ends_a_session_even_with_a_live_client() {
     v.write_manifest(
         "vm1.yaml",
         &format!(
-            "{}  maxLifetimeSeconds: 3\n",
+            "{}  maxLifetimeSeconds: 10\n",
             manifest("vm1", qemu.port.into())
         ),
     );
     let st = v.wait_ready("vm1");
     let mut c = Client::connect(&url_of(&st)).await;
     assert_eq!(c.read(12).await, b"RFB 003.008\n");
-    let ex = v.wait_status("vm1", "Expired", Duration::from_secs(10));
+    let ex = v.wait_status("vm1", "Expired", Duration::from_secs(25));
     assert_eq!(ex["reason"], "MaxLifetime");
     // The live connection was cut.
     let cut = tokio::time::timeout(Duration::from_secs(5), async {
