@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 use super::{Rejected, Snapshot, Source, SourceError};
 use crate::manifest::{self, MAX_MANIFEST_BYTES, Parsed};
 use crate::pool::PortRange;
+use crate::session::Validated;
 
 /// How long a file must stay unmodified before it is read.
 pub const SETTLE: Duration = Duration::from_millis(200);
@@ -189,16 +190,15 @@ impl DirSource {
         for (path, f) in &self.files {
             match (&f.result, &f.last_good) {
                 (Ok(p), _) => claims
-                    .entry(p.desired.name.clone())
+                    .entry(p.session.name().to_owned())
                     .or_default()
                     .push((path, p, None)),
                 (Err((_, err)), Some(good)) => {
                     let note = format!("{err}; still serving the last valid version of this file");
-                    claims.entry(good.desired.name.clone()).or_default().push((
-                        path,
-                        good,
-                        Some(note),
-                    ));
+                    claims
+                        .entry(good.session.name().to_owned())
+                        .or_default()
+                        .push((path, good, Some(note)));
                 }
                 (Err((name, err)), None) => {
                     let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned());
@@ -219,7 +219,14 @@ impl DirSource {
             let mut iter = files.into_iter();
             if let Some((path, parsed, note)) = iter.next() {
                 owners.insert(name.clone(), path.clone());
-                snap.desired.insert(name.clone(), parsed.desired.clone());
+                match &parsed.session {
+                    Validated::Ready(d) => {
+                        snap.desired.insert(name.clone(), d.clone());
+                    }
+                    Validated::Domain(r) => {
+                        snap.unresolved.insert(name.clone(), r.clone());
+                    }
+                }
                 snap.objects.insert(name.clone(), parsed.object.clone());
                 if let Some(note) = note {
                     snap.warnings.insert(name.clone(), note);
