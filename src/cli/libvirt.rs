@@ -33,7 +33,7 @@ pub struct LibvirtArgs {
 
 impl LibvirtArgs {
     /// `inner` alone, or `inner` merged with libvirt's running domains.
-    pub fn source<S: Source>(&self, inner: S, pool: PortRange) -> anyhow::Result<Merged<S>> {
+    pub async fn source<S: Source>(&self, inner: S, pool: PortRange) -> anyhow::Result<Merged<S>> {
         let Some(uri) = &self.libvirt_uri else {
             return Ok(Merged::new(inner, None));
         };
@@ -48,6 +48,9 @@ impl LibvirtArgs {
             })?;
         self.check_qemu_conf(pool);
         let source = LibvirtSource::start(uri, poll)?;
+        if !source.first_answer(Duration::from_secs(5)).await {
+            warn!(uri = %uri, "libvirt has not answered within 5 s; serving nothing until it does");
+        }
         info!(uri = %uri, poll_ms = poll.as_millis() as u64, "serving consoles of running libvirt domains");
         Ok(Merged::new(inner, Some(source)))
     }

@@ -156,7 +156,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let rt = runtime()?;
     rt.block_on(async move {
         let source = DirSource::watch(&args.sessions.sessions_dir, args.pool.port_range)?;
-        let source = args.libvirt.source(source, args.pool.port_range)?;
+        let source = args.libvirt.source(source, args.pool.port_range).await?;
         let store = FileStore::new(state.clone(), lock_timeout);
         let sink = FileSink::new(state.sessions(), supervisor.backend_name());
         info!(

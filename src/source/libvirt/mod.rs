@@ -76,6 +76,19 @@ impl LibvirtSource {
         &self.uri
     }
 
+    /// Waits up to `timeout` for the first answer (domains or an error), so vncd's first
+    /// pass does not fail only because the connection is still being opened.
+    pub async fn first_answer(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.heartbeat.age().is_none() {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        true
+    }
+
     /// The running domains, or why libvirt cannot say.
     pub fn table(&mut self) -> Result<DomainTable, SourceError> {
         let err = |detail: String| SourceError::Libvirt {
