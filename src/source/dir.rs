@@ -61,7 +61,12 @@ impl DirSource {
         })?;
         let (tx, rx) = mpsc::channel(1);
         let mut watcher =
-            notify::recommended_watcher(move |_res: notify::Result<notify::Event>| {
+            notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+                // Reading the directory (every pass does) is itself an access event;
+                // waking on it would make vncd pass again and again for nothing.
+                if res.is_ok_and(|e| e.kind.is_access()) {
+                    return;
+                }
                 let _ = tx.try_send(());
             })
             .map_err(|e| SourceError::Watch {
@@ -378,6 +383,20 @@ mod tests {
         assert_eq!(src.scan().unwrap().desired.len(), 1);
         std::fs::remove_file(d.path().join("a.yaml")).unwrap();
         assert!(src.scan().unwrap().desired.is_empty());
+    }
+
+    #[tokio::test]
+    async fn reading_the_directory_does_not_count_as_a_change() {
+        let d = tempfile::tempdir().unwrap();
+        write_old(&d.path().join("a.yaml"), &manifest("a", 5901));
+        let mut src = DirSource::watch(d.path(), PortRange::default()).unwrap();
+        src.scan().unwrap();
+        let woke = tokio::time::timeout(Duration::from_millis(300), src.changed()).await;
+        assert!(woke.is_err(), "a scan woke the watcher: vncd would pass in a loop");
+        write_old(&d.path().join("b.yaml"), &manifest("b", 5902));
+        tokio::time::timeout(Duration::from_secs(5), src.changed())
+            .await
+            .expect("a new file wakes the watcher");
     }
 
     #[test]
