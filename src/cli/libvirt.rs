@@ -32,8 +32,17 @@ pub struct LibvirtArgs {
 }
 
 impl LibvirtArgs {
-    /// `inner` alone, or `inner` merged with libvirt's running domains.
+    /// `inner` alone, or `inner` merged with libvirt's running domains; warns first if
+    /// libvirt's own port ranges overlap the pool.
     pub async fn source<S: Source>(&self, inner: S, pool: PortRange) -> anyhow::Result<Merged<S>> {
+        if self.libvirt_uri.is_some() {
+            self.check_qemu_conf(pool);
+        }
+        self.source_unchecked(inner).await
+    }
+
+    /// As [`LibvirtArgs::source`], without the qemu.conf check (for `vncd cleanup`).
+    pub async fn source_unchecked<S: Source>(&self, inner: S) -> anyhow::Result<Merged<S>> {
         let Some(uri) = &self.libvirt_uri else {
             return Ok(Merged::new(inner, None));
         };
@@ -46,7 +55,6 @@ impl LibvirtArgs {
                     self.libvirt_poll
                 )
             })?;
-        self.check_qemu_conf(pool);
         let source = LibvirtSource::start(uri, poll)?;
         if !source.first_answer(Duration::from_secs(5)).await {
             warn!(uri = %uri, "libvirt has not answered within 5 s; serving nothing until it does");

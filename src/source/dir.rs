@@ -60,19 +60,18 @@ impl DirSource {
             source,
         })?;
         let (tx, rx) = mpsc::channel(1);
-        let mut watcher =
-            notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-                // Reading the directory (every pass does) is itself an access event;
-                // waking on it would make vncd pass again and again for nothing.
-                if res.is_ok_and(|e| e.kind.is_access()) {
-                    return;
-                }
-                let _ = tx.try_send(());
-            })
-            .map_err(|e| SourceError::Watch {
-                path: dir.to_owned(),
-                detail: e.to_string(),
-            })?;
+        let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            // Reading the directory (every pass does) is itself an access event;
+            // waking on it would make vncd pass again and again for nothing.
+            if res.is_ok_and(|e| e.kind.is_access()) {
+                return;
+            }
+            let _ = tx.try_send(());
+        })
+        .map_err(|e| SourceError::Watch {
+            path: dir.to_owned(),
+            detail: e.to_string(),
+        })?;
         watcher
             .watch(dir, RecursiveMode::NonRecursive)
             .map_err(|e| SourceError::Watch {
@@ -392,7 +391,10 @@ mod tests {
         let mut src = DirSource::watch(d.path(), PortRange::default()).unwrap();
         src.scan().unwrap();
         let woke = tokio::time::timeout(Duration::from_millis(300), src.changed()).await;
-        assert!(woke.is_err(), "a scan woke the watcher: vncd would pass in a loop");
+        assert!(
+            woke.is_err(),
+            "a scan woke the watcher: vncd would pass in a loop"
+        );
         write_old(&d.path().join("b.yaml"), &manifest("b", 5902));
         tokio::time::timeout(Duration::from_secs(5), src.changed())
             .await
