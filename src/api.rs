@@ -38,6 +38,15 @@ pub struct VncSessionSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 65535))]
     pub port: Option<i32>,
+    /// End the session after this many seconds with no client connected (phase Expired).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 315_360_000))]
+    pub idle_timeout_seconds: Option<i64>,
+    /// End the session this many seconds after its port was leased, even with a client
+    /// connected (phase Expired).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 315_360_000))]
+    pub max_lifetime_seconds: Option<i64>,
     /// The node whose vncd serves this session (Kubernetes mode only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_name: Option<String>,
@@ -75,6 +84,9 @@ pub enum Phase {
     Failed,
     /// The session is going away; its proxy is being stopped.
     Terminating,
+    /// The session ended by its idle timeout or maximum lifetime; its port is released.
+    /// It starts again only when its spec changes.
+    Expired,
 }
 
 impl std::fmt::Display for Phase {
@@ -84,6 +96,7 @@ impl std::fmt::Display for Phase {
             Phase::Ready => "Ready",
             Phase::Failed => "Failed",
             Phase::Terminating => "Terminating",
+            Phase::Expired => "Expired",
         };
         f.write_str(s)
     }

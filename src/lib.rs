@@ -14,6 +14,7 @@ pub mod lease;
 pub mod manifest;
 pub mod net;
 pub mod pool;
+pub mod proxy;
 pub mod reconcile;
 pub mod session;
 pub mod source;

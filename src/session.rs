@@ -63,6 +63,10 @@ pub struct Desired {
     pub requested_port: Option<u16>,
     /// Changes whenever the spec changes; reported back as `observedGeneration`.
     pub generation: i64,
+    /// End the session after this long with no client.
+    pub idle_timeout_ms: Option<u64>,
+    /// End the session this long after its lease.
+    pub max_lifetime_ms: Option<u64>,
 }
 
 /// Why a session spec was refused. Messages name the offending field and value.
@@ -90,6 +94,8 @@ pub enum SpecError {
         "spec.target.unixSocket {0:?} must be an absolute path without '..' or control characters"
     )]
     UnixSocket(String),
+    #[error("spec.{field} {value} must be between 1 and 315360000 seconds")]
+    Timeout { field: &'static str, value: i64 },
     #[error("spec.port {port} is outside the port pool {range}")]
     PortOutsidePool { port: i64, range: PortRange },
     #[error(
@@ -112,6 +118,8 @@ pub struct DomainRef {
     pub domain: String,
     pub requested_port: Option<u16>,
     pub generation: i64,
+    pub idle_timeout_ms: Option<u64>,
+    pub max_lifetime_ms: Option<u64>,
 }
 
 impl DomainRef {
@@ -122,6 +130,8 @@ impl DomainRef {
             target,
             requested_port: self.requested_port,
             generation: self.generation,
+            idle_timeout_ms: self.idle_timeout_ms,
+            max_lifetime_ms: self.max_lifetime_ms,
         }
     }
 }
@@ -240,6 +250,8 @@ pub fn validate(
             domain: domain.clone(),
             requested_port: requested_port(spec, pool)?,
             generation: spec_generation(spec),
+            idle_timeout_ms: timeout_ms("idleTimeoutSeconds", spec.idle_timeout_seconds)?,
+            max_lifetime_ms: timeout_ms("maxLifetimeSeconds", spec.max_lifetime_seconds)?,
         }));
     }
     Desired::from_endpoint_spec(name, spec, pool).map(Validated::Ready)
@@ -296,7 +308,17 @@ impl Desired {
             target,
             requested_port: requested_port(spec, pool)?,
             generation: spec_generation(spec),
+            idle_timeout_ms: timeout_ms("idleTimeoutSeconds", spec.idle_timeout_seconds)?,
+            max_lifetime_ms: timeout_ms("maxLifetimeSeconds", spec.max_lifetime_seconds)?,
         })
+    }
+}
+
+fn timeout_ms(field: &'static str, v: Option<i64>) -> Result<Option<u64>, SpecError> {
+    match v {
+        None => Ok(None),
+        Some(s) if (1..=315_360_000).contains(&s) => Ok(Some(s.unsigned_abs() * 1000)),
+        Some(value) => Err(SpecError::Timeout { field, value }),
     }
 }
 
@@ -314,6 +336,8 @@ mod tests {
                 libvirt_domain: None,
             },
             port: None,
+            idle_timeout_seconds: None,
+            max_lifetime_seconds: None,
             node_name: None,
         }
     }
@@ -455,6 +479,33 @@ mod tests {
             assert_eq!(e.to_string().parse::<Endpoint>().unwrap(), e);
         }
         assert!("nope".parse::<Endpoint>().is_err());
+    }
+
+    #[test]
+    fn timeouts_are_validated_and_converted() {
+        let mut s = spec(Some("h"), Some(1), None);
+        s.idle_timeout_seconds = Some(30);
+        s.max_lifetime_seconds = Some(3600);
+        let d = check(&s).unwrap();
+        assert_eq!(
+            (d.idle_timeout_ms, d.max_lifetime_ms),
+            (Some(30_000), Some(3_600_000))
+        );
+        s.idle_timeout_seconds = Some(0);
+        assert!(
+            check(&s)
+                .unwrap_err()
+                .to_string()
+                .contains("spec.idleTimeoutSeconds 0")
+        );
+        s.idle_timeout_seconds = None;
+        s.max_lifetime_seconds = Some(-3);
+        assert!(
+            check(&s)
+                .unwrap_err()
+                .to_string()
+                .contains("spec.maxLifetimeSeconds -3")
+        );
     }
 
     #[test]

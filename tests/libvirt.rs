@@ -178,6 +178,10 @@ fn port_of(status: &Value) -> u16 {
     status["port"].as_u64().unwrap() as u16
 }
 
+fn url_of(status: &Value) -> String {
+    status["url"].as_str().unwrap().to_owned()
+}
+
 fn lease_ports(v: &Vncd) -> Vec<u16> {
     v.leases()["leases"]
         .as_array()
@@ -271,12 +275,14 @@ async fn ten_domains_started_at_once_all_get_consoles_without_collisions() {
     });
     let started = t0.elapsed();
     let mut ports = Vec::new();
+    let mut urls = Vec::new();
     // Ten QEMUs and ten websockify processes starting at once on two cores: give
     // the herd time (a proxy that misses --start-timeout is restarted, not lost).
     for d in &domains {
         let st = v.wait_status(&d.session(), "Ready", Duration::from_secs(90));
         assert_eq!(st["target"], d.vnc(), "{}", d.name);
         ports.push(port_of(&st));
+        urls.push(url_of(&st));
     }
     eprintln!(
         "measured: 10 domains started in {} ms; all 10 consoles Ready {} ms after the last start returned",
@@ -290,8 +296,8 @@ async fn ten_domains_started_at_once_all_get_consoles_without_collisions() {
     let mut leased = lease_ports(&v);
     leased.sort_unstable();
     assert_eq!(leased, unique, "leases and statuses disagree");
-    for p in &ports {
-        assert_eq!(rfb_banner(*p).await, b"RFB 003.008\n", "port {p}");
+    for u in &urls {
+        assert_eq!(rfb_banner(u).await, b"RFB 003.008\n", "{u}");
     }
     std::thread::scope(|s| {
         for d in &domains {
@@ -332,7 +338,7 @@ async fn a_manifest_naming_a_domain_waits_while_it_is_stopped_and_is_served_whil
     let st = v.wait_ready("console");
     assert_eq!(port_of(&st), requested);
     assert_eq!(st["target"], d.vnc());
-    assert_eq!(rfb_banner(requested).await, b"RFB 003.008\n");
+    assert_eq!(rfb_banner(&url_of(&st)).await, b"RFB 003.008\n");
     // The manifest serves the domain: it gets no second session of its own.
     std::thread::sleep(Duration::from_millis(600));
     assert!(v.item(&d.session()).is_none(), "{:?}", v.items());
@@ -423,7 +429,7 @@ async fn vncd_rides_out_a_libvirtd_restart() {
         "{}",
         v.log()
     );
-    assert_eq!(rfb_banner(port_of(&before)).await, b"RFB 003.008\n");
+    assert_eq!(rfb_banner(&url_of(&before)).await, b"RFB 003.008\n");
 
     let t0 = Instant::now();
     let out = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/libvirtd-up"))
@@ -449,7 +455,7 @@ async fn vncd_rides_out_a_libvirtd_restart() {
     );
     assert_ne!(port_of(&st_a), port_of(&st_b));
     assert_eq!(lease_ports(&v).len(), 2);
-    assert_eq!(rfb_banner(port_of(&st_b)).await, b"RFB 003.008\n");
+    assert_eq!(rfb_banner(&url_of(&st_b)).await, b"RFB 003.008\n");
     // And it sees stops again.
     a.destroy();
     wait_for(
@@ -482,8 +488,8 @@ async fn ports_a_running_domain_holds_inside_the_pool_are_never_leased() {
     assert_eq!(dom["target"], format!("127.0.0.2:{inside}"));
     assert_ne!(port_of(&m), inside, "leased the domain's own VNC port");
     assert_ne!(port_of(&dom), inside, "leased the domain's own VNC port");
-    assert_eq!(rfb_banner(port_of(&m)).await, b"RFB 003.008\n");
-    assert_eq!(rfb_banner(port_of(&dom)).await, b"RFB 003.008\n");
+    assert_eq!(rfb_banner(&url_of(&m)).await, b"RFB 003.008\n");
+    assert_eq!(rfb_banner(&url_of(&dom)).await, b"RFB 003.008\n");
     let fix = format!(
         "set remote_display_port_max = {} in {}",
         inside - 1,
@@ -529,8 +535,8 @@ async fn a_session_whose_port_a_domain_took_while_its_proxy_was_down_moves() {
     assert_eq!(dom["target"], format!("127.0.0.1:{taken}"));
     assert_ne!(port_of(&dom), taken);
     assert_ne!(port_of(&dom), port_of(&m));
-    assert_eq!(rfb_banner(port_of(&m)).await, b"RFB 003.008\n");
-    assert_eq!(rfb_banner(port_of(&dom)).await, b"RFB 003.008\n");
+    assert_eq!(rfb_banner(&url_of(&m)).await, b"RFB 003.008\n");
+    assert_eq!(rfb_banner(&url_of(&dom)).await, b"RFB 003.008\n");
     let mut leased = lease_ports(&v);
     leased.sort_unstable();
     leased.dedup();

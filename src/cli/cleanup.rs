@@ -76,8 +76,10 @@ pub fn cleanup(args: CleanupArgs) -> anyhow::Result<ExitCode> {
     let grace = Duration::try_from_secs_f64(args.stop_grace).context("--stop-grace")?;
     let supervisor = Supervisor::new(
         owner.clone(),
+        // Cleanup never starts proxies; the backend only satisfies the type.
         Box::new(Websockify {
             program: "websockify".into(),
+            tls: None,
         }),
         "127.0.0.1".parse()?,
         None,
@@ -132,6 +134,9 @@ async fn pass(
             orphans: &obs.orphans,
             busy: &BTreeSet::new(),
             restarts: &BTreeMap::new(),
+            expired: &set.expired,
+            idle_ms: &BTreeMap::new(),
+            wall_now: Timestamp::now(),
             limits: Limits {
                 range: args.pool.port_range,
                 max_sessions: args.pool.max_sessions,
@@ -172,6 +177,15 @@ async fn pass(
     anyhow::bail!("the leases kept changing underneath cleanup; try again")
 }
 
+/// The token a running proxy was started with, from its token file (either format).
+fn read_token(dir: &StateDir, session: &str) -> Option<String> {
+    let text =
+        std::fs::read_to_string(dir.root().join("tokens").join(format!("{session}.token"))).ok()?;
+    let line = text.lines().next()?.trim();
+    let token = line.split_once(": ").map_or(line, |(t, _)| t);
+    (!token.is_empty()).then(|| token.to_owned())
+}
+
 /// Rebuilds a corrupt state file from the proxies that prove they are ours.
 fn rebuild(dir: &StateDir, owner: &str) -> anyhow::Result<()> {
     let _guard = LockGuard::acquire(&dir.leases_lock(), Duration::from_secs(10))?;
@@ -205,6 +219,7 @@ fn rebuild(dir: &StateDir, owner: &str) -> anyhow::Result<()> {
             port,
             target,
             uid: m.lease.clone(),
+            token: read_token(dir, &m.session),
             process: Some(m.process),
             allocated_at: Timestamp::now(),
         };

@@ -17,11 +17,14 @@ use crate::status::file::FileSink;
 use crate::status::{StatusBuilder, UrlStyle};
 use crate::store::file::FileStore;
 use crate::store::lock::LockGuard;
+use crate::supervisor::builtin::Builtin;
 use crate::supervisor::websockify::Websockify;
-use crate::supervisor::{Backend, Supervisor};
+use crate::supervisor::{Backend, Supervisor, Tls};
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub enum BackendKind {
+    /// `vncd proxy`, vncd's own proxy: nothing else to install, ~0.5 MiB per session.
+    Builtin,
     /// websockify (Python), one process per session.
     Websockify,
 }
@@ -37,7 +40,7 @@ pub struct RunArgs {
     #[command(flatten)]
     pub libvirt: super::libvirt::LibvirtArgs,
     /// Which proxy serves each session.
-    #[arg(long, env = "VNCD_BACKEND", value_enum, default_value_t = BackendKind::Websockify)]
+    #[arg(long, env = "VNCD_BACKEND", value_enum, default_value_t = BackendKind::Builtin)]
     pub backend: BackendKind,
     /// The websockify program (a name looked up in PATH, or a path).
     #[arg(long, env = "VNCD_WEBSOCKIFY", default_value = "websockify")]
@@ -45,6 +48,15 @@ pub struct RunArgs {
     /// A noVNC directory for the proxy to serve; URLs then point at its vnc.html.
     #[arg(long, env = "VNCD_WEB")]
     pub web: Option<PathBuf>,
+    /// PEM certificate chain: proxies serve https/wss and URLs use them. Needs --tls-key.
+    #[arg(long, env = "VNCD_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "VNCD_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Allowed Origin of browser clients (repeatable; builtin backend). Unset allows any.
+    #[arg(long = "origin", env = "VNCD_ORIGIN", value_delimiter = ',')]
+    pub origins: Vec<String>,
     /// Address the proxies listen on.
     #[arg(long, env = "VNCD_LISTEN_ADDRESS", default_value = "0.0.0.0")]
     pub listen_address: IpAddr,
@@ -55,11 +67,13 @@ pub struct RunArgs {
     #[arg(long, env = "VNCD_RESYNC_INTERVAL", default_value_t = 2.0)]
     pub resync_interval: f64,
     /// Seconds a new proxy may take to listen before it counts as failed.
-    #[arg(long, env = "VNCD_START_TIMEOUT", default_value_t = 10.0)]
+    #[arg(long, env = "VNCD_START_TIMEOUT", default_value_t = 30.0)]
     pub start_timeout: f64,
-    /// Most proxies starting at once; the rest queue (reason Queued).
-    #[arg(long, env = "VNCD_MAX_STARTING", default_value_t = 16)]
-    pub max_starting: usize,
+    /// Most proxies starting at once; the rest queue (reason Queued) [default: 64 for
+    /// builtin, which starts in milliseconds; twice the CPU count for websockify, whose
+    /// Python start-up is CPU-bound and thrashes when hundreds start together].
+    #[arg(long, env = "VNCD_MAX_STARTING")]
+    pub max_starting: Option<usize>,
     /// Seconds between SIGTERM and SIGKILL when stopping a proxy.
     #[arg(long, env = "VNCD_STOP_GRACE", default_value_t = 2.0)]
     pub stop_grace: f64,
@@ -96,6 +110,13 @@ fn resolve_program(program: &PathBuf) -> anyhow::Result<PathBuf> {
         })
 }
 
+fn default_max_starting(backend: BackendKind) -> usize {
+    match backend {
+        BackendKind::Builtin => 64,
+        BackendKind::Websockify => std::thread::available_parallelism().map_or(2, |n| 2 * n.get()),
+    }
+}
+
 fn default_public_host() -> String {
     nix::unistd::gethostname()
         .ok()
@@ -120,20 +141,51 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     lock.record_pid()
         .with_context(|| format!("cannot write {}", state.controller_lock().display()))?;
 
-    let backend: Box<dyn Backend> = match args.backend {
-        BackendKind::Websockify => Box::new(Websockify {
-            program: resolve_program(&args.websockify)?,
-        }),
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            for f in [cert, key] {
+                std::fs::File::open(f).with_context(|| format!("cannot read {}", f.display()))?;
+            }
+            Some(Tls {
+                cert: std::path::absolute(cert)?,
+                key: std::path::absolute(key)?,
+            })
+        }
+        _ => None,
     };
-    if let Some(web) = &args.web {
-        anyhow::ensure!(web.is_dir(), "--web {} is not a directory", web.display());
-    }
+    let backend: Box<dyn Backend> = match args.backend {
+        BackendKind::Builtin => Box::new(Builtin {
+            program: std::env::current_exe().context("cannot find the vncd executable")?,
+            tls: tls.clone(),
+            origins: args.origins.clone(),
+        }),
+        BackendKind::Websockify => {
+            anyhow::ensure!(
+                args.origins.is_empty(),
+                "--origin needs the builtin backend; websockify has no Origin allowlist"
+            );
+            Box::new(Websockify {
+                program: resolve_program(&args.websockify)?,
+                tls: tls.clone(),
+            })
+        }
+    };
+    let web = match &args.web {
+        Some(web) => {
+            anyhow::ensure!(web.is_dir(), "--web {} is not a directory", web.display());
+            Some(std::path::absolute(web)?)
+        }
+        None => None,
+    };
     let limits = Limits {
         range: args.pool.port_range,
         max_sessions: args.pool.max_sessions,
         start_timeout_ms: u64::try_from(secs(args.start_timeout, "start-timeout")?.as_millis())
             .unwrap_or(u64::MAX),
-        max_starting: args.max_starting.max(1),
+        max_starting: args
+            .max_starting
+            .unwrap_or_else(|| default_max_starting(args.backend))
+            .max(1),
     };
     let config = LoopConfig {
         limits,
@@ -144,14 +196,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         owner.clone(),
         backend,
         args.listen_address,
-        args.web.clone(),
+        web,
         state.root().join("logs"),
         secs(args.stop_grace, "stop-grace")?,
     );
     let url = UrlStyle {
         public_host: args.public_host.clone().unwrap_or_else(default_public_host),
         web: args.web.is_some(),
-        tls: false,
+        tls: tls.is_some(),
     };
     let rt = runtime()?;
     rt.block_on(async move {

@@ -123,6 +123,8 @@ pub fn merge(mut snap: Snapshot, table: Option<&DomainTable>) -> (Snapshot, Vec<
                         ..Target::default()
                     },
                     port: None,
+                    idle_timeout_seconds: None,
+                    max_lifetime_seconds: None,
                     node_name: None,
                 };
                 let desired = Desired {
@@ -130,6 +132,8 @@ pub fn merge(mut snap: Snapshot, table: Option<&DomainTable>) -> (Snapshot, Vec<
                     target: c.endpoint.clone(),
                     requested_port: None,
                     generation: spec_generation(&spec),
+                    idle_timeout_ms: None,
+                    max_lifetime_ms: None,
                 };
                 let mut obj = VncSession::new(&name, spec);
                 obj.metadata.annotations = Some(BTreeMap::from([
@@ -240,6 +244,8 @@ mod tests {
                     target: tcp(*p),
                     requested_port: None,
                     generation: 1,
+                    idle_timeout_ms: None,
+                    max_lifetime_ms: None,
                 },
             );
         }
@@ -251,6 +257,8 @@ mod tests {
                     domain: d.to_string(),
                     requested_port: Some(6200),
                     generation: 7,
+                    idle_timeout_ms: None,
+                    max_lifetime_ms: None,
                 },
             );
         }
@@ -311,6 +319,8 @@ mod tests {
                 VncSessionSpec {
                     target: Target::default(),
                     port: None,
+                    idle_timeout_seconds: None,
+                    max_lifetime_seconds: None,
                     node_name: None,
                 },
             ),

@@ -7,6 +7,7 @@
 //! own process group, so a stop reaches the per-connection children that websockify
 //! forks (they hold the listening socket too).
 
+pub mod builtin;
 pub mod procfs;
 pub mod websockify;
 
@@ -41,6 +42,17 @@ pub struct ProxySpec {
     pub port: u16,
     pub target: Endpoint,
     pub web: Option<PathBuf>,
+    /// The session token, if the lease has one.
+    pub token: Option<String>,
+    /// Where the backend's token file was written (see [`Backend::token_file`]).
+    pub token_file: Option<PathBuf>,
+}
+
+/// TLS material the proxies serve with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// A program and its arguments.
@@ -55,6 +67,9 @@ pub struct CommandLine {
 pub trait Backend: Send + Sync + std::fmt::Debug {
     fn name(&self) -> &'static str;
     fn command(&self, spec: &ProxySpec) -> CommandLine;
+    /// The content of the token file this backend reads (it differs per backend), or
+    /// `None` when the session has no token. Written with mode 0600 before the spawn.
+    fn token_file(&self, spec: &ProxySpec) -> Option<String>;
 }
 
 /// A process that carries our owner marker.
@@ -77,6 +92,8 @@ pub struct Observation {
     pub held_by_us: BTreeSet<u16>,
     /// Every marked process, for cleanup and rebuild.
     pub marked: Vec<Marked>,
+    /// Connected clients per leased session with a live proxy.
+    pub clients: BTreeMap<String, usize>,
 }
 
 /// A proxy that ended on its own, reported so the controller can react at once.
@@ -100,6 +117,12 @@ pub enum SpawnError {
     Exec {
         program: PathBuf,
         session: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write token file {}: {source}", path.display())]
+    Token {
+        path: PathBuf,
         #[source]
         source: std::io::Error,
     },
@@ -169,13 +192,25 @@ impl Supervisor {
 
     /// Starts the proxy of a persisted lease, in its own process group, with our marker.
     pub fn spawn(&self, lease: &Lease) -> Result<ProcRef, SpawnError> {
-        let spec = ProxySpec {
+        let mut spec = ProxySpec {
             session: lease.session.clone(),
             listen: self.listen,
             port: lease.port,
             target: lease.target.clone(),
             web: self.web.clone(),
+            token: lease.token.clone(),
+            token_file: None,
         };
+        if let Some(content) = self.backend.token_file(&spec) {
+            let path = self.token_dir().join(format!("{}.token", lease.session));
+            write_private(&self.token_dir(), &path, content.as_bytes()).map_err(|source| {
+                SpawnError::Token {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
+            spec.token_file = Some(path);
+        }
         let line = self.backend.command(&spec);
         let log_path = self.log_dir.join(format!("{}.log", lease.session));
         let log = open_log(&log_path).map_err(|source| SpawnError::Log {
@@ -220,13 +255,22 @@ impl Supervisor {
         let st = procfs::stat(pid).ok_or_else(vanished)?;
         let exits = self.exits.clone();
         let session = lease.session.clone();
-        // Reap the child (no zombies) and say why it ended.
+        let children = self.children.clone();
+        if let Ok(mut c) = children.lock() {
+            c.insert(pid, false);
+        }
+        // Reap the child (no zombies) and say why it ended, unless we ended it.
         tokio::spawn(async move {
             let status = match child.wait().await {
                 Ok(s) => s.to_string(),
                 Err(e) => format!("unknown status ({e})"),
             };
-            if let Some(tx) = exits {
+            let expected = children
+                .lock()
+                .ok()
+                .and_then(|mut c| c.remove(&pid))
+                .unwrap_or(false);
+            if let (Some(tx), false) = (exits, expected) {
                 let _ = tx.send(Exit {
                     session,
                     pid,
@@ -267,6 +311,11 @@ impl Supervisor {
         }
         terminate(process.pid, leads_group, self.grace).await;
         true
+    }
+
+    /// Token files live beside the logs, in a directory only we can read.
+    fn token_dir(&self) -> PathBuf {
+        self.log_dir.with_file_name("tokens")
     }
 
     /// The last non-empty line a proxy wrote to its log, for failure messages.
@@ -349,8 +398,13 @@ pub fn classify(marked: Vec<Marked>, leases: &BTreeMap<String, Lease>) -> Observ
         }
     }
 
+    let established = procfs::established_by_port();
     for (session, m) in leaders {
         let port = leases[session].port;
+        obs.clients.insert(
+            session.to_owned(),
+            established.get(&port).copied().unwrap_or(0),
+        );
         let listening = listeners.get(&port).is_some_and(|ids| {
             sockets_by_pgid
                 .get(&m.pgid)
@@ -368,6 +422,15 @@ pub fn classify(marked: Vec<Marked>, leases: &BTreeMap<String, Lease>) -> Observ
     }
     obs.marked = marked;
     obs
+}
+
+fn write_private(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    crate::fsutil::write_atomic(path, bytes, 0o600)
 }
 
 fn open_log(path: &Path) -> std::io::Result<std::fs::File> {
