@@ -52,7 +52,8 @@ pub struct VncSessionSpec {
     pub node_name: Option<String>,
 }
 
-/// Where the VNC server listens: exactly one of `host`+`port` or `unixSocket`.
+/// Where the VNC server listens: exactly one of `host`+`port`, `unixSocket` or
+/// `libvirtDomain`.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Target {
@@ -66,6 +67,10 @@ pub struct Target {
     /// Absolute path of a unix socket VNC server.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unix_socket: Option<String>,
+    /// A libvirt domain whose VNC console is the target, read from its live XML while it
+    /// runs (needs `vncd run --libvirt URI`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub libvirt_domain: Option<String>,
 }
 
 /// Where a session is in its life; the values a VM manager waits on.

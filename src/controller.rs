@@ -203,6 +203,7 @@ impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
         let idle_ms = self.idle_times(&serving);
         let listen = self.supervisor.listen_address();
         let mut busy: BTreeSet<u16> = self.busy_ports.keys().copied().collect();
+        busy.extend(snapshot.reserved_ports.iter().copied());
         for lease in self.leases.leases.values() {
             let absent = !obs.proxies.contains_key(&lease.session);
             if absent && !obs.held_by_us.contains(&lease.port) && !can_bind(listen, lease.port) {

@@ -18,7 +18,9 @@ use tracing::{info, warn};
 use super::{PoolArgs, SessionsArgs, StateArgs, runtime};
 use crate::lease::Lease;
 use crate::reconcile::{self, Action, Inputs, Limits};
+use crate::source::Source;
 use crate::source::dir::DirSource;
+use crate::source::merge::Merged;
 use crate::store::file::{FileStore, StateDir, read_state, write_state};
 use crate::store::lock::LockGuard;
 use crate::store::{LeaseChange, LeaseSet, StoreError};
@@ -34,6 +36,10 @@ pub struct CleanupArgs {
     pub state: StateArgs,
     #[command(flatten)]
     pub pool: PoolArgs,
+    /// Sessions of libvirt domains are wanted too: give the URI `vncd run` uses, or a
+    /// domain session whose proxy is restarting looks stale and loses its lease.
+    #[command(flatten)]
+    pub libvirt: super::libvirt::LibvirtArgs,
     /// One pass, then exit.
     #[arg(long)]
     pub once: bool,
@@ -82,8 +88,10 @@ pub fn cleanup(args: CleanupArgs) -> anyhow::Result<ExitCode> {
     );
     let rt = runtime()?;
     rt.block_on(async {
+        let dir_source = DirSource::once(&args.sessions.sessions_dir, args.pool.port_range);
+        let mut source = args.libvirt.source_unchecked(dir_source).await?;
         loop {
-            match pass(&args, &dir, &owner, &supervisor).await {
+            match pass(&args, &mut source, &dir, &owner, &supervisor).await {
                 Ok(s) => info!(
                     released = s.released,
                     orphans_ended = s.orphans,
@@ -107,11 +115,12 @@ pub fn cleanup(args: CleanupArgs) -> anyhow::Result<ExitCode> {
 
 async fn pass(
     args: &CleanupArgs,
+    source: &mut Merged<DirSource>,
     dir: &StateDir,
     owner: &str,
     sup: &Supervisor,
 ) -> anyhow::Result<Stats> {
-    let snapshot = DirSource::once(&args.sessions.sessions_dir, args.pool.port_range).scan()?;
+    let snapshot = source.snapshot().await?;
     let store = FileStore::new(dir.clone(), Duration::from_secs(10));
     for _attempt in 0..5 {
         let marked = scan(owner);

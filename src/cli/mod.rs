@@ -6,6 +6,7 @@
 mod apply;
 mod cleanup;
 mod get;
+mod libvirt;
 mod run;
 
 use std::path::PathBuf;

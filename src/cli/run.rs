@@ -37,6 +37,8 @@ pub struct RunArgs {
     pub state: StateArgs,
     #[command(flatten)]
     pub pool: PoolArgs,
+    #[command(flatten)]
+    pub libvirt: super::libvirt::LibvirtArgs,
     /// Which proxy serves each session.
     #[arg(long, env = "VNCD_BACKEND", value_enum, default_value_t = BackendKind::Builtin)]
     pub backend: BackendKind,
@@ -206,6 +208,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let rt = runtime()?;
     rt.block_on(async move {
         let source = DirSource::watch(&args.sessions.sessions_dir, args.pool.port_range)?;
+        let source = args.libvirt.source(source, args.pool.port_range).await?;
         let store = FileStore::new(state.clone(), lock_timeout);
         let sink = FileSink::new(state.sessions(), supervisor.backend_name());
         info!(

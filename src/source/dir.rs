@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 use super::{Rejected, Snapshot, Source, SourceError};
 use crate::manifest::{self, MAX_MANIFEST_BYTES, Parsed};
 use crate::pool::PortRange;
+use crate::session::Validated;
 
 /// How long a file must stay unmodified before it is read.
 pub const SETTLE: Duration = Duration::from_millis(200);
@@ -59,14 +60,18 @@ impl DirSource {
             source,
         })?;
         let (tx, rx) = mpsc::channel(1);
-        let mut watcher =
-            notify::recommended_watcher(move |_res: notify::Result<notify::Event>| {
-                let _ = tx.try_send(());
-            })
-            .map_err(|e| SourceError::Watch {
-                path: dir.to_owned(),
-                detail: e.to_string(),
-            })?;
+        let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            // Reading the directory (every pass does) is itself an access event;
+            // waking on it would make vncd pass again and again for nothing.
+            if res.is_ok_and(|e| e.kind.is_access()) {
+                return;
+            }
+            let _ = tx.try_send(());
+        })
+        .map_err(|e| SourceError::Watch {
+            path: dir.to_owned(),
+            detail: e.to_string(),
+        })?;
         watcher
             .watch(dir, RecursiveMode::NonRecursive)
             .map_err(|e| SourceError::Watch {
@@ -189,16 +194,15 @@ impl DirSource {
         for (path, f) in &self.files {
             match (&f.result, &f.last_good) {
                 (Ok(p), _) => claims
-                    .entry(p.desired.name.clone())
+                    .entry(p.session.name().to_owned())
                     .or_default()
                     .push((path, p, None)),
                 (Err((_, err)), Some(good)) => {
                     let note = format!("{err}; still serving the last valid version of this file");
-                    claims.entry(good.desired.name.clone()).or_default().push((
-                        path,
-                        good,
-                        Some(note),
-                    ));
+                    claims
+                        .entry(good.session.name().to_owned())
+                        .or_default()
+                        .push((path, good, Some(note)));
                 }
                 (Err((name, err)), None) => {
                     let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned());
@@ -219,7 +223,14 @@ impl DirSource {
             let mut iter = files.into_iter();
             if let Some((path, parsed, note)) = iter.next() {
                 owners.insert(name.clone(), path.clone());
-                snap.desired.insert(name.clone(), parsed.desired.clone());
+                match &parsed.session {
+                    Validated::Ready(d) => {
+                        snap.desired.insert(name.clone(), d.clone());
+                    }
+                    Validated::Domain(r) => {
+                        snap.unresolved.insert(name.clone(), r.clone());
+                    }
+                }
                 snap.objects.insert(name.clone(), parsed.object.clone());
                 if let Some(note) = note {
                     snap.warnings.insert(name.clone(), note);
@@ -371,6 +382,23 @@ mod tests {
         assert_eq!(src.scan().unwrap().desired.len(), 1);
         std::fs::remove_file(d.path().join("a.yaml")).unwrap();
         assert!(src.scan().unwrap().desired.is_empty());
+    }
+
+    #[tokio::test]
+    async fn reading_the_directory_does_not_count_as_a_change() {
+        let d = tempfile::tempdir().unwrap();
+        write_old(&d.path().join("a.yaml"), &manifest("a", 5901));
+        let mut src = DirSource::watch(d.path(), PortRange::default()).unwrap();
+        src.scan().unwrap();
+        let woke = tokio::time::timeout(Duration::from_millis(300), src.changed()).await;
+        assert!(
+            woke.is_err(),
+            "a scan woke the watcher: vncd would pass in a loop"
+        );
+        write_old(&d.path().join("b.yaml"), &manifest("b", 5902));
+        tokio::time::timeout(Duration::from_secs(5), src.changed())
+            .await
+            .expect("a new file wakes the watcher");
     }
 
     #[test]

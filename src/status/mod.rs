@@ -70,6 +70,7 @@ fn spec_of(target: &Endpoint) -> VncSessionSpec {
             host: Some(host.clone()),
             port: Some(i32::from(*port)),
             unix_socket: None,
+            libvirt_domain: None,
         },
         Endpoint::Unix { path } => Target {
             unix_socket: Some(path.clone()),
@@ -186,10 +187,14 @@ impl StatusBuilder {
                 SOURCE_ANNOTATION.to_owned(),
                 r.origin.clone(),
             )]));
-            let cond = self.condition(&r.name, false, INVALID, &r.error, None);
+            let (phase, reason) = match snapshot.waiting.get(&r.name) {
+                Some(reason) => (Phase::Pending, *reason),
+                None => (Phase::Failed, INVALID),
+            };
+            let cond = self.condition(&r.name, false, reason, &r.error, None);
             obj.status = Some(VncSessionStatus {
-                phase: Some(Phase::Failed),
-                reason: Some(INVALID.into()),
+                phase: Some(phase),
+                reason: Some(reason.into()),
                 message: Some(r.error.clone()),
                 // A protected name keeps its lease: show it.
                 port: leases.get(&r.name).map(|l| i32::from(l.port)),
