@@ -60,8 +60,16 @@ impl DirSource {
         })?;
         let (tx, rx) = mpsc::channel(1);
         let mut watcher =
-            notify::recommended_watcher(move |_res: notify::Result<notify::Event>| {
-                let _ = tx.try_send(());
+            notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+                // inotify reports opens and reads too, including those of our own scans:
+                // counting them as changes would make every pass trigger the next one.
+                use notify::event::{AccessKind, AccessMode, EventKind};
+                let read_only = res.as_ref().is_ok_and(|e| {
+                    matches!(e.kind, EventKind::Access(k) if k != AccessKind::Close(AccessMode::Write))
+                });
+                if !read_only {
+                    let _ = tx.try_send(());
+                }
             })
             .map_err(|e| SourceError::Watch {
                 path: dir.to_owned(),
@@ -371,6 +379,24 @@ mod tests {
         assert_eq!(src.scan().unwrap().desired.len(), 1);
         std::fs::remove_file(d.path().join("a.yaml")).unwrap();
         assert!(src.scan().unwrap().desired.is_empty());
+    }
+
+    #[tokio::test]
+    async fn reading_the_directory_is_not_a_change_but_writing_a_manifest_is() {
+        let d = tempfile::tempdir().unwrap();
+        write_old(&d.path().join("a.yaml"), &manifest("a", 5901));
+        let mut src = DirSource::watch(d.path(), PortRange::default()).unwrap();
+        // Our own scans open the directory and read the file: no event may come of it,
+        // or every pass would trigger the next one and an idle vncd would never rest.
+        for _ in 0..3 {
+            src.scan().unwrap();
+        }
+        let quiet = tokio::time::timeout(Duration::from_millis(500), src.changed()).await;
+        assert!(quiet.is_err(), "a scan was reported as a change");
+        std::fs::write(d.path().join("b.yaml"), manifest("b", 5901)).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), src.changed())
+            .await
+            .expect("a new manifest is reported");
     }
 
     #[test]
