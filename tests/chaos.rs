@@ -40,6 +40,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -331,9 +332,19 @@ struct SamplerStats {
     ready_checked: u64,
     ready_in_current_leases: u64,
     ready_released_since: u64,
+    ready_while_corrupted: u64,
     /// token -> (session, port, uid) of every lease ever seen in leases.json.
     history: HashMap<String, (String, u16, String)>,
     violations: Vec<String>,
+}
+
+impl SamplerStats {
+    /// Records a violation once (a sampler sees the same one many times).
+    fn violation(&mut self, v: String) {
+        if !self.violations.contains(&v) {
+            self.violations.push(v);
+        }
+    }
 }
 
 /// Reads sessions.json and then leases.json, again and again, while the chaos runs.
@@ -378,6 +389,16 @@ impl Sampler {
         self.corrupt_expected.store(on, Ordering::SeqCst);
     }
 
+    /// Adds a lease file's leases to the history (the last good file before a corruption).
+    fn record(&self, bytes: &[u8]) {
+        let tmp = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(tmp.path(), bytes).unwrap();
+        let mut st = self.stats.lock().unwrap();
+        for l in read_leases(tmp.path()).ok().flatten().unwrap_or_default() {
+            st.history.insert(l.token, (l.session, l.port, l.uid));
+        }
+    }
+
     fn violations(&self) -> Vec<String> {
         self.stats.lock().unwrap().violations.clone()
     }
@@ -414,31 +435,31 @@ fn sample(
             None
         }
     };
-    let leases = match leases {
-        Ok(l) => l.unwrap_or_default(),
-        Err(_) if expected || corrupt_expected.load(Ordering::SeqCst) => {
+    // While the test has corrupted leases.json on purpose, Ready statuses are checked
+    // against the leases seen before (the test records the last good file under the
+    // lock, see Chaos::corrupt_state_file): no new lease can be persisted meanwhile.
+    let current = match leases {
+        Ok(_) | Err(_) if expected || corrupt_expected.load(Ordering::SeqCst) => {
             st.skipped_while_corrupted += 1;
-            return;
+            None
         }
+        Ok(l) => Some(l.unwrap_or_default()),
         Err(e) => {
-            st.violations.push(format!(
+            st.violation(format!(
                 "leases.json unreadable though nobody corrupted it: {e}"
             ));
             return;
         }
     };
-    if expected {
-        // A deliberately corrupted file may still parse (a duplicated port): skip it.
-        st.skipped_while_corrupted += 1;
-        return;
-    }
-    st.lease_files_checked += 1;
-    for p in lease_set_problems(&leases, range) {
-        st.violations.push(format!("leases.json: {p}"));
-    }
-    for l in &leases {
-        st.history
-            .insert(l.token.clone(), (l.session.clone(), l.port, l.uid.clone()));
+    if let Some(leases) = &current {
+        st.lease_files_checked += 1;
+        for p in lease_set_problems(leases, range) {
+            st.violation(format!("leases.json: {p}"));
+        }
+        for l in leases {
+            st.history
+                .insert(l.token.clone(), (l.session.clone(), l.port, l.uid.clone()));
+        }
     }
     let Some(sessions) = sessions else { return };
     let mut ready_ports = BTreeMap::new();
@@ -453,21 +474,25 @@ fn sample(
         let token = token_of(status["url"].as_str().unwrap_or_default());
         let pid = status["pid"].as_i64().unwrap_or(0);
         if let Some(other) = ready_ports.insert(port, name.to_owned()) {
-            st.violations.push(format!(
+            st.violation(format!(
                 "sessions.json shows {other} and {name} Ready on one port {port}"
             ));
         }
-        if leases
-            .iter()
-            .any(|l| l.session == name && l.port == port && l.token == token)
-        {
+        if current.as_ref().is_some_and(|leases| {
+            leases
+                .iter()
+                .any(|l| l.session == name && l.port == port && l.token == token)
+        }) {
             st.ready_in_current_leases += 1;
             continue;
         }
         match st.history.get(&token).cloned() {
+            Some((s, p, _)) if s == name && p == port && current.is_none() => {
+                st.ready_while_corrupted += 1;
+            }
             Some((s, p, uid)) if s == name && p == port => {
                 if proxy_of_lease_alive(pid, owner, &uid) {
-                    st.violations.push(format!(
+                    st.violation(format!(
                         "sessions.json shows {name} Ready on port {port} (pid {pid}) but leases.json \
                          no longer holds that lease while its proxy still runs"
                     ));
@@ -475,7 +500,7 @@ fn sample(
                     st.ready_released_since += 1;
                 }
             }
-            _ => st.violations.push(format!(
+            _ => st.violation(format!(
                 "sessions.json shows {name} Ready on port {port} with a lease never seen in leases.json"
             )),
         }
@@ -487,6 +512,10 @@ fn sample(
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Fault {
     KillProxies,
+    /// Processes carrying this state directory's marker but no lease (what a crash
+    /// between spawn and commit, or a lost state file, would leave): real `vncd proxy`
+    /// processes listening on free pool ports.
+    Orphans,
     ForeignListeners,
     CorruptWhileDown,
     CorruptWhileRunning,
@@ -494,8 +523,9 @@ enum Fault {
     FullStateDir,
 }
 
-const FAULTS: [Fault; 6] = [
+const FAULTS: [Fault; 7] = [
     Fault::KillProxies,
+    Fault::Orphans,
     Fault::ForeignListeners,
     Fault::CorruptWhileDown,
     Fault::CorruptWhileRunning,
@@ -526,6 +556,7 @@ struct Figures {
     manifests_recreated: u64,
     proxies_sigkilled: u64,
     proxies_sigkilled_while_vncd_down: u64,
+    orphans_planted: u64,
     foreign_listeners: u64,
     ports_stolen: u64,
     steal_races_lost: u64,
@@ -550,6 +581,8 @@ struct Chaos {
     sampler: Sampler,
     v: Vncd,
     foreign: Vec<(u16, TcpListener)>,
+    /// Orphans we planted (our children, so we reap them).
+    orphans: Vec<std::process::Child>,
     qemu: [Qemu; 2],
     fs: Tmpfs,
     rng: Rng,
@@ -799,11 +832,50 @@ impl Chaos {
         }
     }
 
+    /// Starts 1-3 real proxies that carry our marker but match no lease.
+    fn plant_orphans(&mut self) {
+        self.stage = "orphans".into();
+        let leased: BTreeSet<u16> = self.leases().iter().map(|l| l.port).collect();
+        let free: Vec<u16> = (self.v.range.0..=self.v.range.1)
+            .filter(|p| !leased.contains(p) && !self.foreign.iter().any(|(f, _)| f == p))
+            .collect();
+        for i in 0..1 + self.rng.below(3) {
+            let Some(&port) = self.rng.pick(&free) else {
+                break;
+            };
+            let child = Command::new(BIN)
+                .args(["proxy", "--listen"])
+                .arg(format!("127.0.0.1:{port}"))
+                .arg("--target")
+                .arg(format!("127.0.0.1:{}", self.qemu[0].port))
+                .env(vncd::supervisor::marker::OWNER, self.v.owner())
+                .env(vncd::supervisor::marker::SESSION, format!("ghost{i}"))
+                .env(vncd::supervisor::marker::LEASE, "0123456789abcdef")
+                .env(vncd::supervisor::marker::PORT, port.to_string())
+                .process_group(0)
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            self.orphans.push(child);
+            self.figures.orphans_planted += 1;
+        }
+    }
+
     /// Writes a random kind of corruption over leases.json, holding leases.lock so that
     /// a running vncd cannot replace it mid-write. Returns the bytes written.
     fn corrupt_state_file(&mut self) -> Vec<u8> {
         let path = self.leases_path();
+        self.sampler.expect_corruption(true);
+        let _lock = vncd::store::lock::LockGuard::acquire(
+            &self.v.state.join("leases.lock"),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        // The last good version, which no commit can replace while we hold the lock.
         let good = std::fs::read(&path).unwrap_or_else(|_| b"{}".to_vec());
+        self.sampler.record(&good);
         let kinds = [
             "truncated",
             "empty",
@@ -852,12 +924,6 @@ impl Chaos {
             }
             _ => b"[]".to_vec(),
         };
-        self.sampler.expect_corruption(true);
-        let _lock = vncd::store::lock::LockGuard::acquire(
-            &self.v.state.join("leases.lock"),
-            Duration::from_secs(10),
-        )
-        .unwrap();
         std::fs::write(&path, &bytes).unwrap();
         *self.figures.corruptions.entry(kind).or_default() += 1;
         bytes
@@ -945,23 +1011,44 @@ impl Chaos {
         if let Some(victim) = self.rng.pick(&names).filter(|n| **n != name).cloned() {
             self.apply(&Op::Delete(victim));
         }
-        wait_for(
-            "vncd to refuse to commit over the corrupt file",
-            Duration::from_secs(20),
-            || log_since(&self.v, mark).contains("corrupt").then_some(()),
-        );
-        assert!(
-            self.v.child.as_mut().unwrap().try_wait().unwrap().is_none(),
-            "vncd exited on a corrupt state file instead of waiting for repair"
-        );
-        assert!(
-            self.v
-                .item(&name)
-                .is_none_or(|i| i["status"]["phase"] != "Ready"),
-            "a session was reported Ready while no lease could be persisted"
-        );
+        self.passes_while_failing(mark, "is corrupt", &name);
         self.assert_corrupt_refused(&bytes);
         self.rebuild_state();
+    }
+
+    /// Waits until vncd has failed a lease commit with `error` and then run five more
+    /// passes, checking all along that it keeps running and never reports `new` Ready
+    /// (its lease cannot have been persisted).
+    fn passes_while_failing(&mut self, mark: u64, error: &str, new: &str) {
+        wait_for(
+            &format!("vncd to fail a lease commit with {error:?} and keep passing"),
+            Duration::from_secs(30),
+            || {
+                assert!(
+                    self.v.child.as_mut().unwrap().try_wait().unwrap().is_none(),
+                    "vncd exited during: {}",
+                    self.stage
+                );
+                assert!(
+                    self.v
+                        .item(new)
+                        .is_none_or(|i| i["status"]["phase"] != "Ready"),
+                    "{new} was reported Ready while no lease could be persisted ({})",
+                    self.stage
+                );
+                let log = log_since(&self.v, mark);
+                let first = log
+                    .find("cannot persist lease changes")
+                    .filter(|at| log[*at..].lines().next().is_some_and(|l| l.contains(error)))?;
+                let passes = log[first..]
+                    .lines()
+                    .filter(|l| {
+                        l.contains("pass done") || l.contains("cannot persist lease changes")
+                    })
+                    .count();
+                (passes > 5).then_some(())
+            },
+        );
     }
 
     /// Makes the state directory read-only or full, asks for a new session and the removal
@@ -995,32 +1082,12 @@ impl Chaos {
         } else {
             "Read-only file system"
         };
-        wait_for(
-            &format!("vncd to fail a commit with {errno:?}"),
-            Duration::from_secs(20),
-            || {
-                let log = log_since(&self.v, mark);
-                log.lines()
-                    .any(|l| l.contains("cannot persist lease changes") && l.contains(errno))
-                    .then_some(())
-            },
-        );
-        assert!(
-            self.v.child.as_mut().unwrap().try_wait().unwrap().is_none(),
-            "vncd exited during: {}",
-            self.stage
-        );
+        self.passes_while_failing(mark, errno, &name);
         assert_eq!(
             std::fs::read(self.leases_path()).unwrap(),
             before,
             "leases.json changed during: {}",
             self.stage
-        );
-        assert!(
-            self.v
-                .item(&name)
-                .is_none_or(|i| i["status"]["phase"] != "Ready"),
-            "a session was reported Ready while no lease could be persisted"
         );
         match filler {
             Some(f) => std::fs::remove_file(f).unwrap(),
@@ -1229,7 +1296,7 @@ impl Chaos {
         if self.cycle < order.len() {
             return Some(order[self.cycle]);
         }
-        let weights = [3, 3, 2, 2, 1, 1];
+        let weights = [3, 1, 3, 2, 2, 1, 1];
         let roll = self.rng.below(weights.iter().sum::<usize>() + 2);
         let mut acc = 0;
         for (f, w) in FAULTS.iter().zip(weights) {
@@ -1270,6 +1337,7 @@ fn vncd_keeps_its_invariants_under_chaos() {
         sampler,
         v,
         foreign: Vec::new(),
+        orphans: Vec::new(),
         qemu: [Qemu::tcp(), Qemu::tcp()],
         fs,
         rng: Rng::new(seed),
@@ -1305,6 +1373,17 @@ fn vncd_keeps_its_invariants_under_chaos() {
                 let n = 1 + c.rng.below(c.sessions / 4 + 1);
                 c.kill_proxies(n);
                 c.converge("SIGKILL of proxies");
+            }
+            Some(Fault::Orphans) => {
+                c.plant_orphans();
+                c.converge("orphans planted");
+                for mut o in std::mem::take(&mut c.orphans) {
+                    wait_for(
+                        "vncd to end a planted orphan",
+                        Duration::from_secs(10),
+                        || o.try_wait().unwrap(),
+                    );
+                }
             }
             Some(Fault::ForeignListeners) => {
                 c.foreign_listeners();
@@ -1351,8 +1430,8 @@ fn vncd_keeps_its_invariants_under_chaos() {
     let figures = format!(
         "seed {seed}, {cycles} cycles, {sessions} sessions, backend {}, {:?}\n{:#?}\n\
          sampler: {} samples, {} lease files checked, {} skipped while corrupted, \
-         {} Ready items checked ({} in the lease file read right after, {} released since), \
-         {} distinct leases seen, {} violations",
+         {} Ready items checked ({} in the lease file read right after, {} released since, \
+         {} against earlier leases while the file was corrupt), {} distinct leases seen, {} violations",
         backend(),
         started.elapsed(),
         c.figures,
@@ -1362,6 +1441,7 @@ fn vncd_keeps_its_invariants_under_chaos() {
         st.ready_checked,
         st.ready_in_current_leases,
         st.ready_released_since,
+        st.ready_while_corrupted,
         st.history.len(),
         st.violations.len(),
     );
@@ -1370,4 +1450,24 @@ fn vncd_keeps_its_invariants_under_chaos() {
         std::fs::write(path, &figures).unwrap();
     }
     assert!(st.violations.is_empty(), "{:?}", st.violations);
+}
+
+/// Regression: vncd's own directory scans (inotify IN_OPEN) used to count as changes,
+/// so an idle vncd ran a pass (a full /proc scan) every ~100 ms instead of resting
+/// until its resync interval (0.5 s here).
+#[test]
+fn an_idle_vncd_rests_between_resyncs() {
+    let qemu = Qemu::tcp();
+    let mut v = Vncd::new(3);
+    v.start();
+    v.add_session("vm1", qemu.port);
+    v.wait_ready("vm1");
+    std::thread::sleep(Duration::from_secs(1)); // let the start settle
+    let mark = log_mark(&v);
+    std::thread::sleep(Duration::from_secs(4));
+    let passes = log_since(&v, mark).matches("pass done").count();
+    assert!(
+        passes <= 10,
+        "an idle vncd ran {passes} passes in 4 s with a 0.5 s resync interval"
+    );
 }
