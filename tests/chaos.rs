@@ -1117,6 +1117,18 @@ impl Chaos {
                 leased.symmetric_difference(&wanted).collect::<Vec<_>>()
             ));
         }
+        // Statuses written by this very vncd, not left over from the one killed before.
+        let pid = self.v.child.as_ref().map(|c| c.id());
+        let status_file: Value = std::fs::read(self.v.state.join("sessions.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or(Value::Null);
+        if status_file["controllerPid"].as_u64() != pid.map(u64::from) {
+            return Err(format!(
+                "sessions.json is from controller {} not {pid:?}",
+                status_file["controllerPid"]
+            ));
+        }
         let items = self.v.items();
         let shown: BTreeSet<String> = items
             .iter()
