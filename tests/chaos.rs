@@ -1117,6 +1117,18 @@ impl Chaos {
                 leased.symmetric_difference(&wanted).collect::<Vec<_>>()
             ));
         }
+        // Statuses written by this very vncd, not left over from the one killed before.
+        let pid = self.v.child.as_ref().map(|c| c.id());
+        let status_file: Value = std::fs::read(self.v.state.join("sessions.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or(Value::Null);
+        if status_file["controllerPid"].as_u64() != pid.map(u64::from) {
+            return Err(format!(
+                "sessions.json is from controller {} not {pid:?}",
+                status_file["controllerPid"]
+            ));
+        }
         let items = self.v.items();
         let shown: BTreeSet<String> = items
             .iter()
@@ -1470,4 +1482,51 @@ fn an_idle_vncd_rests_between_resyncs() {
         passes <= 10,
         "an idle vncd ran {passes} passes in 4 s with a 0.5 s resync interval"
     );
+}
+
+/// Regression: a manifest written less than the settle time (200 ms) before vncd
+/// started was skipped by the first scan as "still being written", and its session
+/// taken for deleted: vncd stopped its running console (or released its lease, and so
+/// its URL, when the proxy was down), then started it again a pass later.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_manifest_rewritten_just_before_a_restart_keeps_its_console_and_lease() {
+    let qemu = Qemu::tcp();
+    let mut v = Vncd::new(4);
+    v.start();
+    v.add_session("live", qemu.port);
+    v.add_session("down", qemu.port);
+    let live = v.wait_ready("live");
+    let down = v.wait_ready("down");
+    let mut client = Client::connect(live["url"].as_str().unwrap()).await;
+    assert_eq!(client.read(12).await, b"RFB 003.008\n");
+    v.kill9();
+    // "down" loses its proxy while vncd is away: it must come back on the same lease.
+    killpg(
+        Pid::from_raw(down["pid"].as_i64().unwrap() as i32),
+        Signal::SIGKILL,
+    )
+    .unwrap();
+    let mark = log_mark(&v);
+    // Both manifests are rewritten, unchanged, right before vncd starts again.
+    v.add_session("live", qemu.port);
+    v.add_session("down", qemu.port);
+    v.start();
+    let back = wait_for("down to be restarted", Duration::from_secs(15), || {
+        let s = v.item("down")?["status"].clone();
+        (s["phase"] == "Ready" && s["pid"] != down["pid"]).then_some(s)
+    });
+    assert_eq!(
+        (&back["port"], &back["url"]),
+        (&down["port"], &down["url"]),
+        "down got a new lease: its console URL changed"
+    );
+    let now = v.wait_ready("live");
+    assert_eq!(now["pid"], live["pid"], "live's proxy was restarted");
+    let log = log_since(&v, mark);
+    assert!(
+        !log.contains("reason=Removed") && !log.contains("lease released"),
+        "vncd treated a rewritten manifest as deleted:\n{log}"
+    );
+    let (w, h) = client.handshake().await;
+    assert!(w > 0 && h > 0, "the connected client lost its console");
 }

@@ -163,6 +163,15 @@ impl DirSource {
             }
             if fresh {
                 snap.unsettled = true; // keep the previous reading until it settles
+                if !self.files.contains_key(&path) {
+                    // Never read (vncd just started, or a new path): until it settles, the
+                    // session it names is left alone, not taken for deleted.
+                    let name = (meta.size() <= MAX_MANIFEST_BYTES)
+                        .then(|| std::fs::read_to_string(&path).ok())
+                        .flatten()
+                        .and_then(|t| manifest::claimed_name(&t));
+                    snap.protected.insert(name.unwrap_or(stem));
+                }
                 continue;
             }
             let result = read_manifest(&path, meta.size(), self.pool).map_err(|e| {
@@ -337,6 +346,25 @@ mod tests {
         let snap = src.scan().unwrap();
         assert!(!snap.unsettled);
         assert!(snap.desired.contains_key("a"));
+    }
+
+    #[test]
+    fn a_file_too_fresh_to_read_at_the_first_scan_protects_its_session() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("vm.yaml"), manifest("vm1", 5901)).unwrap();
+        std::fs::write(
+            d.path().join("half.yaml"),
+            "apiVersion: vncd.io/v1alpha1\nkind: Vnc",
+        )
+        .unwrap();
+        let mut src = DirSource::once(d.path(), PortRange::default());
+        let snap = src.scan().unwrap();
+        assert!(snap.unsettled && snap.desired.is_empty());
+        // Not desired yet, but not gone either: its lease and proxy must be left alone.
+        assert_eq!(
+            snap.protected,
+            BTreeSet::from(["vm1".to_owned(), "half".to_owned()])
+        );
     }
 
     #[test]
