@@ -363,13 +363,27 @@ pub fn backend() -> String {
 fn pool_base(size: u16) -> u16 {
     use std::sync::atomic::{AtomicU16, Ordering};
     static NEXT: AtomicU16 = AtomicU16::new(0);
-    // Each test binary gets its own band via its name, then slices it.
+    // Each test binary gets its own band of 1000 ports by its target name (the file name
+    // without cargo's hash suffix), so binaries never share ports even if one leaves a
+    // straggler behind; tests in one binary then slice the band.
     let exe = std::env::current_exe().unwrap();
     let name = exe.file_name().unwrap().to_string_lossy().into_owned();
-    let band = name
-        .bytes()
-        .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)))
-        % 8;
+    let target = name.rsplit_once('-').map_or(name.as_str(), |(t, _)| t);
+    let band: u32 = match target {
+        "standalone" => 0,
+        "chaos" => 1,
+        "bad_input" => 2,
+        "browser" => 3,
+        "libvirt" => 4,
+        "ready" => 5,
+        "kube" => 6,
+        other => {
+            7 + other
+                .bytes()
+                .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)))
+                % 4
+        }
+    };
     let base = 20000 + band as u16 * 1000;
     base + NEXT.fetch_add(size + 1, Ordering::SeqCst)
 }
