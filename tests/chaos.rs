@@ -557,6 +557,8 @@ struct Figures {
     proxies_sigkilled: u64,
     proxies_sigkilled_while_vncd_down: u64,
     orphans_planted: u64,
+    /// Killed proxies checked to be back on the same lease (port, token) with a new pid.
+    same_lease_restarts: u64,
     foreign_listeners: u64,
     ports_stolen: u64,
     steal_races_lost: u64,
@@ -600,6 +602,8 @@ struct Chaos {
     baseline: BTreeMap<String, (u16, i64, String)>,
     /// Sessions this cycle changed on purpose (they may change pid or port).
     touched: BTreeSet<String>,
+    /// The snapshot `baseline` replaced at the last convergence.
+    before_fault: BTreeMap<String, (u16, i64, String)>,
     figures: Figures,
     rt: tokio::runtime::Runtime,
 }
@@ -1273,7 +1277,7 @@ impl Chaos {
         }
         let v = self.sampler.violations();
         assert!(v.is_empty(), "sampler found violations:\n{}", v.join("\n"));
-        self.baseline = snap;
+        self.before_fault = std::mem::replace(&mut self.baseline, snap);
         self.touched.clear();
     }
 
@@ -1362,6 +1366,7 @@ fn vncd_keeps_its_invariants_under_chaos() {
         stolen: BTreeMap::new(),
         baseline: BTreeMap::new(),
         touched: BTreeSet::new(),
+        before_fault: BTreeMap::new(),
         figures: Figures::default(),
         rt: tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -1383,8 +1388,23 @@ fn vncd_keeps_its_invariants_under_chaos() {
             Some(Fault::KillProxies) => {
                 c.stage = "kill proxies".into();
                 let n = 1 + c.rng.below(c.sessions / 4 + 1);
-                c.kill_proxies(n);
+                let killed = c.kill_proxies(n);
                 c.converge("SIGKILL of proxies");
+                // Each came back on its own lease: same port and token, a new pid.
+                for (session, port) in killed {
+                    let (now_port, now_pid, now_token) = &c.baseline[&session];
+                    assert_eq!(
+                        *now_port, port,
+                        "{session} moved after its proxy was killed"
+                    );
+                    let before = c.before_fault.get(&session).unwrap();
+                    assert_eq!(
+                        (now_token, true),
+                        (&before.2, *now_pid != before.1),
+                        "{session}"
+                    );
+                    c.figures.same_lease_restarts += 1;
+                }
             }
             Some(Fault::Orphans) => {
                 c.plant_orphans();
