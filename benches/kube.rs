@@ -158,8 +158,11 @@ fn session(node: &str, target_port: u16, finalizer: bool, name: &str) -> VncSess
                 host: Some("127.0.0.1".into()),
                 port: Some(i32::from(target_port)),
                 unix_socket: None,
+                libvirt_domain: None,
             },
             port: None,
+            idle_timeout_seconds: None,
+            max_lifetime_seconds: None,
             node_name: Some(node.into()),
         },
     );

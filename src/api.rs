@@ -13,11 +13,12 @@ pub const API_VERSION: &str = "vncd.io/v1alpha1";
 /// The kind every VncSession carries.
 pub const KIND: &str = "VncSession";
 
-/// The CEL rule on `spec.target`: exactly one of `host`+`port` or `unixSocket`.
-pub const TARGET_RULE: &str =
-    "has(self.unixSocket) ? !has(self.host) && !has(self.port) : has(self.host) && has(self.port)";
+/// The CEL rule on `spec.target`: exactly one of `host`+`port`, `unixSocket` or
+/// `libvirtDomain`.
+pub const TARGET_RULE: &str = "has(self.host) == has(self.port) && \
+    (has(self.host) ? 1 : 0) + (has(self.unixSocket) ? 1 : 0) + (has(self.libvirtDomain) ? 1 : 0) == 1";
 /// What the API server answers when [`TARGET_RULE`] fails.
-pub const TARGET_RULE_MESSAGE: &str = "spec.target needs exactly one of host+port or unixSocket";
+pub const TARGET_RULE_MESSAGE: &str = "spec.target needs exactly one of host+port, unixSocket or libvirtDomain";
 
 /// What a console session wants: a VNC server to expose on a websocket port.
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
@@ -45,12 +46,22 @@ pub struct VncSessionSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 65535))]
     pub port: Option<i32>,
+    /// End the session after this many seconds with no client connected (phase Expired).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 315_360_000))]
+    pub idle_timeout_seconds: Option<i64>,
+    /// End the session this many seconds after its port was leased, even with a client
+    /// connected (phase Expired).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 315_360_000))]
+    pub max_lifetime_seconds: Option<i64>,
     /// The node whose vncd serves this session (Kubernetes mode only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_name: Option<String>,
 }
 
-/// Where the VNC server listens: exactly one of `host`+`port` or `unixSocket`.
+/// Where the VNC server listens: exactly one of `host`+`port`, `unixSocket` or
+/// `libvirtDomain`.
 ///
 /// The CEL rule lets the API server refuse a target vncd could never serve at admission,
 /// so `kubectl apply` fails at once instead of leaving a Failed object behind.
@@ -68,6 +79,10 @@ pub struct Target {
     /// Absolute path of a unix socket VNC server.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unix_socket: Option<String>,
+    /// A libvirt domain whose VNC console is the target, read from its live XML while it
+    /// runs (needs `vncd run --libvirt URI`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub libvirt_domain: Option<String>,
 }
 
 /// Where a session is in its life; the values a VM manager waits on.
@@ -81,6 +96,9 @@ pub enum Phase {
     Failed,
     /// The session is going away; its proxy is being stopped.
     Terminating,
+    /// The session ended by its idle timeout or maximum lifetime; its port is released.
+    /// It starts again only when its spec changes.
+    Expired,
 }
 
 impl std::fmt::Display for Phase {
@@ -90,6 +108,7 @@ impl std::fmt::Display for Phase {
             Phase::Ready => "Ready",
             Phase::Failed => "Failed",
             Phase::Terminating => "Terminating",
+            Phase::Expired => "Expired",
         };
         f.write_str(s)
     }
@@ -132,9 +151,37 @@ pub struct VncSessionStatus {
     /// the process is still the one vncd started (Kubernetes mode).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub process_start_time: Option<i64>,
+    /// The Secret holding the session's token and its full URL (Kubernetes mode). The
+    /// token stays out of status, so reading VncSessions never reveals a console; grant
+    /// `get` on the Secret to whoever may open it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_secret_ref: Option<SecretKeyRef>,
+    /// Set when the session expired (Kubernetes mode): it stays down until its spec
+    /// changes, even across vncd restarts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expired: Option<ExpiredStatus>,
     /// The spec generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+}
+
+/// A key of a Secret in the session's namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    pub name: String,
+    pub key: String,
+}
+
+/// Which spec generation expired, why and when.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ExpiredStatus {
+    pub generation: i64,
+    /// `IdleTimeout` or `MaxLifetime`.
+    pub reason: String,
+    pub message: String,
+    pub at: Time,
 }

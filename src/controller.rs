@@ -13,7 +13,7 @@ use jiff::Timestamp;
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
-use crate::lease::Lease;
+use crate::lease::{Expiry, Lease};
 use crate::net::can_bind;
 use crate::reconcile::{self, Action, Inputs, Limits, ProxyState, RestartState, StopReason};
 use crate::source::{Snapshot, Source};
@@ -48,6 +48,8 @@ pub struct Controller<S, L, R> {
     leases: LeaseSet,
     restarts: BTreeMap<String, RestartState>,
     busy_ports: BTreeMap<u16, Instant>,
+    /// When each session last had a client (or its proxy was first seen).
+    last_active: BTreeMap<String, Instant>,
     exits: mpsc::UnboundedReceiver<Exit>,
     epoch: Instant,
     ready_once: bool,
@@ -81,6 +83,7 @@ impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
             leases: LeaseSet::default(),
             restarts: BTreeMap::new(),
             busy_ports: BTreeMap::new(),
+            last_active: BTreeMap::new(),
             exits: rx,
             epoch: Instant::now(),
             ready_once: false,
@@ -182,8 +185,25 @@ impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
                 r.starts = 0;
             }
         }
+        // Idle time counts only once a proxy serves its port: a slow start is not idleness.
+        let serving: BTreeMap<String, usize> = obs
+            .clients
+            .iter()
+            .filter(|(s, _)| {
+                matches!(
+                    obs.proxies.get(*s),
+                    Some(ProxyState::Running {
+                        listening: true,
+                        ..
+                    })
+                )
+            })
+            .map(|(s, n)| (s.clone(), *n))
+            .collect();
+        let idle_ms = self.idle_times(&serving);
         let listen = self.supervisor.listen_address();
         let mut busy: BTreeSet<u16> = self.busy_ports.keys().copied().collect();
+        busy.extend(snapshot.reserved_ports.iter().copied());
         for lease in self.leases.leases.values() {
             let absent = !obs.proxies.contains_key(&lease.session);
             if absent && !obs.held_by_us.contains(&lease.port) && !can_bind(listen, lease.port) {
@@ -198,8 +218,11 @@ impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
             orphans: &obs.orphans,
             busy: &busy,
             restarts: &self.restarts,
+            expired: &self.leases.expired,
+            idle_ms: &idle_ms,
             limits: self.config.limits,
             now_ms: now,
+            wall_now: Timestamp::now(),
         });
 
         // 1. Persist lease changes before anything acts on them.
@@ -234,6 +257,24 @@ impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
                         l.process = None;
                         changes.push(LeaseChange::Put(l));
                     }
+                }
+                Action::Expire {
+                    session,
+                    generation,
+                    reason,
+                    message,
+                } => {
+                    info!(session = %session, reason, "session expired");
+                    let expiry = Expiry {
+                        generation: *generation,
+                        reason: (*reason).to_owned(),
+                        message: message.clone(),
+                        at: Timestamp::now(),
+                    };
+                    changes.push(LeaseChange::Expire(session.clone(), expiry));
+                }
+                Action::Unexpire { session } => {
+                    changes.push(LeaseChange::Unexpire(session.clone()))
                 }
                 Action::Record { session, process } => {
                     if let Some(l) = self.leases.leases.get(session) {
@@ -325,6 +366,23 @@ impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
             "pass done"
         );
         plan.busy || again
+    }
+
+    /// Idle time per session with a live proxy, from its connected-client count.
+    fn idle_times(&mut self, clients: &BTreeMap<String, usize>) -> BTreeMap<String, u64> {
+        let now = Instant::now();
+        self.last_active.retain(|s, _| clients.contains_key(s));
+        clients
+            .iter()
+            .map(|(session, n)| {
+                let last = self.last_active.entry(session.clone()).or_insert(now);
+                if *n > 0 {
+                    *last = now;
+                }
+                let idle = u64::try_from(now.duration_since(*last).as_millis()).unwrap_or(u64::MAX);
+                (session.clone(), idle)
+            })
+            .collect()
     }
 
     /// Commits changes; on a conflict (someone else changed the store) reloads instead.

@@ -28,6 +28,10 @@ pub struct Lease {
     /// orphan search tells our processes from everyone else's, even before the pid
     /// is recorded here.
     pub uid: String,
+    /// The session's secret: the proxy refuses websocket clients that do not present it.
+    /// Kept only in files of mode 0600 (this lease file and the proxy's token file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
     /// The proxy process, once started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub process: Option<ProcRef>,
@@ -42,10 +46,24 @@ impl Lease {
             port,
             target,
             uid: random_hex(8),
+            token: Some(random_hex(16)),
             process: None,
             allocated_at: now,
         }
     }
+}
+
+/// Why and when a session expired. Kept after its lease is released, so a manifest
+/// that is still present does not start the session again until its spec changes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Expiry {
+    /// The spec generation that expired.
+    pub generation: i64,
+    /// `IdleTimeout` or `MaxLifetime`.
+    pub reason: String,
+    pub message: String,
+    pub at: Timestamp,
 }
 
 /// `n` random bytes as lowercase hex.

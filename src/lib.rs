@@ -16,6 +16,7 @@ pub mod lease;
 pub mod manifest;
 pub mod net;
 pub mod pool;
+pub mod proxy;
 pub mod reconcile;
 pub mod session;
 pub mod source;

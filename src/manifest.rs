@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use crate::api::{API_VERSION, KIND, VncSession, VncSessionSpec};
 use crate::pool::PortRange;
-use crate::session::{Desired, SpecError};
+use crate::session::{SpecError, Validated, validate};
 
 /// The largest manifest read; a real one is a few hundred bytes.
 pub const MAX_MANIFEST_BYTES: u64 = 64 * 1024;
@@ -47,7 +47,8 @@ pub enum ManifestError {
 #[derive(Clone, Debug)]
 pub struct Parsed {
     pub object: VncSession,
-    pub desired: Desired,
+    /// Ready to serve, or naming a libvirt domain that a libvirt source resolves.
+    pub session: Validated,
 }
 
 fn yaml_options() -> serde_saphyr::Options {
@@ -120,10 +121,10 @@ pub fn parse(text: &str, pool: PortRange) -> Result<Parsed, ManifestError> {
     let spec_value = map.get("spec").cloned().ok_or(ManifestError::NoSpec)?;
     let spec: VncSessionSpec =
         serde_json::from_value(spec_value).map_err(|e| ManifestError::SpecType(e.to_string()))?;
-    let desired = Desired::from_spec(&name, &spec, pool)?;
+    let session = validate(&name, &spec, pool)?;
     let mut object = VncSession::new(&name, spec);
     object.metadata = metadata;
-    Ok(Parsed { object, desired })
+    Ok(Parsed { object, session })
 }
 
 fn first_line(s: &str) -> String {
@@ -143,7 +144,7 @@ mod tests {
     #[test]
     fn parses_a_good_manifest() {
         let p = parse(GOOD, PortRange::default()).unwrap();
-        assert_eq!(p.desired.name, "vm1");
+        assert_eq!(p.session.name(), "vm1");
         assert_eq!(p.object.metadata.name.as_deref(), Some("vm1"));
     }
 

@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::api::Phase;
-use crate::lease::{Lease, ProcRef};
+use crate::lease::{Expiry, Lease, ProcRef};
 use crate::pool::{Pool, PortRange};
 use crate::session::{Desired, Endpoint};
 
@@ -86,8 +86,15 @@ pub struct Inputs<'a> {
     /// Ports another program holds (bind failed and no process of ours owns them).
     pub busy: &'a BTreeSet<u16>,
     pub restarts: &'a BTreeMap<String, RestartState>,
+    /// Sessions that expired (tombstones kept by the store).
+    pub expired: &'a BTreeMap<String, Expiry>,
+    /// How long each session's port has had no client, for sessions with a live proxy.
+    pub idle_ms: &'a BTreeMap<String, u64>,
     pub limits: Limits,
+    /// A monotonic clock, for backoff.
     pub now_ms: u64,
+    /// The wall clock, for lease ages.
+    pub wall_now: jiff::Timestamp,
 }
 
 /// Why a proxy is stopped.
@@ -99,6 +106,8 @@ pub enum StopReason {
     SpecChanged,
     /// It did not listen within the start timeout.
     NotListening,
+    /// Its session reached its idle timeout or maximum lifetime.
+    Expired,
 }
 
 /// One step towards the desired state.
@@ -122,6 +131,15 @@ pub enum Action {
     },
     /// End a process of ours that no lease accounts for.
     KillOrphan { process: ProcRef },
+    /// Record that a session expired (its proxy is stopped and its port released next).
+    Expire {
+        session: String,
+        generation: i64,
+        reason: &'static str,
+        message: String,
+    },
+    /// Forget an expiry: the spec changed or the session is gone.
+    Unexpire { session: String },
 }
 
 impl Action {
@@ -133,6 +151,8 @@ impl Action {
                 | Action::Release { .. }
                 | Action::Retarget { .. }
                 | Action::Record { .. }
+                | Action::Expire { .. }
+                | Action::Unexpire { .. }
         )
     }
 }
@@ -150,6 +170,8 @@ pub mod reason {
     pub const PORT_IN_USE: &str = "PortInUse";
     pub const SPEC_CHANGED: &str = "SpecChanged";
     pub const TERMINATING: &str = "Terminating";
+    pub const IDLE_TIMEOUT: &str = "IdleTimeout";
+    pub const MAX_LIFETIME: &str = "MaxLifetime";
 }
 
 /// What to tell the world about one desired session.
@@ -219,6 +241,17 @@ pub fn plan(input: &Inputs<'_>) -> Plan {
         .count();
 
     for (name, want) in input.desired {
+        if let Some(exp) = input.expired.get(name) {
+            if exp.generation == want.generation {
+                let report = stay_expired(name, exp, input, state(name), &mut out);
+                out.reports.insert(name.clone(), report);
+                continue;
+            }
+            out.actions.push(Action::Unexpire {
+                session: name.clone(),
+            });
+            out.busy = true;
+        }
         let report = match input.leases.get(name) {
             None => {
                 let (report, lease) = allocate(
@@ -274,10 +307,91 @@ pub fn plan(input: &Inputs<'_>) -> Plan {
         }
     }
 
+    for name in input.expired.keys() {
+        if !input.desired.contains_key(name) && !input.protected.contains(name) {
+            out.actions.push(Action::Unexpire {
+                session: name.clone(),
+            });
+        }
+    }
+
     for process in input.orphans {
         out.actions.push(Action::KillOrphan { process: *process });
     }
     out
+}
+
+/// An expired session whose spec has not changed: keep it down.
+fn stay_expired(
+    name: &str,
+    exp: &Expiry,
+    input: &Inputs<'_>,
+    proxy: ProxyState,
+    out: &mut Plan,
+) -> Report {
+    match (input.leases.get(name), proxy) {
+        (Some(_), ProxyState::Running { process, .. }) => {
+            out.actions.push(Action::Stop {
+                session: name.to_owned(),
+                process,
+                why: StopReason::Expired,
+            });
+            out.busy = true;
+        }
+        (Some(lease), ProxyState::Absent) => out.actions.push(Action::Release {
+            session: name.to_owned(),
+            port: lease.port,
+        }),
+        (None, _) => {}
+    }
+    let reason = if exp.reason == reason::MAX_LIFETIME {
+        reason::MAX_LIFETIME
+    } else {
+        reason::IDLE_TIMEOUT
+    };
+    let phase = if input.leases.contains_key(name) {
+        Phase::Terminating
+    } else {
+        Phase::Expired
+    };
+    Report::new(
+        phase,
+        reason,
+        format!(
+            "{}; change the session's spec to start it again",
+            exp.message
+        ),
+    )
+}
+
+/// Whether a leased session has reached its maximum lifetime or idle timeout.
+fn expiry_due(input: &Inputs<'_>, want: &Desired, lease: &Lease) -> Option<(&'static str, String)> {
+    if let Some(max) = want.max_lifetime_ms {
+        let age_ms = input
+            .wall_now
+            .duration_since(lease.allocated_at)
+            .as_millis()
+            .max(0);
+        if u128::try_from(age_ms).unwrap_or(0) >= u128::from(max) {
+            return Some((
+                reason::MAX_LIFETIME,
+                format!("expired: reached its maximum lifetime of {} s", max / 1000),
+            ));
+        }
+    }
+    if let (Some(limit), Some(idle)) = (want.idle_timeout_ms, input.idle_ms.get(&want.name))
+        && *idle >= limit
+    {
+        return Some((
+            reason::IDLE_TIMEOUT,
+            format!(
+                "expired: no client for {} s (idleTimeoutSeconds {})",
+                idle / 1000,
+                limit / 1000
+            ),
+        ));
+    }
+    None
 }
 
 /// A desired session without a lease: try to lease a port.
@@ -355,6 +469,29 @@ fn converge_leased(
     let wrong_port = want.requested_port.is_some_and(|p| p != lease.port);
     let wrong_target = want.target != lease.target;
     let restart = input.restarts.get(name).cloned().unwrap_or_default();
+
+    if let Some((why, message)) = expiry_due(input, want, lease) {
+        out.actions.push(Action::Expire {
+            session: name.clone(),
+            generation: want.generation,
+            reason: why,
+            message: message.clone(),
+        });
+        match proxy {
+            ProxyState::Running { process, .. } => out.actions.push(Action::Stop {
+                session: name.clone(),
+                process,
+                why: StopReason::Expired,
+            }),
+            ProxyState::Absent => out.actions.push(Action::Release {
+                session: name.clone(),
+                port: lease.port,
+            }),
+        }
+        out.busy = true;
+        // Expired is reported once the port is released; until then it is going away.
+        return Report::new(Phase::Terminating, why, message);
+    }
 
     match proxy {
         ProxyState::Running { process, .. } if wrong_port || wrong_target => {

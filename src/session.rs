@@ -63,6 +63,10 @@ pub struct Desired {
     pub requested_port: Option<u16>,
     /// Changes whenever the spec changes; reported back as `observedGeneration`.
     pub generation: i64,
+    /// End the session after this long with no client.
+    pub idle_timeout_ms: Option<u64>,
+    /// End the session this long after its lease.
+    pub max_lifetime_ms: Option<u64>,
 }
 
 /// Why a session spec was refused. Messages name the offending field and value.
@@ -72,9 +76,11 @@ pub enum SpecError {
         "name {0:?} is not valid: use 1-253 lowercase letters, digits, '-' or '.', starting and ending with a letter or digit"
     )]
     Name(String),
-    #[error("spec.target needs either host and port, or unixSocket")]
+    #[error("spec.target needs host and port, unixSocket, or libvirtDomain")]
     NoTarget,
-    #[error("spec.target has both host/port and unixSocket; give only one")]
+    #[error(
+        "spec.target gives more than one of host/port, unixSocket and libvirtDomain; give only one"
+    )]
     BothTargets,
     #[error("spec.target.port is missing (host {0:?} needs a port)")]
     NoTargetPort(String),
@@ -88,8 +94,77 @@ pub enum SpecError {
         "spec.target.unixSocket {0:?} must be an absolute path without '..' or control characters"
     )]
     UnixSocket(String),
+    #[error("spec.{field} {value} must be between 1 and 315360000 seconds")]
+    Timeout { field: &'static str, value: i64 },
     #[error("spec.port {port} is outside the port pool {range}")]
     PortOutsidePool { port: i64, range: PortRange },
+    #[error(
+        "spec.target.libvirtDomain {0:?} is not a libvirt domain name: use 1-255 characters without '/' or control characters"
+    )]
+    LibvirtDomain(String),
+    #[error(
+        "spec.target.libvirtDomain {0:?} can only be served by `vncd run --libvirt URI`, which reads the domain's live VNC address"
+    )]
+    NeedsLibvirt(String),
+}
+
+/// A session whose target is a libvirt domain's console. It is valid, but it can be
+/// served only while the domain runs: its VNC address exists only in the live domain
+/// XML, so a source that talks to libvirt resolves it into a [`Desired`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DomainRef {
+    pub name: String,
+    /// The libvirt domain name, exactly as libvirt spells it.
+    pub domain: String,
+    pub requested_port: Option<u16>,
+    pub generation: i64,
+    pub idle_timeout_ms: Option<u64>,
+    pub max_lifetime_ms: Option<u64>,
+}
+
+impl DomainRef {
+    /// The session, once the domain's live VNC address is known.
+    pub fn resolve(&self, target: Endpoint) -> Desired {
+        Desired {
+            name: self.name.clone(),
+            target,
+            requested_port: self.requested_port,
+            generation: self.generation,
+            idle_timeout_ms: self.idle_timeout_ms,
+            max_lifetime_ms: self.max_lifetime_ms,
+        }
+    }
+}
+
+/// A validated spec: either ready to serve, or naming a libvirt domain to resolve first.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Validated {
+    Ready(Desired),
+    Domain(DomainRef),
+}
+
+impl Validated {
+    pub fn name(&self) -> &str {
+        match self {
+            Validated::Ready(d) => &d.name,
+            Validated::Domain(d) => &d.name,
+        }
+    }
+
+    pub fn generation(&self) -> i64 {
+        match self {
+            Validated::Ready(d) => d.generation,
+            Validated::Domain(d) => d.generation,
+        }
+    }
+}
+
+/// libvirt refuses '/' in domain names; control characters would garble logs and status.
+fn is_valid_domain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 255
+        && !name.contains('/')
+        && !name.chars().any(char::is_control)
 }
 
 /// DNS-1123 subdomain: the rule Kubernetes applies to object names.
@@ -138,15 +213,70 @@ pub fn spec_generation(spec: &VncSessionSpec) -> i64 {
 }
 
 impl Desired {
-    /// Validates a spec under `name` against the pool it will be served from.
+    /// Validates a spec under `name` against the pool it will be served from. A spec
+    /// naming a libvirt domain is refused with [`SpecError::NeedsLibvirt`]; sources that
+    /// can resolve domains call [`validate`] instead.
     pub fn from_spec(
         name: &str,
         spec: &VncSessionSpec,
         pool: PortRange,
     ) -> Result<Self, SpecError> {
-        if !is_valid_name(name) {
-            return Err(SpecError::Name(name.to_owned()));
+        match validate(name, spec, pool)? {
+            Validated::Ready(d) => Ok(d),
+            Validated::Domain(d) => Err(SpecError::NeedsLibvirt(d.domain)),
         }
+    }
+}
+
+/// Validates a spec under `name` against the pool it will be served from.
+pub fn validate(
+    name: &str,
+    spec: &VncSessionSpec,
+    pool: PortRange,
+) -> Result<Validated, SpecError> {
+    if !is_valid_name(name) {
+        return Err(SpecError::Name(name.to_owned()));
+    }
+    let t = &spec.target;
+    if let Some(domain) = &t.libvirt_domain {
+        if t.host.is_some() || t.port.is_some() || t.unix_socket.is_some() {
+            return Err(SpecError::BothTargets);
+        }
+        if !is_valid_domain_name(domain) {
+            return Err(SpecError::LibvirtDomain(domain.clone()));
+        }
+        return Ok(Validated::Domain(DomainRef {
+            name: name.to_owned(),
+            domain: domain.clone(),
+            requested_port: requested_port(spec, pool)?,
+            generation: spec_generation(spec),
+            idle_timeout_ms: timeout_ms("idleTimeoutSeconds", spec.idle_timeout_seconds)?,
+            max_lifetime_ms: timeout_ms("maxLifetimeSeconds", spec.max_lifetime_seconds)?,
+        }));
+    }
+    Desired::from_endpoint_spec(name, spec, pool).map(Validated::Ready)
+}
+
+fn requested_port(spec: &VncSessionSpec, pool: PortRange) -> Result<Option<u16>, SpecError> {
+    let Some(p) = spec.port else {
+        return Ok(None);
+    };
+    u16::try_from(p)
+        .ok()
+        .filter(|p| pool.contains(*p))
+        .map(Some)
+        .ok_or(SpecError::PortOutsidePool {
+            port: i64::from(p),
+            range: pool,
+        })
+}
+
+impl Desired {
+    fn from_endpoint_spec(
+        name: &str,
+        spec: &VncSessionSpec,
+        pool: PortRange,
+    ) -> Result<Self, SpecError> {
         let t = &spec.target;
         let target = match (&t.host, t.port, &t.unix_socket) {
             (None, None, None) => return Err(SpecError::NoTarget),
@@ -173,21 +303,22 @@ impl Desired {
                 }
             }
         };
-        let requested_port = match spec.port {
-            None => None,
-            Some(p) => Some(u16::try_from(p).ok().filter(|p| pool.contains(*p)).ok_or(
-                SpecError::PortOutsidePool {
-                    port: i64::from(p),
-                    range: pool,
-                },
-            )?),
-        };
         Ok(Desired {
             name: name.to_owned(),
             target,
-            requested_port,
+            requested_port: requested_port(spec, pool)?,
             generation: spec_generation(spec),
+            idle_timeout_ms: timeout_ms("idleTimeoutSeconds", spec.idle_timeout_seconds)?,
+            max_lifetime_ms: timeout_ms("maxLifetimeSeconds", spec.max_lifetime_seconds)?,
         })
+    }
+}
+
+fn timeout_ms(field: &'static str, v: Option<i64>) -> Result<Option<u64>, SpecError> {
+    match v {
+        None => Ok(None),
+        Some(s) if (1..=315_360_000).contains(&s) => Ok(Some(s.unsigned_abs() * 1000)),
+        Some(value) => Err(SpecError::Timeout { field, value }),
     }
 }
 
@@ -202,8 +333,11 @@ mod tests {
                 host: host.map(str::to_owned),
                 port,
                 unix_socket: sock.map(str::to_owned),
+                libvirt_domain: None,
             },
             port: None,
+            idle_timeout_seconds: None,
+            max_lifetime_seconds: None,
             node_name: None,
         }
     }
@@ -280,6 +414,54 @@ mod tests {
     }
 
     #[test]
+    fn a_libvirt_domain_target_is_valid_but_needs_resolving() {
+        let mut s = spec(None, None, None);
+        s.target.libvirt_domain = Some("Web Server_1".into());
+        s.port = Some(6200);
+        let pool = PortRange::default();
+        let Validated::Domain(r) = validate("web", &s, pool).unwrap() else {
+            panic!("a domain target must not resolve by itself");
+        };
+        assert_eq!(r.domain, "Web Server_1");
+        assert_eq!(r.requested_port, Some(6200));
+        assert_eq!(r.generation, spec_generation(&s));
+        let d = r.resolve(Endpoint::Unix {
+            path: "/run/vnc.sock".into(),
+        });
+        assert_eq!((d.name.as_str(), d.requested_port), ("web", Some(6200)));
+        // Callers that cannot resolve domains get a clear refusal.
+        let err = Desired::from_spec("web", &s, pool).unwrap_err();
+        assert_eq!(err, SpecError::NeedsLibvirt("Web Server_1".into()));
+        assert!(err.to_string().contains("--libvirt"), "{err}");
+    }
+
+    #[test]
+    fn a_libvirt_domain_target_excludes_other_targets_and_bad_names() {
+        let pool = PortRange::default();
+        let mut s = spec(Some("127.0.0.1"), Some(5900), None);
+        s.target.libvirt_domain = Some("vm".into());
+        assert_eq!(validate("vm", &s, pool), Err(SpecError::BothTargets));
+        let mut s = spec(None, None, Some("/run/s"));
+        s.target.libvirt_domain = Some("vm".into());
+        assert_eq!(validate("vm", &s, pool), Err(SpecError::BothTargets));
+        for bad in ["", "a/b", "a\nb", &"x".repeat(256)] {
+            let mut s = spec(None, None, None);
+            s.target.libvirt_domain = Some(bad.to_owned());
+            assert!(
+                matches!(validate("vm", &s, pool), Err(SpecError::LibvirtDomain(_))),
+                "{bad:?}"
+            );
+        }
+        let mut s = spec(None, None, None);
+        s.target.libvirt_domain = Some("vm".into());
+        s.port = Some(80);
+        assert!(matches!(
+            validate("vm", &s, pool),
+            Err(SpecError::PortOutsidePool { .. })
+        ));
+    }
+
+    #[test]
     fn endpoints_round_trip_through_text() {
         for e in [
             Endpoint::Tcp {
@@ -297,6 +479,33 @@ mod tests {
             assert_eq!(e.to_string().parse::<Endpoint>().unwrap(), e);
         }
         assert!("nope".parse::<Endpoint>().is_err());
+    }
+
+    #[test]
+    fn timeouts_are_validated_and_converted() {
+        let mut s = spec(Some("h"), Some(1), None);
+        s.idle_timeout_seconds = Some(30);
+        s.max_lifetime_seconds = Some(3600);
+        let d = check(&s).unwrap();
+        assert_eq!(
+            (d.idle_timeout_ms, d.max_lifetime_ms),
+            (Some(30_000), Some(3_600_000))
+        );
+        s.idle_timeout_seconds = Some(0);
+        assert!(
+            check(&s)
+                .unwrap_err()
+                .to_string()
+                .contains("spec.idleTimeoutSeconds 0")
+        );
+        s.idle_timeout_seconds = None;
+        s.max_lifetime_seconds = Some(-3);
+        assert!(
+            check(&s)
+                .unwrap_err()
+                .to_string()
+                .contains("spec.maxLifetimeSeconds -3")
+        );
     }
 
     #[test]

@@ -37,7 +37,7 @@ fn the_crd_declares_what_kubernetes_mode_relies_on() {
         // The node's field selector needs the full path, .spec included.
         "selectableFields:\n    - jsonPath: .spec.nodeName",
         "x-kubernetes-validations:",
-        "exactly one of host+port or unixSocket",
+        "exactly one of host+port, unixSocket or libvirtDomain",
         "subresources:\n      status: {}",
         "maximum: 65535.0",
         "minimum: 1.0",

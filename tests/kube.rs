@@ -14,7 +14,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use cluster::{KubeVncd, cluster};
-use common::{Client, Qemu, pid_alive, rfb_banner};
+use common::{Client, Qemu, pid_alive, rfb_banner, try_banner};
+use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::{Api, ResourceExt};
@@ -26,8 +27,11 @@ fn spec(node: Option<&str>, target_port: u16) -> VncSessionSpec {
             host: Some("127.0.0.1".into()),
             port: Some(i32::from(target_port)),
             unix_socket: None,
+            libvirt_domain: None,
         },
         port: None,
+        idle_timeout_seconds: None,
+        max_lifetime_seconds: None,
         node_name: node.map(str::to_owned),
     }
 }
@@ -135,6 +139,41 @@ async fn wait_events(client: &kube::Client, ns: &str, reason: &str, n: usize) {
     }
 }
 
+/// The console URL with its token, from the Secret the status names: the only place
+/// Kubernetes mode keeps a token.
+async fn console_url(client: &kube::Client, o: &VncSession) -> String {
+    let st = status(o);
+    let r = st
+        .token_secret_ref
+        .clone()
+        .unwrap_or_else(|| panic!("{} names no token Secret: {st:?}", o.name_any()));
+    let ns = o.namespace().unwrap();
+    let secret = Api::<Secret>::namespaced(client.clone(), &ns)
+        .get(&r.name)
+        .await
+        .unwrap_or_else(|e| panic!("token Secret {ns}/{} of {}: {e}", r.name, o.name_any()));
+    let data = secret.data.unwrap_or_default();
+    let token = String::from_utf8(data[&r.key].0.clone()).unwrap();
+    let url = String::from_utf8(data["url"].0.clone()).unwrap();
+    assert!(
+        url.contains(&format!("token={token}")),
+        "the Secret's url carries its token: {url}"
+    );
+    url
+}
+
+/// Token Secrets vncd wrote in `ns`.
+async fn token_secrets(client: &kube::Client, ns: &str) -> Vec<String> {
+    Api::<Secret>::namespaced(client.clone(), ns)
+        .list(&ListParams::default().labels("app.kubernetes.io/managed-by=vncd"))
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(|s| s.name_any())
+        .collect()
+}
+
 fn port_of(o: &VncSession) -> u16 {
     u16::try_from(status(o).port.expect("a Ready session has a port")).unwrap()
 }
@@ -171,6 +210,7 @@ async fn fifty_sessions_become_ready_on_unique_ports_serve_rfb_and_are_cleaned_u
             st.target.as_deref(),
             Some(format!("127.0.0.1:{}", qemu.port).as_str())
         );
+        // Status carries the bare URL; the token is only in the Secret.
         assert_eq!(st.url, Some(format!("ws://127.0.0.1:{}/", port_of(o))));
         assert_eq!(st.observed_generation, o.metadata.generation);
         assert!(
@@ -182,12 +222,19 @@ async fn fifty_sessions_become_ready_on_unique_ports_serve_rfb_and_are_cleaned_u
         assert!(pid_alive(i64::from(pid)));
         pids.push(pid);
         assert_eq!(
-            rfb_banner(port_of(o)).await,
+            rfb_banner(&console_url(&client, o).await).await,
             b"RFB 003.008\n",
             "{}",
             o.name_any()
         );
     }
+    // Without the token (the URL status shows) the proxy refuses the client.
+    let bare = status(&items[0]).url.unwrap();
+    assert!(
+        try_banner(&bare).await.is_err(),
+        "a client without the token got through {bare}"
+    );
+    assert_eq!(token_secrets(&client, ns).await.len(), 50);
     wait_events(&client, ns, "Allocated", 50).await;
     wait_events(&client, ns, "Ready", 50).await;
 
@@ -213,6 +260,11 @@ async fn fifty_sessions_become_ready_on_unique_ports_serve_rfb_and_are_cleaned_u
             .unwrap_or_else(|e| panic!("port {p} not free after delete: {e}"));
     }
     wait_events(&client, ns, "Released", 50).await;
+    assert_eq!(
+        token_secrets(&client, ns).await,
+        Vec::<String>::new(),
+        "token Secrets deleted with their leases"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -223,12 +275,14 @@ async fn kill_9_and_restart_adopts_every_proxy_with_no_lease_lost_and_clients_co
     let qemu = Qemu::tcp();
     let mut v = KubeVncd::new("node-adopt", Some(ns), ns, 10);
     v.start();
-    let api: Api<VncSession> = Api::namespaced(c.client().await, ns);
+    let kc = c.client().await;
+    let api: Api<VncSession> = Api::namespaced(kc.clone(), ns);
     for i in 0..5 {
         create(&api, &format!("vm{i}"), spec(Some("node-adopt"), qemu.port)).await;
     }
     let before = wait_ready(&api, 5, &[&v]).await;
-    let mut client = Client::connect(status(&before[0]).url.as_deref().unwrap()).await;
+    let url0 = console_url(&kc, &before[0]).await;
+    let mut client = Client::connect(&url0).await;
     assert_eq!(client.read(12).await, b"RFB 003.008\n");
 
     v.kill9();
@@ -267,6 +321,9 @@ async fn kill_9_and_restart_adopts_every_proxy_with_no_lease_lost_and_clients_co
     // The client connected before the kill still talks to the VNC server.
     let (w, h) = client.handshake().await;
     assert!(w > 0 && h > 0);
+    // The token survived the restart: the Secret is unchanged and a new client gets in.
+    assert_eq!(console_url(&kc, &after[0]).await, url0);
+    assert_eq!(rfb_banner(&url0).await, b"RFB 003.008\n");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -278,7 +335,8 @@ async fn a_second_instance_for_the_node_stays_passive_and_takes_over_on_shutdown
     let node = "node-passive";
     let mut a = KubeVncd::new(node, Some(ns), ns, 10);
     a.start();
-    let api: Api<VncSession> = Api::namespaced(c.client().await, ns);
+    let kc = c.client().await;
+    let api: Api<VncSession> = Api::namespaced(kc.clone(), ns);
     create(&api, "vm1", spec(Some(node), qemu.port)).await;
     wait_ready(&api, 1, &[&a]).await;
     wait_probe(&a, "/readyz", 200).await;
@@ -337,7 +395,10 @@ async fn a_second_instance_for_the_node_stays_passive_and_takes_over_on_shutdown
         );
     }
     assert_eq!(b.log_events("started proxy").len(), 1, "b started only vm3");
-    assert_eq!(rfb_banner(port_of(&after[2])).await, b"RFB 003.008\n");
+    assert_eq!(
+        rfb_banner(&console_url(&kc, &after[2]).await).await,
+        b"RFB 003.008\n"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -627,7 +688,10 @@ async fn the_charts_arguments_and_rbac_are_enough_to_serve_a_node() {
     let api: Api<VncSession> = Api::namespaced(client.clone(), ns);
     create(&api, "vm1", spec(Some(node), qemu.port)).await;
     let items = wait_ready(&api, 1, &[&v]).await;
-    assert_eq!(rfb_banner(port_of(&items[0])).await, b"RFB 003.008\n");
+    assert_eq!(
+        rfb_banner(&console_url(&client, &items[0]).await).await,
+        b"RFB 003.008\n"
+    );
     wait_probe(&v, "/readyz", 200).await;
     let holder = c.kubectl_ok(&[
         "get",

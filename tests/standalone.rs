@@ -14,6 +14,10 @@ fn port_of(status: &Value) -> u16 {
     status["port"].as_u64().unwrap() as u16
 }
 
+fn url_of(status: &Value) -> String {
+    status["url"].as_str().unwrap().to_owned()
+}
+
 fn pid_of(status: &Value) -> i64 {
     status["pid"].as_i64().unwrap()
 }
@@ -27,7 +31,11 @@ async fn a_session_becomes_ready_serves_rfb_and_is_released_on_delete() {
     let st = v.wait_ready("vm1");
     let port = port_of(&st);
     assert!((v.range.0..=v.range.1).contains(&port));
-    assert_eq!(st["url"], format!("ws://127.0.0.1:{port}/"));
+    let url = url_of(&st);
+    assert!(
+        url.starts_with(&format!("ws://127.0.0.1:{port}/?token=")),
+        "{url}"
+    );
     assert_eq!(st["target"], format!("127.0.0.1:{}", qemu.port));
     assert!(st["allocatedAt"].is_string());
     let mut c = Client::connect(st["url"].as_str().unwrap()).await;
@@ -53,6 +61,8 @@ async fn a_session_becomes_ready_serves_rfb_and_is_released_on_delete() {
             .then_some(())
     });
     assert!(!pid_alive(pid), "proxy {pid} still running after delete");
+    // An intended stop is not reported as a crash.
+    assert!(!v.log().contains("proxy exited"), "{}", v.log());
     wait_for("vm1 gone from get", Duration::from_secs(5), || {
         v.item("vm1").is_none().then_some(())
     });
@@ -76,7 +86,7 @@ async fn proxies_survive_kill_9_of_vncd_and_are_adopted_with_clients_connected()
         pid_alive(pid_of(&s1)) && pid_alive(pid_of(&s2)),
         "proxies died with vncd"
     );
-    assert_eq!(rfb_banner(port_of(&s2)).await, b"RFB 003.008\n");
+    assert_eq!(rfb_banner(&url_of(&s2)).await, b"RFB 003.008\n");
 
     v.start();
     // Same ports, same pids: adopted, not restarted.
@@ -118,7 +128,7 @@ async fn a_killed_proxy_comes_back_on_the_same_port() {
         (s["phase"] == "Ready" && s["pid"].as_i64()? != old).then_some(s)
     });
     assert_eq!(new["port"], st["port"]);
-    assert_eq!(rfb_banner(port_of(&new)).await, b"RFB 003.008\n");
+    assert_eq!(rfb_banner(&url_of(&new)).await, b"RFB 003.008\n");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -152,7 +162,7 @@ async fn a_port_held_by_a_foreign_listener_is_skipped_and_reused_once_free() {
     v.add_session("vm1", qemu.port);
     let st = v.wait_ready("vm1");
     assert_eq!(port_of(&st), v.range.0 + 1);
-    assert_eq!(rfb_banner(port_of(&st)).await, b"RFB 003.008\n");
+    assert_eq!(rfb_banner(&url_of(&st)).await, b"RFB 003.008\n");
     // Never dropped from the pool for good: once free, it is leased again.
     drop(foreign);
     std::thread::sleep(Duration::from_secs(11)); // the busy mark expires after 10 s
@@ -180,7 +190,7 @@ async fn pool_exhaustion_is_reported_and_heals_when_a_port_frees() {
     assert_eq!(v.item("a").unwrap()["status"]["phase"], "Ready");
     v.remove_session("a");
     let st = v.wait_ready("c");
-    assert_eq!(rfb_banner(port_of(&st)).await, b"RFB 003.008\n");
+    assert_eq!(rfb_banner(&url_of(&st)).await, b"RFB 003.008\n");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -250,7 +260,7 @@ async fn bad_manifests_are_reported_and_disturb_nothing() {
     assert_eq!(g["phase"], "Ready");
     assert_eq!(g["pid"], good["pid"]);
     assert_eq!(g["target"], format!("127.0.0.1:{}", qemu.port));
-    assert_eq!(rfb_banner(port_of(&g)).await, b"RFB 003.008\n");
+    assert_eq!(rfb_banner(&url_of(&g)).await, b"RFB 003.008\n");
     // vncd is still running, and `vncd get` in table form shows them all.
     assert!(v.child.as_mut().unwrap().try_wait().unwrap().is_none());
     let out = v.cmd(&["get", "--state-dir", v.state.to_str().unwrap()]);
@@ -444,7 +454,7 @@ async fn by_default_sigterm_leaves_consoles_running() {
     let st = v.wait_ready("vm1");
     assert!(v.terminate().success());
     assert!(pid_alive(pid_of(&st)));
-    assert_eq!(rfb_banner(port_of(&st)).await, b"RFB 003.008\n");
+    assert_eq!(rfb_banner(&url_of(&st)).await, b"RFB 003.008\n");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -480,7 +490,8 @@ async fn apply_wait_prints_the_url_and_delete_wait_returns_after_release() {
         stdout.contains(&format!("ws://127.0.0.1:{}/", v.range.1)),
         "{stdout}"
     );
-    assert_eq!(rfb_banner(v.range.1).await, b"RFB 003.008\n");
+    let url = stdout.lines().last().unwrap().trim().to_owned();
+    assert_eq!(rfb_banner(&url).await, b"RFB 003.008\n");
     let pid = pid_of(&v.item("vm9").unwrap()["status"]);
     let out = v.cmd(&[
         "delete",
@@ -520,7 +531,7 @@ async fn a_unix_socket_target_is_served() {
         ),
     );
     let st = v.wait_ready("u");
-    assert_eq!(rfb_banner(port_of(&st)).await, b"RFB 003.008\n");
+    assert_eq!(rfb_banner(&url_of(&st)).await, b"RFB 003.008\n");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -537,6 +548,7 @@ async fn a_proxy_that_cannot_start_is_reported_and_retried_without_leaking() {
         0o755,
     );
     std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    v.extra.extend(["--backend".into(), "websockify".into()]);
     v.extra
         .extend(["--websockify".into(), fake.display().to_string()]);
     v.start();
@@ -581,4 +593,148 @@ fn status_reports_the_pool_like_the_seed() {
     assert_eq!(s["port_pool"]["utilization_percent"], 10.0);
     assert_eq!(s["active_processes"], 1);
     assert_eq!(s["system_health"], "healthy");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_without_the_session_token_is_refused() {
+    let qemu = Qemu::tcp();
+    let mut v = Vncd::new(3);
+    v.start();
+    v.add_session("vm1", qemu.port);
+    let st = v.wait_ready("vm1");
+    let url = url_of(&st);
+    let (base, token) = url.split_once("?token=").unwrap();
+    assert_eq!(token.len(), 32, "a 128-bit token");
+    assert_eq!(try_banner(&url).await.unwrap(), b"RFB 003.008\n");
+    for bad in [
+        base.to_owned(),
+        format!("{base}?token=wrong"),
+        format!("{base}?token={}", &token[..31]),
+    ] {
+        let got = try_banner(&bad).await;
+        assert!(got.is_err(), "{bad} was let through: {got:?}");
+    }
+    // The token never reaches the log, and the files holding it are private.
+    assert!(!v.log().contains(token));
+    use std::os::unix::fs::PermissionsExt;
+    for f in ["leases.json", "sessions.json", "tokens/vm1.token"] {
+        let mode = std::fs::metadata(v.state.join(f))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "{f} is readable by others: {mode:o}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_session_expires_and_stays_expired_until_its_spec_changes() {
+    let qemu = Qemu::tcp();
+    let mut v = Vncd::new(4);
+    v.start();
+    let idle = |secs: u32| {
+        format!(
+            "{}  idleTimeoutSeconds: {secs}\n",
+            manifest("idle", qemu.port.into())
+        )
+    };
+    v.write_manifest("idle.yaml", &idle(2));
+    v.write_manifest(
+        "busy.yaml",
+        &format!(
+            "{}  idleTimeoutSeconds: 2\n",
+            manifest("busy", qemu.port.into())
+        ),
+    );
+    let st = v.wait_ready("idle");
+    let busy = v.wait_ready("busy");
+    // A client keeps "busy" alive past its idle timeout.
+    let mut c = Client::connect(&url_of(&busy)).await;
+    assert_eq!(c.read(12).await, b"RFB 003.008\n");
+    let ex = v.wait_status("idle", "Expired", Duration::from_secs(10));
+    assert_eq!(ex["reason"], "IdleTimeout");
+    assert!(ex["port"].is_null() && ex["url"].is_null(), "{ex}");
+    assert!(!pid_alive(pid_of(&st)));
+    wait_for("idle lease released", Duration::from_secs(5), || {
+        let l = v.leases();
+        (!l["leases"]
+            .as_array()?
+            .iter()
+            .any(|l| l["session"] == "idle"))
+        .then_some(())
+    });
+    assert_eq!(v.item("busy").unwrap()["status"]["phase"], "Ready");
+    let (w, _) = c.handshake().await;
+    assert!(w > 0);
+    // Still expired a while later: the manifest is present but unchanged.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(v.item("idle").unwrap()["status"]["phase"], "Expired");
+    // A spec change brings it back.
+    v.write_manifest("idle.yaml", &idle(60));
+    let back = v.wait_ready("idle");
+    assert_eq!(rfb_banner(&url_of(&back)).await, b"RFB 003.008\n");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn max_lifetime_ends_a_session_even_with_a_live_client() {
+    let qemu = Qemu::tcp();
+    let mut v = Vncd::new(3);
+    v.start();
+    v.write_manifest(
+        "vm1.yaml",
+        &format!(
+            "{}  maxLifetimeSeconds: 10\n",
+            manifest("vm1", qemu.port.into())
+        ),
+    );
+    let st = v.wait_ready("vm1");
+    let mut c = Client::connect(&url_of(&st)).await;
+    assert_eq!(c.read(12).await, b"RFB 003.008\n");
+    let ex = v.wait_status("vm1", "Expired", Duration::from_secs(25));
+    assert_eq!(ex["reason"], "MaxLifetime");
+    // The live connection was cut.
+    let cut = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match futures::StreamExt::next(&mut c.ws).await {
+                None | Some(Err(_)) => break,
+                Some(Ok(tokio_tungstenite::tungstenite::Message::Close(_))) => break,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        cut.is_ok(),
+        "the client stayed connected after the lifetime ended"
+    );
+    assert!(!pid_alive(pid_of(&st)));
+    assert!(v.leases()["leases"].as_array().unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_serves_wss_with_a_self_signed_certificate() {
+    let qemu = Qemu::tcp();
+    let mut v = Vncd::new(3);
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let cert = v.tmp.path().join("cert.pem");
+    let key = v.tmp.path().join("key.pem");
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    v.extra.extend([
+        "--tls-cert".into(),
+        cert.display().to_string(),
+        "--tls-key".into(),
+        key.display().to_string(),
+    ]);
+    v.start();
+    v.add_session("vm1", qemu.port);
+    let st = v.wait_ready("vm1");
+    let url = url_of(&st);
+    assert!(url.starts_with("wss://127.0.0.1:"), "{url}");
+    assert_eq!(wss_banner(&url, ck.cert.der()).await, b"RFB 003.008\n");
+    // Plain ws on the TLS port gets no console.
+    assert!(
+        try_banner(&url.replacen("wss://", "ws://", 1))
+            .await
+            .is_err()
+    );
 }

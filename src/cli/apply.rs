@@ -94,7 +94,7 @@ pub fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
     }
     let parsed = manifest::parse_bytes(&bytes, args.pool.port_range)
         .with_context(|| format!("{} was not applied", args.file.display()))?;
-    let name = parsed.desired.name.clone();
+    let name = parsed.session.name().to_owned();
     let dir = &args.sessions.sessions_dir;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let existing = files_claiming(dir, &name)?;
@@ -130,7 +130,7 @@ pub fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
                 st.phase.map_or("-".into(), |p| p.to_string()),
                 st.message.clone().unwrap_or_default()
             );
-            if st.observed_generation == Some(parsed.desired.generation)
+            if st.observed_generation == Some(parsed.session.generation())
                 && st.phase == Some(Phase::Ready)
             {
                 println!("{}", st.url.clone().unwrap_or_default());

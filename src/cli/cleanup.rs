@@ -18,7 +18,9 @@ use tracing::{info, warn};
 use super::{PoolArgs, SessionsArgs, StateArgs, runtime};
 use crate::lease::Lease;
 use crate::reconcile::{self, Action, Inputs, Limits};
+use crate::source::Source;
 use crate::source::dir::DirSource;
+use crate::source::merge::Merged;
 use crate::store::file::{FileStore, StateDir, read_state, write_state};
 use crate::store::lock::LockGuard;
 use crate::store::{LeaseChange, LeaseSet, StoreError};
@@ -34,6 +36,10 @@ pub struct CleanupArgs {
     pub state: StateArgs,
     #[command(flatten)]
     pub pool: PoolArgs,
+    /// Sessions of libvirt domains are wanted too: give the URI `vncd run` uses, or a
+    /// domain session whose proxy is restarting looks stale and loses its lease.
+    #[command(flatten)]
+    pub libvirt: super::libvirt::LibvirtArgs,
     /// One pass, then exit.
     #[arg(long)]
     pub once: bool,
@@ -70,8 +76,10 @@ pub fn cleanup(args: CleanupArgs) -> anyhow::Result<ExitCode> {
     let grace = Duration::try_from_secs_f64(args.stop_grace).context("--stop-grace")?;
     let supervisor = Supervisor::new(
         owner.clone(),
+        // Cleanup never starts proxies; the backend only satisfies the type.
         Box::new(Websockify {
             program: "websockify".into(),
+            tls: None,
         }),
         "127.0.0.1".parse()?,
         None,
@@ -80,8 +88,10 @@ pub fn cleanup(args: CleanupArgs) -> anyhow::Result<ExitCode> {
     );
     let rt = runtime()?;
     rt.block_on(async {
+        let dir_source = DirSource::once(&args.sessions.sessions_dir, args.pool.port_range);
+        let mut source = args.libvirt.source_unchecked(dir_source).await?;
         loop {
-            match pass(&args, &dir, &owner, &supervisor).await {
+            match pass(&args, &mut source, &dir, &owner, &supervisor).await {
                 Ok(s) => info!(
                     released = s.released,
                     orphans_ended = s.orphans,
@@ -105,11 +115,12 @@ pub fn cleanup(args: CleanupArgs) -> anyhow::Result<ExitCode> {
 
 async fn pass(
     args: &CleanupArgs,
+    source: &mut Merged<DirSource>,
     dir: &StateDir,
     owner: &str,
     sup: &Supervisor,
 ) -> anyhow::Result<Stats> {
-    let snapshot = DirSource::once(&args.sessions.sessions_dir, args.pool.port_range).scan()?;
+    let snapshot = source.snapshot().await?;
     let store = FileStore::new(dir.clone(), Duration::from_secs(10));
     for _attempt in 0..5 {
         let marked = scan(owner);
@@ -123,6 +134,9 @@ async fn pass(
             orphans: &obs.orphans,
             busy: &BTreeSet::new(),
             restarts: &BTreeMap::new(),
+            expired: &set.expired,
+            idle_ms: &BTreeMap::new(),
+            wall_now: Timestamp::now(),
             limits: Limits {
                 range: args.pool.port_range,
                 max_sessions: args.pool.max_sessions,
@@ -163,6 +177,15 @@ async fn pass(
     anyhow::bail!("the leases kept changing underneath cleanup; try again")
 }
 
+/// The token a running proxy was started with, from its token file (either format).
+fn read_token(dir: &StateDir, session: &str) -> Option<String> {
+    let text =
+        std::fs::read_to_string(dir.root().join("tokens").join(format!("{session}.token"))).ok()?;
+    let line = text.lines().next()?.trim();
+    let token = line.split_once(": ").map_or(line, |(t, _)| t);
+    (!token.is_empty()).then(|| token.to_owned())
+}
+
 /// Rebuilds a corrupt state file from the proxies that prove they are ours.
 fn rebuild(dir: &StateDir, owner: &str) -> anyhow::Result<()> {
     let _guard = LockGuard::acquire(&dir.leases_lock(), Duration::from_secs(10))?;
@@ -196,6 +219,7 @@ fn rebuild(dir: &StateDir, owner: &str) -> anyhow::Result<()> {
             port,
             target,
             uid: m.lease.clone(),
+            token: read_token(dir, &m.session),
             process: Some(m.process),
             allocated_at: Timestamp::now(),
         };

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::{Args, ValueEnum};
 use serde_json::json;
 
-use super::{PoolArgs, StateArgs};
+use super::{PoolArgs, StateArgs, emit};
 use crate::api::VncSession;
 use crate::store::file::read_state;
 use crate::store::lock::is_held;
@@ -92,9 +92,9 @@ pub fn get(args: GetArgs) -> anyhow::Result<ExitCode> {
         json!({"apiVersion": "v1", "kind": "List", "items": items})
     };
     match args.output {
-        Output::Table => print!("{}", table(&items)),
-        Output::Json => println!("{}", serde_json::to_string_pretty(&value)?),
-        Output::Yaml => print!("{}", serde_saphyr::to_string(&value)?),
+        Output::Table => emit(&table(&items)),
+        Output::Json => emit(&format!("{}\n", serde_json::to_string_pretty(&value)?)),
+        Output::Yaml => emit(&serde_saphyr::to_string(&value)?),
     }
     Ok(ExitCode::SUCCESS)
 }

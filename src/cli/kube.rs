@@ -199,10 +199,12 @@ pub fn kube(args: KubeArgs) -> anyhow::Result<ExitCode> {
         };
         let result = controller.run(shutdown).await;
         health.set_leader(false);
-        let (status_writes, finalizer_writes, conflicts) = writer.counts().summary();
+        let (status_writes, finalizer_writes, secret_writes, conflicts) =
+            writer.counts().summary();
         info!(
             status_writes,
             finalizer_writes,
+            secret_writes,
             conflicts,
             events = events.published(),
             watch_events = watch_stats.events.load(Ordering::Relaxed),

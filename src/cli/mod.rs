@@ -7,6 +7,7 @@ mod apply;
 mod cleanup;
 mod get;
 mod kube;
+mod libvirt;
 mod run;
 mod serve;
 
@@ -60,6 +61,13 @@ pub enum Command {
     Delete(apply::DeleteArgs),
     /// Print the VncSession CustomResourceDefinition as YAML.
     Crd,
+    /// Run one websocket -> VNC proxy (the builtin backend; started by `vncd run`).
+    Proxy(crate::proxy::ProxyArgs),
+    /// Print a shell completion script, e.g. `vncd completions bash > /etc/bash_completion.d/vncd`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 /// Where vncd keeps its state.
@@ -98,8 +106,10 @@ pub struct PoolArgs {
 fn init_logging(cli: &Cli) {
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Json => builder.json().init(),
@@ -120,6 +130,14 @@ pub fn main() -> ExitCode {
         Command::Apply(args) => apply::apply(args),
         Command::Delete(args) => apply::delete(args),
         Command::Crd => print_crd(),
+        Command::Proxy(args) => run_proxy(args),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut buf = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "vncd", &mut buf);
+            emit(&String::from_utf8_lossy(&buf));
+            Ok(ExitCode::SUCCESS)
+        }
     };
     match result {
         Ok(code) => code,
@@ -132,10 +150,23 @@ pub fn main() -> ExitCode {
 
 fn print_crd() -> anyhow::Result<ExitCode> {
     use ::kube::CustomResourceExt;
-    print!(
-        "{}",
-        serde_saphyr::to_string(&crate::api::VncSession::crd())?
-    );
+    emit(&serde_saphyr::to_string(&crate::api::VncSession::crd())?);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Writes command output to stdout; a closed pipe (`vncd get | head`) is not an error.
+pub(crate) fn emit(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+}
+
+/// One proxy per session: a current-thread runtime keeps each process small.
+fn run_proxy(args: crate::proxy::ProxyArgs) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(crate::proxy::run(args))?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -23,6 +23,8 @@ pub struct RunArgs {
     pub state: StateArgs,
     #[command(flatten)]
     pub serve: ServeArgs,
+    #[command(flatten)]
+    pub libvirt: super::libvirt::LibvirtArgs,
     /// Seconds to wait for another vncd to let go of the state directory.
     #[arg(long, env = "VNCD_LOCK_TIMEOUT", default_value_t = 10.0)]
     pub lock_timeout: f64,
@@ -54,6 +56,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let rt = runtime()?;
     rt.block_on(async move {
         let source = DirSource::watch(&args.sessions.sessions_dir, pool.port_range)?;
+        let source = args.libvirt.source(source, pool.port_range).await?;
         let store = FileStore::new(state.clone(), lock_timeout);
         let sink = FileSink::new(state.sessions(), supervisor.backend_name());
         info!(

@@ -13,11 +13,14 @@ use super::PoolArgs;
 use crate::controller::LoopConfig;
 use crate::reconcile::Limits;
 use crate::status::UrlStyle;
+use crate::supervisor::builtin::Builtin;
 use crate::supervisor::websockify::Websockify;
-use crate::supervisor::{Backend, Supervisor};
+use crate::supervisor::{Backend, Supervisor, Tls};
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub enum BackendKind {
+    /// `vncd proxy`, vncd's own proxy: nothing else to install, ~0.5 MiB per session.
+    Builtin,
     /// websockify (Python), one process per session.
     Websockify,
 }
@@ -28,7 +31,7 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub pool: PoolArgs,
     /// Which proxy serves each session.
-    #[arg(long, env = "VNCD_BACKEND", value_enum, default_value_t = BackendKind::Websockify)]
+    #[arg(long, env = "VNCD_BACKEND", value_enum, default_value_t = BackendKind::Builtin)]
     pub backend: BackendKind,
     /// The websockify program (a name looked up in PATH, or a path).
     #[arg(long, env = "VNCD_WEBSOCKIFY", default_value = "websockify")]
@@ -36,6 +39,15 @@ pub struct ServeArgs {
     /// A noVNC directory for the proxy to serve; URLs then point at its vnc.html.
     #[arg(long, env = "VNCD_WEB")]
     pub web: Option<PathBuf>,
+    /// PEM certificate chain: proxies serve https/wss and URLs use them. Needs --tls-key.
+    #[arg(long, env = "VNCD_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "VNCD_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Allowed Origin of browser clients (repeatable; builtin backend). Unset allows any.
+    #[arg(long = "origin", env = "VNCD_ORIGIN", value_delimiter = ',')]
+    pub origins: Vec<String>,
     /// Address the proxies listen on.
     #[arg(long, env = "VNCD_LISTEN_ADDRESS", default_value = "0.0.0.0")]
     pub listen_address: IpAddr,
@@ -46,11 +58,13 @@ pub struct ServeArgs {
     #[arg(long, env = "VNCD_RESYNC_INTERVAL", default_value_t = 2.0)]
     pub resync_interval: f64,
     /// Seconds a new proxy may take to listen before it counts as failed.
-    #[arg(long, env = "VNCD_START_TIMEOUT", default_value_t = 10.0)]
+    #[arg(long, env = "VNCD_START_TIMEOUT", default_value_t = 30.0)]
     pub start_timeout: f64,
-    /// Most proxies starting at once; the rest queue (reason Queued).
-    #[arg(long, env = "VNCD_MAX_STARTING", default_value_t = 16)]
-    pub max_starting: usize,
+    /// Most proxies starting at once; the rest queue (reason Queued) [default: 64 for
+    /// builtin, which starts in milliseconds; twice the CPU count for websockify, whose
+    /// Python start-up is CPU-bound and thrashes when hundreds start together].
+    #[arg(long, env = "VNCD_MAX_STARTING")]
+    pub max_starting: Option<usize>,
     /// Seconds between SIGTERM and SIGKILL when stopping a proxy.
     #[arg(long, env = "VNCD_STOP_GRACE", default_value_t = 2.0)]
     pub stop_grace: f64,
@@ -84,6 +98,13 @@ fn resolve_program(program: &PathBuf) -> anyhow::Result<PathBuf> {
         })
 }
 
+fn default_max_starting(backend: BackendKind) -> usize {
+    match backend {
+        BackendKind::Builtin => 64,
+        BackendKind::Websockify => std::thread::available_parallelism().map_or(2, |n| 2 * n.get()),
+    }
+}
+
 pub fn default_public_host() -> String {
     nix::unistd::gethostname()
         .ok()
@@ -99,7 +120,10 @@ impl ServeArgs {
             max_sessions: self.pool.max_sessions,
             start_timeout_ms: u64::try_from(secs(self.start_timeout, "start-timeout")?.as_millis())
                 .unwrap_or(u64::MAX),
-            max_starting: self.max_starting.max(1),
+            max_starting: self
+                .max_starting
+                .unwrap_or_else(|| default_max_starting(self.backend))
+                .max(1),
         };
         Ok(LoopConfig {
             limits,
@@ -113,25 +137,56 @@ impl ServeArgs {
         UrlStyle {
             public_host: self.public_host.clone().unwrap_or_else(default_public_host),
             web: self.web.is_some(),
-            tls: false,
+            tls: self.tls_cert.is_some() && self.tls_key.is_some(),
         }
+    }
+
+    /// The certificate and key, checked readable now so a typo is one clear error at start.
+    fn tls(&self) -> anyhow::Result<Option<Tls>> {
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            return Ok(None);
+        };
+        for f in [cert, key] {
+            std::fs::File::open(f).with_context(|| format!("cannot read {}", f.display()))?;
+        }
+        Ok(Some(Tls {
+            cert: std::path::absolute(cert)?,
+            key: std::path::absolute(key)?,
+        }))
     }
 
     /// The supervisor: proxies marked with `owner`, logging under `log_dir`.
     pub fn supervisor(&self, owner: String, log_dir: &Path) -> anyhow::Result<Supervisor> {
+        let tls = self.tls()?;
         let backend: Box<dyn Backend> = match self.backend {
-            BackendKind::Websockify => Box::new(Websockify {
-                program: resolve_program(&self.websockify)?,
+            BackendKind::Builtin => Box::new(Builtin {
+                program: std::env::current_exe().context("cannot find the vncd executable")?,
+                tls,
+                origins: self.origins.clone(),
             }),
+            BackendKind::Websockify => {
+                anyhow::ensure!(
+                    self.origins.is_empty(),
+                    "--origin needs the builtin backend; websockify has no Origin allowlist"
+                );
+                Box::new(Websockify {
+                    program: resolve_program(&self.websockify)?,
+                    tls,
+                })
+            }
         };
-        if let Some(web) = &self.web {
-            anyhow::ensure!(web.is_dir(), "--web {} is not a directory", web.display());
-        }
+        let web = match &self.web {
+            Some(web) => {
+                anyhow::ensure!(web.is_dir(), "--web {} is not a directory", web.display());
+                Some(std::path::absolute(web)?)
+            }
+            None => None,
+        };
         Ok(Supervisor::new(
             owner,
             backend,
             self.listen_address,
-            self.web.clone(),
+            web,
             log_dir.to_owned(),
             secs(self.stop_grace, "stop-grace")?,
         ))

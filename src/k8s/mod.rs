@@ -5,12 +5,14 @@
 //! [`crate::controller::Controller`]. This module holds what they have in common: the
 //! session key for namespaced objects, the cache of what the API server last told us
 //! ([`objects`]), event publishing ([`events`]), the per-node writer lease
-//! ([`node_lease`]) and the check that the CRD is installed ([`crd`]).
+//! ([`node_lease`]), session tokens in Secrets ([`token`]) and the check that the CRD is
+//! installed ([`crd`]).
 
 pub mod crd;
 pub mod events;
 pub mod node_lease;
 pub mod objects;
+pub mod token;
 pub mod writer;
 
 use k8s_openapi::api::core::v1::ObjectReference;

@@ -167,8 +167,11 @@ mod tests {
                     host: Some("127.0.0.1".into()),
                     port: Some(5901),
                     unix_socket: None,
+                    libvirt_domain: None,
                 },
                 port: None,
+                idle_timeout_seconds: None,
+                max_lifetime_seconds: None,
                 node_name: Some("n1".into()),
             },
         );

@@ -27,6 +27,8 @@ fn desired(name: &str, port: u16, requested: Option<u16>) -> Desired {
         },
         requested_port: requested,
         generation: 1,
+        idle_timeout_ms: None,
+        max_lifetime_ms: None,
     }
 }
 
@@ -44,6 +46,9 @@ struct Sim {
     /// Busy ports the controller learnt about from failed bind probes.
     known_busy: BTreeSet<u16>,
     restarts: BTreeMap<String, RestartState>,
+    expired: BTreeMap<String, crate::lease::Expiry>,
+    /// Idle time per session, as the controller would measure it.
+    idle: BTreeMap<String, u64>,
     now: u64,
     next_pid: i32,
     limits: Limits,
@@ -59,6 +64,8 @@ impl Sim {
             foreign: BTreeSet::new(),
             known_busy: BTreeSet::new(),
             restarts: BTreeMap::new(),
+            expired: BTreeMap::new(),
+            idle: BTreeMap::new(),
             now: 1_000_000,
             next_pid: 100,
             limits: limits(max),
@@ -101,8 +108,11 @@ impl Sim {
             orphans: &self.orphans,
             busy: &busy,
             restarts: &self.restarts,
+            expired: &self.expired,
+            idle_ms: &self.idle,
             limits: self.limits,
             now_ms: self.now,
+            wall_now: Timestamp::from_millisecond(i64::try_from(self.now).unwrap()).unwrap(),
         })
     }
 
@@ -144,7 +154,8 @@ impl Sim {
                     return;
                 }
                 let target = self.desired[session].target.clone();
-                let lease = Lease::new(session, *port, target, Timestamp::UNIX_EPOCH);
+                let at = Timestamp::from_millisecond(i64::try_from(self.now).unwrap()).unwrap();
+                let lease = Lease::new(session, *port, target, at);
                 self.leases.insert(session.clone(), lease);
             }
             Action::Release { session, port } => {
@@ -192,6 +203,26 @@ impl Sim {
             } => {
                 let (p, ..) = self.procs.remove(session).expect("stop of a missing proxy");
                 assert_eq!(p, *process, "stopped a process that is not the session's");
+            }
+            Action::Expire {
+                session,
+                generation,
+                reason,
+                message,
+            } => {
+                let expiry = crate::lease::Expiry {
+                    generation: *generation,
+                    reason: (*reason).to_owned(),
+                    message: message.clone(),
+                    at: Timestamp::UNIX_EPOCH,
+                };
+                self.expired.insert(session.clone(), expiry);
+            }
+            Action::Unexpire { session } => {
+                assert!(
+                    self.expired.remove(session).is_some(),
+                    "unexpire of {session} that never expired"
+                );
             }
             Action::KillOrphan { process } => {
                 let before = self.orphans.len();
@@ -472,8 +503,11 @@ fn protected_sessions_keep_their_lease_and_proxy() {
         orphans: &[],
         busy: &BTreeSet::new(),
         restarts: &BTreeMap::new(),
+        expired: &BTreeMap::new(),
+        idle_ms: &BTreeMap::new(),
         limits: sim.limits,
         now_ms: 0,
+        wall_now: Timestamp::UNIX_EPOCH,
     });
     assert!(p.actions.is_empty(), "{p:?}");
 }
@@ -504,6 +538,62 @@ fn starts_are_bounded_and_the_rest_queue() {
         .count();
     assert_eq!(starts, 2);
     sim.converge();
+}
+
+#[test]
+fn max_lifetime_expires_the_session_until_its_spec_changes() {
+    let mut sim = Sim::new(5);
+    let mut d = desired("a", 5901, None);
+    d.max_lifetime_ms = Some(20_000);
+    sim.desired.insert("a".into(), d.clone());
+    sim.converge();
+    for _ in 0..20 {
+        sim.step();
+    }
+    assert!(sim.leases.is_empty(), "the port is released");
+    assert!(sim.procs.is_empty(), "the proxy is gone");
+    let p = sim.converge();
+    assert_eq!(p.reports["a"].phase, Phase::Expired);
+    assert_eq!(p.reports["a"].reason, reason::MAX_LIFETIME);
+    // Still present, same spec: stays expired. A new spec starts it again.
+    d.generation = 2;
+    sim.desired.insert("a".into(), d);
+    let p = sim.step();
+    assert!(p.actions.contains(&Action::Unexpire {
+        session: "a".into()
+    }));
+    let p = sim.converge();
+    assert_eq!(p.reports["a"].phase, Phase::Ready);
+}
+
+#[test]
+fn idle_timeout_expires_only_an_idle_session() {
+    let mut sim = Sim::new(5);
+    let mut d = desired("a", 5901, None);
+    d.idle_timeout_ms = Some(30_000);
+    sim.desired.insert("a".into(), d);
+    sim.converge();
+    sim.idle.insert("a".into(), 29_999);
+    assert!(sim.plan().actions.is_empty());
+    sim.idle.insert("a".into(), 30_000);
+    let p = sim.step();
+    assert!(
+        matches!(&p.actions[0], Action::Expire { reason: r, .. } if *r == reason::IDLE_TIMEOUT)
+    );
+    assert!(matches!(
+        p.actions[1],
+        Action::Stop {
+            why: StopReason::Expired,
+            ..
+        }
+    ));
+    sim.idle.clear();
+    sim.converge();
+    assert!(sim.leases.is_empty());
+    // Deleting an expired session forgets the expiry.
+    sim.desired.clear();
+    sim.converge();
+    assert!(sim.expired.is_empty());
 }
 
 #[test]

@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 use super::{Rejected, Snapshot, Source, SourceError};
 use crate::manifest::{self, MAX_MANIFEST_BYTES, Parsed};
 use crate::pool::PortRange;
+use crate::session::Validated;
 
 /// How long a file must stay unmodified before it is read.
 pub const SETTLE: Duration = Duration::from_millis(200);
@@ -60,8 +61,16 @@ impl DirSource {
         })?;
         let (tx, rx) = mpsc::channel(1);
         let mut watcher =
-            notify::recommended_watcher(move |_res: notify::Result<notify::Event>| {
-                let _ = tx.try_send(());
+            notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+                // inotify reports opens and reads too, including those of our own scans:
+                // counting them as changes would make every pass trigger the next one.
+                use notify::event::{AccessKind, AccessMode, EventKind};
+                let read_only = res.as_ref().is_ok_and(|e| {
+                    matches!(e.kind, EventKind::Access(k) if k != AccessKind::Close(AccessMode::Write))
+                });
+                if !read_only {
+                    let _ = tx.try_send(());
+                }
             })
             .map_err(|e| SourceError::Watch {
                 path: dir.to_owned(),
@@ -154,6 +163,15 @@ impl DirSource {
             }
             if fresh {
                 snap.unsettled = true; // keep the previous reading until it settles
+                if !self.files.contains_key(&path) {
+                    // Never read (vncd just started, or a new path): until it settles, the
+                    // session it names is left alone, not taken for deleted.
+                    let name = (meta.size() <= MAX_MANIFEST_BYTES)
+                        .then(|| std::fs::read_to_string(&path).ok())
+                        .flatten()
+                        .and_then(|t| manifest::claimed_name(&t));
+                    snap.protected.insert(name.unwrap_or(stem));
+                }
                 continue;
             }
             let result = read_manifest(&path, meta.size(), self.pool).map_err(|e| {
@@ -189,16 +207,15 @@ impl DirSource {
         for (path, f) in &self.files {
             match (&f.result, &f.last_good) {
                 (Ok(p), _) => claims
-                    .entry(p.desired.name.clone())
+                    .entry(p.session.name().to_owned())
                     .or_default()
                     .push((path, p, None)),
                 (Err((_, err)), Some(good)) => {
                     let note = format!("{err}; still serving the last valid version of this file");
-                    claims.entry(good.desired.name.clone()).or_default().push((
-                        path,
-                        good,
-                        Some(note),
-                    ));
+                    claims
+                        .entry(good.session.name().to_owned())
+                        .or_default()
+                        .push((path, good, Some(note)));
                 }
                 (Err((name, err)), None) => {
                     let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned());
@@ -219,7 +236,14 @@ impl DirSource {
             let mut iter = files.into_iter();
             if let Some((path, parsed, note)) = iter.next() {
                 owners.insert(name.clone(), path.clone());
-                snap.desired.insert(name.clone(), parsed.desired.clone());
+                match &parsed.session {
+                    Validated::Ready(d) => {
+                        snap.desired.insert(name.clone(), d.clone());
+                    }
+                    Validated::Domain(r) => {
+                        snap.unresolved.insert(name.clone(), r.clone());
+                    }
+                }
                 snap.objects.insert(name.clone(), parsed.object.clone());
                 if let Some(note) = note {
                     snap.warnings.insert(name.clone(), note);
@@ -325,6 +349,25 @@ mod tests {
     }
 
     #[test]
+    fn a_file_too_fresh_to_read_at_the_first_scan_protects_its_session() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("vm.yaml"), manifest("vm1", 5901)).unwrap();
+        std::fs::write(
+            d.path().join("half.yaml"),
+            "apiVersion: vncd.io/v1alpha1\nkind: Vnc",
+        )
+        .unwrap();
+        let mut src = DirSource::once(d.path(), PortRange::default());
+        let snap = src.scan().unwrap();
+        assert!(snap.unsettled && snap.desired.is_empty());
+        // Not desired yet, but not gone either: its lease and proxy must be left alone.
+        assert_eq!(
+            snap.protected,
+            BTreeSet::from(["vm1".to_owned(), "half".to_owned()])
+        );
+    }
+
+    #[test]
     fn a_broken_edit_keeps_serving_the_last_valid_version() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("a.yaml");
@@ -371,6 +414,24 @@ mod tests {
         assert_eq!(src.scan().unwrap().desired.len(), 1);
         std::fs::remove_file(d.path().join("a.yaml")).unwrap();
         assert!(src.scan().unwrap().desired.is_empty());
+    }
+
+    #[tokio::test]
+    async fn reading_the_directory_is_not_a_change_but_writing_a_manifest_is() {
+        let d = tempfile::tempdir().unwrap();
+        write_old(&d.path().join("a.yaml"), &manifest("a", 5901));
+        let mut src = DirSource::watch(d.path(), PortRange::default()).unwrap();
+        // Our own scans open the directory and read the file: no event may come of it,
+        // or every pass would trigger the next one and an idle vncd would never rest.
+        for _ in 0..3 {
+            src.scan().unwrap();
+        }
+        let quiet = tokio::time::timeout(Duration::from_millis(500), src.changed()).await;
+        assert!(quiet.is_err(), "a scan was reported as a change");
+        std::fs::write(d.path().join("b.yaml"), manifest("b", 5901)).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), src.changed())
+            .await
+            .expect("a new manifest is reported");
     }
 
     #[test]

@@ -225,8 +225,11 @@ mod tests {
                     host: Some("127.0.0.1".into()),
                     port: Some(5901),
                     unix_socket: None,
+                    libvirt_domain: None,
                 },
                 port,
+                idle_timeout_seconds: None,
+                max_lifetime_seconds: None,
                 node_name: node.map(str::to_owned),
             },
         );

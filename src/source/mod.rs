@@ -6,12 +6,14 @@
 
 pub mod dir;
 pub mod kube;
+pub mod libvirt;
+pub mod merge;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 
 use crate::api::VncSession;
-use crate::session::Desired;
+use crate::session::{Desired, DomainRef};
 
 /// A source object that could not be accepted.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,6 +39,17 @@ pub struct Snapshot {
     pub warnings: BTreeMap<String, String>,
     /// Some input is still being written; look again shortly.
     pub unsettled: bool,
+    /// Sessions whose target names a libvirt domain. [`merge`] resolves them into
+    /// `desired` from the live domain XML; the controller never looks at them, so
+    /// unresolved they hold no port.
+    pub unresolved: BTreeMap<String, DomainRef>,
+    /// Ports that programs the source knows about listen on (a running domain's own VNC
+    /// and websocket ports): never leased, even when a bind probe on vncd's listen
+    /// address would succeed.
+    pub reserved_ports: BTreeSet<u16>,
+    /// Reasons for `rejected` names that are waiting rather than invalid (e.g.
+    /// `DomainNotRunning`); they are reported Pending with this reason.
+    pub waiting: BTreeMap<String, &'static str>,
 }
 
 /// Why a source could not produce a snapshot. The controller then changes nothing:
@@ -54,6 +67,8 @@ pub enum SourceError {
         path: std::path::PathBuf,
         detail: String,
     },
+    #[error("libvirt at {uri} cannot say which domains run: {detail}")]
+    Libvirt { uri: String, detail: String },
 }
 
 /// A source of desired sessions. See the module docs.

@@ -1,5 +1,5 @@
 //! The standalone status sink: `sessions.json` in the state directory, read by
-//! `vncd get` and `vncd apply --wait`.
+//! `vncd get` and `vncd apply --wait`. Mode 0600: the URLs in it carry session tokens.
 
 use std::path::{Path, PathBuf};
 
@@ -92,7 +92,7 @@ impl StatusSink for FileSink {
             }
         };
         let path = self.path.clone();
-        let res = tokio::task::spawn_blocking(move || write_atomic(&path, &bytes, 0o644)).await;
+        let res = tokio::task::spawn_blocking(move || write_atomic(&path, &bytes, 0o600)).await;
         match res {
             Ok(Ok(())) => self.last = Some(items_json),
             Ok(Err(e)) => {

@@ -83,6 +83,8 @@ pub fn compose(
         ..VncSessionStatus::default()
     };
     put_lease_fields(&mut s, lease, node, url);
+    // The lease store records and forgets expiries; the sink carries them unchanged.
+    s.expired.clone_from(&known.status.expired);
     for c in &mut s.conditions {
         c.observed_generation = known.generation;
         if let Some(old) = known
@@ -552,6 +554,8 @@ mod tests {
             crate::api::VncSessionSpec {
                 target: crate::api::Target::default(),
                 port: None,
+                idle_timeout_seconds: None,
+                max_lifetime_seconds: None,
                 node_name: None,
             },
         );

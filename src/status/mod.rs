@@ -34,16 +34,26 @@ pub struct UrlStyle {
 }
 
 impl UrlStyle {
-    pub fn url(&self, port: u16) -> String {
+    /// The console URL. With a token, the noVNC page is told to connect to
+    /// `websockify?token=...` (both backends accept that path), and a bare websocket URL
+    /// carries `?token=...`.
+    pub fn url(&self, port: u16, token: Option<&str>) -> String {
         let host = match self.public_host.parse::<IpAddr>() {
             Ok(IpAddr::V6(a)) => format!("[{a}]"),
             _ => self.public_host.clone(),
         };
-        match (self.web, self.tls) {
-            (true, false) => format!("http://{host}:{port}/vnc.html"),
-            (true, true) => format!("https://{host}:{port}/vnc.html"),
-            (false, false) => format!("ws://{host}:{port}/"),
-            (false, true) => format!("wss://{host}:{port}/"),
+        let (http, ws) = if self.tls {
+            ("https", "wss")
+        } else {
+            ("http", "ws")
+        };
+        match (self.web, token) {
+            (true, Some(t)) => {
+                format!("{http}://{host}:{port}/vnc.html?path=websockify%3Ftoken%3D{t}")
+            }
+            (true, None) => format!("{http}://{host}:{port}/vnc.html"),
+            (false, Some(t)) => format!("{ws}://{host}:{port}/?token={t}"),
+            (false, None) => format!("{ws}://{host}:{port}/"),
         }
     }
 }
@@ -61,6 +71,7 @@ fn spec_of(target: &Endpoint) -> VncSessionSpec {
             host: Some(host.clone()),
             port: Some(i32::from(*port)),
             unix_socket: None,
+            libvirt_domain: None,
         },
         Endpoint::Unix { path } => Target {
             unix_socket: Some(path.clone()),
@@ -70,6 +81,8 @@ fn spec_of(target: &Endpoint) -> VncSessionSpec {
     VncSessionSpec {
         target,
         port: None,
+        idle_timeout_seconds: None,
+        max_lifetime_seconds: None,
         node_name: None,
     }
 }
@@ -146,7 +159,7 @@ impl StatusBuilder {
             obj.status = Some(VncSessionStatus {
                 phase: Some(report.phase),
                 port: lease.map(|l| i32::from(l.port)),
-                url: lease.map(|l| self.url.url(l.port)),
+                url: lease.map(|l| self.url.url(l.port, l.token.as_deref())),
                 pid: lease.and_then(|l| l.process).map(|p| p.pid),
                 target: lease.map(|l| l.target.to_string()),
                 reason: Some(report.reason.to_owned()),
@@ -168,6 +181,8 @@ impl StatusBuilder {
                 VncSessionSpec {
                     target: Target::default(),
                     port: None,
+                    idle_timeout_seconds: None,
+                    max_lifetime_seconds: None,
                     node_name: None,
                 },
             );
@@ -175,10 +190,14 @@ impl StatusBuilder {
                 SOURCE_ANNOTATION.to_owned(),
                 r.origin.clone(),
             )]));
-            let cond = self.condition(&r.name, false, INVALID, &r.error, None);
+            let (phase, reason) = match snapshot.waiting.get(&r.name) {
+                Some(reason) => (Phase::Pending, *reason),
+                None => (Phase::Failed, INVALID),
+            };
+            let cond = self.condition(&r.name, false, reason, &r.error, None);
             obj.status = Some(VncSessionStatus {
-                phase: Some(Phase::Failed),
-                reason: Some(INVALID.into()),
+                phase: Some(phase),
+                reason: Some(reason.into()),
                 message: Some(r.error.clone()),
                 // A protected name keeps its lease: show it.
                 port: leases.get(&r.name).map(|l| i32::from(l.port)),
@@ -208,18 +227,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn urls_follow_web_and_tls_settings() {
+    fn urls_follow_web_tls_and_token_settings() {
         let mut u = UrlStyle {
             public_host: "vnc.example".into(),
             web: false,
             tls: false,
         };
-        assert_eq!(u.url(6100), "ws://vnc.example:6100/");
+        assert_eq!(u.url(6100, None), "ws://vnc.example:6100/");
+        assert_eq!(u.url(6100, Some("ab")), "ws://vnc.example:6100/?token=ab");
         u.web = true;
-        assert_eq!(u.url(6100), "http://vnc.example:6100/vnc.html");
+        assert_eq!(u.url(6100, None), "http://vnc.example:6100/vnc.html");
+        assert_eq!(
+            u.url(6100, Some("ab")),
+            "http://vnc.example:6100/vnc.html?path=websockify%3Ftoken%3Dab"
+        );
         u.tls = true;
-        assert_eq!(u.url(6100), "https://vnc.example:6100/vnc.html");
+        assert_eq!(u.url(6100, None), "https://vnc.example:6100/vnc.html");
+        u.web = false;
+        assert_eq!(u.url(6100, Some("ab")), "wss://vnc.example:6100/?token=ab");
         u.public_host = "::1".into();
-        assert_eq!(u.url(1), "https://[::1]:1/vnc.html");
+        assert_eq!(u.url(1, None), "wss://[::1]:1/");
     }
 }

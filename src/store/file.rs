@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use super::lock::LockGuard;
 use super::{LeaseChange, LeaseSet, LeaseStore, StoreError, apply_changes};
 use crate::fsutil::write_atomic;
-use crate::lease::Lease;
+use crate::lease::{Expiry, Lease};
 use crate::session::is_valid_name;
 
 /// The on-disk format version this build reads and writes.
@@ -30,6 +30,8 @@ struct OnDisk {
     version: u32,
     revision: u64,
     leases: Vec<Lease>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    expired: BTreeMap<String, Expiry>,
 }
 
 /// Paths inside a state directory, so every command agrees on them.
@@ -127,6 +129,7 @@ pub fn read_state(path: &Path) -> Result<LeaseSet, StoreError> {
     Ok(LeaseSet {
         revision: disk.revision,
         leases,
+        expired: disk.expired,
     })
 }
 
@@ -136,6 +139,7 @@ pub fn write_state(path: &Path, set: &LeaseSet) -> Result<(), StoreError> {
         version: FORMAT_VERSION,
         revision: set.revision,
         leases: set.leases.values().cloned().collect(),
+        expired: set.expired.clone(),
     };
     let bytes = serde_json::to_vec_pretty(&disk).map_err(|e| StoreError::Invalid(e.to_string()))?;
     write_atomic(path, &bytes, 0o600).map_err(|source| StoreError::Io {
@@ -215,7 +219,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let dir = StateDir::new(d.path());
         dir.create().unwrap();
-        (d, FileStore::new(dir, Duration::from_secs(1)))
+        (d, FileStore::new(dir, Duration::from_secs(30)))
     }
 
     #[test]
@@ -303,6 +307,7 @@ mod tests {
             version: 1,
             revision: 3,
             leases: vec![lease("a", 6100), lease("b", 6100)],
+            expired: BTreeMap::new(),
         };
         std::fs::write(s.dir.leases(), serde_json::to_vec(&disk).unwrap()).unwrap();
         assert!(

@@ -29,12 +29,13 @@ use kube::api::ListParams;
 use tracing::{debug, info, warn};
 
 use super::{LeaseChange, LeaseSet, LeaseStore, StoreError, apply_changes};
-use crate::api::{Phase, VncSession, VncSessionStatus};
+use crate::api::{ExpiredStatus, Phase, VncSession, VncSessionStatus};
 use crate::k8s::events::{Events, Reason};
-use crate::k8s::objects::Objects;
+use crate::k8s::objects::{Known, Objects};
 use crate::k8s::writer::{Backoff, Writer};
+use crate::k8s::token::{self, TokenSecret};
 use crate::k8s::{is_conflict, is_not_found, split_key};
-use crate::lease::{Lease, ProcRef};
+use crate::lease::{Expiry, Lease, ProcRef};
 use crate::reconcile::reason;
 use crate::session::Endpoint;
 use crate::source::kube::{key_of, node_selector};
@@ -57,7 +58,12 @@ pub fn put_lease_fields(
     url: &UrlStyle,
 ) {
     status.port = lease.map(|l| i32::from(l.port));
-    status.url = lease.map(|l| url.url(l.port));
+    // The token stays out of status (see `k8s::token`): the URL here is the bare one,
+    // and the Secret named by `tokenSecretRef` holds the URL with the token.
+    status.url = lease.map(|l| url.url(l.port, None));
+    status.token_secret_ref = lease
+        .filter(|l| l.token.is_some())
+        .map(|l| token::secret_ref(split_key(&l.session).map_or(l.session.as_str(), |(_, n)| n)));
     status.target = lease.map(|l| l.target.to_string());
     // The API stores whole seconds; writing more would make every comparison differ.
     status.allocated_at = lease.map(|l| Time(whole_seconds(l.allocated_at)));
@@ -93,12 +99,41 @@ pub fn lease_from_status(key: &str, status: &VncSessionStatus, node: &str) -> Op
         port,
         target,
         uid: status.lease_uid.clone()?,
+        // The token lives in a Secret; `load` fills it in.
+        token: None,
         process,
         allocated_at: status.allocated_at.as_ref()?.0,
     })
 }
 
-/// One API write a commit needs.
+/// What a write does to a session's expiry record (`status.expired`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum ExpiryOp {
+    #[default]
+    Keep,
+    Set(Expiry),
+    Clear,
+}
+
+impl ExpiryOp {
+    fn apply(&self, status: &mut VncSessionStatus) {
+        match self {
+            ExpiryOp::Keep => {}
+            ExpiryOp::Set(e) => {
+                status.expired = Some(ExpiredStatus {
+                    generation: e.generation,
+                    reason: e.reason.clone(),
+                    message: e.message.clone(),
+                    at: Time(whole_seconds(e.at)),
+                });
+            }
+            ExpiryOp::Clear => status.expired = None,
+        }
+    }
+}
+
+/// One API write a commit needs: every change of one session in one pass goes into a
+/// single write, because two writes of one object in flight at once would conflict.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Write {
     /// Persist a new or changed lease.
@@ -106,29 +141,42 @@ pub enum Write {
         lease: Lease,
         /// The lease is new (not a retarget of an existing one).
         new: bool,
+        /// The lease carries a token not yet in its Secret.
+        secret: bool,
+        expiry: ExpiryOp,
     },
     /// Clear a lease.
-    Release { lease: Lease },
+    Release { lease: Lease, expiry: ExpiryOp },
+    /// Only record or forget an expiry.
+    Expiry { key: String, expiry: ExpiryOp },
 }
 
 impl Write {
     fn key(&self) -> &str {
         match self {
-            Write::Lease { lease, .. } | Write::Release { lease } => &lease.session,
+            Write::Lease { lease, .. } | Write::Release { lease, .. } => &lease.session,
+            Write::Expiry { key, .. } => key,
+        }
+    }
+
+    fn expiry_mut(&mut self) -> &mut ExpiryOp {
+        match self {
+            Write::Lease { expiry, .. } | Write::Release { expiry, .. } | Write::Expiry { expiry, .. } => expiry,
         }
     }
 }
 
 /// Which changes need a write now. A change that only records the proxy process of an
 /// unchanged lease is deferred to the status sink (see the module docs). Returns the
-/// writes with the index of the change each one persists.
+/// writes with the indices of the changes each one persists.
 pub fn plan_writes(
     current: &BTreeMap<String, Lease>,
     changes: &[LeaseChange],
-) -> Vec<(usize, Write)> {
-    let mut out = Vec::new();
+) -> Vec<(Vec<usize>, Write)> {
+    let mut out: Vec<(Vec<usize>, Write)> = Vec::new();
+    let mut slot: BTreeMap<String, usize> = BTreeMap::new();
     for (i, change) in changes.iter().enumerate() {
-        match change {
+        let (key, write) = match change {
             LeaseChange::Put(lease) => {
                 let prev = current.get(&lease.session);
                 let record_only = prev.is_some_and(|p| {
@@ -136,26 +184,62 @@ pub fn plan_writes(
                         && p.port == lease.port
                         && p.target == lease.target
                         && p.allocated_at == lease.allocated_at
+                        && p.token == lease.token
                 });
-                if !record_only {
-                    out.push((
-                        i,
-                        Write::Lease {
-                            lease: lease.clone(),
-                            new: prev.is_none(),
-                        },
-                    ));
+                if record_only {
+                    continue;
                 }
+                let secret = lease.token.is_some()
+                    && prev.is_none_or(|p| p.uid != lease.uid || p.token != lease.token);
+                let write = Write::Lease {
+                    lease: lease.clone(),
+                    new: prev.is_none(),
+                    secret,
+                    expiry: ExpiryOp::Keep,
+                };
+                (&lease.session, write)
             }
             LeaseChange::Remove(session) => {
-                if let Some(lease) = current.get(session) {
-                    out.push((
-                        i,
-                        Write::Release {
-                            lease: lease.clone(),
-                        },
-                    ));
+                let Some(lease) = current.get(session) else {
+                    continue;
+                };
+                let write = Write::Release {
+                    lease: lease.clone(),
+                    expiry: ExpiryOp::Keep,
+                };
+                (session, write)
+            }
+            LeaseChange::Expire(session, e) => {
+                let op = ExpiryOp::Set(e.clone());
+                let write = Write::Expiry {
+                    key: session.clone(),
+                    expiry: op,
+                };
+                (session, write)
+            }
+            LeaseChange::Unexpire(session) => {
+                let write = Write::Expiry {
+                    key: session.clone(),
+                    expiry: ExpiryOp::Clear,
+                };
+                (session, write)
+            }
+        };
+        match slot.get(key) {
+            Some(&at) => {
+                let (indices, merged) = &mut out[at];
+                indices.push(i);
+                match write {
+                    Write::Expiry { expiry, .. } => *merged.expiry_mut() = expiry,
+                    mut other => {
+                        *other.expiry_mut() = std::mem::take(merged.expiry_mut());
+                        *merged = other;
+                    }
                 }
+            }
+            None => {
+                slot.insert(key.clone(), out.len());
+                out.push((vec![i], write));
             }
         }
     }
@@ -233,18 +317,104 @@ impl KubeStatusStore {
 
     async fn perform(&self, write: &Write) -> Result<(), Failure> {
         match write {
-            Write::Lease { lease, new } => self.put(lease, *new).await,
-            Write::Release { lease } => self.release(lease).await,
+            Write::Lease {
+                lease,
+                new,
+                secret,
+                expiry,
+            } => self.put(lease, *new, *secret, expiry).await,
+            Write::Release { lease, expiry } => self.release(lease, expiry).await,
+            Write::Expiry { key, expiry } => self.set_expiry(key, expiry).await,
         }
     }
 
-    async fn put(&self, lease: &Lease, new: bool) -> Result<(), Failure> {
+    /// Writes the token Secret of `lease`, before its lease reaches status, so that a
+    /// status naming a Secret always names one that exists.
+    async fn write_secret(&self, known: &Known, lease: &Lease) -> Result<(), Failure> {
+        let Some(token) = lease.token.as_deref() else {
+            return Ok(());
+        };
+        let url = self.url.url(lease.port, Some(token));
+        let secret = TokenSecret {
+            namespace: &known.namespace,
+            session: &known.name,
+            session_uid: &known.uid,
+            node: &self.node,
+            lease_uid: &lease.uid,
+            token,
+            url: &url,
+        }
+        .object();
+        self.writer.apply_secret(&secret).await.map(drop).map_err(|e| {
+            Failure::Api(format!(
+                "{}: cannot write token Secret {}: {e}",
+                lease.session,
+                token::secret_name(&known.name)
+            ))
+        })
+    }
+
+    /// Deletes the token Secret of `lease`, unless it was rewritten for another lease
+    /// since. A Secret left behind holds a dead token and goes with its VncSession.
+    async fn delete_secret(&self, lease: &Lease) {
+        let Some((ns, name)) = split_key(&lease.session) else {
+            return;
+        };
+        let secret_name = token::secret_name(name);
+        let result = match self.writer.get_secret(ns, &secret_name).await {
+            Ok(Some(secret)) if token::lease_uid_of(&secret) == Some(lease.uid.as_str()) => {
+                let rv = secret.metadata.resource_version.unwrap_or_default();
+                self.writer.delete_secret(ns, &secret_name, &rv).await
+            }
+            Ok(_) => Ok(()),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = result {
+            warn!(session = %lease.session, secret = %secret_name, error = %e, "cannot delete the token Secret; it holds a dead token and goes with its VncSession");
+        }
+    }
+
+    async fn set_expiry(&self, key: &str, expiry: &ExpiryOp) -> Result<(), Failure> {
+        let Some(known) = self.objects.get(key) else {
+            // Gone: nothing to remember or forget.
+            return Ok(());
+        };
+        let mut status = known.status.clone();
+        expiry.apply(&mut status);
+        if status == known.status || known.deleting {
+            return Ok(());
+        }
+        match self.writer.apply_status(&known, &status).await {
+            Ok(obj) => {
+                self.objects.observe(&obj);
+                Ok(())
+            }
+            Err(e) if is_conflict(&e) || is_not_found(&e) => {
+                Err(Failure::Stale(format!("{key}: {e}")))
+            }
+            Err(e) => Err(Failure::Api(format!(
+                "{key}: cannot record the expiry: {e}"
+            ))),
+        }
+    }
+
+    async fn put(
+        &self,
+        lease: &Lease,
+        new: bool,
+        secret: bool,
+        expiry: &ExpiryOp,
+    ) -> Result<(), Failure> {
         let key = &lease.session;
         let Some(known) = self.objects.get(key) else {
             return Err(Failure::Stale(format!("{key} is no longer known")));
         };
+        if secret {
+            self.write_secret(&known, lease).await?;
+        }
         let mut status = known.status.clone();
         put_lease_fields(&mut status, Some(lease), &self.node, &self.url);
+        expiry.apply(&mut status);
         if status.phase.is_none() {
             // The words the plan reports for this pass, so the sink's first status adds
             // nothing but the pid, which waits for the Ready write.
@@ -302,7 +472,7 @@ impl KubeStatusStore {
         Ok(())
     }
 
-    async fn release(&self, lease: &Lease) -> Result<(), Failure> {
+    async fn release(&self, lease: &Lease, expiry: &ExpiryOp) -> Result<(), Failure> {
         let key = &lease.session;
         let Some((ns, name)) = split_key(key) else {
             return Ok(());
@@ -321,7 +491,7 @@ impl KubeStatusStore {
                     }
                     Ok(None) => {
                         self.objects.forget(key);
-                        return self.released(lease, None);
+                        return self.released(lease, None).await;
                     }
                     Err(e) => return Err(Failure::Api(format!("{key}: {e}"))),
                 },
@@ -330,14 +500,14 @@ impl KubeStatusStore {
             let free = k.status.lease_uid.is_none();
             if !holds && !free {
                 // Another node leased it since: nothing of ours is left on the object.
-                return self.released(lease, Some(&k));
+                return self.released(lease, Some(&k)).await;
             }
             let result = if k.deleting || (!holds && !k.watched) {
                 // Being deleted: only the finalizer matters, the object is going away.
                 if k.has_finalizer() {
                     self.writer.set_finalizer(&k, false).await
                 } else {
-                    return self.released(lease, Some(&k));
+                    return self.released(lease, Some(&k)).await;
                 }
             } else if holds {
                 // A status that keeps saying Ready without a port would be a lie; the sink
@@ -355,9 +525,10 @@ impl KubeStatusStore {
                     )
                 });
                 status.conditions.clear();
+                expiry.apply(&mut status);
                 self.writer.apply_status(&k, &status).await
             } else {
-                return self.released(lease, Some(&k));
+                return self.released(lease, Some(&k)).await;
             };
             match result {
                 Ok(obj) => {
@@ -375,11 +546,11 @@ impl KubeStatusStore {
                             Err(e) => debug!(session = %key, error = %e, "cannot drop finalizer"),
                         }
                     }
-                    return self.released(lease, Some(&k));
+                    return self.released(lease, Some(&k)).await;
                 }
                 Err(e) if is_not_found(&e) => {
                     self.objects.forget(key);
-                    return self.released(lease, Some(&k));
+                    return self.released(lease, Some(&k)).await;
                 }
                 Err(e) if is_conflict(&e) => {
                     debug!(session = %key, "object changed while releasing; reading it again");
@@ -399,11 +570,8 @@ impl KubeStatusStore {
         )))
     }
 
-    fn released(
-        &self,
-        lease: &Lease,
-        known: Option<&crate::k8s::objects::Known>,
-    ) -> Result<(), Failure> {
+    async fn released(&self, lease: &Lease, known: Option<&Known>) -> Result<(), Failure> {
+        self.delete_secret(lease).await;
         if let Some(k) = known {
             self.events.emit(
                 Reason::Released,
@@ -412,6 +580,58 @@ impl KubeStatusStore {
             );
         }
         Ok(())
+    }
+}
+
+impl KubeStatusStore {
+    /// Gives each lease read from status its token, from memory when this vncd wrote it,
+    /// else from its Secret. A lease whose Secret is gone or was written for another
+    /// lease is dropped: vncd never serves a console without its token, so the proxy is
+    /// replaced (as an orphan) under a new lease and a new Secret.
+    async fn with_tokens(&mut self, found: Vec<Lease>) -> Result<Vec<Lease>, StoreError> {
+        let known = &self.set.leases;
+        let writer = &self.writer;
+        let results: Vec<(Lease, Result<Option<String>, kube::Error>)> = stream::iter(found)
+            .map(|mut l| async move {
+                if let Some(mine) = known.get(&l.session).filter(|m| m.uid == l.uid) {
+                    l.token.clone_from(&mine.token);
+                }
+                if l.token.is_some() {
+                    return (l, Ok(None));
+                }
+                let Some((ns, name)) = split_key(&l.session) else {
+                    return (l, Ok(None));
+                };
+                let got = writer.get_secret(ns, &token::secret_name(name)).await;
+                let token = got.map(|s| s.and_then(|s| token::token_for_lease(&s, &l.uid)));
+                (l, token)
+            })
+            .buffer_unordered(PARALLEL_WRITES)
+            .collect()
+            .await;
+        let mut out = Vec::with_capacity(results.len());
+        for (mut l, token) in results {
+            match token {
+                Ok(t) => {
+                    if t.is_some() {
+                        l.token = t;
+                    }
+                    if l.token.is_some() {
+                        out.push(l);
+                    } else {
+                        warn!(session = %l.session, port = l.port, secret = %token::secret_name(split_key(&l.session).map_or("", |(_, n)| n)), "the token Secret of this lease is missing or belongs to another lease; its proxy will be replaced under a new token");
+                    }
+                }
+                Err(e) => {
+                    self.backoff.fail();
+                    return Err(StoreError::Api {
+                        object: l.session.clone(),
+                        detail: format!("cannot read the token Secret: {e}"),
+                    });
+                }
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -433,18 +653,30 @@ impl LeaseStore for KubeStatusStore {
         };
         let mut found: Vec<Lease> = Vec::new();
         let mut listed = BTreeSet::new();
+        let mut expired = BTreeMap::new();
         for obj in &objs {
             let Some(key) = key_of(obj) else { continue };
             self.objects.observe(obj);
             listed.insert(key.clone());
-            if let Some(l) = obj
-                .status
-                .as_ref()
-                .and_then(|s| lease_from_status(&key, s, &self.node))
-            {
+            let Some(status) = obj.status.as_ref() else {
+                continue;
+            };
+            if let Some(l) = lease_from_status(&key, status, &self.node) {
                 found.push(l);
             }
+            if let Some(e) = &status.expired {
+                expired.insert(
+                    key.clone(),
+                    Expiry {
+                        generation: e.generation,
+                        reason: e.reason.clone(),
+                        message: e.message.clone(),
+                        at: e.at.0,
+                    },
+                );
+            }
         }
+        let mut found = self.with_tokens(found).await?;
         // Oldest lease first, so of two objects claiming one port the first keeps it.
         found.sort_by(|a, b| (a.allocated_at, &a.session).cmp(&(b.allocated_at, &b.session)));
         // Leases of objects that left this node's list while we held them: keep them
@@ -469,6 +701,7 @@ impl LeaseStore for KubeStatusStore {
         self.set = LeaseSet {
             revision: self.set.revision + 1,
             leases,
+            expired,
         };
         self.objects.set_leases(&self.set.leases);
         info!(objects = objs.len(), leases = self.set.leases.len(), node = %self.node, "loaded leases from VncSession statuses");
@@ -491,11 +724,12 @@ impl LeaseStore for KubeStatusStore {
         self.pause_after_errors().await;
         let writes = plan_writes(&self.set.leases, &changes);
         let this = &*self;
-        let results: Vec<(usize, &'static str, Result<(), Failure>)> = stream::iter(writes)
+        let results: Vec<(Vec<usize>, &'static str, Result<(), Failure>)> = stream::iter(writes)
             .map(|(i, w)| async move {
                 let kind = match &w {
                     Write::Lease { .. } => "lease",
                     Write::Release { .. } => "release",
+                    Write::Expiry { .. } => "expiry",
                 };
                 debug!(session = %w.key(), kind, "writing");
                 (i, kind, this.perform(&w).await)
@@ -506,7 +740,7 @@ impl LeaseStore for KubeStatusStore {
         let failed: BTreeSet<usize> = results
             .iter()
             .filter(|(_, _, r)| r.is_err())
-            .map(|(i, _, _)| *i)
+            .flat_map(|(i, _, _)| i.iter().copied())
             .collect();
         if failed.is_empty() {
             self.backoff.succeed();
@@ -594,7 +828,12 @@ mod tests {
         assert_eq!(st.node.as_deref(), Some("n1"));
         assert_eq!(st.target.as_deref(), Some("127.0.0.1:5901"));
         assert_eq!(st.process_start_time, Some(12345));
-        assert_eq!(lease_from_status("ns/vm1", &st, "n1"), Some(l.clone()));
+        // Everything but the token, which the Secret holds (`load` adds it).
+        let without_token = Lease {
+            token: None,
+            ..l.clone()
+        };
+        assert_eq!(lease_from_status("ns/vm1", &st, "n1"), Some(without_token));
         // Another node's lease is not ours to adopt.
         assert_eq!(lease_from_status("ns/vm1", &st, "n2"), None);
         // Without a process the lease still stands (the proxy is found by its uid).
@@ -680,32 +919,101 @@ mod tests {
         assert_eq!(
             w,
             vec![(
-                1,
+                vec![1],
                 Write::Lease {
                     lease: fresh,
-                    new: true
+                    new: true,
+                    secret: true,
+                    expiry: ExpiryOp::Keep,
                 }
             )]
         );
+        // A retarget keeps the lease's token: no new Secret.
+        let w = plan_writes(&current, &[LeaseChange::Put(retargeted.clone())]);
+        assert_eq!(
+            w,
+            vec![(
+                vec![0],
+                Write::Lease {
+                    lease: retargeted,
+                    new: false,
+                    secret: false,
+                    expiry: ExpiryOp::Keep,
+                }
+            )]
+        );
+    }
+
+    #[test]
+    fn changes_of_one_session_become_one_write() {
+        let old = lease("ns/a", 6100);
+        let current = BTreeMap::from([("ns/a".to_owned(), old.clone())]);
+        let expiry = Expiry {
+            generation: 2,
+            reason: "IdleTimeout".into(),
+            message: "no client for 60 s".into(),
+            at: Timestamp::now(),
+        };
+        // Expired with no proxy left: expiry and release go in the same write.
         let w = plan_writes(
             &current,
             &[
-                LeaseChange::Put(retargeted.clone()),
+                LeaseChange::Expire("ns/a".into(), expiry.clone()),
                 LeaseChange::Remove("ns/a".into()),
+            ],
+        );
+        assert_eq!(
+            w,
+            vec![(
+                vec![0, 1],
+                Write::Release {
+                    lease: old,
+                    expiry: ExpiryOp::Set(expiry),
+                }
+            )]
+        );
+        // A changed spec: the expiry is forgotten in the write of the new lease.
+        let fresh = lease("ns/b", 6101);
+        let w = plan_writes(
+            &current,
+            &[
+                LeaseChange::Unexpire("ns/b".into()),
+                LeaseChange::Put(fresh.clone()),
+                LeaseChange::Unexpire("ns/gone".into()),
             ],
         );
         assert_eq!(
             w,
             vec![
                 (
-                    0,
+                    vec![0, 1],
                     Write::Lease {
-                        lease: retargeted,
-                        new: false
+                        lease: fresh,
+                        new: true,
+                        secret: true,
+                        expiry: ExpiryOp::Clear,
                     }
                 ),
-                (1, Write::Release { lease: old })
+                (
+                    vec![2],
+                    Write::Expiry {
+                        key: "ns/gone".into(),
+                        expiry: ExpiryOp::Clear,
+                    }
+                ),
             ]
         );
+    }
+
+    #[test]
+    fn status_names_the_token_secret_but_never_holds_the_token() {
+        let l = lease("ns/vm1", 6100);
+        let token = l.token.clone().unwrap();
+        let mut st = VncSessionStatus::default();
+        put_lease_fields(&mut st, Some(&l), "n1", &url());
+        let json = serde_json::to_string(&st).unwrap();
+        assert!(!json.contains(&token), "{json}");
+        let r = st.token_secret_ref.unwrap();
+        assert_eq!((r.name.as_str(), r.key.as_str()), ("vm1-vncd-token", "token"));
     }
 }

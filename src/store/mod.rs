@@ -13,13 +13,15 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::PathBuf;
 
-use crate::lease::Lease;
+use crate::lease::{Expiry, Lease};
 
 /// Every lease a store holds, at one revision.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LeaseSet {
     pub revision: u64,
     pub leases: BTreeMap<String, Lease>,
+    /// Sessions that expired, by name (see [`Expiry`]).
+    pub expired: BTreeMap<String, Expiry>,
 }
 
 /// One change to a lease set.
@@ -29,6 +31,10 @@ pub enum LeaseChange {
     Put(Lease),
     /// Drop the lease of this session.
     Remove(String),
+    /// Record that a session expired.
+    Expire(String, Expiry),
+    /// Forget an expiry (the spec changed, or the session is gone).
+    Unexpire(String),
 }
 
 /// Why a store could not load or commit.
@@ -91,6 +97,12 @@ pub fn apply_changes(set: &mut LeaseSet, changes: Vec<LeaseChange>) -> Result<()
             }
             LeaseChange::Remove(session) => {
                 set.leases.remove(&session);
+            }
+            LeaseChange::Expire(session, expiry) => {
+                set.expired.insert(session, expiry);
+            }
+            LeaseChange::Unexpire(session) => {
+                set.expired.remove(&session);
             }
         }
     }

@@ -7,10 +7,11 @@
 //! own process group, so a stop reaches the per-connection children that websockify
 //! forks (they hold the listening socket too).
 
+pub mod builtin;
 pub mod procfs;
 pub mod websockify;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -41,6 +42,17 @@ pub struct ProxySpec {
     pub port: u16,
     pub target: Endpoint,
     pub web: Option<PathBuf>,
+    /// The session token, if the lease has one.
+    pub token: Option<String>,
+    /// Where the backend's token file was written (see [`Backend::token_file`]).
+    pub token_file: Option<PathBuf>,
+}
+
+/// TLS material the proxies serve with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// A program and its arguments.
@@ -55,6 +67,9 @@ pub struct CommandLine {
 pub trait Backend: Send + Sync + std::fmt::Debug {
     fn name(&self) -> &'static str;
     fn command(&self, spec: &ProxySpec) -> CommandLine;
+    /// The content of the token file this backend reads (it differs per backend), or
+    /// `None` when the session has no token. Written with mode 0600 before the spawn.
+    fn token_file(&self, spec: &ProxySpec) -> Option<String>;
 }
 
 /// A process that carries our owner marker.
@@ -77,6 +92,8 @@ pub struct Observation {
     pub held_by_us: BTreeSet<u16>,
     /// Every marked process, for cleanup and rebuild.
     pub marked: Vec<Marked>,
+    /// Connected clients per leased session with a live proxy.
+    pub clients: BTreeMap<String, usize>,
 }
 
 /// A proxy that ended on its own, reported so the controller can react at once.
@@ -103,6 +120,12 @@ pub enum SpawnError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot write token file {}: {source}", path.display())]
+    Token {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("proxy for session {session:?} exited before it could be identified")]
     Vanished { session: String },
 }
@@ -120,6 +143,7 @@ pub struct Supervisor {
     /// Our live children, and whether we are stopping each on purpose (so that its
     /// exit is not reported as a crash).
     children: std::sync::Arc<std::sync::Mutex<BTreeMap<i32, bool>>>,
+    cache: std::sync::Mutex<ScanCache>,
 }
 
 impl Supervisor {
@@ -141,6 +165,7 @@ impl Supervisor {
             grace,
             exits: None,
             children: Default::default(),
+            cache: Default::default(),
         }
     }
 
@@ -159,23 +184,42 @@ impl Supervisor {
 
     /// Every live process that carries our owner marker.
     pub fn scan(&self) -> Vec<Marked> {
-        scan(&self.owner)
+        match self.cache.lock() {
+            Ok(mut c) => scan_cached(&self.owner, &mut c),
+            Err(_) => scan(&self.owner),
+        }
     }
 
     /// Scans and classifies in one go; see [`classify`].
     pub fn observe(&self, leases: &BTreeMap<String, Lease>) -> Observation {
-        classify(self.scan(), leases)
+        let marked = self.scan();
+        match self.cache.lock() {
+            Ok(mut c) => classify_cached(marked, leases, &mut c),
+            Err(_) => classify(marked, leases),
+        }
     }
 
     /// Starts the proxy of a persisted lease, in its own process group, with our marker.
     pub fn spawn(&self, lease: &Lease) -> Result<ProcRef, SpawnError> {
-        let spec = ProxySpec {
+        let mut spec = ProxySpec {
             session: lease.session.clone(),
             listen: self.listen,
             port: lease.port,
             target: lease.target.clone(),
             web: self.web.clone(),
+            token: lease.token.clone(),
+            token_file: None,
         };
+        if let Some(content) = self.backend.token_file(&spec) {
+            let path = self.token_dir().join(format!("{}.token", lease.session));
+            write_private(&self.token_dir(), &path, content.as_bytes()).map_err(|source| {
+                SpawnError::Token {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
+            spec.token_file = Some(path);
+        }
         let line = self.backend.command(&spec);
         let log_path = self.log_dir.join(format!("{}.log", lease.session));
         let log = open_log(&log_path).map_err(|source| SpawnError::Log {
@@ -220,13 +264,22 @@ impl Supervisor {
         let st = procfs::stat(pid).ok_or_else(vanished)?;
         let exits = self.exits.clone();
         let session = lease.session.clone();
-        // Reap the child (no zombies) and say why it ended.
+        let children = self.children.clone();
+        if let Ok(mut c) = children.lock() {
+            c.insert(pid, false);
+        }
+        // Reap the child (no zombies) and say why it ended, unless we ended it.
         tokio::spawn(async move {
             let status = match child.wait().await {
                 Ok(s) => s.to_string(),
                 Err(e) => format!("unknown status ({e})"),
             };
-            if let Some(tx) = exits {
+            let expected = children
+                .lock()
+                .ok()
+                .and_then(|mut c| c.remove(&pid))
+                .unwrap_or(false);
+            if let (Some(tx), false) = (exits, expected) {
                 let _ = tx.send(Exit {
                     session,
                     pid,
@@ -269,35 +322,85 @@ impl Supervisor {
         true
     }
 
+    /// Token files live beside the logs, in a directory only we can read.
+    fn token_dir(&self) -> PathBuf {
+        self.log_dir.with_file_name("tokens")
+    }
+
     /// The last non-empty line a proxy wrote to its log, for failure messages.
     pub fn last_log_line(&self, session: &str) -> Option<String> {
         last_line(&self.log_dir.join(format!("{session}.log")))
     }
 }
 
+/// What a scan remembers between passes, so a steady state with hundreds of proxies
+/// costs one `stat` per process instead of reading every environment and fd table.
+/// Observation only: signalling always re-checks identity from /proc (see `is_ours`).
+#[derive(Debug, Default)]
+pub struct ScanCache {
+    /// The marker (or its absence) of each process, by pid and start time: a process's
+    /// initial environment never changes.
+    marks: HashMap<ProcRef, Option<Marker>>,
+    /// The listening socket each proxy leader was seen to own.
+    sockets: HashMap<ProcRef, u64>,
+}
+
+/// The marker fields a proxy carries in its environment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Marker {
+    session: String,
+    lease: String,
+    port: Option<u16>,
+    target: Option<String>,
+}
+
+fn read_marker(pid: i32, owner: &str) -> Option<Marker> {
+    let env = procfs::environ(pid)?;
+    if env.get(marker::OWNER)? != owner {
+        return None;
+    }
+    Some(Marker {
+        session: env.get(marker::SESSION).cloned().unwrap_or_default(),
+        lease: env.get(marker::LEASE).cloned().unwrap_or_default(),
+        port: env.get(marker::PORT).and_then(|p| p.parse().ok()),
+        target: env.get(marker::TARGET).cloned(),
+    })
+}
+
 /// Every live process that carries our owner marker.
 pub fn scan(owner: &str) -> Vec<Marked> {
-    procfs::pids()
+    scan_cached(owner, &mut ScanCache::default())
+}
+
+/// [`scan`], reusing what `cache` learnt in earlier passes.
+pub fn scan_cached(owner: &str, cache: &mut ScanCache) -> Vec<Marked> {
+    let mut seen = HashSet::new();
+    let marked = procfs::pids()
         .into_iter()
         .filter_map(|pid| {
-            let env = procfs::environ(pid)?;
-            if env.get(marker::OWNER)? != owner {
-                return None;
-            }
             let st = procfs::stat(pid).filter(procfs::Stat::is_alive)?;
+            let process = ProcRef {
+                pid,
+                start_time: st.start_time,
+            };
+            seen.insert(process);
+            let mark = cache
+                .marks
+                .entry(process)
+                .or_insert_with(|| read_marker(pid, owner))
+                .clone()?;
             Some(Marked {
-                process: ProcRef {
-                    pid,
-                    start_time: st.start_time,
-                },
+                process,
                 pgid: st.pgid,
-                session: env.get(marker::SESSION).cloned().unwrap_or_default(),
-                lease: env.get(marker::LEASE).cloned().unwrap_or_default(),
-                port: env.get(marker::PORT).and_then(|p| p.parse().ok()),
-                target: env.get(marker::TARGET).cloned(),
+                session: mark.session,
+                lease: mark.lease,
+                port: mark.port,
+                target: mark.target,
             })
         })
-        .collect()
+        .collect();
+    cache.marks.retain(|p, _| seen.contains(p));
+    marked
 }
 
 /// Matches our processes against the leases: which lease has a live proxy, is it
@@ -307,6 +410,15 @@ pub fn scan(owner: &str) -> Vec<Marked> {
 /// persisted, so any process the scan saw has its lease in a later read, and a
 /// concurrent `vncd cleanup` never mistakes a just-started proxy for an orphan.
 pub fn classify(marked: Vec<Marked>, leases: &BTreeMap<String, Lease>) -> Observation {
+    classify_cached(marked, leases, &mut ScanCache::default())
+}
+
+/// [`classify`], reusing the listening sockets `cache` saw proxies own.
+pub fn classify_cached(
+    marked: Vec<Marked>,
+    leases: &BTreeMap<String, Lease>,
+    cache: &mut ScanCache,
+) -> Observation {
     let listeners = procfs::listening_sockets();
     let now = procfs::uptime_ms();
     let ticks = procfs::clock_ticks();
@@ -330,35 +442,48 @@ pub fn classify(marked: Vec<Marked>, leases: &BTreeMap<String, Lease>) -> Observ
         }
     }
     let leader_pgids: BTreeSet<i32> = leaders.values().map(|m| m.pgid).collect();
-
-    let mut sockets_by_pgid: BTreeMap<i32, BTreeSet<u64>> = BTreeMap::new();
     for m in &marked {
-        let inodes = procfs::socket_inodes(m.process.pid);
-        for (port, ids) in &listeners {
-            if !ids.is_disjoint(&inodes) {
-                obs.held_by_us.insert(*port);
-            }
-        }
-        sockets_by_pgid.entry(m.pgid).or_default().extend(inodes);
         let is_leader = leaders
             .get(m.session.as_str())
             .is_some_and(|l| l.process == m.process);
-        let in_live_group = leader_pgids.contains(&m.pgid);
-        if !is_leader && !in_live_group {
+        if !is_leader && !leader_pgids.contains(&m.pgid) {
             obs.orphans.push(m.process);
         }
     }
 
-    for (session, m) in leaders {
-        let port = leases[session].port;
+    let established = procfs::established_by_port();
+    let mut live = HashSet::new();
+    for (session, m) in &leaders {
+        let port = leases[*session].port;
+        obs.clients.insert(
+            (*session).to_owned(),
+            established.get(&port).copied().unwrap_or(0),
+        );
+        live.insert(m.process);
+        // Listening: the port's LISTEN socket belongs to the leader's group. A socket
+        // seen before that still listens on the port needs no fd walk.
         let listening = listeners.get(&port).is_some_and(|ids| {
-            sockets_by_pgid
-                .get(&m.pgid)
-                .is_some_and(|mine| !mine.is_disjoint(ids))
+            if cache
+                .sockets
+                .get(&m.process)
+                .is_some_and(|i| ids.contains(i))
+            {
+                return true;
+            }
+            let found = marked.iter().filter(|o| o.pgid == m.pgid).find_map(|o| {
+                procfs::socket_inodes(o.process.pid)
+                    .intersection(ids)
+                    .next()
+                    .copied()
+            });
+            if let Some(inode) = found {
+                cache.sockets.insert(m.process, inode);
+            }
+            found.is_some()
         });
         let started_ms = m.process.start_time.saturating_mul(1000) / ticks;
         obs.proxies.insert(
-            session.to_owned(),
+            (*session).to_owned(),
             ProxyState::Running {
                 process: m.process,
                 listening,
@@ -366,8 +491,33 @@ pub fn classify(marked: Vec<Marked>, leases: &BTreeMap<String, Lease>) -> Observ
             },
         );
     }
+    cache.sockets.retain(|p, _| live.contains(p));
+
+    // Ports of leases without a live proxy that some process of ours still listens on
+    // (a child of a dead leader, say): busy, but not taken by another program.
+    for lease in leases.values() {
+        if leaders.contains_key(lease.session.as_str()) {
+            continue;
+        }
+        if let Some(ids) = listeners.get(&lease.port)
+            && marked
+                .iter()
+                .any(|m| !procfs::socket_inodes(m.process.pid).is_disjoint(ids))
+        {
+            obs.held_by_us.insert(lease.port);
+        }
+    }
     obs.marked = marked;
     obs
+}
+
+fn write_private(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    crate::fsutil::write_atomic(path, bytes, 0o600)
 }
 
 fn open_log(path: &Path) -> std::io::Result<std::fs::File> {

@@ -89,11 +89,16 @@ pub fn listening_sockets() -> BTreeMap<u16, BTreeSet<u64>> {
 
 /// Parses the table format of /proc/net/tcp{,6}, keeping LISTEN (0A) rows.
 pub fn parse_listeners(text: &str) -> Vec<(u16, u64)> {
+    parse_rows(text, "0A")
+}
+
+/// (local port, inode) of every row in `state` (hex, as the kernel writes it).
+fn parse_rows(text: &str, state: &str) -> Vec<(u16, u64)> {
     text.lines()
         .skip(1)
         .filter_map(|line| {
             let f: Vec<&str> = line.split_whitespace().collect();
-            if f.get(3)? != &"0A" {
+            if f.get(3)? != &state {
                 return None;
             }
             let port = u16::from_str_radix(f.get(1)?.rsplit(':').next()?, 16).ok()?;
@@ -101,6 +106,20 @@ pub fn parse_listeners(text: &str) -> Vec<(u16, u64)> {
             Some((port, inode))
         })
         .collect()
+}
+
+/// Established connections by local port: how many clients each listening port serves.
+/// Backend-agnostic, so idle timeouts work the same for websockify and `vncd proxy`.
+pub fn established_by_port() -> BTreeMap<u16, usize> {
+    let mut out = BTreeMap::new();
+    for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        if let Ok(text) = std::fs::read_to_string(file) {
+            for (port, _) in parse_rows(&text, "01") {
+                *out.entry(port).or_insert(0) += 1;
+            }
+        }
+    }
+    out
 }
 
 /// Milliseconds since boot.
@@ -170,5 +189,6 @@ mod tests {
                  0: 0100007F:17D4 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4242 1\n\
                  1: 0100007F:17D5 0100007F:9999 01 00000000:00000000 00:00000000 00000000     0        0 4243 1\n";
         assert_eq!(parse_listeners(t), vec![(6100, 4242)]);
+        assert_eq!(parse_rows(t, "01"), vec![(6101, 4243)]);
     }
 }

@@ -2,13 +2,16 @@
 
 use std::path::PathBuf;
 
-use super::{Backend, CommandLine, ProxySpec};
+use super::{Backend, CommandLine, ProxySpec, Tls};
 use crate::session::Endpoint;
 
-/// Runs `websockify [--web DIR] [--unix-target PATH] LISTEN:PORT [HOST:PORT]`.
+/// Runs websockify. With a token, the target comes from its TokenFile plugin (one
+/// entry: this session's token), so a client without the token is refused before
+/// websockify connects anywhere.
 #[derive(Clone, Debug)]
 pub struct Websockify {
     pub program: PathBuf,
+    pub tls: Option<Tls>,
 }
 
 impl Backend for Websockify {
@@ -22,16 +25,34 @@ impl Backend for Websockify {
             args.push("--web".to_owned());
             args.push(web.display().to_string());
         }
+        if let Some(tls) = &self.tls {
+            args.extend([
+                "--cert".to_owned(),
+                tls.cert.display().to_string(),
+                "--key".to_owned(),
+                tls.key.display().to_string(),
+                "--ssl-only".to_owned(),
+            ]);
+        }
         let listen = match spec.listen {
             std::net::IpAddr::V6(a) => format!("[{a}]:{}", spec.port),
             std::net::IpAddr::V4(a) => format!("{a}:{}", spec.port),
         };
-        match &spec.target {
-            Endpoint::Tcp { .. } => {
+        match (&spec.token_file, &spec.target) {
+            (Some(file), _) => {
+                args.extend([
+                    "--token-plugin".to_owned(),
+                    "TokenFile".to_owned(),
+                    "--token-source".to_owned(),
+                    file.display().to_string(),
+                ]);
+                args.push(listen);
+            }
+            (None, Endpoint::Tcp { .. }) => {
                 args.push(listen);
                 args.push(spec.target.to_string());
             }
-            Endpoint::Unix { path } => {
+            (None, Endpoint::Unix { path }) => {
                 args.push(format!("--unix-target={path}"));
                 args.push(listen);
             }
@@ -41,46 +62,100 @@ impl Backend for Websockify {
             args,
         }
     }
+
+    fn token_file(&self, spec: &ProxySpec) -> Option<String> {
+        let token = spec.token.as_ref()?;
+        let target = match &spec.target {
+            Endpoint::Tcp { host, port } => format!("{host}:{port}"),
+            Endpoint::Unix { path } => format!("unix_socket:{path}"),
+        };
+        Some(format!("{token}: {target}\n"))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn spec(target: Endpoint, web: Option<&str>) -> ProxySpec {
+    fn spec(target: Endpoint, web: Option<&str>, token: Option<&str>) -> ProxySpec {
         ProxySpec {
             session: "vm1".into(),
             listen: "0.0.0.0".parse().unwrap(),
             port: 6100,
             target,
             web: web.map(PathBuf::from),
+            token: token.map(str::to_owned),
+            token_file: token.map(|_| PathBuf::from("/s/tokens/vm1.token")),
         }
     }
 
     #[test]
-    fn builds_tcp_and_unix_command_lines() {
+    fn builds_tcp_and_unix_command_lines_without_tokens() {
         let w = Websockify {
             program: "websockify".into(),
+            tls: None,
         };
         let tcp = Endpoint::Tcp {
             host: "127.0.0.1".into(),
             port: 5901,
         };
         assert_eq!(
-            w.command(&spec(tcp, None)).args,
+            w.command(&spec(tcp, None, None)).args,
             ["0.0.0.0:6100", "127.0.0.1:5901"]
         );
         let unix = Endpoint::Unix {
             path: "/run/vm.sock".into(),
         };
         assert_eq!(
-            w.command(&spec(unix, Some("/usr/share/novnc"))).args,
+            w.command(&spec(unix, Some("/usr/share/novnc"), None)).args,
             [
                 "--web",
                 "/usr/share/novnc",
                 "--unix-target=/run/vm.sock",
                 "0.0.0.0:6100"
             ]
+        );
+    }
+
+    #[test]
+    fn a_token_routes_through_the_token_file_plugin() {
+        let w = Websockify {
+            program: "websockify".into(),
+            tls: Some(Tls {
+                cert: "/c".into(),
+                key: "/k".into(),
+            }),
+        };
+        let unix = Endpoint::Unix {
+            path: "/run/vm.sock".into(),
+        };
+        let s = spec(unix, None, Some("abc"));
+        assert_eq!(
+            w.command(&s).args,
+            [
+                "--cert",
+                "/c",
+                "--key",
+                "/k",
+                "--ssl-only",
+                "--token-plugin",
+                "TokenFile",
+                "--token-source",
+                "/s/tokens/vm1.token",
+                "0.0.0.0:6100"
+            ]
+        );
+        assert_eq!(
+            w.token_file(&s).as_deref(),
+            Some("abc: unix_socket:/run/vm.sock\n")
+        );
+        let tcp = Endpoint::Tcp {
+            host: "10.0.0.5".into(),
+            port: 5901,
+        };
+        assert_eq!(
+            w.token_file(&spec(tcp, None, Some("t"))).as_deref(),
+            Some("t: 10.0.0.5:5901\n")
         );
     }
 }

@@ -235,7 +235,9 @@ impl KubeVncd {
         lease_namespace: &str,
         range: (u16, u16),
     ) -> Self {
-        crate::common::require("websockify");
+        if crate::common::backend() == "websockify" {
+            crate::common::require("websockify");
+        }
         let tmp = tempfile::tempdir().unwrap();
         KubeVncd {
             node: node.into(),
@@ -286,6 +288,8 @@ impl KubeVncd {
             "60".into(),
             "--http".into(),
             format!("127.0.0.1:{}", self.http),
+            "--backend".into(),
+            crate::common::backend(),
         ];
         if let Some(ns) = &self.namespace {
             a.extend(["--namespace".into(), ns.clone()]);

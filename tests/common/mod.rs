@@ -163,7 +163,9 @@ pub struct Vncd {
 impl Vncd {
     /// A setup whose pool is `size` ports starting at a free-looking base port.
     pub fn new(size: u16) -> Vncd {
-        require("websockify");
+        if backend() == "websockify" {
+            require("websockify");
+        }
         let tmp = tempfile::tempdir().unwrap();
         let sessions = tmp.path().join("sessions");
         let state = tmp.path().join("state");
@@ -211,6 +213,9 @@ impl Vncd {
             "127.0.0.1".into(),
         ]);
         args.extend(["--resync-interval".into(), "0.5".into()]);
+        if !self.extra.iter().any(|a| a == "--backend") {
+            args.extend(["--backend".into(), backend()]);
+        }
         args.extend(self.extra.clone());
         let child = Command::new(BIN)
             .args(&args)
@@ -348,17 +353,37 @@ impl Drop for Vncd {
     }
 }
 
+/// The proxy backend under test: `VNCD_TEST_BACKEND` (builtin unless set), so the
+/// same suite runs against both backends (scripts/test runs it twice).
+pub fn backend() -> String {
+    std::env::var("VNCD_TEST_BACKEND").unwrap_or_else(|_| "builtin".into())
+}
+
 /// Hands out disjoint pool ranges so tests running in parallel never share ports.
 pub fn pool_base(size: u16) -> u16 {
     use std::sync::atomic::{AtomicU16, Ordering};
     static NEXT: AtomicU16 = AtomicU16::new(0);
-    // Each test binary gets its own band via its name, then slices it.
+    // Each test binary gets its own band of 1000 ports by its target name (the file name
+    // without cargo's hash suffix), so binaries never share ports even if one leaves a
+    // straggler behind; tests in one binary then slice the band.
     let exe = std::env::current_exe().unwrap();
     let name = exe.file_name().unwrap().to_string_lossy().into_owned();
-    let band = name
-        .bytes()
-        .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)))
-        % 8;
+    let target = name.rsplit_once('-').map_or(name.as_str(), |(t, _)| t);
+    let band: u32 = match target {
+        "standalone" => 0,
+        "chaos" => 1,
+        "bad_input" => 2,
+        "browser" => 3,
+        "libvirt" => 4,
+        "ready" => 5,
+        "kube" => 6,
+        other => {
+            7 + other
+                .bytes()
+                .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)))
+                % 4
+        }
+    };
     let base = 20000 + band as u16 * 1000;
     base + NEXT.fetch_add(size + 1, Ordering::SeqCst)
 }
@@ -449,8 +474,85 @@ impl Client {
     }
 }
 
-/// Connects through vncd's port and reads the RFB banner from the real VNC server.
-pub async fn rfb_banner(port: u16) -> Vec<u8> {
-    let mut c = Client::connect(&format!("ws://127.0.0.1:{port}/")).await;
+/// Connects to a session URL and reads the RFB banner from the real VNC server.
+pub async fn rfb_banner(url: &str) -> Vec<u8> {
+    let mut c = Client::connect(url).await;
     c.read(12).await
+}
+
+/// Tries a websocket URL: Ok(first bytes) if the RFB banner came through, Err(why) if
+/// the upgrade was refused or the connection closed without it.
+pub async fn try_banner(url: &str) -> Result<Vec<u8>, String> {
+    let mut req = url.into_client_request().map_err(|e| e.to_string())?;
+    req.headers_mut()
+        .insert("Sec-WebSocket-Protocol", "binary".parse().unwrap());
+    let (mut ws, _) = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio_tungstenite::connect_async(req),
+    )
+    .await
+    .map_err(|_| "connect timed out".to_string())?
+    .map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    while buf.len() < 12 {
+        match tokio::time::timeout(Duration::from_secs(3), ws.next()).await {
+            Ok(Some(Ok(Message::Binary(b)))) => buf.extend_from_slice(&b),
+            Ok(Some(Ok(Message::Close(c)))) => return Err(format!("closed: {c:?}")),
+            Ok(Some(Ok(_))) => {}
+            Ok(Some(Err(e))) => return Err(e.to_string()),
+            Ok(None) => return Err("closed".into()),
+            Err(_) => return Err("no banner".into()),
+        }
+    }
+    Ok(buf)
+}
+
+/// Connects to a `wss://` session URL over 127.0.0.1, trusting exactly `cert_der`
+/// (the test's self-signed certificate, issued for "localhost"), and reads the banner.
+pub async fn wss_banner(url: &str, cert_der: &[u8]) -> Vec<u8> {
+    use std::sync::Arc;
+    use tokio_rustls::rustls::{self, pki_types::CertificateDer, pki_types::ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from(cert_der.to_vec())).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let port: u16 = url
+        .split(':')
+        .nth(2)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .expect("TLS handshake with the session's certificate");
+    let mut req = url.into_client_request().unwrap();
+    req.headers_mut()
+        .insert("Sec-WebSocket-Protocol", "binary".parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::client_async(req, tls)
+        .await
+        .expect("wss upgrade");
+    let mut buf = Vec::new();
+    while buf.len() < 12 {
+        match tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("wss read timed out")
+        {
+            Some(Ok(Message::Binary(b))) => buf.extend_from_slice(&b),
+            Some(Ok(_)) => {}
+            other => panic!("wss closed before the banner: {other:?}"),
+        }
+    }
+    buf
 }

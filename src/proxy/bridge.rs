@@ -1,0 +1,182 @@
+//! The data pump of one session: websocket binary frames <-> target byte stream.
+
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+
+/// Target read buffer: it starts small (an idle VNC session sends little) and doubles while reads
+/// fill it (bulk framebuffer updates: fewer, larger frames are much faster), up to the maximum,
+/// which is also the largest frame sent to the client. It shrinks back after many small reads in a row.
+const MIN_CHUNK: usize = 16 * 1024;
+const MAX_CHUNK: usize = 256 * 1024;
+/// How long to wait for the client's answer to our close frame.
+const CLOSE_WAIT: Duration = Duration::from_millis(500);
+
+/// Websocket settings for one session: small buffers (the client sends keys and pointer events),
+/// bounded messages.
+pub fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(8 * 1024)
+        .write_buffer_size(0)
+        .max_write_buffer_size(4 * 1024 * 1024)
+        .max_message_size(Some(4 * 1024 * 1024))
+        .max_frame_size(Some(4 * 1024 * 1024))
+}
+
+/// Why a session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// The client sent a close frame or closed its connection.
+    Client,
+    /// The client connection failed (protocol error, reset).
+    ClientError,
+    /// The target closed its connection.
+    Target,
+    /// Reading from or writing to the target failed.
+    TargetError,
+    /// The process is stopping (signal or max lifetime).
+    Shutdown,
+}
+
+impl End {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            End::Client => "client closed",
+            End::ClientError => "client error",
+            End::Target => "target closed",
+            End::TargetError => "target error",
+            End::Shutdown => "proxy stopping",
+        }
+    }
+}
+
+/// What went through a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stats {
+    pub end: End,
+    /// Bytes from the client to the target.
+    pub to_target: u64,
+    /// Bytes from the target to the client.
+    pub to_client: u64,
+}
+
+/// Send a close frame and give the client a moment to answer, then drop the connection.
+pub async fn close<S>(mut ws: WebSocketStream<S>, code: CloseCode, reason: &'static str)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let frame = CloseFrame {
+        code,
+        reason: reason.into(),
+    };
+    let _ = tokio::time::timeout(CLOSE_WAIT, async {
+        if ws.close(Some(frame)).await.is_ok() {
+            while let Some(Ok(_)) = ws.next().await {}
+        }
+    })
+    .await;
+}
+
+/// Pump until either side ends or `stop` turns true, then close both sides.
+pub async fn run<S, T>(ws: WebSocketStream<S>, target: T, stop: &mut watch::Receiver<bool>) -> Stats
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut target_rx, mut target_tx) = tokio::io::split(target);
+    let (mut ws_tx, mut ws_rx) = ws.split();
+    let mut to_target = 0u64;
+    let mut to_client = 0u64;
+
+    let end = {
+        let upstream = async {
+            while let Some(msg) = ws_rx.next().await {
+                let data = match msg {
+                    Ok(Message::Binary(b)) => b,
+                    // noVNC sends binary; forward text payloads as bytes too, like websockify.
+                    Ok(Message::Text(t)) => t.into(),
+                    Ok(Message::Close(_)) => return End::Client,
+                    // Pings are answered by tungstenite itself; nothing else carries data.
+                    Ok(_) => continue,
+                    Err(_) => return End::ClientError,
+                };
+                if target_tx.write_all(&data).await.is_err() {
+                    return End::TargetError;
+                }
+                to_target += data.len() as u64;
+            }
+            End::Client
+        };
+        let downstream = async {
+            let mut buf = vec![0u8; MIN_CHUNK];
+            let mut small_reads = 0u32;
+            loop {
+                let n = match target_rx.read(&mut buf).await {
+                    Ok(0) => return End::Target,
+                    Ok(n) => n,
+                    Err(_) => return End::TargetError,
+                };
+                if ws_tx
+                    .send(Message::Binary(buf[..n].to_vec().into()))
+                    .await
+                    .is_err()
+                {
+                    return End::ClientError;
+                }
+                to_client += n as u64;
+                if n == buf.len() && buf.len() < MAX_CHUNK {
+                    buf.resize(buf.len() * 2, 0);
+                    small_reads = 0;
+                } else if n < MIN_CHUNK && buf.len() > MIN_CHUNK {
+                    // Back to small after a quiet spell, not after one short read.
+                    small_reads += 1;
+                    if small_reads == 64 {
+                        buf = vec![0u8; MIN_CHUNK];
+                        small_reads = 0;
+                    }
+                }
+            }
+        };
+        let stopped = async {
+            // An error means the sender is gone: treat it like a stop.
+            let _ = stop.wait_for(|s| *s).await;
+            End::Shutdown
+        };
+        tokio::select! {
+            e = upstream => e,
+            e = downstream => e,
+            e = stopped => e,
+        }
+    };
+
+    let _ = target_tx.shutdown().await;
+    drop(target_tx);
+    drop(target_rx);
+    let stats = Stats {
+        end,
+        to_target,
+        to_client,
+    };
+    // Both halves come from the same split, so this cannot fail.
+    let Ok(ws) = ws_tx.reunite(ws_rx) else {
+        return stats;
+    };
+    match end {
+        End::Client => {
+            // Answer the client's close frame (tungstenite queued the reply) and flush it.
+            let mut ws = ws;
+            let _ = tokio::time::timeout(CLOSE_WAIT, ws.close(None)).await;
+        }
+        End::ClientError => {}
+        End::Target => close(ws, CloseCode::Normal, "target closed the connection").await,
+        End::TargetError => close(ws, CloseCode::Error, "target connection failed").await,
+        End::Shutdown => close(ws, CloseCode::Away, "proxy stopping").await,
+    }
+    stats
+}

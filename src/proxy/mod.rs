@@ -1,0 +1,454 @@
+//! `vncd proxy`: the data plane. One process per console session that accepts websocket
+//! connections (noVNC, websockify clients) and pumps each one to the VM's VNC server.
+//!
+//! - The listening socket is bound by this process itself, before anything is accepted, so a
+//!   supervisor can see readiness as a LISTEN socket among the process's descriptors.
+//! - Websocket upgrades are served on `/`, `/websockify`, `/TOKEN` and `/websockify/TOKEN`.
+//!   With `--token-file`, an upgrade without the right token gets 403 and the VNC target is
+//!   never contacted. Static files (`--web`) are served WITHOUT the token: noVNC's page must be
+//!   able to load before it knows where to connect, and it holds nothing secret.
+//! - `run` returns `Ok(())` on every clean stop (SIGTERM, SIGINT, idle timeout, max lifetime)
+//!   and an error naming the address or file at fault otherwise.
+//! - Tokens never reach the logs: request paths are logged without query strings and with
+//!   token-shaped segments redacted.
+
+mod args;
+mod bridge;
+mod http;
+mod tls;
+mod token;
+mod upgrade;
+mod web;
+
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UnixStream};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tracing::{debug, info, warn};
+
+pub use args::ProxyArgs;
+
+use bridge::End;
+use http::HeadError;
+use token::{Token, TokenFileError};
+
+/// Time a new connection has to send its first request head (and finish TLS).
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time an idle keep-alive HTTP connection is kept open.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time to connect to the VNC target.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// On stop, time given to connections to close cleanly before they are dropped.
+const STOP_GRACE: Duration = Duration::from_millis(800);
+
+/// Why the proxy could not start or run. Each message names the address or file at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: io::Error },
+    #[error("cannot read token file {}: {source}", path.display())]
+    TokenFile { path: PathBuf, source: io::Error },
+    #[error("token file {} is empty", path.display())]
+    EmptyToken { path: PathBuf },
+    #[error("cannot use web directory {}: {source}", path.display())]
+    WebDir { path: PathBuf, source: io::Error },
+    #[error("cannot load TLS certificate {}: {detail}", path.display())]
+    TlsCert { path: PathBuf, detail: String },
+    #[error("cannot load TLS key {}: {detail}", path.display())]
+    TlsKey { path: PathBuf, detail: String },
+    #[error(
+        "TLS certificate {} and key {} cannot be used together: {source}",
+        cert.display(),
+        key.display()
+    )]
+    TlsConfig {
+        cert: PathBuf,
+        key: PathBuf,
+        source: tokio_rustls::rustls::Error,
+    },
+    #[error("cannot handle {signal}: {source}")]
+    Signal {
+        signal: &'static str,
+        source: io::Error,
+    },
+}
+
+/// Where sessions are pumped to.
+#[derive(Debug, Clone)]
+enum Target {
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Tcp(a) => f.write_str(a),
+            Target::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// What every connection needs, loaded once at start.
+struct Shared {
+    target: Target,
+    token: Option<Token>,
+    origins: Vec<String>,
+    /// Canonical web root.
+    web: Option<PathBuf>,
+    tls: Option<TlsAcceptor>,
+}
+
+impl Shared {
+    fn load(args: &ProxyArgs) -> Result<Self, ProxyError> {
+        let target = match (&args.target, &args.unix_target) {
+            (_, Some(p)) => Target::Unix(p.clone()),
+            (Some(a), None) => Target::Tcp(a.clone()),
+            // clap makes one of them required; an empty target would fail every session.
+            (None, None) => Target::Tcp(String::new()),
+        };
+        let token = match &args.token_file {
+            None => None,
+            Some(path) => Some(Token::from_file(path).map_err(|e| match e {
+                TokenFileError::Io(source) => ProxyError::TokenFile {
+                    path: path.clone(),
+                    source,
+                },
+                TokenFileError::Empty => ProxyError::EmptyToken { path: path.clone() },
+            })?),
+        };
+        let web = match &args.web {
+            None => None,
+            Some(dir) => Some(web_root(dir)?),
+        };
+        let tls = match (&args.tls_cert, &args.tls_key) {
+            (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
+            _ => None,
+        };
+        Ok(Self {
+            target,
+            token,
+            origins: args.origins.clone(),
+            web,
+            tls,
+        })
+    }
+}
+
+fn web_root(dir: &Path) -> Result<PathBuf, ProxyError> {
+    let err = |source| ProxyError::WebDir {
+        path: dir.to_owned(),
+        source,
+    };
+    let root = std::fs::canonicalize(dir).map_err(err)?;
+    if !std::fs::metadata(&root).map_err(err)?.is_dir() {
+        return Err(err(io::Error::new(
+            io::ErrorKind::NotADirectory,
+            "not a directory",
+        )));
+    }
+    Ok(root)
+}
+
+/// Run the proxy until a signal, the idle timeout or the max lifetime stops it.
+pub async fn run(args: ProxyArgs) -> Result<(), ProxyError> {
+    let started = Instant::now();
+    let shared = Arc::new(Shared::load(&args)?);
+    let mut sigterm = signal(SignalKind::terminate()).map_err(|source| ProxyError::Signal {
+        signal: "SIGTERM",
+        source,
+    })?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(|source| ProxyError::Signal {
+        signal: "SIGINT",
+        source,
+    })?;
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .map_err(|source| ProxyError::Bind {
+            addr: args.listen,
+            source,
+        })?;
+    let local = listener.local_addr().unwrap_or(args.listen);
+    info!(
+        listen = %local,
+        target = %shared.target,
+        tls = shared.tls.is_some(),
+        token = shared.token.is_some(),
+        web = shared.web.is_some(),
+        "proxy listening"
+    );
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+    let idle = (args.idle_timeout > 0).then(|| Duration::from_secs(args.idle_timeout));
+    let end_of_life =
+        (args.max_lifetime > 0).then(|| started + Duration::from_secs(args.max_lifetime));
+    let mut idle_since = started;
+
+    let reason = loop {
+        let idle_deadline = idle.filter(|_| tasks.is_empty()).map(|d| idle_since + d);
+        tokio::select! {
+            _ = sigterm.recv() => break "SIGTERM",
+            _ = sigint.recv() => break "SIGINT",
+            () = sleep_until(end_of_life) => break "max lifetime reached",
+            () = sleep_until(idle_deadline) => break "idle timeout",
+            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                if let Err(e) = done {
+                    warn!(error = %e, "connection task failed");
+                }
+                if tasks.is_empty() {
+                    idle_since = Instant::now();
+                }
+            }
+            accepted = listener.accept() => match accepted {
+                Ok((sock, peer)) => {
+                    tasks.spawn(connection(shared.clone(), sock, peer, stop_rx.clone()));
+                }
+                Err(e) => {
+                    // Typically EMFILE: back off instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    };
+
+    drop(listener);
+    info!(reason, connections = tasks.len(), "proxy stopping");
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(STOP_GRACE, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    tasks.shutdown().await;
+    Ok(())
+}
+
+/// Sleep until `deadline`, or forever if there is none.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What one connection did, for its log line.
+#[derive(Debug, Default)]
+struct Summary {
+    kind: &'static str,
+    /// Redacted path of the last request.
+    path: String,
+    outcome: String,
+    requests: u32,
+    to_target: u64,
+    to_client: u64,
+}
+
+/// Serve one accepted connection and log one line when it ends.
+async fn connection(
+    shared: Arc<Shared>,
+    sock: TcpStream,
+    peer: SocketAddr,
+    stop: watch::Receiver<bool>,
+) {
+    let started = Instant::now();
+    let _ = sock.set_nodelay(true);
+    let mut summary = Summary {
+        kind: "http",
+        ..Summary::default()
+    };
+    match &shared.tls {
+        None => serve(&shared, sock, stop, &mut summary).await,
+        Some(acceptor) => match tokio::time::timeout(HEAD_TIMEOUT, acceptor.accept(sock)).await {
+            Ok(Ok(tls)) => serve(&shared, tls, stop, &mut summary).await,
+            Ok(Err(e)) => summary.outcome = format!("TLS handshake failed: {e}"),
+            Err(_) => summary.outcome = "TLS handshake timed out".into(),
+        },
+    }
+    if summary.outcome.is_empty() {
+        summary.outcome = "closed".into();
+    }
+    if summary.path.is_empty() {
+        summary.path = "-".into();
+    }
+    info!(
+        peer = %peer,
+        kind = summary.kind,
+        path = %summary.path,
+        requests = summary.requests,
+        outcome = %summary.outcome,
+        duration_ms = started.elapsed().as_millis() as u64,
+        bytes_to_target = summary.to_target,
+        bytes_to_client = summary.to_client,
+        "connection closed"
+    );
+}
+
+/// Run `fut` unless the proxy stops first.
+async fn unless_stopped<F: Future>(stop: &mut watch::Receiver<bool>, fut: F) -> Option<F::Output> {
+    tokio::select! {
+        out = fut => Some(out),
+        _ = stop.wait_for(|s| *s) => None,
+    }
+}
+
+/// Read requests from one connection: static files (keep-alive) until a websocket upgrade.
+async fn serve<S>(
+    shared: &Shared,
+    mut stream: S,
+    mut stop: watch::Receiver<bool>,
+    summary: &mut Summary,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut buf = Vec::new();
+    loop {
+        let wait = if summary.requests == 0 {
+            HEAD_TIMEOUT
+        } else {
+            KEEPALIVE_TIMEOUT
+        };
+        let Some(head) =
+            unless_stopped(&mut stop, http::read_head(&mut stream, &mut buf, wait)).await
+        else {
+            summary.outcome = End::Shutdown.as_str().into();
+            return;
+        };
+        let req = match head {
+            Ok(Some(req)) => req,
+            Ok(None) => return,
+            Err(e) => {
+                let (status, msg) = match e {
+                    HeadError::TooLarge => (431, "request head too large"),
+                    HeadError::Malformed(m) => (400, m),
+                    HeadError::Timeout if summary.requests == 0 => (408, "no request in time"),
+                    HeadError::Timeout => return,
+                    HeadError::Io(e) => {
+                        summary.outcome = format!("client error: {e}");
+                        return;
+                    }
+                };
+                let _ = http::write_plain(&mut stream, status, msg, "", false).await;
+                let _ = stream.shutdown().await;
+                summary.outcome = format!("refused {status}: {msg}");
+                return;
+            }
+        };
+        summary.requests += 1;
+        summary.path = token::redact(&req.target, req.wants_websocket());
+        if req.wants_websocket() {
+            summary.kind = "websocket";
+            return websocket(shared, stream, req, buf, stop, summary).await;
+        }
+        // A request with a body (not expected for GET/HEAD) ends the connection: its body
+        // would otherwise be taken for the next request.
+        let keep_alive = req.keep_alive()
+            && matches!(req.method.as_str(), "GET" | "HEAD")
+            && req.header("content-length").is_none_or(|l| l.trim() == "0")
+            && req.header("transfer-encoding").is_none();
+        let served = web::serve(&mut stream, shared.web.as_deref(), &req, keep_alive);
+        match unless_stopped(&mut stop, served).await {
+            Some(Ok(n)) => summary.to_client += n,
+            Some(Err(_)) => {
+                summary.outcome = "client error".into();
+                return;
+            }
+            None => {
+                summary.outcome = End::Shutdown.as_str().into();
+                return;
+            }
+        }
+        debug!(path = %summary.path, method = %req.method, "static request served");
+        if !keep_alive {
+            let _ = stream.shutdown().await;
+            return;
+        }
+    }
+}
+
+/// A connected target of either kind.
+enum TargetStream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+async fn connect(target: &Target) -> io::Result<TargetStream> {
+    let connecting = async {
+        match target {
+            Target::Tcp(addr) => {
+                let s = TcpStream::connect(addr.as_str()).await?;
+                let _ = s.set_nodelay(true);
+                Ok(TargetStream::Tcp(s))
+            }
+            Target::Unix(path) => Ok(TargetStream::Unix(UnixStream::connect(path).await?)),
+        }
+    };
+    tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+        .await
+        .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")))
+}
+
+/// Check the upgrade, connect the target, answer 101 and pump until the session ends.
+async fn websocket<S>(
+    shared: &Shared,
+    mut stream: S,
+    req: http::Request,
+    leftover: Vec<u8>,
+    mut stop: watch::Receiver<bool>,
+    summary: &mut Summary,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let accept = match upgrade::check(&req, shared.token.as_ref(), &shared.origins) {
+        Ok(a) => a,
+        Err(r) => {
+            let _ = http::write_plain(&mut stream, r.status, r.message, r.extra, false).await;
+            let _ = stream.shutdown().await;
+            summary.outcome = format!("refused {}: {}", r.status, r.message);
+            return;
+        }
+    };
+    let Some(target) = unless_stopped(&mut stop, connect(&shared.target)).await else {
+        summary.outcome = End::Shutdown.as_str().into();
+        return;
+    };
+    if stream.write_all(accept.response.as_bytes()).await.is_err() || stream.flush().await.is_err()
+    {
+        summary.outcome = "client error".into();
+        return;
+    }
+    let ws = WebSocketStream::from_partially_read(
+        stream,
+        leftover,
+        Role::Server,
+        Some(bridge::ws_config()),
+    )
+    .await;
+    let stats = match target {
+        Err(e) => {
+            warn!(target = %shared.target, error = %e, "cannot connect to the VNC target");
+            bridge::close(ws, CloseCode::Error, "cannot connect to the VNC target").await;
+            summary.outcome = format!("target unreachable: {e}");
+            return;
+        }
+        Ok(TargetStream::Tcp(t)) => bridge::run(ws, t, &mut stop).await,
+        Ok(TargetStream::Unix(t)) => bridge::run(ws, t, &mut stop).await,
+    };
+    summary.outcome = stats.end.as_str().into();
+    summary.to_target = stats.to_target;
+    summary.to_client = stats.to_client;
+}

@@ -1,0 +1,233 @@
+//! Deciding whether a websocket upgrade request is accepted, and the 101 response.
+
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+
+use super::http::Request;
+use super::token::{Token, ws_path};
+
+/// An accepted upgrade.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Accept {
+    /// The 101 response head to send.
+    pub response: String,
+    /// The subprotocol answered, if any (`binary`).
+    pub protocol: Option<&'static str>,
+}
+
+/// A refused upgrade: the status and a short reason for the response body.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Reject {
+    pub status: u16,
+    pub message: &'static str,
+    /// Extra raw header lines, each ending in CRLF.
+    pub extra: &'static str,
+}
+
+const fn reject(status: u16, message: &'static str) -> Reject {
+    Reject {
+        status,
+        message,
+        extra: "",
+    }
+}
+
+/// Check an upgrade request against the token and the Origin allowlist, then the websocket
+/// rules. Authorization (token, Origin) is checked first, so a refused client learns nothing.
+pub fn check(req: &Request, token: Option<&Token>, origins: &[String]) -> Result<Accept, Reject> {
+    let Some(endpoint) = ws_path(req.path(), req.query()) else {
+        return Err(reject(404, "no websocket endpoint here"));
+    };
+    if let Some(expected) = token {
+        let presented = endpoint.token(req.query()).unwrap_or_default();
+        if !expected.matches(&presented) {
+            return Err(reject(403, "missing or wrong token"));
+        }
+    }
+    if !origin_allowed(req.header("origin"), origins) {
+        return Err(reject(403, "origin not allowed"));
+    }
+    if req.method != "GET" {
+        return Err(reject(400, "websocket upgrade must be a GET"));
+    }
+    if req.header("sec-websocket-version").map(str::trim) != Some("13") {
+        return Err(Reject {
+            status: 426,
+            message: "only websocket version 13 is supported",
+            extra: "Sec-WebSocket-Version: 13\r\n",
+        });
+    }
+    if !req.header_has("connection", "upgrade") {
+        return Err(reject(400, "missing 'Connection: Upgrade'"));
+    }
+    let key = match req.header("sec-websocket-key").map(str::trim) {
+        Some(k) if !k.is_empty() => k,
+        _ => return Err(reject(400, "missing Sec-WebSocket-Key")),
+    };
+    let protocol = choose_protocol(req)?;
+    let mut response = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Accept: {}\r\n",
+        derive_accept_key(key.as_bytes())
+    );
+    if let Some(p) = protocol {
+        response.push_str("Sec-WebSocket-Protocol: ");
+        response.push_str(p);
+        response.push_str("\r\n");
+    }
+    response.push_str("\r\n");
+    Ok(Accept { response, protocol })
+}
+
+/// `binary` if offered; none if nothing is offered; refuse anything else (e.g. `base64` only,
+/// the old websockify text encoding, which this proxy does not speak).
+fn choose_protocol(req: &Request) -> Result<Option<&'static str>, Reject> {
+    let mut offered = req.header_items("sec-websocket-protocol").peekable();
+    if offered.peek().is_none() {
+        return Ok(None);
+    }
+    let mut base64 = false;
+    for p in offered {
+        if p == "binary" {
+            return Ok(Some("binary"));
+        }
+        base64 |= p == "base64";
+    }
+    Err(reject(
+        400,
+        if base64 {
+            "subprotocol base64 is not supported; offer 'binary' (or no subprotocol)"
+        } else {
+            "unsupported subprotocol; offer 'binary' (or no subprotocol)"
+        },
+    ))
+}
+
+/// Whether `origin` passes the allowlist (an empty list allows everything).
+pub fn origin_allowed(origin: Option<&str>, allowed: &[String]) -> bool {
+    if allowed.is_empty() {
+        return true;
+    }
+    let Some(origin) = origin else {
+        return false;
+    };
+    let norm = |s: &str| s.trim().trim_end_matches('/').to_ascii_lowercase();
+    let origin = norm(origin);
+    allowed.iter().any(|a| norm(a) == origin)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::http::parse_head;
+
+    fn req(target: &str, extra: &str) -> Request {
+        let s = format!(
+            "GET {target} HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra}\r\n"
+        );
+        match parse_head(s.as_bytes()) {
+            Ok(Some((r, _))) => r,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn status(r: Result<Accept, Reject>) -> u16 {
+        r.map_or_else(|e| e.status, |_| 101)
+    }
+
+    #[test]
+    fn rfc_accept_key_and_protocols() {
+        let a = check(
+            &req("/", "Sec-WebSocket-Protocol: binary, base64\r\n"),
+            None,
+            &[],
+        )
+        .expect("accepted");
+        assert!(
+            a.response
+                .contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n")
+        );
+        assert_eq!(a.protocol, Some("binary"));
+        assert!(a.response.contains("Sec-WebSocket-Protocol: binary\r\n"));
+
+        let a = check(&req("/websockify", ""), None, &[]).expect("accepted");
+        assert_eq!(a.protocol, None);
+        assert!(!a.response.contains("Sec-WebSocket-Protocol"));
+
+        let e =
+            check(&req("/", "Sec-WebSocket-Protocol: base64\r\n"), None, &[]).expect_err("refused");
+        assert_eq!(e.status, 400);
+        assert!(e.message.contains("base64"));
+        assert_eq!(
+            status(check(
+                &req("/", "Sec-WebSocket-Protocol: chat\r\n"),
+                None,
+                &[]
+            )),
+            400
+        );
+    }
+
+    #[test]
+    fn token_is_required_when_configured() {
+        let t = Token::from_bytes(b"tok").expect("token");
+        let t = Some(&t);
+        assert_eq!(status(check(&req("/", ""), t, &[])), 403);
+        assert_eq!(status(check(&req("/?token=bad", ""), t, &[])), 403);
+        assert_eq!(
+            status(check(&req("/websockify?token=tok", ""), t, &[])),
+            101
+        );
+        assert_eq!(status(check(&req("/?a=b&token=tok", ""), t, &[])), 101);
+        assert_eq!(status(check(&req("/tok", ""), t, &[])), 101);
+        assert_eq!(status(check(&req("/websockify/tok", ""), t, &[])), 101);
+        assert_eq!(status(check(&req("/websockify/bad", ""), t, &[])), 403);
+        assert_eq!(status(check(&req("/x/tok", ""), t, &[])), 404);
+        // The token is checked before anything else about the request.
+        assert_eq!(
+            status(check(
+                &req("/", "Sec-WebSocket-Protocol: base64\r\n"),
+                t,
+                &[]
+            )),
+            403
+        );
+    }
+
+    #[test]
+    fn origin_allowlist() {
+        let allowed = vec!["https://Console.example/".to_owned()];
+        assert_eq!(status(check(&req("/", ""), None, &allowed)), 403);
+        assert_eq!(
+            status(check(
+                &req("/", "Origin: https://evil.example\r\n"),
+                None,
+                &allowed
+            )),
+            403
+        );
+        assert_eq!(
+            status(check(
+                &req("/", "Origin: https://console.example\r\n"),
+                None,
+                &allowed
+            )),
+            101
+        );
+        assert!(origin_allowed(None, &[]));
+    }
+
+    #[test]
+    fn websocket_rules() {
+        let mut r = req("/", "");
+        r.headers.retain(|(n, _)| n != "sec-websocket-version");
+        assert_eq!(status(check(&r, None, &[])), 426);
+        let mut r = req("/", "");
+        r.headers.retain(|(n, _)| n != "sec-websocket-key");
+        assert_eq!(status(check(&r, None, &[])), 400);
+        let mut r = req("/", "");
+        r.method = "POST".into();
+        assert_eq!(status(check(&r, None, &[])), 400);
+        assert_eq!(status(check(&req("/a/b/c", ""), None, &[])), 404);
+    }
+}

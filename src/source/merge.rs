@@ -1,0 +1,401 @@
+//! Combining the manifest source with libvirt's running domains.
+//!
+//! [`merge`] is pure: a manifest snapshot and a [`DomainTable`] in, one snapshot out.
+//! Rules:
+//! - a manifest with `spec.target.libvirtDomain` is served at the domain's live VNC
+//!   address while the domain runs; otherwise it is reported Pending with reason
+//!   `DomainNotRunning` (or why its console is unusable) and holds no port;
+//! - every other running domain with VNC graphics gets a session of its own, named by
+//!   [`session_name`]; a domain that a manifest names gets none (the manifest serves it);
+//! - a name defined by both a manifest and a domain is a conflict: the manifest wins,
+//!   the conflict is logged and shown in that session's status;
+//! - the ports the domains' own graphics servers hold become `reserved_ports`.
+//!
+//! [`Merged`] wraps any [`Source`] with an optional [`LibvirtSource`]. If libvirt cannot
+//! answer, the whole snapshot is an error, so the controller changes nothing.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use tracing::warn;
+
+use super::libvirt::graphics::GraphicsError;
+use super::libvirt::name::session_name;
+use super::libvirt::{DomainTable, LibvirtSource};
+use super::{Rejected, Snapshot, Source, SourceError};
+use crate::api::{Target, VncSession, VncSessionSpec};
+use crate::session::{Desired, SpecError, spec_generation};
+use crate::status::SOURCE_ANNOTATION;
+
+/// Status reasons of sessions that wait on libvirt.
+pub mod reason {
+    /// The manifest's domain is not running (or not defined).
+    pub const DOMAIN_NOT_RUNNING: &str = "DomainNotRunning";
+    /// The domain runs, but libvirt has not assigned its VNC port yet.
+    pub const DOMAIN_STARTING: &str = "DomainStarting";
+    /// The domain runs without a VNC console vncd can reach.
+    pub const NO_VNC_CONSOLE: &str = "NoVncConsole";
+}
+
+/// Annotation naming the libvirt domain behind a session.
+pub const DOMAIN_ANNOTATION: &str = "vncd.io/libvirt-domain";
+
+fn console_reason(e: &GraphicsError) -> &'static str {
+    if e.is_transient() {
+        reason::DOMAIN_STARTING
+    } else {
+        reason::NO_VNC_CONSOLE
+    }
+}
+
+/// Combines `snap` (from manifests) with `table` (from libvirt, `None` without
+/// `--libvirt`). Returns the snapshot and the name conflicts found. See the module docs.
+pub fn merge(mut snap: Snapshot, table: Option<&DomainTable>) -> (Snapshot, Vec<String>) {
+    let unresolved = std::mem::take(&mut snap.unresolved);
+    let claimed: BTreeSet<String> = unresolved.values().map(|r| r.domain.clone()).collect();
+    for (name, r) in unresolved {
+        let origin = format!("manifest {name} (libvirtDomain {:?})", r.domain);
+        let (error, why) = match table.map(|t| t.consoles.get(&r.domain)) {
+            None => (SpecError::NeedsLibvirt(r.domain.clone()).to_string(), None),
+            Some(Some(Ok(console))) => {
+                snap.desired
+                    .insert(name.clone(), r.resolve(console.endpoint.clone()));
+                continue;
+            }
+            Some(Some(Err(e))) => (
+                format!("spec.target.libvirtDomain: {e}"),
+                Some(console_reason(e)),
+            ),
+            Some(None) => (
+                format!(
+                    "spec.target.libvirtDomain: domain {:?} is not running; the console is served once it runs",
+                    r.domain
+                ),
+                Some(reason::DOMAIN_NOT_RUNNING),
+            ),
+        };
+        snap.objects.remove(&name);
+        if let Some(why) = why {
+            snap.waiting.insert(name.clone(), why);
+        }
+        snap.rejected.push(Rejected {
+            name,
+            origin,
+            error,
+        });
+    }
+    let Some(table) = table else {
+        return (snap, Vec::new());
+    };
+    snap.reserved_ports.extend(table.ports.iter().copied());
+
+    let manifest_names: BTreeSet<String> = snap
+        .desired
+        .keys()
+        .chain(snap.protected.iter())
+        .chain(snap.rejected.iter().map(|r| &r.name))
+        .cloned()
+        .collect();
+    let mut conflicts = Vec::new();
+    let mut auto_names = BTreeSet::new();
+    for (domain, console) in &table.consoles {
+        if claimed.contains(domain) || matches!(console, Err(GraphicsError::NoVnc { .. })) {
+            continue;
+        }
+        let name = session_name(domain);
+        if manifest_names.contains(&name) || !auto_names.insert(name.clone()) {
+            let msg = format!(
+                "libvirt domain {domain:?} also maps to session name {name:?}; the manifest (or the first domain) keeps it and this domain gets no console of its own"
+            );
+            let w = snap.warnings.entry(name).or_default();
+            if !w.is_empty() {
+                w.push_str("; ");
+            }
+            w.push_str(&msg);
+            conflicts.push(msg);
+            continue;
+        }
+        let origin = format!("libvirt domain {domain:?}");
+        match console {
+            Ok(c) => {
+                let spec = VncSessionSpec {
+                    target: Target {
+                        libvirt_domain: Some(domain.clone()),
+                        ..Target::default()
+                    },
+                    port: None,
+                    idle_timeout_seconds: None,
+                    max_lifetime_seconds: None,
+                    node_name: None,
+                };
+                let desired = Desired {
+                    name: name.clone(),
+                    target: c.endpoint.clone(),
+                    requested_port: None,
+                    generation: spec_generation(&spec),
+                    idle_timeout_ms: None,
+                    max_lifetime_ms: None,
+                };
+                let mut obj = VncSession::new(&name, spec);
+                obj.metadata.annotations = Some(BTreeMap::from([
+                    (SOURCE_ANNOTATION.to_owned(), origin),
+                    (DOMAIN_ANNOTATION.to_owned(), domain.clone()),
+                ]));
+                snap.desired.insert(name.clone(), desired);
+                snap.objects.insert(name, obj);
+            }
+            Err(e) => {
+                snap.waiting.insert(name.clone(), console_reason(e));
+                snap.rejected.push(Rejected {
+                    name,
+                    origin,
+                    error: e.to_string(),
+                });
+            }
+        }
+        if console.as_ref().is_err_and(GraphicsError::is_transient) {
+            snap.unsettled = true;
+        }
+    }
+    (snap, conflicts)
+}
+
+/// A source plus, optionally, libvirt's running domains. See the module docs.
+#[derive(Debug)]
+pub struct Merged<S> {
+    inner: S,
+    libvirt: Option<LibvirtSource>,
+    conflicts: BTreeSet<String>,
+}
+
+impl<S: Source> Merged<S> {
+    pub fn new(inner: S, libvirt: Option<LibvirtSource>) -> Self {
+        Merged {
+            inner,
+            libvirt,
+            conflicts: BTreeSet::new(),
+        }
+    }
+}
+
+impl<S: Source> Source for Merged<S> {
+    async fn snapshot(&mut self) -> Result<Snapshot, SourceError> {
+        let snap = self.inner.snapshot().await?;
+        let table = match &mut self.libvirt {
+            Some(l) => Some(l.table()?),
+            None => None,
+        };
+        let (snap, conflicts) = merge(snap, table.as_ref());
+        let conflicts: BTreeSet<String> = conflicts.into_iter().collect();
+        for c in conflicts.difference(&self.conflicts) {
+            warn!("{c}");
+        }
+        self.conflicts = conflicts;
+        Ok(snap)
+    }
+
+    async fn changed(&mut self) {
+        match &mut self.libvirt {
+            None => self.inner.changed().await,
+            Some(l) => {
+                tokio::select! {
+                    () = self.inner.changed() => {}
+                    () = l.changed() => {}
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::{DomainRef, Endpoint};
+    use crate::source::libvirt::graphics::Console;
+
+    fn tcp(port: u16) -> Endpoint {
+        Endpoint::Tcp {
+            host: "127.0.0.1".into(),
+            port,
+        }
+    }
+
+    fn table(domains: &[(&str, Result<Endpoint, GraphicsError>)], ports: &[u16]) -> DomainTable {
+        DomainTable {
+            consoles: domains
+                .iter()
+                .map(|(n, c)| {
+                    (
+                        n.to_string(),
+                        c.clone().map(|endpoint| Console { endpoint }),
+                    )
+                })
+                .collect(),
+            ports: ports.iter().copied().collect(),
+        }
+    }
+
+    fn manifest_snapshot(names: &[(&str, u16)], refs: &[(&str, &str)]) -> Snapshot {
+        let mut s = Snapshot::default();
+        for (n, p) in names {
+            s.desired.insert(
+                n.to_string(),
+                Desired {
+                    name: n.to_string(),
+                    target: tcp(*p),
+                    requested_port: None,
+                    generation: 1,
+                    idle_timeout_ms: None,
+                    max_lifetime_ms: None,
+                },
+            );
+        }
+        for (n, d) in refs {
+            s.unresolved.insert(
+                n.to_string(),
+                DomainRef {
+                    name: n.to_string(),
+                    domain: d.to_string(),
+                    requested_port: Some(6200),
+                    generation: 7,
+                    idle_timeout_ms: None,
+                    max_lifetime_ms: None,
+                },
+            );
+        }
+        s
+    }
+
+    #[test]
+    fn running_domains_with_vnc_get_sessions_named_after_them() {
+        let t = table(
+            &[
+                ("web-1", Ok(tcp(5901))),
+                ("DB_01", Ok(tcp(5902))),
+                (
+                    "spice-only",
+                    Err(GraphicsError::NoVnc {
+                        domain: "spice-only".into(),
+                    }),
+                ),
+            ],
+            &[5901, 5902, 5903],
+        );
+        let (s, conflicts) = merge(Snapshot::default(), Some(&t));
+        assert!(conflicts.is_empty());
+        assert_eq!(s.desired["web-1"].target, tcp(5901));
+        let db = session_name("DB_01");
+        assert_eq!(s.desired[&db].target, tcp(5902));
+        assert_eq!(s.desired.len(), 2, "a domain without VNC gets no session");
+        assert_eq!(
+            s.objects["web-1"].spec.target.libvirt_domain.as_deref(),
+            Some("web-1")
+        );
+        assert_eq!(s.reserved_ports, BTreeSet::from([5901, 5902, 5903]));
+    }
+
+    #[test]
+    fn a_manifest_naming_a_running_domain_is_resolved_from_its_live_console() {
+        let t = table(&[("Web Server", Ok(tcp(5905)))], &[5905]);
+        let (s, _) = merge(manifest_snapshot(&[], &[("web", "Web Server")]), Some(&t));
+        let d = &s.desired["web"];
+        assert_eq!(
+            (d.target.clone(), d.requested_port),
+            (tcp(5905), Some(6200))
+        );
+        assert_eq!(d.generation, 7);
+        // The manifest serves the domain: no second session for it.
+        assert_eq!(s.desired.len(), 1, "{:?}", s.desired.keys());
+        assert!(s.rejected.is_empty());
+    }
+
+    #[test]
+    fn a_manifest_whose_domain_is_not_running_waits_without_a_port() {
+        let t = table(&[], &[]);
+        let mut m = manifest_snapshot(&[], &[("web", "web")]);
+        m.objects.insert(
+            "web".into(),
+            VncSession::new(
+                "web",
+                VncSessionSpec {
+                    target: Target::default(),
+                    port: None,
+                    idle_timeout_seconds: None,
+                    max_lifetime_seconds: None,
+                    node_name: None,
+                },
+            ),
+        );
+        let (s, _) = merge(m, Some(&t));
+        assert!(s.desired.is_empty());
+        assert!(s.objects.is_empty());
+        assert_eq!(s.waiting["web"], reason::DOMAIN_NOT_RUNNING);
+        assert!(
+            s.rejected[0].error.contains("\"web\" is not running"),
+            "{:?}",
+            s.rejected
+        );
+        assert!(!s.protected.contains("web"), "its lease must be released");
+    }
+
+    #[test]
+    fn without_libvirt_a_domain_manifest_is_refused_clearly() {
+        let (s, _) = merge(manifest_snapshot(&[("a", 5901)], &[("web", "web")]), None);
+        assert_eq!(s.desired.keys().collect::<Vec<_>>(), ["a"]);
+        assert!(
+            s.rejected[0].error.contains("--libvirt"),
+            "{:?}",
+            s.rejected
+        );
+        assert!(!s.waiting.contains_key("web"), "a refusal, not a wait");
+    }
+
+    #[test]
+    fn an_unusable_console_is_reported_with_its_reason() {
+        let t = table(
+            &[
+                (
+                    "vm-a",
+                    Err(GraphicsError::ListenNone {
+                        domain: "vm-a".into(),
+                    }),
+                ),
+                (
+                    "vm-b",
+                    Err(GraphicsError::NoPort {
+                        domain: "vm-b".into(),
+                        port: "-1".into(),
+                    }),
+                ),
+            ],
+            &[],
+        );
+        let (s, _) = merge(manifest_snapshot(&[], &[("m", "vm-a")]), Some(&t));
+        assert_eq!(s.waiting["m"], reason::NO_VNC_CONSOLE);
+        assert_eq!(s.waiting["vm-b"], reason::DOMAIN_STARTING);
+        assert!(
+            s.unsettled,
+            "a domain still starting is looked at again soon"
+        );
+        assert!(s.desired.is_empty());
+    }
+
+    #[test]
+    fn a_name_defined_by_a_manifest_and_a_domain_is_a_conflict_the_manifest_wins() {
+        let t = table(&[("vm1", Ok(tcp(5999)))], &[5999]);
+        let (s, conflicts) = merge(manifest_snapshot(&[("vm1", 5901)], &[]), Some(&t));
+        assert_eq!(s.desired["vm1"].target, tcp(5901), "the manifest wins");
+        assert_eq!(conflicts.len(), 1);
+        assert!(conflicts[0].contains("\"vm1\""), "{conflicts:?}");
+        assert!(
+            s.warnings["vm1"].contains("libvirt domain"),
+            "{:?}",
+            s.warnings
+        );
+        // A manifest that cannot be read still protects its name from the domain.
+        let mut m = Snapshot::default();
+        m.protected.insert("vm1".into());
+        let (s, conflicts) = merge(m, Some(&t));
+        assert!(s.desired.is_empty());
+        assert_eq!(conflicts.len(), 1);
+    }
+}

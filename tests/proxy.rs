@@ -1,0 +1,925 @@
+//! `vncd proxy` end to end: the real binary against a real VNC server (QEMU), with a real
+//! websocket client (tokio-tungstenite). Nothing is mocked.
+//!
+//! Needs `qemu-system-x86_64` (Debian package qemu-system-x86) on PATH.
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt, StreamExt};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+const VNCD: &str = env!("CARGO_BIN_EXE_vncd");
+const BANNER: &[u8] = b"RFB 003.008\n";
+
+// ---------------------------------------------------------------- helpers: processes
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local addr").port()
+}
+
+/// A QEMU VNC server, killed by pid on drop.
+struct Qemu {
+    child: Child,
+    /// TCP port, or None for a unix-socket server.
+    port: Option<u16>,
+    _dir: tempfile::TempDir,
+    sock: PathBuf,
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Qemu {
+    fn spawn(vnc: &str) -> Child {
+        Command::new("qemu-system-x86_64")
+            .args([
+                "-display",
+                "none",
+                "-nodefaults",
+                "-machine",
+                "none",
+                "-vnc",
+                vnc,
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("qemu-system-x86_64 must be installed (Debian package qemu-system-x86)")
+    }
+
+    /// QEMU serving RFB on a free TCP port of 127.0.0.1, banner already seen.
+    async fn tcp() -> Qemu {
+        for _ in 0..10 {
+            let port = free_port();
+            let Some(display) = port.checked_sub(5900) else {
+                continue;
+            };
+            let child = Self::spawn(&format!("127.0.0.1:{display}"));
+            let mut q = Qemu {
+                child,
+                port: Some(port),
+                _dir: tempfile::tempdir().expect("tempdir"),
+                sock: PathBuf::new(),
+            };
+            if q.wait_banner().await {
+                return q;
+            }
+        }
+        panic!("could not start QEMU's VNC server on a free port");
+    }
+
+    /// QEMU serving RFB on a unix socket, banner already seen.
+    async fn unix() -> Qemu {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sock = dir.path().join("vnc.sock");
+        let child = Self::spawn(&format!("unix:{}", sock.display()));
+        let mut q = Qemu {
+            child,
+            port: None,
+            _dir: dir,
+            sock,
+        };
+        assert!(
+            q.wait_banner().await,
+            "QEMU did not serve VNC on its unix socket"
+        );
+        q
+    }
+
+    fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port.expect("tcp qemu"))
+    }
+
+    async fn wait_banner(&mut self) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return false; // e.g. the port was taken meanwhile
+            }
+            let got = match self.port {
+                Some(p) => read_banner(TcpStream::connect(("127.0.0.1", p)).await).await,
+                None => read_banner(tokio::net::UnixStream::connect(&self.sock).await).await,
+            };
+            if got {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        false
+    }
+}
+
+async fn read_banner<S: tokio::io::AsyncRead + Unpin>(s: std::io::Result<S>) -> bool {
+    use tokio::io::AsyncReadExt;
+    let Ok(mut s) = s else { return false };
+    let mut b = [0u8; 12];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), s.read_exact(&mut b)).await,
+        Ok(Ok(_))
+    ) && b == BANNER
+}
+
+/// A running `vncd proxy`, killed by pid on drop. Its stderr is collected.
+struct Proxy {
+    child: Child,
+    port: u16,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_proxy(args: &[&str]) -> (Child, Arc<Mutex<String>>) {
+    let mut child = Command::new(VNCD)
+        .arg("proxy")
+        .args(args)
+        .env("VNCD_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn vncd");
+    let log = Arc::new(Mutex::new(String::new()));
+    let mut err = child.stderr.take().expect("stderr");
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = err.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            sink.lock()
+                .expect("log lock")
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    (child, log)
+}
+
+impl Proxy {
+    /// Start `vncd proxy --listen 127.0.0.1:PORT ARGS...` and wait until it accepts.
+    async fn start(args: &[&str]) -> Proxy {
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let mut all = vec!["--listen", listen.as_str()];
+        all.extend_from_slice(args);
+        let (child, stderr) = spawn_proxy(&all);
+        let mut p = Proxy {
+            child,
+            port,
+            stderr,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(st)) = p.child.try_wait() {
+                panic!("proxy exited early ({st}): {}", p.log());
+            }
+            if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                return p;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "proxy never listened: {}",
+                p.log()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn log(&self) -> String {
+        self.stderr.lock().expect("log lock").clone()
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("ws://127.0.0.1:{}{path}", self.port)
+    }
+
+    fn pid(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).expect("pid"))
+    }
+
+    /// Wait for the process to exit on its own.
+    async fn exited_within(&mut self, limit: Duration) -> Option<ExitStatus> {
+        wait_exit(&mut self.child, limit).await
+    }
+}
+
+async fn wait_exit(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            return Some(st);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A TCP relay in front of a real VNC server that counts the connections it gets, so a test
+/// can prove the proxy never contacted the server.
+struct CountingRelay {
+    addr: SocketAddr,
+    count: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for CountingRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl CountingRelay {
+    async fn new(upstream: String) -> Self {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
+        let addr = l.local_addr().expect("addr");
+        let count = Arc::new(AtomicUsize::new(0));
+        let c = count.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut down, _)) = l.accept().await {
+                c.fetch_add(1, Ordering::SeqCst);
+                let up = upstream.clone();
+                tokio::spawn(async move {
+                    if let Ok(mut up) = TcpStream::connect(up).await {
+                        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                    }
+                });
+            }
+        });
+        CountingRelay { addr, count, task }
+    }
+
+    fn count(&self) -> usize {
+        self.count.load(Ordering::SeqCst)
+    }
+}
+
+// ---------------------------------------------------------------- helpers: clients
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+fn request(
+    url: &str,
+    protocol: Option<&str>,
+    origin: Option<&str>,
+) -> tungstenite::handshake::client::Request {
+    let mut req = url.into_client_request().expect("request");
+    if let Some(p) = protocol {
+        req.headers_mut().insert(
+            "Sec-WebSocket-Protocol",
+            HeaderValue::from_str(p).expect("header"),
+        );
+    }
+    if let Some(o) = origin {
+        req.headers_mut()
+            .insert("Origin", HeaderValue::from_str(o).expect("header"));
+    }
+    req
+}
+
+async fn ws_connect(url: &str) -> Ws {
+    let (ws, resp) = tokio_tungstenite::connect_async(request(url, Some("binary"), None))
+        .await
+        .unwrap_or_else(|e| panic!("connect {url}: {e}"));
+    assert_eq!(
+        resp.headers()
+            .get("sec-websocket-protocol")
+            .map(|v| v.as_bytes()),
+        Some(&b"binary"[..])
+    );
+    ws
+}
+
+/// The HTTP status of a refused upgrade.
+async fn refused_status(req: tungstenite::handshake::client::Request) -> (u16, String) {
+    match tokio_tungstenite::connect_async(req).await {
+        Err(tungstenite::Error::Http(resp)) => (
+            resp.status().as_u16(),
+            String::from_utf8_lossy(resp.body().as_deref().unwrap_or_default()).into_owned(),
+        ),
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("upgrade was accepted"),
+    }
+}
+
+/// An RFB client over a websocket.
+struct Rfb<S> {
+    ws: WebSocketStream<S>,
+    buf: Vec<u8>,
+}
+
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Rfb<S> {
+    fn new(ws: WebSocketStream<S>) -> Self {
+        Rfb {
+            ws,
+            buf: Vec::new(),
+        }
+    }
+
+    async fn read(&mut self, n: usize) -> Vec<u8> {
+        while self.buf.len() < n {
+            let msg = tokio::time::timeout(Duration::from_secs(5), self.ws.next())
+                .await
+                .expect("RFB data in time")
+                .expect("websocket open")
+                .expect("websocket frame");
+            match msg {
+                Message::Binary(b) => self.buf.extend_from_slice(&b),
+                Message::Close(c) => panic!("closed: {c:?}"),
+                _ => {}
+            }
+        }
+        self.buf.drain(..n).collect()
+    }
+
+    async fn send(&mut self, b: &[u8]) {
+        self.ws
+            .send(Message::Binary(b.to_vec().into()))
+            .await
+            .expect("send");
+    }
+
+    /// Version, security type None, ClientInit; returns ServerInit's width and height.
+    async fn handshake(&mut self) -> (u16, u16) {
+        assert_eq!(self.read(12).await, BANNER);
+        self.send(BANNER).await;
+        let n = self.read(1).await[0] as usize;
+        assert!(n > 0, "server refused the connection");
+        let types = self.read(n).await;
+        assert!(types.contains(&1), "security type None offered: {types:?}");
+        self.send(&[1]).await;
+        assert_eq!(self.read(4).await, [0, 0, 0, 0], "SecurityResult OK");
+        self.send(&[1]).await; // ClientInit, shared
+        let init = self.read(24).await;
+        let w = u16::from_be_bytes([init[0], init[1]]);
+        let h = u16::from_be_bytes([init[2], init[3]]);
+        let name_len = u32::from_be_bytes([init[20], init[21], init[22], init[23]]) as usize;
+        let _name = self.read(name_len).await;
+        (w, h)
+    }
+}
+
+/// The next close frame's code, or None if the connection ended without one.
+async fn close_code<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    ws: &mut WebSocketStream<S>,
+    limit: Duration,
+) -> Option<CloseCode> {
+    let until = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(until, ws.next()).await {
+            Err(_) => panic!("no close within {limit:?}"),
+            Ok(Some(Ok(Message::Close(c)))) => return c.map(|c| c.code),
+            Ok(Some(Ok(_))) => continue,
+            Ok(Some(Err(_)) | None) => return None,
+        }
+    }
+}
+
+/// A raw HTTP/1.1 request; returns the whole response.
+async fn http_raw(port: u16, req: &[u8]) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut s = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    s.write_all(req).await.expect("write");
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .expect("response in time")
+        .expect("read");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+async fn http_get(port: u16, path: &str) -> String {
+    http_raw(
+        port,
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+}
+
+fn write_file(dir: &Path, name: &str, body: &str) -> PathBuf {
+    let p = dir.join(name);
+    if let Some(parent) = p.parent() {
+        std::fs::create_dir_all(parent).expect("mkdir");
+    }
+    std::fs::write(&p, body).expect("write");
+    p
+}
+
+// ---------------------------------------------------------------- tests
+
+#[tokio::test]
+async fn tcp_target_banner_server_init_and_ping() {
+    let qemu = Qemu::tcp().await;
+    let proxy = Proxy::start(&["--target", &qemu.addr()]).await;
+    for path in ["/", "/websockify"] {
+        let mut rfb = Rfb::new(ws_connect(&proxy.url(path)).await);
+        let (w, h) = rfb.handshake().await;
+        assert!(w > 0 && h > 0, "ServerInit {w}x{h}");
+        // Pings are answered while the session runs.
+        rfb.ws
+            .send(Message::Ping(b"hi".to_vec().into()))
+            .await
+            .expect("ping");
+        let pong = loop {
+            match tokio::time::timeout(Duration::from_secs(5), rfb.ws.next()).await {
+                Ok(Some(Ok(Message::Pong(p)))) => break p,
+                Ok(Some(Ok(_))) => continue,
+                other => panic!("no pong: {other:?}"),
+            }
+        };
+        assert_eq!(&pong[..], b"hi");
+        rfb.ws.close(None).await.expect("close");
+    }
+    // One log line per connection, with bytes both ways.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !proxy.log().contains("path=/websockify") && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let log = proxy.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("connection closed") && l.contains("websocket"))
+        .unwrap_or_else(|| panic!("no session log line: {log}"));
+    assert!(line.contains("peer=127.0.0.1:"), "{line}");
+    assert!(line.contains("bytes_to_target=14"), "{line}"); // 12 + 1 + 1
+    assert!(!line.contains("bytes_to_client=0 "), "{line}");
+}
+
+#[tokio::test]
+async fn unix_socket_target() {
+    let qemu = Qemu::unix().await;
+    let sock = qemu.sock.to_str().expect("utf-8 path").to_owned();
+    let proxy = Proxy::start(&["--unix-target", &sock]).await;
+    let mut rfb = Rfb::new(ws_connect(&proxy.url("/websockify")).await);
+    let (w, h) = rfb.handshake().await;
+    assert!(w > 0 && h > 0);
+}
+
+#[tokio::test]
+async fn token_refused_before_target_is_contacted() {
+    const TOKEN: &str = "s3cret-Token_42";
+    let qemu = Qemu::tcp().await;
+    let relay = CountingRelay::new(qemu.addr()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tf = write_file(dir.path(), "token", &format!("{TOKEN}\n"));
+    let relay_addr = relay.addr.to_string();
+    let proxy = Proxy::start(&[
+        "--target",
+        &relay_addr,
+        "--token-file",
+        tf.to_str().expect("path"),
+    ])
+    .await;
+
+    for path in [
+        "/",
+        "/websockify",
+        "/websockify?token=BADTOKEN1",
+        "/?token=s3cret-Token_4",
+        "/?token=s3cret-Token_42x",
+        "/BADTOKEN2",
+        "/websockify/BADTOKEN3",
+    ] {
+        let (status, _) = refused_status(request(&proxy.url(path), Some("binary"), None)).await;
+        assert_eq!(status, 403, "{path}");
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        relay.count(),
+        0,
+        "the VNC server was contacted without a token"
+    );
+
+    for path in [
+        format!("/websockify?token={TOKEN}"),
+        format!("/?token={TOKEN}"),
+        format!("/{TOKEN}"),
+        format!("/websockify/{TOKEN}"),
+    ] {
+        let mut rfb = Rfb::new(ws_connect(&proxy.url(&path)).await);
+        assert_eq!(rfb.read(12).await, BANNER, "{path}");
+    }
+    assert_eq!(relay.count(), 4);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let log = proxy.log();
+    assert!(log.contains("refused 403"), "{log}");
+    assert!(!log.contains(TOKEN), "token leaked into the log: {log}");
+    assert!(
+        !log.contains("BADTOKEN"),
+        "presented token leaked into the log: {log}"
+    );
+}
+
+#[tokio::test]
+async fn origin_allowlist() {
+    let qemu = Qemu::tcp().await;
+    let proxy = Proxy::start(&[
+        "--target",
+        &qemu.addr(),
+        "--origin",
+        "http://good.example",
+        "--origin",
+        "https://other.example",
+    ])
+    .await;
+    let url = proxy.url("/");
+    assert_eq!(
+        refused_status(request(&url, Some("binary"), None)).await.0,
+        403
+    );
+    assert_eq!(
+        refused_status(request(&url, Some("binary"), Some("http://evil.example")))
+            .await
+            .0,
+        403
+    );
+    let (ws, _) = tokio_tungstenite::connect_async(request(
+        &url,
+        Some("binary"),
+        Some("http://good.example"),
+    ))
+    .await
+    .expect("allowed origin");
+    assert_eq!(Rfb::new(ws).read(12).await, BANNER);
+}
+
+#[tokio::test]
+async fn subprotocols_binary_none_and_base64() {
+    let qemu = Qemu::tcp().await;
+    let proxy = Proxy::start(&["--target", &qemu.addr()]).await;
+    let url = proxy.url("/websockify");
+
+    let (ws, resp) = tokio_tungstenite::connect_async(request(&url, Some("base64, binary"), None))
+        .await
+        .expect("binary offered");
+    assert_eq!(
+        resp.headers()
+            .get("sec-websocket-protocol")
+            .map(|v| v.as_bytes()),
+        Some(&b"binary"[..])
+    );
+    assert_eq!(Rfb::new(ws).read(12).await, BANNER);
+
+    let (ws, resp) = tokio_tungstenite::connect_async(request(&url, None, None))
+        .await
+        .expect("no subprotocol");
+    assert!(resp.headers().get("sec-websocket-protocol").is_none());
+    assert_eq!(Rfb::new(ws).read(12).await, BANNER);
+
+    let (status, body) = refused_status(request(&url, Some("base64"), None)).await;
+    assert_eq!(status, 400);
+    assert!(body.contains("base64"), "{body}");
+}
+
+#[tokio::test]
+async fn tls_wss_with_self_signed_cert() {
+    use tokio_rustls::rustls::{self, pki_types::ServerName};
+
+    let qemu = Qemu::tcp().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("cert");
+    let cert = write_file(dir.path(), "cert.pem", &ck.cert.pem());
+    let key = write_file(dir.path(), "key.pem", &ck.signing_key.serialize_pem());
+    let proxy = Proxy::start(&[
+        "--target",
+        &qemu.addr(),
+        "--tls-cert",
+        cert.to_str().expect("path"),
+        "--tls-key",
+        key.to_str().expect("path"),
+    ])
+    .await;
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ck.cert.der().clone()).expect("root");
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = TcpStream::connect(("127.0.0.1", proxy.port))
+        .await
+        .expect("connect");
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").expect("name"), tcp)
+        .await
+        .expect("TLS handshake with the proxy's certificate");
+    let url = format!("wss://localhost:{}/websockify", proxy.port);
+    let (ws, _) = tokio_tungstenite::client_async(request(&url, Some("binary"), None), tls)
+        .await
+        .expect("wss upgrade");
+    let mut rfb = Rfb::new(ws);
+    let (w, h) = rfb.handshake().await;
+    assert!(w > 0 && h > 0);
+
+    // Plain ws on the TLS port does not work.
+    assert!(
+        tokio_tungstenite::connect_async(request(&proxy.url("/"), Some("binary"), None))
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn static_files_and_traversal() {
+    let qemu = Qemu::tcp().await;
+    let outer = tempfile::tempdir().expect("tempdir");
+    let web = outer.path().join("web");
+    write_file(&web, "vnc.html", "<html>noVNC page</html>");
+    write_file(&web, "app/ui.js", "export const x = 1;");
+    write_file(&web, "app/styles/base.css", "body{}");
+    write_file(outer.path(), "secret.txt", "TOP-SECRET");
+    let tf = write_file(outer.path(), "token", "tok");
+    let proxy = Proxy::start(&[
+        "--target",
+        &qemu.addr(),
+        "--web",
+        web.to_str().expect("path"),
+        "--token-file",
+        tf.to_str().expect("path"),
+    ])
+    .await;
+    let p = proxy.port;
+
+    // Served without the token (the page must load before it knows the token).
+    let r = http_get(
+        p,
+        "/vnc.html?autoconnect=true&path=websockify%3Ftoken%3Dtok",
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 200 "), "{r}");
+    assert!(
+        r.contains("Content-Type: text/html; charset=utf-8\r\n"),
+        "{r}"
+    );
+    assert!(r.ends_with("<html>noVNC page</html>"), "{r}");
+    let r = http_get(p, "/app/ui.js").await;
+    assert!(r.contains("Content-Type: text/javascript"), "{r}");
+    let r = http_get(p, "/app/styles/base.css").await;
+    assert!(r.contains("Content-Type: text/css"), "{r}");
+    let r = http_raw(p, b"HEAD /vnc.html HTTP/1.1\r\nConnection: close\r\n\r\n").await;
+    assert!(
+        r.starts_with("HTTP/1.1 200 ") && r.ends_with("\r\n\r\n"),
+        "{r}"
+    );
+
+    assert!(
+        http_get(p, "/missing.html")
+            .await
+            .starts_with("HTTP/1.1 404 ")
+    );
+    for evil in [
+        "/../secret.txt",
+        "/app/../../secret.txt",
+        "/%2e%2e/secret.txt",
+        "/app/%2E%2E%2F%2E%2E%2Fsecret.txt",
+        "/..%5csecret.txt",
+    ] {
+        let r = http_get(p, evil).await;
+        assert!(r.starts_with("HTTP/1.1 403 "), "{evil}: {r}");
+        assert!(!r.contains("TOP-SECRET"), "{evil}: {r}");
+    }
+
+    // Keep-alive: two requests on one connection.
+    let r = http_raw(
+        p,
+        b"GET /app/ui.js HTTP/1.1\r\nHost: x\r\n\r\nGET /vnc.html HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(r.matches("HTTP/1.1 200 OK").count(), 2, "{r}");
+    assert!(!proxy.log().contains("token%3Dtok"), "query string logged");
+}
+
+#[tokio::test]
+async fn oversized_and_malformed_requests() {
+    let qemu = Qemu::tcp().await;
+    let proxy = Proxy::start(&["--target", &qemu.addr()]).await;
+    let mut big = b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nX-Pad: ".to_vec();
+    big.resize(64 * 1024, b'a');
+    big.extend_from_slice(b"\r\n\r\n");
+    let r = http_raw(proxy.port, &big).await;
+    assert!(r.starts_with("HTTP/1.1 431 "), "{r}");
+    let r = http_raw(proxy.port, b"\x16\x03\x01\x00\x05hello\r\n\r\n").await;
+    assert!(r.starts_with("HTTP/1.1 400 "), "{r}");
+    let r = http_raw(proxy.port, b"GET / HTTP/1.1\r\nBroken header line\r\n\r\n").await;
+    assert!(r.starts_with("HTTP/1.1 400 "), "{r}");
+    // Still alive and serving.
+    let mut rfb = Rfb::new(ws_connect(&proxy.url("/")).await);
+    assert_eq!(rfb.read(12).await, BANNER);
+}
+
+#[tokio::test]
+async fn target_down_closes_with_1011() {
+    let dead = format!("127.0.0.1:{}", free_port());
+    let proxy = Proxy::start(&["--target", &dead]).await;
+    let mut ws = ws_connect(&proxy.url("/websockify")).await;
+    assert_eq!(
+        close_code(&mut ws, Duration::from_secs(5)).await,
+        Some(CloseCode::Error)
+    );
+}
+
+#[tokio::test]
+async fn many_concurrent_sessions() {
+    let qemu = Qemu::tcp().await;
+    let proxy = Proxy::start(&["--target", &qemu.addr()]).await;
+    let mut sessions = Vec::new();
+    for _ in 0..8 {
+        sessions.push(Rfb::new(ws_connect(&proxy.url("/")).await));
+    }
+    for s in &mut sessions {
+        assert_eq!(s.read(12).await, BANNER);
+    }
+}
+
+#[tokio::test]
+async fn idle_timeout_exits_only_without_clients() {
+    let qemu = Qemu::tcp().await;
+    // Nobody ever connects (beyond the readiness probe): exits after about 1 s.
+    let mut p = Proxy::start(&["--target", &qemu.addr(), "--idle-timeout", "1"]).await;
+    let st = p.exited_within(Duration::from_secs(4)).await;
+    assert!(st.is_some_and(|s| s.success()), "{st:?}: {}", p.log());
+
+    // A live client keeps it alive past the timeout; its leaving starts the clock.
+    let mut p = Proxy::start(&["--target", &qemu.addr(), "--idle-timeout", "1"]).await;
+    let mut rfb = Rfb::new(ws_connect(&p.url("/")).await);
+    assert_eq!(rfb.read(12).await, BANNER);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(
+        p.child.try_wait().expect("try_wait").is_none(),
+        "exited with a client connected"
+    );
+    rfb.ws.close(None).await.expect("close");
+    drop(rfb);
+    let left = Instant::now();
+    let st = p.exited_within(Duration::from_secs(4)).await;
+    assert!(st.is_some_and(|s| s.success()), "{st:?}: {}", p.log());
+    assert!(
+        left.elapsed() >= Duration::from_millis(700),
+        "exited too early"
+    );
+}
+
+#[tokio::test]
+async fn max_lifetime_closes_live_session() {
+    let qemu = Qemu::tcp().await;
+    let mut p = Proxy::start(&["--target", &qemu.addr(), "--max-lifetime", "2"]).await;
+    let mut rfb = Rfb::new(ws_connect(&p.url("/")).await);
+    let (w, h) = rfb.handshake().await;
+    assert!(w > 0 && h > 0);
+    assert_eq!(
+        close_code(&mut rfb.ws, Duration::from_secs(4)).await,
+        Some(CloseCode::Away)
+    );
+    let st = p.exited_within(Duration::from_secs(2)).await;
+    assert!(st.is_some_and(|s| s.success()), "{st:?}: {}", p.log());
+}
+
+#[tokio::test]
+async fn sigterm_exits_zero_promptly_with_live_client() {
+    let qemu = Qemu::tcp().await;
+    let mut p = Proxy::start(&["--target", &qemu.addr()]).await;
+    let mut rfb = Rfb::new(ws_connect(&p.url("/")).await);
+    assert_eq!(rfb.read(12).await, BANNER);
+    // A connection still sending its request head must not delay the exit either.
+    let mut half = TcpStream::connect(("127.0.0.1", p.port))
+        .await
+        .expect("connect");
+    half.write_all(b"GET / HTTP/1.1\r\n").await.expect("write");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let sent = Instant::now();
+    nix::sys::signal::kill(p.pid(), nix::sys::signal::Signal::SIGTERM).expect("kill");
+    assert_eq!(
+        close_code(&mut rfb.ws, Duration::from_secs(2)).await,
+        Some(CloseCode::Away)
+    );
+    let st = p.exited_within(Duration::from_secs(2)).await;
+    assert!(st.is_some_and(|s| s.success()), "{st:?}: {}", p.log());
+    assert!(
+        sent.elapsed() < Duration::from_millis(1500),
+        "took {:?}",
+        sent.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn address_in_use_exits_nonzero() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let (mut child, log) = spawn_proxy(&["--listen", &addr, "--target", "127.0.0.1:5900"]);
+    let st = wait_exit(&mut child, Duration::from_secs(5)).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let st = st.expect("proxy should exit when its port is taken");
+    assert!(!st.success(), "EADDRINUSE must exit non-zero");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let log = log.lock().expect("lock").clone();
+    assert!(log.contains(&addr), "stderr should name {addr}: {log}");
+    drop(taken);
+}
+
+#[tokio::test]
+async fn bad_flags_and_unreadable_files_exit_nonzero() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let missing = dir.path().join("no-such-token");
+    let missing = missing.to_str().expect("path");
+    let empty = write_file(dir.path(), "empty", "\n");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--listen", &listen], "--target"),
+        (
+            vec![
+                "--listen",
+                &listen,
+                "--target",
+                "h:1",
+                "--unix-target",
+                "/s",
+            ],
+            "cannot be used",
+        ),
+        (vec!["--listen", "nonsense", "--target", "h:1"], "--listen"),
+        (
+            vec![
+                "--listen",
+                &listen,
+                "--target",
+                "h:1",
+                "--token-file",
+                missing,
+            ],
+            missing,
+        ),
+        (
+            vec![
+                "--listen",
+                &listen,
+                "--target",
+                "h:1",
+                "--token-file",
+                empty.to_str().expect("path"),
+            ],
+            "empty",
+        ),
+        (
+            vec!["--listen", &listen, "--target", "h:1", "--web", missing],
+            missing,
+        ),
+        (
+            vec![
+                "--listen",
+                &listen,
+                "--target",
+                "h:1",
+                "--tls-cert",
+                missing,
+                "--tls-key",
+                missing,
+            ],
+            missing,
+        ),
+    ];
+    for (args, needle) in cases {
+        let (mut child, log) = spawn_proxy(&args);
+        let st = wait_exit(&mut child, Duration::from_secs(5)).await;
+        let _ = child.kill();
+        let _ = child.wait();
+        let st = st.unwrap_or_else(|| panic!("{args:?} did not exit"));
+        assert!(!st.success(), "{args:?} exited 0");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let log = log.lock().expect("lock").clone();
+        assert!(
+            log.contains(needle),
+            "{args:?}: stderr lacks {needle:?}: {log}"
+        );
+    }
+}
