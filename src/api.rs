@@ -18,7 +18,8 @@ pub const KIND: &str = "VncSession";
 pub const TARGET_RULE: &str = "has(self.host) == has(self.port) && \
     (has(self.host) ? 1 : 0) + (has(self.unixSocket) ? 1 : 0) + (has(self.libvirtDomain) ? 1 : 0) == 1";
 /// What the API server answers when [`TARGET_RULE`] fails.
-pub const TARGET_RULE_MESSAGE: &str = "spec.target needs exactly one of host+port, unixSocket or libvirtDomain";
+pub const TARGET_RULE_MESSAGE: &str =
+    "spec.target needs exactly one of host+port, unixSocket or libvirtDomain";
 
 /// What a console session wants: a VNC server to expose on a websocket port.
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]

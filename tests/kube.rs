@@ -419,13 +419,20 @@ async fn invalid_objects_are_refused_by_the_schema_or_reported_in_status() {
     for (body, says) in [
         (
             "target: {host: 127.0.0.1, port: 5901, unixSocket: /run/x.sock}",
-            "exactly one of host+port or unixSocket",
+            "exactly one of host+port, unixSocket or libvirtDomain",
         ),
         (
             "target: {host: 127.0.0.1}",
-            "exactly one of host+port or unixSocket",
+            "exactly one of host+port, unixSocket or libvirtDomain",
         ),
-        ("target: {}", "exactly one of host+port or unixSocket"),
+        (
+            "target: {}",
+            "exactly one of host+port, unixSocket or libvirtDomain",
+        ),
+        (
+            "target: {libvirtDomain: web, unixSocket: /s}",
+            "exactly one of host+port, unixSocket or libvirtDomain",
+        ),
         ("target: {host: 127.0.0.1, port: 70000}", "65535"),
         ("target: {unixSocket: /s}, port: 0", "spec.port"),
         ("target: {unixSocket: /s}, extra: 1", "unknown field"),
@@ -824,4 +831,69 @@ async fn an_instance_that_loses_its_node_lease_stops_writing_and_exits() {
     assert!(v.log().contains("lost the node lease"), "{}", v.log());
     // Like any exit, it leaves the proxy to whoever serves the node next.
     assert!(pid_alive(i64::from(status(&items[0]).pid.unwrap())));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_expired_session_stays_down_across_restarts_until_its_spec_changes() {
+    let c = cluster();
+    let ns = "expiry";
+    c.create_namespace(ns);
+    let qemu = Qemu::tcp();
+    let node = "node-expiry";
+    let mut v = KubeVncd::new(node, Some(ns), ns, 5);
+    v.start();
+    let kc = c.client().await;
+    let api: Api<VncSession> = Api::namespaced(kc.clone(), ns);
+    let mut s = spec(Some(node), qemu.port);
+    s.max_lifetime_seconds = Some(3);
+    create(&api, "vm1", s).await;
+    let ready = wait_ready(&api, 1, &[&v]).await;
+    let port = port_of(&ready[0]);
+    let pid = status(&ready[0]).pid.unwrap();
+
+    let expired =
+        |items: &[VncSession]| items.len() == 1 && status(&items[0]).phase == Some(Phase::Expired);
+    let items = wait_objects(&api, "vm1 Expired", Duration::from_secs(60), &[&v], expired).await;
+    let st = status(&items[0]);
+    assert_eq!(st.reason.as_deref(), Some("MaxLifetime"), "{st:?}");
+    assert_eq!(st.port, None, "the port is released: {st:?}");
+    assert_eq!(
+        st.expired.as_ref().map(|e| e.generation),
+        items[0].metadata.generation,
+        "the expiry is recorded for this generation: {st:?}"
+    );
+    assert!(!pid_alive(i64::from(pid)), "the proxy is gone");
+    std::net::TcpListener::bind(("127.0.0.1", port)).expect("the port is free");
+    assert_eq!(token_secrets(&kc, ns).await, Vec::<String>::new());
+
+    // A new vncd reads the expiry from status and does not bring the session back.
+    v.kill9();
+    let log_len = v.log().len();
+    v.start();
+    wait_probe(&v, "/readyz", 200).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let items = api.list(&ListParams::default()).await.unwrap().items;
+    assert!(
+        expired(&items),
+        "restarted vncd revived it: {:?}",
+        items[0].status
+    );
+    let second_run = &v.log()[log_len..];
+    assert!(!second_run.contains("started proxy"), "{second_run}");
+
+    // A changed spec starts it again, and forgets the expiry.
+    let patch = serde_json::json!({"spec": {"maxLifetimeSeconds": 3600}});
+    api.patch(
+        "vm1",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&patch),
+    )
+    .await
+    .unwrap();
+    let items = wait_ready(&api, 1, &[&v]).await;
+    assert_eq!(status(&items[0]).expired, None);
+    assert_eq!(
+        rfb_banner(&console_url(&kc, &items[0]).await).await,
+        b"RFB 003.008\n"
+    );
 }

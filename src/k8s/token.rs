@@ -143,7 +143,11 @@ mod tests {
         let long = "a".repeat(250);
         let n = secret_name(&long);
         assert!(n.len() <= MAX_NAME && n.starts_with("vncd-token-"), "{n}");
-        assert_ne!(n, secret_name(&"b".repeat(250)), "distinct names hash apart");
+        assert_ne!(
+            n,
+            secret_name(&"b".repeat(250)),
+            "distinct names hash apart"
+        );
         assert_eq!(n, secret_name(&long), "stable");
     }
 
@@ -168,10 +172,10 @@ mod tests {
         assert_eq!(token_for_lease(&s, "lease-a").as_deref(), Some("0123abcd"));
         assert_eq!(token_for_lease(&s, "lease-b"), None);
         let mut junk = s.clone();
-        junk.data.as_mut().unwrap().insert(
-            TOKEN_KEY.into(),
-            ByteString(b"x y".to_vec()),
-        );
+        junk.data
+            .as_mut()
+            .unwrap()
+            .insert(TOKEN_KEY.into(), ByteString(b"x y".to_vec()));
         assert_eq!(token_for_lease(&junk, "lease-a"), None);
     }
 }

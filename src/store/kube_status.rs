@@ -32,8 +32,8 @@ use super::{LeaseChange, LeaseSet, LeaseStore, StoreError, apply_changes};
 use crate::api::{ExpiredStatus, Phase, VncSession, VncSessionStatus};
 use crate::k8s::events::{Events, Reason};
 use crate::k8s::objects::{Known, Objects};
-use crate::k8s::writer::{Backoff, Writer};
 use crate::k8s::token::{self, TokenSecret};
+use crate::k8s::writer::{Backoff, Writer};
 use crate::k8s::{is_conflict, is_not_found, split_key};
 use crate::lease::{Expiry, Lease, ProcRef};
 use crate::reconcile::reason;
@@ -161,7 +161,9 @@ impl Write {
 
     fn expiry_mut(&mut self) -> &mut ExpiryOp {
         match self {
-            Write::Lease { expiry, .. } | Write::Release { expiry, .. } | Write::Expiry { expiry, .. } => expiry,
+            Write::Lease { expiry, .. }
+            | Write::Release { expiry, .. }
+            | Write::Expiry { expiry, .. } => expiry,
         }
     }
 }
@@ -345,13 +347,17 @@ impl KubeStatusStore {
             url: &url,
         }
         .object();
-        self.writer.apply_secret(&secret).await.map(drop).map_err(|e| {
-            Failure::Api(format!(
-                "{}: cannot write token Secret {}: {e}",
-                lease.session,
-                token::secret_name(&known.name)
-            ))
-        })
+        self.writer
+            .apply_secret(&secret)
+            .await
+            .map(drop)
+            .map_err(|e| {
+                Failure::Api(format!(
+                    "{}: cannot write token Secret {}: {e}",
+                    lease.session,
+                    token::secret_name(&known.name)
+                ))
+            })
     }
 
     /// Deletes the token Secret of `lease`, unless it was rewritten for another lease
@@ -1014,6 +1020,9 @@ mod tests {
         let json = serde_json::to_string(&st).unwrap();
         assert!(!json.contains(&token), "{json}");
         let r = st.token_secret_ref.unwrap();
-        assert_eq!((r.name.as_str(), r.key.as_str()), ("vm1-vncd-token", "token"));
+        assert_eq!(
+            (r.name.as_str(), r.key.as_str()),
+            ("vm1-vncd-token", "token")
+        );
     }
 }

@@ -212,11 +212,11 @@ impl Supervisor {
         };
         if let Some(content) = self.backend.token_file(&spec) {
             let path = self.token_dir().join(format!("{}.token", lease.session));
-            write_private(&self.token_dir(), &path, content.as_bytes()).map_err(|source| {
-                SpawnError::Token {
-                    path: path.clone(),
-                    source,
-                }
+            // Kubernetes session keys are `namespace/name`: one directory per namespace.
+            let dir = path.parent().unwrap_or(&self.token_dir()).to_owned();
+            write_private(&dir, &path, content.as_bytes()).map_err(|source| SpawnError::Token {
+                path: path.clone(),
+                source,
             })?;
             spec.token_file = Some(path);
         }
