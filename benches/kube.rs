@@ -2,21 +2,21 @@
 //!
 //! ```sh
 //! cargo bench --bench kube                 # both parts
-//! cargo bench --bench kube -- ready        # 200 sessions to Ready (real websockify + QEMU)
+//! cargo bench --bench kube -- ready        # 200 sessions to Ready (real proxies + QEMU)
 //! cargo bench --bench kube -- scale        # 20 instances, 1,000 sessions
 //! ```
 //!
 //! 1. **ready**: one `vncd kube`, 200 VncSessions created at once against one QEMU VNC
-//!    server, real websockify proxies. Times creation -> Ready (per session and for all)
+//!    server, real proxies (the builtin backend; `VNCD_TEST_BACKEND=websockify` for
+//!    websockify). Times creation -> Ready (per session and for all)
 //!    and counts the API writes vncd made, from the API server's own request metrics
 //!    (`apiserver_request_total`), per session. Run twice: objects created without the
 //!    finalizer (vncd adds it) and with `vncd.io/cleanup` already set by the creator.
 //! 2. **scale**: 20 `vncd kube` instances with different `--node-name` against one API
 //!    server, 1,000 sessions spread over them. Checks there are no 409 conflicts and that
 //!    each instance's watch delivered only its own node's 50 objects (each instance logs
-//!    what its watch delivered when it stops). A thousand Python websockify processes do
-//!    not fit this machine, so the instances run a stub proxy (this very binary, which
-//!    only listens on the leased port); leases, statuses, watches and writes are real.
+//!    what its watch delivered when it stops). The proxies are real `vncd proxy`
+//!    processes (about 0.5 MiB each), a thousand of them.
 #![allow(clippy::unwrap_used, dead_code)]
 
 #[path = "../tests/common/cluster.rs"]
@@ -37,11 +37,6 @@ use kube::{Api, ResourceExt};
 use vncd::api::{Phase, Target, VncSession, VncSessionSpec};
 
 fn main() {
-    // Started by vncd as the proxy of a session (scale part): only listen.
-    if std::env::var_os("VNCD_MARK_OWNER").is_some() {
-        stub_proxy();
-        return;
-    }
     let args: Vec<String> = std::env::args().skip(1).collect();
     // `cargo test --all-targets` runs bench targets too; only `cargo bench` measures.
     if !args.iter().any(|a| a == "--bench") {
@@ -66,19 +61,6 @@ fn main() {
             scale(c, 20, 50).await;
         }
     });
-}
-
-/// Listens on the address vncd gave (the first argument that looks like HOST:PORT) and
-/// accepts connections until killed.
-fn stub_proxy() {
-    let listen = std::env::args()
-        .skip(1)
-        .find(|a| !a.starts_with('-'))
-        .expect("listen address");
-    let l = std::net::TcpListener::bind(&listen).expect("bind");
-    for s in l.incoming() {
-        drop(s);
-    }
 }
 
 /// `apiserver_request_total` by (resource, subresource, verb, code).
@@ -148,6 +130,13 @@ fn session_writes(before: &Requests, after: &Requests) -> (f64, f64) {
             r == "vncsessions" && s.is_empty() && is_write(v)
         }),
     )
+}
+
+/// Writes vncd makes to token Secrets (applies and deletes).
+fn secret_writes(before: &Requests, after: &Requests) -> f64 {
+    delta(before, after, |r, s, v, _| {
+        r == "secrets" && s.is_empty() && (is_write(v) || v == "DELETE")
+    })
 }
 
 fn session(node: &str, target_port: u16, finalizer: bool, name: &str) -> VncSession {
@@ -270,6 +259,7 @@ async fn ready(c: &Cluster, n: usize, finalizer: bool) {
     };
     lat.sort_by(f64::total_cmp);
     let (st1, fin1) = session_writes(&m0, &m1);
+    let sec1 = secret_writes(&m0, &m1);
     let (st2, fin2) = session_writes(&m0, &m2);
     let events = delta(&m0, &m2, |r, _, v, _| {
         r == "events" && (v == "POST" || v == "PATCH")
@@ -299,6 +289,7 @@ async fn ready(c: &Cluster, n: usize, finalizer: bool) {
     let t_del = d0.elapsed();
     let m3 = requests(c);
     let (st3, fin3) = session_writes(&m2, &m3);
+    let sec3 = secret_writes(&m2, &m3);
     let conflicts = conflicts(&m0, &m3);
     assert!(v.terminate().success());
     let summary = v.log_events("vncd kube stopped");
@@ -337,8 +328,9 @@ async fn ready(c: &Cluster, n: usize, finalizer: bool) {
         pct(&lat, 1.0)
     );
     println!(
-        "writes until all Ready: {st1} status + {fin1} finalizer = {:.2} per session",
-        (st1 + fin1) / nf
+        "writes until all Ready: {st1} status + {fin1} finalizer = {:.2} per session, plus {sec1} token Secret applies ({:.2} per session)",
+        (st1 + fin1) / nf,
+        sec1 / nf
     );
     println!(
         "writes 3 s later: {st2} status + {fin2} finalizer = {:.2} per session; {events} event writes ({:.2} per session)",
@@ -346,7 +338,7 @@ async fn ready(c: &Cluster, n: usize, finalizer: bool) {
         events / nf
     );
     println!(
-        "delete all: gone after {:.2} s; {st3} status + {fin3} finalizer writes ({:.2} per session)",
+        "delete all: gone after {:.2} s; {st3} status + {fin3} finalizer writes ({:.2} per session), {sec3} token Secret writes",
         t_del.as_secs_f64(),
         (st3 + fin3) / nf
     );
@@ -397,12 +389,14 @@ async fn one_at_a_time(c: &Cluster, n: usize) {
         lat.push(t.elapsed().as_secs_f64());
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let (st, fin) = session_writes(&m0, &requests(c));
+    let m1 = requests(c);
+    let (st, fin) = session_writes(&m0, &m1);
+    let sec = secret_writes(&m0, &m1);
     lat.sort_by(f64::total_cmp);
     assert!(v.terminate().success());
     println!("\n## one at a time: {n} sessions, each created after the previous one is Ready");
     println!(
-        "create->Ready: p50 {:.2} s, max {:.2} s; writes {st} status + {fin} finalizer = {:.2} per session",
+        "create->Ready: p50 {:.2} s, max {:.2} s; writes {st} status + {fin} finalizer = {:.2} per session, plus {sec} token Secret applies",
         pct(&lat, 0.5),
         pct(&lat, 1.0),
         (st + fin) / n as f64
@@ -412,7 +406,6 @@ async fn one_at_a_time(c: &Cluster, n: usize) {
 async fn scale(c: &Cluster, nodes: usize, per_node: usize) {
     let ns = "scale";
     c.create_namespace(ns);
-    let stub = std::env::current_exe().unwrap().display().to_string();
     let mut instances: Vec<KubeVncd> = (0..nodes)
         .map(|i| {
             let mut v = KubeVncd::new(
@@ -421,7 +414,6 @@ async fn scale(c: &Cluster, nodes: usize, per_node: usize) {
                 ns,
                 u16::try_from(per_node).unwrap() + 10,
             );
-            v.extra = vec!["--websockify".into(), stub.clone()];
             // Twenty instances share this machine's /proc; on a real node there is one.
             v.resync = "5".into();
             v
@@ -464,9 +456,10 @@ async fn scale(c: &Cluster, nodes: usize, per_node: usize) {
     let t_all = t0.elapsed();
     let m1 = requests(c);
     let (st, fin) = session_writes(&m0, &m1);
+    let sec = secret_writes(&m0, &m1);
     let conflicts = conflicts(&m0, &m1);
     println!(
-        "\n## scale: {nodes} vncd kube instances, {total} sessions ({per_node} per node), stub proxies"
+        "\n## scale: {nodes} vncd kube instances, {total} sessions ({per_node} per node), builtin proxies"
     );
     println!(
         "created all {total} objects in {:.2} s; all Ready {:.2} s after the first create",
@@ -474,7 +467,7 @@ async fn scale(c: &Cluster, nodes: usize, per_node: usize) {
         t_all.as_secs_f64()
     );
     println!(
-        "writes until all Ready: {st} status + {fin} finalizer = {:.2} per session",
+        "writes until all Ready: {st} status + {fin} finalizer = {:.2} per session, plus {sec} token Secret applies",
         (st + fin) / total as f64
     );
     println!("409 conflicts on vncsessions (API server metrics): {conflicts:?}");
