@@ -142,7 +142,7 @@ pub fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("vncd: error: {e:#}");
+            eprintln!("vncd: error: {}", error_chain(&e));
             ExitCode::from(2)
         }
     }
@@ -152,6 +152,22 @@ fn print_crd() -> anyhow::Result<ExitCode> {
     use ::kube::CustomResourceExt;
     emit(&serde_saphyr::to_string(&crate::api::VncSession::crd())?);
     Ok(ExitCode::SUCCESS)
+}
+
+/// The error and its causes, each said once: error types that already put their
+/// source in their own message would otherwise repeat it (`... File exists: File exists`).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+    }
+    out
 }
 
 /// Writes command output to stdout; a closed pipe (`vncd get | head`) is not an error.
@@ -175,4 +191,22 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_chain;
+
+    #[test]
+    fn each_cause_is_said_once() {
+        let io = std::io::Error::other("File exists (os error 17)");
+        let inner = anyhow::Error::new(io).context("cannot create X: File exists (os error 17)");
+        let e = inner.context("cannot start");
+        assert_eq!(
+            error_chain(&e),
+            "cannot start: cannot create X: File exists (os error 17)"
+        );
+        let plain = anyhow::anyhow!("root").context("outer");
+        assert_eq!(error_chain(&plain), "outer: root");
+    }
 }

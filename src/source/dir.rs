@@ -50,6 +50,8 @@ pub struct DirSource {
     owners: BTreeMap<String, PathBuf>,
     events: mpsc::Receiver<()>,
     _watcher: Option<notify::RecommendedWatcher>,
+    /// Files skipped for a name that is not UTF-8, each logged once.
+    unreadable_names: BTreeSet<PathBuf>,
 }
 
 impl DirSource {
@@ -103,6 +105,7 @@ impl DirSource {
             pool,
             files: BTreeMap::new(),
             owners: BTreeMap::new(),
+            unreadable_names: BTreeSet::new(),
             events,
             _watcher: w,
         }
@@ -125,6 +128,11 @@ impl DirSource {
             })?;
             let path = entry.path();
             let Some(fname) = path.file_name().and_then(|n| n.to_str()) else {
+                // No session can be named after it, so no status can carry the error:
+                // the log says it once.
+                if self.unreadable_names.insert(path.clone()) {
+                    tracing::warn!(file = %path.display(), "skipping a file whose name is not UTF-8; rename it to serve it");
+                }
                 continue;
             };
             let is_manifest = fname.ends_with(".yaml") || fname.ends_with(".yml");
