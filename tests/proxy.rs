@@ -1,7 +1,8 @@
 //! `vncd proxy` end to end: the real binary against a real VNC server (QEMU), with a real
 //! websocket client (tokio-tungstenite). Nothing is mocked.
 //!
-//! Needs `qemu-system-x86_64` (Debian package qemu-system-x86) on PATH.
+//! Needs `qemu-system-x86_64` (Debian package qemu-system-x86) on PATH; the QEMU harness is
+//! the shared one in `tests/common`.
 
 use std::io::Read;
 use std::net::SocketAddr;
@@ -20,122 +21,14 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+mod common;
+
+use common::{Qemu, free_port};
+
 const VNCD: &str = env!("CARGO_BIN_EXE_vncd");
 const BANNER: &[u8] = b"RFB 003.008\n";
 
 // ---------------------------------------------------------------- helpers: processes
-
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().expect("local addr").port()
-}
-
-/// A QEMU VNC server, killed by pid on drop.
-struct Qemu {
-    child: Child,
-    /// TCP port, or None for a unix-socket server.
-    port: Option<u16>,
-    _dir: tempfile::TempDir,
-    sock: PathBuf,
-}
-
-impl Drop for Qemu {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Qemu {
-    fn spawn(vnc: &str) -> Child {
-        Command::new("qemu-system-x86_64")
-            .args([
-                "-display",
-                "none",
-                "-nodefaults",
-                "-machine",
-                "none",
-                "-vnc",
-                vnc,
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("qemu-system-x86_64 must be installed (Debian package qemu-system-x86)")
-    }
-
-    /// QEMU serving RFB on a free TCP port of 127.0.0.1, banner already seen.
-    async fn tcp() -> Qemu {
-        for _ in 0..10 {
-            let port = free_port();
-            let Some(display) = port.checked_sub(5900) else {
-                continue;
-            };
-            let child = Self::spawn(&format!("127.0.0.1:{display}"));
-            let mut q = Qemu {
-                child,
-                port: Some(port),
-                _dir: tempfile::tempdir().expect("tempdir"),
-                sock: PathBuf::new(),
-            };
-            if q.wait_banner().await {
-                return q;
-            }
-        }
-        panic!("could not start QEMU's VNC server on a free port");
-    }
-
-    /// QEMU serving RFB on a unix socket, banner already seen.
-    async fn unix() -> Qemu {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let sock = dir.path().join("vnc.sock");
-        let child = Self::spawn(&format!("unix:{}", sock.display()));
-        let mut q = Qemu {
-            child,
-            port: None,
-            _dir: dir,
-            sock,
-        };
-        assert!(
-            q.wait_banner().await,
-            "QEMU did not serve VNC on its unix socket"
-        );
-        q
-    }
-
-    fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port.expect("tcp qemu"))
-    }
-
-    async fn wait_banner(&mut self) -> bool {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return false; // e.g. the port was taken meanwhile
-            }
-            let got = match self.port {
-                Some(p) => read_banner(TcpStream::connect(("127.0.0.1", p)).await).await,
-                None => read_banner(tokio::net::UnixStream::connect(&self.sock).await).await,
-            };
-            if got {
-                return true;
-            }
-            tokio::time::sleep(Duration::from_millis(30)).await;
-        }
-        false
-    }
-}
-
-async fn read_banner<S: tokio::io::AsyncRead + Unpin>(s: std::io::Result<S>) -> bool {
-    use tokio::io::AsyncReadExt;
-    let Ok(mut s) = s else { return false };
-    let mut b = [0u8; 12];
-    matches!(
-        tokio::time::timeout(Duration::from_secs(2), s.read_exact(&mut b)).await,
-        Ok(Ok(_))
-    ) && b == BANNER
-}
 
 /// A running `vncd proxy`, killed by pid on drop. Its stderr is collected.
 struct Proxy {
@@ -435,7 +328,7 @@ fn write_file(dir: &Path, name: &str, body: &str) -> PathBuf {
 
 #[tokio::test]
 async fn tcp_target_banner_server_init_and_ping() {
-    let qemu = Qemu::tcp().await;
+    let qemu = Qemu::tcp();
     let proxy = Proxy::start(&["--target", &qemu.addr()]).await;
     for path in ["/", "/websockify"] {
         let mut rfb = Rfb::new(ws_connect(&proxy.url(path)).await);
@@ -473,8 +366,14 @@ async fn tcp_target_banner_server_init_and_ping() {
 
 #[tokio::test]
 async fn unix_socket_target() {
-    let qemu = Qemu::unix().await;
-    let sock = qemu.sock.to_str().expect("utf-8 path").to_owned();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let qemu = Qemu::unix(&dir.path().join("vnc.sock"));
+    let sock = qemu
+        .socket
+        .as_deref()
+        .and_then(Path::to_str)
+        .expect("utf-8 path")
+        .to_owned();
     let proxy = Proxy::start(&["--unix-target", &sock]).await;
     let mut rfb = Rfb::new(ws_connect(&proxy.url("/websockify")).await);
     let (w, h) = rfb.handshake().await;
@@ -484,7 +383,7 @@ async fn unix_socket_target() {
 #[tokio::test]
 async fn token_refused_before_target_is_contacted() {
     const TOKEN: &str = "s3cret-Token_42";
-    let qemu = Qemu::tcp().await;
+    let qemu = Qemu::tcp();
     let relay = CountingRelay::new(qemu.addr()).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let tf = write_file(dir.path(), "token", &format!("{TOKEN}\n"));
@@ -538,7 +437,7 @@ async fn token_refused_before_target_is_contacted() {
 
 #[tokio::test]
 async fn origin_allowlist() {
-    let qemu = Qemu::tcp().await;
+    let qemu = Qemu::tcp();
     let proxy = Proxy::start(&[
         "--target",
         &qemu.addr(),
@@ -571,7 +470,7 @@ async fn origin_allowlist() {
 
 #[tokio::test]
 async fn subprotocols_binary_none_and_base64() {
-    let qemu = Qemu::tcp().await;
+    let qemu = Qemu::tcp();
     let proxy = Proxy::start(&["--target", &qemu.addr()]).await;
     let url = proxy.url("/websockify");
 
@@ -601,7 +500,7 @@ async fn subprotocols_binary_none_and_base64() {
 async fn tls_wss_with_self_signed_cert() {
     use tokio_rustls::rustls::{self, pki_types::ServerName};
 
-    let qemu = Qemu::tcp().await;
+    let qemu = Qemu::tcp();
     let dir = tempfile::tempdir().expect("tempdir");
     let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("cert");
     let cert = write_file(dir.path(), "cert.pem", &ck.cert.pem());
@@ -650,7 +549,7 @@ async fn tls_wss_with_self_signed_cert() {
 
 #[tokio::test]
 async fn static_files_and_traversal() {
-    let qemu = Qemu::tcp().await;
+    let qemu = Qemu::tcp();
     let outer = tempfile::tempdir().expect("tempdir");
     let web = outer.path().join("web");
     write_file(&web, "vnc.html", "<html>noVNC page</html>");
@@ -720,7 +619,7 @@ async fn static_files_and_traversal() {
 
 #[tokio::test]
 async fn oversized_and_malformed_requests() {
-    let qemu = Qemu::tcp().await;
+    let qemu = Qemu::tcp();
     let proxy = Proxy::start(&["--target", &qemu.addr()]).await;
     let mut big = b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nX-Pad: ".to_vec();
     big.resize(64 * 1024, b'a');
@@ -749,7 +648,7 @@ async fn target_down_closes_with_1011() {
 
 #[tokio::test]
 async fn many_concurrent_sessions() {
-    let qemu = Qemu::tcp().await;
+    let qemu = Qemu::tcp();
     let proxy = Proxy::start(&["--target", &qemu.addr()]).await;
     let mut sessions = Vec::new();
     for _ in 0..8 {
@@ -762,7 +661,7 @@ async fn many_concurrent_sessions() {
 
 #[tokio::test]
 async fn idle_timeout_exits_only_without_clients() {
-    let qemu = Qemu::tcp().await;
+    let qemu = Qemu::tcp();
     // Nobody ever connects (beyond the readiness probe): exits after about 1 s.
     let mut p = Proxy::start(&["--target", &qemu.addr(), "--idle-timeout", "1"]).await;
     let st = p.exited_within(Duration::from_secs(4)).await;
@@ -790,7 +689,7 @@ async fn idle_timeout_exits_only_without_clients() {
 
 #[tokio::test]
 async fn max_lifetime_closes_live_session() {
-    let qemu = Qemu::tcp().await;
+    let qemu = Qemu::tcp();
     let mut p = Proxy::start(&["--target", &qemu.addr(), "--max-lifetime", "2"]).await;
     let mut rfb = Rfb::new(ws_connect(&p.url("/")).await);
     let (w, h) = rfb.handshake().await;
@@ -805,7 +704,7 @@ async fn max_lifetime_closes_live_session() {
 
 #[tokio::test]
 async fn sigterm_exits_zero_promptly_with_live_client() {
-    let qemu = Qemu::tcp().await;
+    let qemu = Qemu::tcp();
     let mut p = Proxy::start(&["--target", &qemu.addr()]).await;
     let mut rfb = Rfb::new(ws_connect(&p.url("/")).await);
     assert_eq!(rfb.read(12).await, BANNER);

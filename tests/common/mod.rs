@@ -82,6 +82,11 @@ impl Qemu {
         panic!("could not start QEMU as a VNC server");
     }
 
+    /// `127.0.0.1:PORT` of a TCP server.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
     pub fn unix(path: &Path) -> Qemu {
         require("qemu-system-x86_64");
         let child = qemu(&format!("unix:{}", path.display()));
