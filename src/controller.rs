@@ -70,8 +70,6 @@ const ALLOCATION_FAILURES: [&str; 3] = [
     reconcile::reason::PORT_CONFLICT,
     reconcile::reason::PORT_IN_USE,
 ];
-/// A lease could not be persisted.
-const STORE_ERROR: &str = "StoreError";
 
 /// How a commit went.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -367,7 +365,7 @@ impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
                 Commit::Conflict => return true,
                 Commit::Failed => {
                     for _ in 0..new_leases {
-                        self.metrics.allocation_failed(STORE_ERROR);
+                        self.metrics.allocation_failed(metrics::STORE_ERROR);
                     }
                     return true;
                 }

@@ -103,11 +103,10 @@ fn json(value: &serde_json::Value) -> Response {
         .into_response()
 }
 
+const NOT_ENABLED: &str = "not found: this endpoint is not served by this vncd\n";
+
 fn not_enabled() -> Response {
-    plain(
-        StatusCode::NOT_FOUND,
-        "not found: this endpoint is not served by this vncd\n".into(),
-    )
+    plain(StatusCode::NOT_FOUND, NOT_ENABLED.into())
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
@@ -129,16 +128,16 @@ async fn metrics(State(state): State<AppState>) -> Response {
     }
 }
 
-/// The controller's last view, or 503 before its first pass.
-fn view(state: &AppState) -> Result<crate::metrics::View, Response> {
+/// The controller's last view; 404 without metrics, 503 before the first pass.
+fn view(state: &AppState) -> Result<crate::metrics::View, (StatusCode, &'static str)> {
     let Some(m) = &state.metrics else {
-        return Err(not_enabled());
+        return Err((StatusCode::NOT_FOUND, NOT_ENABLED));
     };
     let v = m.view();
     if !v.synced {
-        return Err(plain(
+        return Err((
             StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: first pass not done\n".into(),
+            "not ready: first pass not done\n",
         ));
     }
     Ok(v)
@@ -147,17 +146,17 @@ fn view(state: &AppState) -> Result<crate::metrics::View, Response> {
 async fn v1_status(State(state): State<AppState>) -> Response {
     match view(&state) {
         Ok(v) => json(&v.status.to_json()),
-        Err(r) => r,
+        Err((status, why)) => plain(status, why.into()),
     }
 }
 
 async fn v1_sessions(State(state): State<AppState>) -> Response {
-    let (v, Some(urls)) = (view(&state), &state.urls) else {
+    let Some(urls) = &state.urls else {
         return not_enabled();
     };
-    match v {
+    match view(&state) {
         Ok(v) => json(&crate::status::seed_sessions(&v.sessions, urls)),
-        Err(r) => r,
+        Err((status, why)) => plain(status, why.into()),
     }
 }
 

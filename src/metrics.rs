@@ -21,6 +21,7 @@ use prometheus_client::registry::Registry;
 
 use crate::api::Phase;
 use crate::proxy::stats::Snapshot;
+use crate::reconcile::reason;
 use crate::status::{ActiveSession, SystemStatus};
 
 /// The `Content-Type` of `/metrics`.
@@ -33,6 +34,17 @@ pub const PHASES: [Phase; 5] = [
     Phase::Failed,
     Phase::Terminating,
     Phase::Expired,
+];
+
+/// A new lease could not be persisted (an allocation failure reason).
+pub const STORE_ERROR: &str = "StoreError";
+
+/// The `reason` values of `vncd_allocation_failures_total`.
+pub const ALLOCATION_FAILURE_REASONS: [&str; 4] = [
+    reason::POOL_EXHAUSTED,
+    reason::PORT_CONFLICT,
+    reason::PORT_IN_USE,
+    STORE_ERROR,
 ];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -123,7 +135,7 @@ impl Collector for ProxyStats {
 
         let mut m = encoder.encode_descriptor(
             "vncd_proxy_connections",
-            "Websocket sessions the builtin proxy bridged to the VNC server, per session (since the proxy started)",
+            "Websocket sessions the builtin proxy bridged to the VNC server, per session (since the proxy started).",
             None,
             counter.metric_type(),
         )?;
@@ -132,7 +144,7 @@ impl Collector for ProxyStats {
         }
         let mut m = encoder.encode_descriptor(
             "vncd_proxy_active_connections",
-            "Websocket sessions open now on the builtin proxy, per session",
+            "Websocket sessions open now on the builtin proxy, per session.",
             None,
             gauge.metric_type(),
         )?;
@@ -141,7 +153,7 @@ impl Collector for ProxyStats {
         }
         let mut m = encoder.encode_descriptor(
             "vncd_proxy_refused_connections",
-            "Websocket upgrades the builtin proxy refused (wrong token, Origin or upgrade), per session",
+            "Websocket upgrades the builtin proxy refused (wrong token, Origin or upgrade), per session.",
             None,
             counter.metric_type(),
         )?;
@@ -150,7 +162,7 @@ impl Collector for ProxyStats {
         }
         let mut m = encoder.encode_descriptor(
             "vncd_proxy_bytes",
-            "Bytes the builtin proxy carried, per session and direction (to_vnc: client to VNC server; to_client: VNC server to client)",
+            "Bytes the builtin proxy carried, per session and direction (to_vnc: client to VNC server; to_client: VNC server to client).",
             None,
             counter.metric_type(),
         )?;
@@ -294,13 +306,20 @@ impl Metrics {
             pass_duration.clone(),
         );
         r.register_collector(Box::new(proxies.clone()));
-        let sessions_init = sessions.clone();
+        // Every label value exists from the start, so rates and alerts see zeros.
         for p in PHASES {
-            sessions_init
+            sessions
                 .get_or_create(&PhaseLabel {
                     phase: p.to_string(),
                 })
                 .set(0);
+        }
+        for reason in ALLOCATION_FAILURE_REASONS {
+            allocation_failures
+                .get_or_create(&ReasonLabel {
+                    reason: reason.to_owned(),
+                })
+                .inc_by(0);
         }
         Metrics(Arc::new(Inner {
             registry: r,
@@ -460,6 +479,7 @@ mod tests {
                 2.0,
             ),
             ("vncd_releases_total", 1.0),
+            ("vncd_allocation_failures_total{reason=\"StoreError\"}", 0.0),
             ("vncd_proxy_starts_total", 2.0),
             ("vncd_proxy_restarts_total", 1.0),
             ("vncd_proxy_start_failures_total", 1.0),
