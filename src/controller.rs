@@ -468,16 +468,9 @@ impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
 
     /// Counts sessions that start waiting for a port (once per wait, not per pass).
     fn count_waiting(&mut self, reports: &BTreeMap<String, reconcile::Report>) {
-        let metrics = &self.metrics;
-        let mut waiting = BTreeMap::new();
-        for (name, r) in reports {
-            let Some(reason) = ALLOCATION_FAILURES.iter().find(|f| **f == r.reason) else {
-                continue;
-            };
-            if self.alloc_waiting.get(name) != Some(reason) {
-                metrics.allocation_failed(reason);
-            }
-            waiting.insert(name.clone(), *reason);
+        let (waiting, new) = waiting_for_ports(&self.alloc_waiting, reports);
+        for reason in new {
+            self.metrics.allocation_failed(reason);
         }
         self.alloc_waiting = waiting;
     }
@@ -587,6 +580,26 @@ impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
     }
 }
 
+/// The sessions whose report is an allocation failure, and the failures that are new
+/// since `before` (a session that starts waiting, or waits for another reason now).
+fn waiting_for_ports(
+    before: &BTreeMap<String, &'static str>,
+    reports: &BTreeMap<String, reconcile::Report>,
+) -> (BTreeMap<String, &'static str>, Vec<&'static str>) {
+    let mut waiting = BTreeMap::new();
+    let mut new = Vec::new();
+    for (name, r) in reports {
+        let Some(reason) = ALLOCATION_FAILURES.iter().find(|f| **f == r.reason) else {
+            continue;
+        };
+        if before.get(name) != Some(reason) {
+            new.push(*reason);
+        }
+        waiting.insert(name.clone(), *reason);
+    }
+    (waiting, new)
+}
+
 /// Logs allocations, retargets and releases; returns how many were allocated and released.
 fn log_lease_changes(
     before: &BTreeMap<String, Lease>,
@@ -612,4 +625,50 @@ fn log_lease_changes(
         }
     }
     (allocated, released)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::Phase;
+    use crate::reconcile::{Report, reason};
+
+    fn reports(of: &[(&str, &'static str)]) -> BTreeMap<String, Report> {
+        of.iter()
+            .map(|(name, reason)| {
+                (
+                    (*name).to_owned(),
+                    Report {
+                        phase: Phase::Pending,
+                        reason,
+                        message: String::new(),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_wait_for_a_port_counts_once_not_once_per_pass() {
+        let pass1 = reports(&[
+            ("a", reason::POOL_EXHAUSTED),
+            ("b", reason::ALLOCATING),
+            ("c", reason::READY),
+        ]);
+        let (w, new) = waiting_for_ports(&BTreeMap::new(), &pass1);
+        assert_eq!(new, [reason::POOL_EXHAUSTED]);
+        // Still waiting, for the same reason: nothing new.
+        let (w, new) = waiting_for_ports(&w, &pass1);
+        assert!(new.is_empty());
+        // Another reason counts; so does a second session starting to wait.
+        let pass3 = reports(&[("a", reason::PORT_IN_USE), ("b", reason::POOL_EXHAUSTED)]);
+        let (w, mut new) = waiting_for_ports(&w, &pass3);
+        new.sort_unstable();
+        assert_eq!(new, [reason::POOL_EXHAUSTED, reason::PORT_IN_USE]);
+        // Served, then waiting again: a new wait.
+        let (w, new) = waiting_for_ports(&w, &reports(&[("a", reason::STARTING)]));
+        assert!(new.is_empty() && w.is_empty());
+        let (_, new) = waiting_for_ports(&w, &reports(&[("a", reason::PORT_CONFLICT)]));
+        assert_eq!(new, [reason::PORT_CONFLICT]);
+    }
 }

@@ -259,3 +259,43 @@ async fn a_planted_orphan_is_reaped_and_counted() {
     assert_eq!(st["orphan_processes"], 0, "{st}");
     assert_eq!(metric(port, "vncd_proxy_starts_total"), Some(0.0));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn readyz_turns_200_only_once_the_first_pass_is_done() {
+    // The first pass will have to commit a lease; holding leases.lock keeps it waiting.
+    let mut v = Vncd::new(2);
+    v.add_session("vm0", 1);
+    std::thread::sleep(Duration::from_millis(400)); // let the manifest settle
+    std::fs::create_dir_all(&v.state).unwrap();
+    let lock = vncd::store::lock::LockGuard::acquire(
+        &v.state.join("leases.lock"),
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    let port = pool_base(1);
+    v.extra = vec!["--http".into(), format!("127.0.0.1:{port}")];
+    v.start();
+    wait_for("/healthz 200", Duration::from_secs(20), || {
+        (http(port, "GET", "/healthz")?.0 == 200).then_some(())
+    });
+    for _ in 0..5 {
+        let (status, body) = get(port, "/readyz");
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("first sync"), "{body}");
+        assert_eq!(get(port, "/v1/status").0, 503);
+        assert_eq!(get(port, "/v1/sessions").0, 503);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        metric(port, "vncd_reconcile_duration_seconds_count"),
+        Some(0.0)
+    );
+    drop(lock);
+    wait_for("/readyz 200", Duration::from_secs(20), || {
+        (get(port, "/readyz").0 == 200).then_some(())
+    });
+    assert!(metric(port, "vncd_reconcile_duration_seconds_count").unwrap() >= 1.0);
+    assert_eq!(metric(port, "vncd_allocations_total"), Some(1.0));
+    let s = get_json(port, "/v1/sessions");
+    assert_eq!(s["vm0"]["vnc_port"], 1, "{s}");
+}
