@@ -2,8 +2,9 @@
 //!
 //! The data path only does relaxed atomic adds (one per frame or read); a writer task
 //! rewrites the stats file (temp file + rename, mode 0600, no fsync: these are metrics,
-//! not state) when a websocket session opens or closes and otherwise every
-//! [`WRITE_EVERY`] if anything changed. `vncd run`'s `/metrics` reads the files at scrape
+//! not state) when a websocket session opens, closes or is refused (at most every
+//! [`MIN_GAP`]), and every [`WRITE_EVERY`] while a session is open and bytes move. A proxy
+//! without clients has no timer at all. `vncd run`'s `/metrics` reads the files at scrape
 //! time, so a scrape costs the proxies nothing.
 
 use std::io::Write;
@@ -52,6 +53,7 @@ impl Counters {
 
     pub fn refused(&self) {
         self.refused.fetch_add(1, Ordering::Relaxed);
+        self.changed.notify_one();
     }
 
     pub fn to_target(&self, n: usize) {
@@ -125,8 +127,8 @@ fn tmp_path(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.tmp.{}", std::process::id()))
 }
 
-/// Writes the stats file at start, on opens and closes (at most every [`MIN_GAP`]) and
-/// every [`WRITE_EVERY`] while counters move, until `stop` turns true; then once more.
+/// Writes the stats file at start, on opens, closes and refusals (at most every
+/// [`MIN_GAP`]) and every [`WRITE_EVERY`] while a session is open, until `stop` turns true.
 pub async fn writer(path: PathBuf, counters: Arc<Counters>, mut stop: watch::Receiver<bool>) {
     let mut last = None;
     let mut warned = false;
@@ -146,9 +148,18 @@ pub async fn writer(path: PathBuf, counters: Arc<Counters>, mut stop: watch::Rec
     };
     loop {
         flush(&mut last);
+        // Bytes move only while a session is open; otherwise wait for an event.
+        let open = last.is_none_or(|s| s.active > 0);
+        let tick = async {
+            if open {
+                tokio::time::sleep(WRITE_EVERY).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
         tokio::select! {
             () = counters.changed.notified() => {}
-            () = tokio::time::sleep(WRITE_EVERY) => {}
+            () = tick => {}
             _ = stop.wait_for(|s| *s) => break,
         }
         tokio::select! {
@@ -224,9 +235,31 @@ mod tests {
         c.opened();
         assert!(read(1).await, "written on open, well before WRITE_EVERY");
         c.to_client(5);
+        // An open session's bytes are written within WRITE_EVERY without any event.
+        let mut written = false;
+        for _ in 0..150 {
+            if Snapshot::read(&path).is_some_and(|s| s.bytes_to_client == 5) {
+                written = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(written, "bytes of an open session written by the timer");
+        c.closed();
+        c.refused();
+        let mut written = false;
+        for _ in 0..100 {
+            if Snapshot::read(&path).is_some_and(|s| s.refused == 1 && s.active == 0) {
+                written = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(written, "a close and a refusal written at once");
+        c.to_target(7);
         tx.send(true).unwrap();
         task.await.unwrap();
         write_final(&path, &c);
-        assert_eq!(Snapshot::read(&path).unwrap().bytes_to_client, 5);
+        assert_eq!(Snapshot::read(&path).unwrap().bytes_to_target, 7);
     }
 }
