@@ -13,11 +13,14 @@ use jiff::Timestamp;
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
+use crate::api::VncSession;
 use crate::lease::{Expiry, Lease};
+use crate::metrics::{self, Metrics, StatsSource};
 use crate::net::can_bind;
 use crate::reconcile::{self, Action, Inputs, Limits, ProxyState, RestartState, StopReason};
 use crate::source::{Snapshot, Source};
-use crate::status::{StatusBuilder, StatusSink};
+use crate::status::kube::Synced;
+use crate::status::{ActiveSession, StatusBuilder, StatusSink, SystemStatus};
 use crate::store::{LeaseChange, LeaseSet, LeaseStore, StoreError};
 use crate::supervisor::{Exit, Supervisor};
 
@@ -53,6 +56,38 @@ pub struct Controller<S, L, R> {
     exits: mpsc::UnboundedReceiver<Exit>,
     epoch: Instant,
     ready_once: bool,
+    metrics: Metrics,
+    /// Set after the first full pass, for a readiness probe.
+    synced: Option<Synced>,
+    /// The allocation-failure reason each waiting session was last counted under, so a
+    /// session waiting for many passes counts once.
+    alloc_waiting: BTreeMap<String, &'static str>,
+}
+
+/// The allocation failures a plan reports (besides those the controller sees itself).
+const ALLOCATION_FAILURES: [&str; 3] = [
+    reconcile::reason::POOL_EXHAUSTED,
+    reconcile::reason::PORT_CONFLICT,
+    reconcile::reason::PORT_IN_USE,
+];
+
+/// How a commit went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Commit {
+    Done,
+    /// Someone else changed the store; reloaded, plan again.
+    Conflict,
+    Failed,
+}
+
+/// What one pass did that the metrics and the HTTP view need.
+#[derive(Debug, Default)]
+struct PassFacts {
+    /// Sessions whose proxy was started this pass.
+    started: BTreeSet<String>,
+    /// Sessions whose proxy was stopped this pass.
+    stopped: BTreeSet<String>,
+    orphans_reaped: usize,
 }
 
 /// Why the controller stopped.
@@ -87,7 +122,22 @@ impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
             exits: rx,
             epoch: Instant::now(),
             ready_once: false,
+            metrics: Metrics::default(),
+            synced: None,
+            alloc_waiting: BTreeMap::new(),
         }
+    }
+
+    /// Feeds `metrics` (and the view `/v1/*` serves) after every pass.
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Sets `synced` once the first full pass is done (standalone readiness).
+    pub fn with_synced(mut self, synced: Synced) -> Self {
+        self.synced = Some(synced);
+        self
     }
 
     fn now_ms(&self) -> u64 {
@@ -165,11 +215,23 @@ impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
         };
         let busy = self.converge(&snapshot).await;
         self.ready_once = true;
+        if let Some(s) = &self.synced {
+            s.set();
+        }
         busy || snapshot.unsettled
     }
 
+    /// One pass of observe -> plan -> persist -> act -> report, timed.
     async fn converge(&mut self, snapshot: &Snapshot) -> bool {
         let started = Instant::now();
+        let busy = self.converge_inner(snapshot).await;
+        self.metrics.observe_pass(started.elapsed());
+        busy
+    }
+
+    async fn converge_inner(&mut self, snapshot: &Snapshot) -> bool {
+        let started = Instant::now();
+        let mut facts = PassFacts::default();
         let obs = self.supervisor.observe(&self.leases.leases);
         let now = self.now_ms();
         self.busy_ports.retain(|_, at| at.elapsed() < BUSY_FOR);
@@ -224,6 +286,7 @@ impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
             now_ms: now,
             wall_now: Timestamp::now(),
         });
+        self.count_waiting(&plan.reports);
 
         // 1. Persist lease changes before anything acts on them.
         let mut changes = Vec::new();
@@ -234,6 +297,10 @@ impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
                     if !can_bind(listen, *port) {
                         info!(port, session = %session, "port is in use by another program; skipping it for now");
                         self.busy_ports.insert(*port, Instant::now());
+                        self.metrics
+                            .allocation_failed(reconcile::reason::PORT_IN_USE);
+                        self.alloc_waiting
+                            .insert(session.clone(), reconcile::reason::PORT_IN_USE);
                         again = true;
                         continue;
                     }
@@ -289,20 +356,40 @@ impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
         }
         if !changes.is_empty() {
             let before = self.leases.leases.clone();
-            if !self.commit(changes).await {
-                return true;
+            let new_leases = changes
+                .iter()
+                .filter(|c| matches!(c, LeaseChange::Put(l) if !before.contains_key(&l.session)))
+                .count();
+            match self.commit(changes).await {
+                Commit::Done => {}
+                Commit::Conflict => return true,
+                Commit::Failed => {
+                    for _ in 0..new_leases {
+                        self.metrics.allocation_failed(metrics::STORE_ERROR);
+                    }
+                    return true;
+                }
             }
-            log_lease_changes(&before, &self.leases.leases);
+            let (allocated, released) = log_lease_changes(&before, &self.leases.leases);
+            self.metrics.allocated(allocated);
+            self.metrics.released(released);
+            for session in before.keys() {
+                if !self.leases.leases.contains_key(session) {
+                    self.supervisor.forget(session);
+                }
+            }
             again = true;
         }
 
         // 2. Act: end orphans and unwanted proxies, then start what is missing.
         let mut stops = Vec::new();
+        let mut orphan_stop = Vec::new();
         for action in &plan.actions {
             match action {
                 Action::KillOrphan { process } => {
                     warn!(pid = process.pid, "ending orphaned proxy of ours");
                     stops.push(self.supervisor.stop(*process));
+                    orphan_stop.push(true);
                 }
                 Action::Stop {
                     session,
@@ -320,12 +407,19 @@ impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
                             ));
                     }
                     stops.push(self.supervisor.stop(*process));
+                    orphan_stop.push(false);
+                    facts.stopped.insert(session.clone());
                 }
                 _ => {}
             }
         }
         again |= !stops.is_empty();
-        join_all(stops).await;
+        for (ended, orphan) in join_all(stops).await.into_iter().zip(orphan_stop) {
+            if ended && orphan {
+                facts.orphans_reaped += 1;
+                self.metrics.orphan_reaped();
+            }
+        }
         let mut records = Vec::new();
         for action in &plan.actions {
             let Action::Start { session } = action else {
@@ -340,12 +434,15 @@ impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
             match self.supervisor.spawn(&lease) {
                 Ok(process) => {
                     info!(session = %session, port = lease.port, pid = process.pid, target = %lease.target, "started proxy");
+                    self.metrics.proxy_started(lease.process.is_some());
+                    facts.started.insert(session.clone());
                     let mut l = lease;
                     l.process = Some(process);
                     records.push(LeaseChange::Put(l));
                 }
                 Err(e) => {
                     error!(session = %session, error = %e, "cannot start proxy");
+                    self.metrics.proxy_start_failed();
                     r.last_error = Some(e.to_string());
                 }
             }
@@ -360,12 +457,87 @@ impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
             .statuses
             .build(snapshot, &plan.reports, &self.leases.leases);
         self.sink.publish(&items).await;
+        self.record(snapshot, &obs, &items, &facts);
         debug!(
             elapsed_ms = started.elapsed().as_millis() as u64,
             actions = plan.actions.len(),
             "pass done"
         );
         plan.busy || again
+    }
+
+    /// Counts sessions that start waiting for a port (once per wait, not per pass).
+    fn count_waiting(&mut self, reports: &BTreeMap<String, reconcile::Report>) {
+        let (waiting, new) = waiting_for_ports(&self.alloc_waiting, reports);
+        for reason in new {
+            self.metrics.allocation_failed(reason);
+        }
+        self.alloc_waiting = waiting;
+    }
+
+    /// Feeds the metrics and the HTTP view from this pass's facts; decides nothing.
+    fn record(
+        &self,
+        snapshot: &Snapshot,
+        obs: &crate::supervisor::Observation,
+        items: &[VncSession],
+        facts: &PassFacts,
+    ) {
+        let range = self.config.limits.range;
+        let leases = &self.leases.leases;
+        let leased_ports: BTreeSet<u16> = leases
+            .values()
+            .map(|l| l.port)
+            .filter(|p| range.contains(*p))
+            .collect();
+        let quarantined = self
+            .busy_ports
+            .keys()
+            .chain(snapshot.reserved_ports.iter())
+            .filter(|p| range.contains(**p) && !leased_ports.contains(p))
+            .collect::<BTreeSet<_>>()
+            .len();
+        self.metrics.set_pool(metrics::Pool {
+            total: range.len(),
+            leased: leased_ports.len(),
+            quarantined,
+            max_sessions: self.config.limits.max_sessions,
+        });
+        self.metrics
+            .set_phases(items.iter().filter_map(|i| i.status.as_ref()?.phase));
+        // Alive now: observed running at the start of the pass and not stopped since, or
+        // started during it.
+        let alive = |session: &str| {
+            facts.started.contains(session)
+                || (matches!(obs.proxies.get(session), Some(ProxyState::Running { .. }))
+                    && !facts.stopped.contains(session))
+        };
+        let live = leases.keys().filter(|s| alive(s)).count();
+        self.metrics.set_proxy_stats(
+            leases
+                .values()
+                .filter(|l| alive(&l.session))
+                .filter_map(|l| {
+                    let pid = u32::try_from(l.process?.pid).ok()?;
+                    let path = self.supervisor.stats_file(&l.session)?;
+                    Some((l.session.clone(), StatsSource { path, pid }))
+                })
+                .collect(),
+        );
+        self.metrics.set_view(metrics::View {
+            synced: true,
+            status: SystemStatus::new(
+                range,
+                leases,
+                live,
+                obs.orphans.len().saturating_sub(facts.orphans_reaped),
+                true,
+            ),
+            sessions: leases
+                .iter()
+                .map(|(name, l)| (name.clone(), ActiveSession::of(l)))
+                .collect(),
+        });
     }
 
     /// Idle time per session with a live proxy, from its connected-client count.
@@ -386,11 +558,11 @@ impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
     }
 
     /// Commits changes; on a conflict (someone else changed the store) reloads instead.
-    async fn commit(&mut self, changes: Vec<LeaseChange>) -> bool {
+    async fn commit(&mut self, changes: Vec<LeaseChange>) -> Commit {
         match self.store.commit(self.leases.revision, changes).await {
             Ok(set) => {
                 self.leases = set;
-                true
+                Commit::Done
             }
             Err(StoreError::Conflict { .. }) => {
                 debug!("lease store changed underneath; reloading and planning again");
@@ -398,20 +570,48 @@ impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
                     Ok(set) => self.leases = set,
                     Err(e) => error!(error = %e, "cannot reload leases"),
                 }
-                false
+                Commit::Conflict
             }
             Err(e) => {
                 error!(error = %e, "cannot persist lease changes; nothing was started or released");
-                false
+                Commit::Failed
             }
         }
     }
 }
 
-fn log_lease_changes(before: &BTreeMap<String, Lease>, after: &BTreeMap<String, Lease>) {
+/// The sessions whose report is an allocation failure, and the failures that are new
+/// since `before` (a session that starts waiting, or waits for another reason now).
+fn waiting_for_ports(
+    before: &BTreeMap<String, &'static str>,
+    reports: &BTreeMap<String, reconcile::Report>,
+) -> (BTreeMap<String, &'static str>, Vec<&'static str>) {
+    let mut waiting = BTreeMap::new();
+    let mut new = Vec::new();
+    for (name, r) in reports {
+        let Some(reason) = ALLOCATION_FAILURES.iter().find(|f| **f == r.reason) else {
+            continue;
+        };
+        if before.get(name) != Some(reason) {
+            new.push(*reason);
+        }
+        waiting.insert(name.clone(), *reason);
+    }
+    (waiting, new)
+}
+
+/// Logs allocations, retargets and releases; returns how many were allocated and released.
+fn log_lease_changes(
+    before: &BTreeMap<String, Lease>,
+    after: &BTreeMap<String, Lease>,
+) -> (u64, u64) {
+    let (mut allocated, mut released) = (0, 0);
     for (name, l) in after {
         match before.get(name) {
-            None => info!(session = %name, port = l.port, target = %l.target, "lease allocated"),
+            None => {
+                allocated += 1;
+                info!(session = %name, port = l.port, target = %l.target, "lease allocated");
+            }
             Some(b) if b.target != l.target => {
                 info!(session = %name, port = l.port, target = %l.target, "lease retargeted");
             }
@@ -420,7 +620,55 @@ fn log_lease_changes(before: &BTreeMap<String, Lease>, after: &BTreeMap<String, 
     }
     for (name, l) in before {
         if !after.contains_key(name) {
+            released += 1;
             info!(session = %name, port = l.port, pid = l.process.map(|p| p.pid), "lease released");
         }
+    }
+    (allocated, released)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::Phase;
+    use crate::reconcile::{Report, reason};
+
+    fn reports(of: &[(&str, &'static str)]) -> BTreeMap<String, Report> {
+        of.iter()
+            .map(|(name, reason)| {
+                (
+                    (*name).to_owned(),
+                    Report {
+                        phase: Phase::Pending,
+                        reason,
+                        message: String::new(),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_wait_for_a_port_counts_once_not_once_per_pass() {
+        let pass1 = reports(&[
+            ("a", reason::POOL_EXHAUSTED),
+            ("b", reason::ALLOCATING),
+            ("c", reason::READY),
+        ]);
+        let (w, new) = waiting_for_ports(&BTreeMap::new(), &pass1);
+        assert_eq!(new, [reason::POOL_EXHAUSTED]);
+        // Still waiting, for the same reason: nothing new.
+        let (w, new) = waiting_for_ports(&w, &pass1);
+        assert!(new.is_empty());
+        // Another reason counts; so does a second session starting to wait.
+        let pass3 = reports(&[("a", reason::PORT_IN_USE), ("b", reason::POOL_EXHAUSTED)]);
+        let (w, mut new) = waiting_for_ports(&w, &pass3);
+        new.sort_unstable();
+        assert_eq!(new, [reason::POOL_EXHAUSTED, reason::PORT_IN_USE]);
+        // Served, then waiting again: a new wait.
+        let (w, new) = waiting_for_ports(&w, &reports(&[("a", reason::STARTING)]));
+        assert!(new.is_empty() && w.is_empty());
+        let (_, new) = waiting_for_ports(&w, &reports(&[("a", reason::PORT_CONFLICT)]));
+        assert_eq!(new, [reason::PORT_CONFLICT]);
     }
 }

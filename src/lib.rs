@@ -14,6 +14,7 @@ pub mod http;
 pub mod k8s;
 pub mod lease;
 pub mod manifest;
+pub mod metrics;
 pub mod net;
 pub mod pool;
 pub mod proxy;

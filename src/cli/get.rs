@@ -7,6 +7,7 @@ use serde_json::json;
 
 use super::{PoolArgs, StateArgs, emit};
 use crate::api::VncSession;
+use crate::status::SystemStatus;
 use crate::store::file::read_state;
 use crate::store::lock::is_held;
 use crate::supervisor::{classify, scan};
@@ -120,29 +121,21 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let marked = scan(&owner);
     let set = read_state(&dir.leases())?;
     let obs = classify(marked, &set.leases);
-    let total = args.pool.port_range.len();
-    let allocated = set
-        .leases
-        .values()
-        .filter(|l| args.pool.port_range.contains(l.port))
-        .count();
-    let utilization = ((allocated as f64) * 1000.0 / (total as f64)).round() / 10.0;
-    let dead = set.leases.len() - obs.proxies.len();
     let running = is_held(&dir.controller_lock());
-    let healthy = dead == 0 && obs.orphans.is_empty() && utilization < 90.0;
-    let value = json!({
-        "port_pool": {
-            "total_ports": total,
-            "allocated_ports": allocated,
-            "free_ports": total - allocated,
-            "utilization_percent": utilization,
-        },
-        "active_processes": obs.proxies.len(),
-        "dead_proxies": dead,
-        "orphan_processes": obs.orphans.len(),
-        "controller_running": running,
-        "system_health": if healthy { "healthy" } else { "warning" },
-    });
+    let st = SystemStatus::new(
+        args.pool.port_range,
+        &set.leases,
+        obs.proxies.len(),
+        obs.orphans.len(),
+        running,
+    );
+    let value = st.to_json();
+    let (total, allocated, utilization, dead) = (
+        st.total_ports,
+        st.allocated_ports,
+        st.utilization_percent(),
+        st.dead_proxies,
+    );
     if args.json {
         println!("{}", serde_json::to_string_pretty(&value)?);
     } else {

@@ -135,11 +135,14 @@ pub fn kube(args: KubeArgs) -> anyhow::Result<ExitCode> {
         crd::check(&api, &scope).await?;
 
         let health = Health::default();
+        let metrics = crate::metrics::Metrics::new();
         if let Some(addr) = args.http {
             let bound = crate::http::serve(
                 addr,
                 crate::http::router(AppState {
                     health: health.clone(),
+                    metrics: Some(metrics.clone()),
+                    urls: Some(url.clone()),
                 }),
             )
             .await?;
@@ -189,7 +192,8 @@ pub fn kube(args: KubeArgs) -> anyhow::Result<ExitCode> {
             backend = supervisor.backend_name(),
             "vncd kube running"
         );
-        let controller = Controller::new(source, store, sink, supervisor, StatusBuilder::new(url), config);
+        let controller = Controller::new(source, store, sink, supervisor, StatusBuilder::new(url), config)
+            .with_metrics(metrics);
         let mut lost = None;
         let shutdown = async {
             tokio::select! {

@@ -1,5 +1,6 @@
 //! `vncd run`: the standalone controller.
 
+use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -9,6 +10,8 @@ use tracing::info;
 use super::serve::{ServeArgs, secs, shutdown_signal};
 use super::{SessionsArgs, StateArgs, runtime};
 use crate::controller::Controller;
+use crate::http::{AppState, Health};
+use crate::metrics::Metrics;
 use crate::source::dir::DirSource;
 use crate::status::StatusBuilder;
 use crate::status::file::FileSink;
@@ -28,6 +31,10 @@ pub struct RunArgs {
     /// Seconds to wait for another vncd to let go of the state directory.
     #[arg(long, env = "VNCD_LOCK_TIMEOUT", default_value_t = 10.0)]
     pub lock_timeout: f64,
+    /// Serve /healthz, /readyz, /metrics, /v1/status and /v1/sessions on this address
+    /// (e.g. 127.0.0.1:9850) [default: off].
+    #[arg(long, env = "VNCD_HTTP")]
+    pub http: Option<SocketAddr>,
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
@@ -59,6 +66,20 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         let source = args.libvirt.source(source, pool.port_range).await?;
         let store = FileStore::new(state.clone(), lock_timeout);
         let sink = FileSink::new(state.sessions(), supervisor.backend_name());
+        let health = Health::standalone();
+        let metrics = Metrics::new();
+        if let Some(addr) = args.http {
+            let bound = crate::http::serve(
+                addr,
+                crate::http::router(AppState {
+                    health: health.clone(),
+                    metrics: Some(metrics.clone()),
+                    urls: Some(url.clone()),
+                }),
+            )
+            .await?;
+            info!(addr = %bound, "serving /healthz /readyz /metrics /v1/status /v1/sessions");
+        }
         info!(
             sessions_dir = %args.sessions.sessions_dir.display(),
             state_dir = %owner,
@@ -74,7 +95,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             supervisor,
             StatusBuilder::new(url),
             config,
-        );
+        )
+        .with_metrics(metrics)
+        .with_synced(health.synced.clone());
         controller.run(shutdown_signal()).await?;
         anyhow::Ok(())
     })?;

@@ -72,6 +72,12 @@ pub struct ProxyArgs {
     )]
     pub tls_key: Option<PathBuf>,
 
+    /// Keep per-session counters (connections, bytes each way) in FILE: rewritten atomically
+    /// (mode 0600) when a websocket session opens, closes or is refused, and every 2 s while
+    /// one is open. `vncd run` exports them on /metrics.
+    #[arg(long, env = "VNCD_PROXY_STATS_FILE", value_name = "FILE")]
+    pub stats_file: Option<PathBuf>,
+
     /// Exit 0 after SECS with no client connected, counted from start or from the moment the
     /// last client left. 0 turns it off.
     #[arg(

@@ -10,6 +10,8 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 
+use super::stats::Counters;
+
 /// Target read buffer: it starts small (an idle VNC session sends little) and doubles while reads
 /// fill it (bulk framebuffer updates: fewer, larger frames are much faster), up to the maximum,
 /// which is also the largest frame sent to the client. It shrinks back after many small reads in a row.
@@ -84,7 +86,12 @@ where
 }
 
 /// Pump until either side ends or `stop` turns true, then close both sides.
-pub async fn run<S, T>(ws: WebSocketStream<S>, target: T, stop: &mut watch::Receiver<bool>) -> Stats
+pub async fn run<S, T>(
+    ws: WebSocketStream<S>,
+    target: T,
+    stop: &mut watch::Receiver<bool>,
+    counters: &Counters,
+) -> Stats
 where
     S: AsyncRead + AsyncWrite + Unpin,
     T: AsyncRead + AsyncWrite + Unpin,
@@ -110,6 +117,7 @@ where
                     return End::TargetError;
                 }
                 to_target += data.len() as u64;
+                counters.to_target(data.len());
             }
             End::Client
         };
@@ -130,6 +138,7 @@ where
                     return End::ClientError;
                 }
                 to_client += n as u64;
+                counters.to_client(n);
                 if n == buf.len() && buf.len() < MAX_CHUNK {
                     buf.resize(buf.len() * 2, 0);
                     small_reads = 0;

@@ -15,6 +15,7 @@
 mod args;
 mod bridge;
 mod http;
+pub mod stats;
 mod tls;
 mod token;
 mod upgrade;
@@ -111,6 +112,7 @@ struct Shared {
     /// Canonical web root.
     web: Option<PathBuf>,
     tls: Option<TlsAcceptor>,
+    counters: Arc<stats::Counters>,
 }
 
 impl Shared {
@@ -145,6 +147,7 @@ impl Shared {
             origins: args.origins.clone(),
             web,
             tls,
+            counters: Arc::default(),
         })
     }
 }
@@ -193,6 +196,13 @@ pub async fn run(args: ProxyArgs) -> Result<(), ProxyError> {
     );
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    let stats_writer = args.stats_file.clone().map(|path| {
+        tokio::spawn(stats::writer(
+            path,
+            shared.counters.clone(),
+            stop_rx.clone(),
+        ))
+    });
     let mut tasks = JoinSet::new();
     let idle = (args.idle_timeout > 0).then(|| Duration::from_secs(args.idle_timeout));
     let end_of_life =
@@ -235,6 +245,10 @@ pub async fn run(args: ProxyArgs) -> Result<(), ProxyError> {
     })
     .await;
     tasks.shutdown().await;
+    if let (Some(task), Some(path)) = (stats_writer, &args.stats_file) {
+        let _ = task.await;
+        stats::write_final(path, &shared.counters);
+    }
     Ok(())
 }
 
@@ -416,6 +430,7 @@ async fn websocket<S>(
     let accept = match upgrade::check(&req, shared.token.as_ref(), &shared.origins) {
         Ok(a) => a,
         Err(r) => {
+            shared.counters.refused();
             let _ = http::write_plain(&mut stream, r.status, r.message, r.extra, false).await;
             let _ = stream.shutdown().await;
             summary.outcome = format!("refused {}: {}", r.status, r.message);
@@ -438,6 +453,7 @@ async fn websocket<S>(
         Some(bridge::ws_config()),
     )
     .await;
+    let counters = &shared.counters;
     let stats = match target {
         Err(e) => {
             warn!(target = %shared.target, error = %e, "cannot connect to the VNC target");
@@ -445,9 +461,16 @@ async fn websocket<S>(
             summary.outcome = format!("target unreachable: {e}");
             return;
         }
-        Ok(TargetStream::Tcp(t)) => bridge::run(ws, t, &mut stop).await,
-        Ok(TargetStream::Unix(t)) => bridge::run(ws, t, &mut stop).await,
+        Ok(TargetStream::Tcp(t)) => {
+            counters.opened();
+            bridge::run(ws, t, &mut stop, counters).await
+        }
+        Ok(TargetStream::Unix(t)) => {
+            counters.opened();
+            bridge::run(ws, t, &mut stop, counters).await
+        }
     };
+    counters.closed();
     summary.outcome = stats.end.as_str().into();
     summary.to_target = stats.to_target;
     summary.to_client = stats.to_client;

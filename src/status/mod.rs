@@ -15,6 +15,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::api::{Phase, Target, VncSession, VncSessionSpec, VncSessionStatus};
 use crate::lease::Lease;
+use crate::pool::PortRange;
 use crate::reconcile::Report;
 use crate::session::Endpoint;
 use crate::source::Snapshot;
@@ -217,6 +218,126 @@ impl StatusBuilder {
     }
 }
 
+/// The seed's `get_system_status()`: what `vncd status --json` prints and `GET /v1/status`
+/// serves. Built from leases and an observation of the proxies, by both.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SystemStatus {
+    pub total_ports: usize,
+    /// Leases whose port is inside the pool.
+    pub allocated_ports: usize,
+    /// Leases with a live proxy.
+    pub active_processes: usize,
+    /// Leases without a live proxy.
+    pub dead_proxies: usize,
+    /// Processes with this vncd's marker that match no lease.
+    pub orphan_processes: usize,
+    pub controller_running: bool,
+}
+
+impl SystemStatus {
+    pub fn new(
+        range: PortRange,
+        leases: &BTreeMap<String, Lease>,
+        live_proxies: usize,
+        orphans: usize,
+        controller_running: bool,
+    ) -> Self {
+        SystemStatus {
+            total_ports: range.len(),
+            allocated_ports: leases.values().filter(|l| range.contains(l.port)).count(),
+            active_processes: live_proxies,
+            dead_proxies: leases.len().saturating_sub(live_proxies),
+            orphan_processes: orphans,
+            controller_running,
+        }
+    }
+
+    pub fn free_ports(&self) -> usize {
+        self.total_ports.saturating_sub(self.allocated_ports)
+    }
+
+    /// Percent of the pool leased, to one decimal.
+    pub fn utilization_percent(&self) -> f64 {
+        if self.total_ports == 0 {
+            return 0.0;
+        }
+        ((self.allocated_ports as f64) * 1000.0 / (self.total_ports as f64)).round() / 10.0
+    }
+
+    /// `healthy`, or `warning` with a dead proxy, an orphan or the pool 90 % leased.
+    pub fn health(&self) -> &'static str {
+        if self.dead_proxies == 0 && self.orphan_processes == 0 && self.utilization_percent() < 90.0
+        {
+            "healthy"
+        } else {
+            "warning"
+        }
+    }
+
+    /// The seed's JSON shape, plus vncd's three extra fields.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "port_pool": {
+                "total_ports": self.total_ports,
+                "allocated_ports": self.allocated_ports,
+                "free_ports": self.free_ports(),
+                "utilization_percent": self.utilization_percent(),
+            },
+            "active_processes": self.active_processes,
+            "dead_proxies": self.dead_proxies,
+            "orphan_processes": self.orphan_processes,
+            "controller_running": self.controller_running,
+            "system_health": self.health(),
+        })
+    }
+}
+
+/// One leased session as the seed's `list_active_sessions()` describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ActiveSession {
+    pub ws_port: u16,
+    /// The VNC server's TCP port; `None` for a unix socket target.
+    pub vnc_port: Option<u16>,
+    pub pid: Option<i32>,
+}
+
+impl ActiveSession {
+    pub fn of(lease: &Lease) -> Self {
+        ActiveSession {
+            ws_port: lease.port,
+            vnc_port: match &lease.target {
+                Endpoint::Tcp { port, .. } => Some(*port),
+                Endpoint::Unix { .. } => None,
+            },
+            pid: lease.process.map(|p| p.pid),
+        }
+    }
+}
+
+/// The seed's `{name: {url, ws_port, vnc_port, pid}}` map. URLs carry no token: this map
+/// is served over plain HTTP (`GET /v1/sessions`), and a console URL with its token is a
+/// key to that console (`vncd get`, mode 0600, has it).
+pub fn seed_sessions(
+    sessions: &BTreeMap<String, ActiveSession>,
+    url: &UrlStyle,
+) -> serde_json::Value {
+    let map: serde_json::Map<String, serde_json::Value> = sessions
+        .iter()
+        .map(|(name, s)| {
+            (
+                name.clone(),
+                serde_json::json!({
+                    "url": url.url(s.ws_port, None),
+                    "ws_port": s.ws_port,
+                    "vnc_port": s.vnc_port,
+                    "pid": s.pid,
+                }),
+            )
+        })
+        .collect();
+    serde_json::Value::Object(map)
+}
+
 /// Where statuses go: a file standalone, object statuses under Kubernetes.
 pub trait StatusSink: Send {
     fn publish(&mut self, items: &[VncSession]) -> impl Future<Output = ()> + Send;
@@ -247,5 +368,87 @@ mod tests {
         assert_eq!(u.url(6100, Some("ab")), "wss://vnc.example:6100/?token=ab");
         u.public_host = "::1".into();
         assert_eq!(u.url(1, None), "wss://[::1]:1/");
+    }
+
+    fn lease(name: &str, port: u16, target: Endpoint, pid: Option<i32>) -> Lease {
+        let mut l = Lease::new(name, port, target, Timestamp::now());
+        l.process = pid.map(|pid| crate::lease::ProcRef { pid, start_time: 1 });
+        l
+    }
+
+    #[test]
+    fn system_status_has_the_seed_shape() {
+        let range = PortRange::new(6100, 6109).unwrap();
+        let tcp = Endpoint::Tcp {
+            host: "127.0.0.1".into(),
+            port: 5901,
+        };
+        let leases = BTreeMap::from([
+            ("a".to_owned(), lease("a", 6100, tcp.clone(), Some(10))),
+            ("b".to_owned(), lease("b", 6101, tcp.clone(), None)),
+            // Outside the pool (the range shrank): not an allocated pool port.
+            ("c".to_owned(), lease("c", 7000, tcp, Some(12))),
+        ]);
+        let s = SystemStatus::new(range, &leases, 2, 1, true);
+        assert_eq!(
+            s.to_json(),
+            serde_json::json!({
+                "port_pool": {
+                    "total_ports": 10,
+                    "allocated_ports": 2,
+                    "free_ports": 8,
+                    "utilization_percent": 20.0,
+                },
+                "active_processes": 2,
+                "dead_proxies": 1,
+                "orphan_processes": 1,
+                "controller_running": true,
+                "system_health": "warning",
+            })
+        );
+        let empty = SystemStatus::new(range, &BTreeMap::new(), 0, 0, false);
+        assert_eq!(empty.health(), "healthy");
+        assert_eq!(empty.to_json()["port_pool"]["free_ports"], 10);
+    }
+
+    #[test]
+    fn seed_sessions_map_names_to_url_ports_and_pid_without_tokens() {
+        let url = UrlStyle {
+            public_host: "vnc.example".into(),
+            web: false,
+            tls: false,
+        };
+        let tcp = lease(
+            "vm1",
+            6100,
+            Endpoint::Tcp {
+                host: "127.0.0.1".into(),
+                port: 5901,
+            },
+            Some(42),
+        );
+        let unix = lease(
+            "vm2",
+            6101,
+            Endpoint::Unix {
+                path: "/run/vm2.sock".into(),
+            },
+            None,
+        );
+        assert!(tcp.token.is_some());
+        let sessions = BTreeMap::from([
+            ("vm1".to_owned(), ActiveSession::of(&tcp)),
+            ("vm2".to_owned(), ActiveSession::of(&unix)),
+        ]);
+        let v = seed_sessions(&sessions, &url);
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "vm1": {"url": "ws://vnc.example:6100/", "ws_port": 6100, "vnc_port": 5901, "pid": 42},
+                "vm2": {"url": "ws://vnc.example:6101/", "ws_port": 6101, "vnc_port": null, "pid": null},
+            })
+        );
+        let token = tcp.token.unwrap();
+        assert!(!v.to_string().contains(&token));
     }
 }

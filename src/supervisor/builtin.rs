@@ -3,7 +3,7 @@
 //! It runs the very vncd binary, so there is nothing else to install, and each idle
 //! proxy costs about half a MiB instead of websockify's twenty (see BENCHMARKS.md).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use super::{Backend, CommandLine, ProxySpec, Tls};
 use crate::session::Endpoint;
@@ -56,6 +56,10 @@ impl Backend for Builtin {
     fn token_file(&self, spec: &ProxySpec) -> Option<String> {
         spec.token.as_ref().map(|t| format!("{t}\n"))
     }
+
+    fn stats_args(&self, path: &Path) -> Option<Vec<String>> {
+        Some(vec!["--stats-file".to_owned(), path.display().to_string()])
+    }
 }
 
 #[cfg(test)]
@@ -102,5 +106,9 @@ mod tests {
             ]
         );
         assert_eq!(b.token_file(&spec).as_deref(), Some("t0k\n"));
+        assert_eq!(
+            b.stats_args(Path::new("/s/stats/vm1.json")).unwrap(),
+            ["--stats-file", "/s/stats/vm1.json"]
+        );
     }
 }

@@ -70,6 +70,11 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// The content of the token file this backend reads (it differs per backend), or
     /// `None` when the session has no token. Written with mode 0600 before the spawn.
     fn token_file(&self, spec: &ProxySpec) -> Option<String>;
+    /// Extra arguments that make the proxy keep per-session counters in `path` (see
+    /// `proxy::stats`), or `None` if this backend cannot.
+    fn stats_args(&self, _path: &Path) -> Option<Vec<String>> {
+        None
+    }
 }
 
 /// A process that carries our owner marker.
@@ -220,7 +225,18 @@ impl Supervisor {
             })?;
             spec.token_file = Some(path);
         }
-        let line = self.backend.command(&spec);
+        let mut line = self.backend.command(&spec);
+        if let Some(path) = self.stats_file(&lease.session)
+            && let Some(extra) = self.backend.stats_args(&path)
+        {
+            // A missing directory only costs the counters; the proxy still serves.
+            if let Some(dir) = path.parent()
+                && let Err(e) = private_dir(dir)
+            {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot create stats directory");
+            }
+            line.args.extend(extra);
+        }
         let log_path = self.log_dir.join(format!("{}.log", lease.session));
         let log = open_log(&log_path).map_err(|source| SpawnError::Log {
             path: log_path.clone(),
@@ -325,6 +341,23 @@ impl Supervisor {
     /// Token files live beside the logs, in a directory only we can read.
     fn token_dir(&self) -> PathBuf {
         self.log_dir.with_file_name("tokens")
+    }
+
+    /// Where the proxy of `session` keeps its counters (`STATE/stats/NAME.json`, beside
+    /// the tokens and logs), if this backend keeps any.
+    pub fn stats_file(&self, session: &str) -> Option<PathBuf> {
+        let path = self
+            .log_dir
+            .with_file_name("stats")
+            .join(format!("{session}.json"));
+        self.backend.stats_args(&path).map(|_| path)
+    }
+
+    /// Forgets a released session's counters file.
+    pub fn forget(&self, session: &str) {
+        if let Some(path) = self.stats_file(session) {
+            let _ = std::fs::remove_file(path);
+        }
     }
 
     /// The last non-empty line a proxy wrote to its log, for failure messages.
@@ -511,12 +544,16 @@ pub fn classify_cached(
     obs
 }
 
-fn write_private(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+fn private_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
-        .create(dir)?;
+        .create(dir)
+}
+
+fn write_private(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    private_dir(dir)?;
     crate::fsutil::write_atomic(path, bytes, 0o600)
 }
 

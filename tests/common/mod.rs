@@ -382,8 +382,10 @@ pub fn pool_base(size: u16) -> u16 {
         "libvirt" => 4,
         "ready" => 5,
         "kube" => 6,
+        "http" => 7,
+        // Hashed bands start after the named ones, so they never meet one of those.
         other => {
-            7 + other
+            8 + other
                 .bytes()
                 .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)))
                 % 4

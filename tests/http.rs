@@ -1,0 +1,301 @@
+//! `vncd run --http`: the real binary, a real QEMU VNC server and real proxies, observed
+//! only through the HTTP endpoints (/readyz, /metrics, /v1/status, /v1/sessions).
+//! Everything listens on loopback; every process a test starts is ended by pid in a Drop
+//! guard (the Vncd harness ends vncd and the proxies carrying its state directory).
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+/// One HTTP/1.1 request to loopback: (status, body), or None if nothing listens yet.
+fn http(port: u16, method: &str, path: &str) -> Option<(u16, String)> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let (head, body) = out.split_once("\r\n\r\n")?;
+    let status = head.split(' ').nth(1)?.parse().ok()?;
+    Some((status, body.to_owned()))
+}
+
+fn get(port: u16, path: &str) -> (u16, String) {
+    http(port, "GET", path).unwrap_or_else(|| panic!("GET {path}: no answer"))
+}
+
+fn get_json(port: u16, path: &str) -> Value {
+    let (status, body) = get(port, path);
+    assert_eq!(status, 200, "GET {path}: {body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// The value of one sample (`name` with its labels exactly as rendered).
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+fn metric(port: u16, name: &str) -> Option<f64> {
+    let (status, body) = get(port, "/metrics");
+    assert_eq!(status, 200, "{body}");
+    sample(&body, name)
+}
+
+/// Waits until `name` satisfies `ok`; returns its value.
+fn wait_metric(port: u16, name: &str, ok: impl Fn(f64) -> bool) -> f64 {
+    let mut last = None;
+    let start = std::time::Instant::now();
+    loop {
+        last = metric(port, name).or(last);
+        if let Some(v) = last.filter(|v| ok(*v)) {
+            return v;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{name}: last value {last:?}\n{}",
+            get(port, "/metrics").1
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A vncd with `--http` on a port of this binary's band.
+fn vncd_with_http(pool: u16) -> (Vncd, u16) {
+    let mut v = Vncd::new(pool);
+    let http_port = pool_base(1);
+    v.extra = vec!["--http".into(), format!("127.0.0.1:{http_port}")];
+    v.start();
+    (v, http_port)
+}
+
+/// Waits for /readyz to answer 200 and checks a full pass is behind it.
+fn wait_ready_http(port: u16) {
+    let mut seen = Vec::new();
+    wait_for("/readyz 200", Duration::from_secs(20), || {
+        let (status, _) = http(port, "GET", "/readyz")?;
+        seen.push(status);
+        (status == 200).then_some(())
+    });
+    assert!(seen.iter().all(|s| *s == 200 || *s == 503), "{seen:?}");
+    // Ready means a pass has completed: it is timed, and the view is published.
+    assert!(metric(port, "vncd_reconcile_duration_seconds_count").unwrap() >= 1.0);
+    assert_eq!(get(port, "/v1/status").0, 200);
+}
+
+/// A proxy planted with this vncd's marker and no lease; killed and reaped on drop.
+struct Planted(Child);
+
+impl Drop for Planted {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn http_endpoints_follow_a_session_from_creation_to_deletion() {
+    let qemu = Qemu::tcp();
+    let (v, port) = vncd_with_http(4);
+    wait_ready_http(port);
+
+    let st = get_json(port, "/v1/status");
+    assert_eq!(st["port_pool"]["total_ports"], 4, "{st}");
+    assert_eq!(st["port_pool"]["allocated_ports"], 0, "{st}");
+    assert_eq!(st["controller_running"], true, "{st}");
+    assert_eq!(get_json(port, "/v1/sessions"), serde_json::json!({}));
+    assert_eq!(metric(port, "vncd_pool_ports"), Some(4.0));
+    assert_eq!(metric(port, "vncd_pool_leased_ports"), Some(0.0));
+    assert_eq!(metric(port, "vncd_pool_free_ports"), Some(4.0));
+    let starts0 = metric(port, "vncd_proxy_starts_total").unwrap();
+
+    // Create: the lease and the proxy show up.
+    v.add_session("vm1", qemu.port);
+    let status = v.wait_ready("vm1");
+    let ws_port = status["port"].as_u64().unwrap();
+    let pid = status["pid"].as_i64().unwrap();
+    let sessions = get_json(port, "/v1/sessions");
+    let s = &sessions["vm1"];
+    assert_eq!(s["ws_port"], ws_port, "{sessions}");
+    assert_eq!(s["vnc_port"], qemu.port, "{sessions}");
+    assert_eq!(s["pid"], pid, "{sessions}");
+    assert_eq!(s["url"], format!("ws://127.0.0.1:{ws_port}/"), "{sessions}");
+    let token_url = status["url"].as_str().unwrap().to_owned();
+    let token = token_url.rsplit_once("token=").unwrap().1;
+    assert!(!get(port, "/v1/sessions").1.contains(token));
+    assert_eq!(
+        wait_metric(port, "vncd_pool_leased_ports", |v| v == 1.0),
+        1.0
+    );
+    assert_eq!(metric(port, "vncd_pool_free_ports"), Some(3.0));
+    assert!(metric(port, "vncd_proxy_starts_total").unwrap() >= starts0 + 1.0);
+    assert!(metric(port, "vncd_allocations_total").unwrap() >= 1.0);
+    wait_metric(port, "vncd_sessions{phase=\"Ready\"}", |v| v == 1.0);
+    let st = get_json(port, "/v1/status");
+    assert_eq!(st["port_pool"]["allocated_ports"], 1, "{st}");
+    assert_eq!(st["active_processes"], 1, "{st}");
+
+    // A client through the builtin proxy: its connections and bytes are counted.
+    if backend() == "builtin" {
+        let conns = "vncd_proxy_connections_total{session=\"vm1\"}";
+        let active = "vncd_proxy_active_connections{session=\"vm1\"}";
+        let down = "vncd_proxy_bytes_total{session=\"vm1\",direction=\"to_client\"}";
+        let up = "vncd_proxy_bytes_total{session=\"vm1\",direction=\"to_vnc\"}";
+        assert_eq!(wait_metric(port, conns, |v| v == 0.0), 0.0);
+        let mut c = Client::connect(&token_url).await;
+        assert_eq!(c.read(12).await, b"RFB 003.008\n");
+        c.handshake().await;
+        wait_metric(port, conns, |v| v == 1.0);
+        wait_metric(port, active, |v| v == 1.0);
+        // The banner, the security types and ServerInit came down; the client's version,
+        // security choice and ClientInit went up.
+        wait_metric(port, down, |v| v >= 12.0 + 4.0 + 24.0);
+        wait_metric(port, up, |v| v >= 14.0);
+        drop(c);
+        wait_metric(port, active, |v| v == 0.0);
+        assert_eq!(metric(port, conns), Some(1.0));
+        // A refused upgrade (no token) is counted too, and never reaches the VNC server.
+        assert!(
+            try_banner(&format!("ws://127.0.0.1:{ws_port}/"))
+                .await
+                .is_err()
+        );
+        wait_metric(
+            port,
+            "vncd_proxy_refused_connections_total{session=\"vm1\"}",
+            |v| v >= 1.0,
+        );
+        assert_eq!(metric(port, conns), Some(1.0));
+    }
+
+    // A killed proxy is restarted on its lease: a restart.
+    let restarts0 = metric(port, "vncd_proxy_restarts_total").unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_metric(port, "vncd_proxy_restarts_total", |v| v >= restarts0 + 1.0);
+    let new_pid = wait_for("a new proxy pid", Duration::from_secs(20), || {
+        let s = get_json(port, "/v1/sessions");
+        s["vm1"]["pid"].as_i64().filter(|p| *p != pid)
+    });
+    assert!(pid_alive(new_pid));
+    assert_eq!(
+        get_json(port, "/v1/sessions")["vm1"]["ws_port"],
+        ws_port,
+        "same lease"
+    );
+
+    // Delete: the lease goes, and so does the session.
+    v.remove_session("vm1");
+    wait_metric(port, "vncd_pool_leased_ports", |v| v == 0.0);
+    assert_eq!(metric(port, "vncd_pool_free_ports"), Some(4.0));
+    assert!(metric(port, "vncd_releases_total").unwrap() >= 1.0);
+    wait_for("/v1/sessions empty", Duration::from_secs(10), || {
+        (get_json(port, "/v1/sessions") == serde_json::json!({})).then_some(())
+    });
+    assert_eq!(
+        get_json(port, "/v1/status")["port_pool"]["allocated_ports"],
+        0
+    );
+    wait_metric(port, "vncd_sessions{phase=\"Ready\"}", |v| v == 0.0);
+    assert!(
+        !v.state.join("stats").join("vm1.json").exists(),
+        "stats file forgotten with the lease"
+    );
+
+    // Bad requests get a clear 4xx.
+    let (status, body) = http(port, "POST", "/v1/sessions").unwrap();
+    assert_eq!(status, 405, "{body}");
+    let (status, body) = get(port, "/v2/whatever");
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("/metrics"), "{body}");
+    // vncd's log never carries a token.
+    assert!(!v.log().contains(token), "token in the vncd log");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_planted_orphan_is_reaped_and_counted() {
+    let qemu = Qemu::tcp();
+    let (v, port) = vncd_with_http(3);
+    wait_ready_http(port);
+    assert_eq!(metric(port, "vncd_orphans_reaped_total"), Some(0.0));
+
+    // A real proxy that carries this vncd's marker but matches no lease.
+    let orphan_port = v.range.1;
+    let mut orphan = Planted(
+        Command::new(BIN)
+            .args(["proxy", "--listen"])
+            .arg(format!("127.0.0.1:{orphan_port}"))
+            .arg("--target")
+            .arg(format!("127.0.0.1:{}", qemu.port))
+            .env(vncd::supervisor::marker::OWNER, v.owner())
+            .env(vncd::supervisor::marker::SESSION, "ghost")
+            .env(vncd::supervisor::marker::LEASE, "0123456789abcdef")
+            .env(vncd::supervisor::marker::PORT, orphan_port.to_string())
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_metric(port, "vncd_orphans_reaped_total", |v| v >= 1.0);
+    wait_for("the orphan to end", Duration::from_secs(10), || {
+        orphan.0.try_wait().unwrap()
+    });
+    let st = get_json(port, "/v1/status");
+    assert_eq!(st["orphan_processes"], 0, "{st}");
+    assert_eq!(metric(port, "vncd_proxy_starts_total"), Some(0.0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn readyz_turns_200_only_once_the_first_pass_is_done() {
+    // The first pass will have to commit a lease; holding leases.lock keeps it waiting.
+    let mut v = Vncd::new(2);
+    v.add_session("vm0", 1);
+    std::thread::sleep(Duration::from_millis(400)); // let the manifest settle
+    std::fs::create_dir_all(&v.state).unwrap();
+    let lock = vncd::store::lock::LockGuard::acquire(
+        &v.state.join("leases.lock"),
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    let port = pool_base(1);
+    v.extra = vec!["--http".into(), format!("127.0.0.1:{port}")];
+    v.start();
+    wait_for("/healthz 200", Duration::from_secs(20), || {
+        (http(port, "GET", "/healthz")?.0 == 200).then_some(())
+    });
+    for _ in 0..5 {
+        let (status, body) = get(port, "/readyz");
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("first sync"), "{body}");
+        assert_eq!(get(port, "/v1/status").0, 503);
+        assert_eq!(get(port, "/v1/sessions").0, 503);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        metric(port, "vncd_reconcile_duration_seconds_count"),
+        Some(0.0)
+    );
+    drop(lock);
+    wait_for("/readyz 200", Duration::from_secs(20), || {
+        (get(port, "/readyz").0 == 200).then_some(())
+    });
+    assert!(metric(port, "vncd_reconcile_duration_seconds_count").unwrap() >= 1.0);
+    assert_eq!(metric(port, "vncd_allocations_total"), Some(1.0));
+    let s = get_json(port, "/v1/sessions");
+    assert_eq!(s["vm0"]["vnc_port"], 1, "{s}");
+}
