@@ -541,6 +541,28 @@ async fn kubectl_get_shows_node_port_phase_age_and_wide_adds_target_and_url() {
         "name",
     ]);
     assert_eq!(mine.trim(), "vncsession.vncd.io/vm1");
+
+    // The same HTTP API as standalone mode: metrics and the seed's session map.
+    let (code, metrics) = v.get("/metrics").expect("GET /metrics");
+    assert_eq!(code, 200, "{metrics}");
+    let sample = |name: &str| {
+        metrics
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .and_then(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+    };
+    assert_eq!(sample("vncd_pool_leased_ports"), Some(1.0), "{metrics}");
+    assert_eq!(
+        sample(r#"vncd_sessions{phase="Ready"}"#),
+        Some(1.0),
+        "{metrics}"
+    );
+    let (code, body) = v.get("/v1/sessions").expect("GET /v1/sessions");
+    assert_eq!(code, 200, "{body}");
+    let sessions: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let vm1 = &sessions[format!("{ns}/vm1")];
+    assert_eq!(vm1["ws_port"].to_string(), port, "{body}");
+    assert_eq!(vm1["vnc_port"], u64::from(qemu.port), "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -354,6 +354,11 @@ impl KubeVncd {
 
     /// The HTTP status of GET `path` on --http, or None if nothing answers.
     pub fn probe(&self, path: &str) -> Option<u16> {
+        self.get(path).map(|(code, _)| code)
+    }
+
+    /// GET `path` from vncd's --http address: (status code, body).
+    pub fn get(&self, path: &str) -> Option<(u16, String)> {
         use std::io::Read;
         let mut s = std::net::TcpStream::connect(("127.0.0.1", self.http)).ok()?;
         s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
@@ -364,7 +369,9 @@ impl KubeVncd {
         .ok()?;
         let mut out = String::new();
         s.read_to_string(&mut out).ok()?;
-        out.split_whitespace().nth(1)?.parse().ok()
+        let code = out.split_whitespace().nth(1)?.parse().ok()?;
+        let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
+        Some((code, body))
     }
 
     /// Log lines (JSON) whose message is `msg`.
