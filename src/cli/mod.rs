@@ -104,14 +104,18 @@ pub struct PoolArgs {
 }
 
 fn init_logging(cli: &Cli) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
+    init_logging_with(&cli.log, cli.log_format);
+}
+
+fn init_logging_with(filter: &str, format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
-    match cli.log_format {
+    match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Human => builder.init(),
     }
@@ -175,6 +179,24 @@ pub(crate) fn emit(text: &str) {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+}
+
+/// The `vncd-proxy` executable: logging from `VNCD_LOG` / `VNCD_LOG_FORMAT` as `vncd`
+/// reads them, then the proxy.
+pub fn proxy_main(args: crate::proxy::ProxyArgs) -> ExitCode {
+    let format = match std::env::var("VNCD_LOG_FORMAT").as_deref() {
+        Ok("json") => LogFormat::Json,
+        _ => LogFormat::Human,
+    };
+    let filter = std::env::var("VNCD_LOG").unwrap_or_else(|_| "info".into());
+    init_logging_with(&filter, format);
+    match run_proxy(args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("vncd-proxy: error: {}", error_chain(&e));
+            ExitCode::from(2)
+        }
+    }
 }
 
 /// One proxy per session: a current-thread runtime keeps each process small.

@@ -159,11 +159,11 @@ impl ServeArgs {
     pub fn supervisor(&self, owner: String, log_dir: &Path) -> anyhow::Result<Supervisor> {
         let tls = self.tls()?;
         let backend: Box<dyn Backend> = match self.backend {
-            BackendKind::Builtin => Box::new(Builtin {
-                program: std::env::current_exe().context("cannot find the vncd executable")?,
+            BackendKind::Builtin => Box::new(Builtin::beside(
+                &std::env::current_exe().context("cannot find the vncd executable")?,
                 tls,
-                origins: self.origins.clone(),
-            }),
+                self.origins.clone(),
+            )),
             BackendKind::Websockify => {
                 anyhow::ensure!(
                     self.origins.is_empty(),

@@ -1,21 +1,49 @@
-//! The builtin backend: `vncd proxy`, vncd's own websocket -> VNC proxy.
+//! The builtin backend: vncd's own websocket -> VNC proxy.
 //!
-//! It runs the very vncd binary, so there is nothing else to install, and each idle
-//! proxy costs about half a MiB instead of websockify's twenty (see BENCHMARKS.md).
+//! It runs `vncd-proxy`, built with vncd and installed beside it, which links nothing but
+//! the proxy: each idle proxy costs about half a MiB instead of websockify's twenty (see
+//! BENCHMARKS.md). Without it (`cargo run` builds only `vncd`) it runs `vncd proxy`, the
+//! same code in the full binary, which works the same but maps libvirt's fifty shared
+//! libraries into every proxy (about 2.5 MiB each).
 
 use std::path::{Path, PathBuf};
 
 use super::{Backend, CommandLine, ProxySpec, Tls};
 use crate::session::Endpoint;
 
-/// Runs `vncd proxy --listen ADDR:PORT (--target HOST:PORT | --unix-target PATH) ...`.
+/// The small proxy executable, looked for beside `vncd`.
+pub const PROXY_EXE: &str = "vncd-proxy";
+
+/// Runs `vncd-proxy --listen ADDR:PORT (--target HOST:PORT | --unix-target PATH) ...`
+/// (or `vncd proxy ...`).
 #[derive(Clone, Debug)]
 pub struct Builtin {
-    /// The vncd executable.
+    /// `vncd-proxy`, or the vncd executable.
     pub program: PathBuf,
+    /// `program` is vncd itself, so the arguments start with its `proxy` subcommand.
+    pub subcommand: bool,
     pub tls: Option<Tls>,
     /// Allowed Origin headers; empty allows any.
     pub origins: Vec<String>,
+}
+
+impl Builtin {
+    /// The proxy beside the running `vncd` executable: `vncd-proxy` if it is there,
+    /// else `vncd proxy`.
+    pub fn beside(vncd: &Path, tls: Option<Tls>, origins: Vec<String>) -> Builtin {
+        let small = vncd.with_file_name(PROXY_EXE);
+        let (program, subcommand) = if small.is_file() {
+            (small, false)
+        } else {
+            (vncd.to_owned(), true)
+        };
+        Builtin {
+            program,
+            subcommand,
+            tls,
+            origins,
+        }
+    }
 }
 
 impl Backend for Builtin {
@@ -25,7 +53,11 @@ impl Backend for Builtin {
 
     fn command(&self, spec: &ProxySpec) -> CommandLine {
         let listen = std::net::SocketAddr::new(spec.listen, spec.port).to_string();
-        let mut args = vec!["proxy".to_owned(), "--listen".to_owned(), listen];
+        let mut args = Vec::new();
+        if self.subcommand {
+            args.push("proxy".to_owned());
+        }
+        args.extend(["--listen".to_owned(), listen]);
         match &spec.target {
             Endpoint::Tcp { .. } => args.extend(["--target".to_owned(), spec.target.to_string()]),
             Endpoint::Unix { path } => args.extend(["--unix-target".to_owned(), path.clone()]),
@@ -70,6 +102,7 @@ mod tests {
     fn builds_the_proxy_command_line() {
         let b = Builtin {
             program: "/usr/bin/vncd".into(),
+            subcommand: true,
             tls: Some(Tls {
                 cert: "/c.pem".into(),
                 key: "/k.pem".into(),
@@ -109,6 +142,37 @@ mod tests {
         assert_eq!(
             b.stats_args(Path::new("/s/stats/vm1.json")).unwrap(),
             ["--stats-file", "/s/stats/vm1.json"]
+        );
+    }
+
+    #[test]
+    fn prefers_the_small_proxy_beside_vncd() {
+        let dir = tempfile::tempdir().unwrap();
+        let vncd = dir.path().join("vncd");
+        let alone = Builtin::beside(&vncd, None, Vec::new());
+        assert_eq!(
+            (alone.program.as_path(), alone.subcommand),
+            (vncd.as_path(), true)
+        );
+        std::fs::write(dir.path().join(PROXY_EXE), b"").unwrap();
+        let b = Builtin::beside(&vncd, None, Vec::new());
+        assert_eq!(b.program, dir.path().join(PROXY_EXE));
+        assert!(!b.subcommand);
+        let spec = ProxySpec {
+            session: "vm1".into(),
+            listen: "127.0.0.1".parse().unwrap(),
+            port: 6100,
+            target: Endpoint::Tcp {
+                host: "127.0.0.1".into(),
+                port: 5901,
+            },
+            web: None,
+            token: None,
+            token_file: None,
+        };
+        assert_eq!(
+            b.command(&spec).args,
+            ["--listen", "127.0.0.1:6100", "--target", "127.0.0.1:5901"]
         );
     }
 }
