@@ -233,6 +233,7 @@ impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
         let started = Instant::now();
         let mut facts = PassFacts::default();
         let obs = self.supervisor.observe(&self.leases.leases);
+        let observed_ms = started.elapsed().as_millis() as u64;
         let now = self.now_ms();
         self.busy_ports.retain(|_, at| at.elapsed() < BUSY_FOR);
         for (session, state) in &obs.proxies {
@@ -421,17 +422,23 @@ impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
             }
         }
         let mut records = Vec::new();
-        for action in &plan.actions {
-            let Action::Start { session } = action else {
-                continue;
-            };
-            let Some(lease) = self.leases.leases.get(session).cloned() else {
-                continue;
-            };
+        let to_start: Vec<Lease> = plan
+            .actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Start { session } => self.leases.leases.get(session).cloned(),
+                _ => None,
+            })
+            .collect();
+        let spawn_started = Instant::now();
+        let spawned: Vec<_> = to_start.iter().map(|l| self.supervisor.spawn(l)).collect();
+        let spawn_ms = spawn_started.elapsed().as_millis() as u64;
+        for (lease, result) in to_start.into_iter().zip(spawned) {
+            let session = lease.session.clone();
             let r = self.restarts.entry(session.clone()).or_default();
             r.starts += 1;
             r.last_start_ms = now;
-            match self.supervisor.spawn(&lease) {
+            match result {
                 Ok(process) => {
                     info!(session = %session, port = lease.port, pid = process.pid, target = %lease.target, "started proxy");
                     self.metrics.proxy_started(lease.process.is_some());
@@ -453,6 +460,7 @@ impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
         }
 
         // 3. Report, from persisted leases only.
+        let report_started = Instant::now();
         let items = self
             .statuses
             .build(snapshot, &plan.reports, &self.leases.leases);
@@ -460,6 +468,10 @@ impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
         self.record(snapshot, &obs, &items, &facts);
         debug!(
             elapsed_ms = started.elapsed().as_millis() as u64,
+            observe_ms = observed_ms,
+            spawn_ms,
+            started = facts.started.len(),
+            report_ms = report_started.elapsed().as_millis() as u64,
             actions = plan.actions.len(),
             "pass done"
         );

@@ -9,6 +9,18 @@ use std::path::Path;
 /// the new content, never a mix: write a temp file beside it, fsync it, rename it over
 /// the target, then fsync the directory so the rename itself is durable.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    write_replacing(path, bytes, mode, true)
+}
+
+/// Like [`write_atomic`] (all or nothing for readers) but without the fsyncs, for files
+/// that need not survive a power loss: a proxy's token file is rewritten from the durable
+/// lease before every start, and a reboot ends the proxy that read it anyway. Starting
+/// hundreds of proxies at once then costs no disk flush per proxy.
+pub fn write_replace(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    write_replacing(path, bytes, mode, false)
+}
+
+fn write_replacing(path: &Path, bytes: &[u8], mode: u32, durable: bool) -> io::Result<()> {
     let dir = path.parent().unwrap_or_else(|| Path::new("."));
     let name = path
         .file_name()
@@ -26,9 +38,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
             .mode(mode)
             .open(&tmp)?;
         f.write_all(bytes)?;
-        f.sync_all()?;
+        if durable {
+            f.sync_all()?;
+        }
         fs::rename(&tmp, path)?;
-        File::open(dir)?.sync_all()
+        if durable {
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(())
     })();
     if result.is_err() {
         // Never leave a half-written temp file behind; the target is untouched.
@@ -48,6 +65,20 @@ mod tests {
         let p = dir.path().join("f.json");
         write_atomic(&p, b"one", 0o600).unwrap();
         write_atomic(&p, b"two", 0o600).unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"two");
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn the_fast_variant_replaces_content_the_same_way() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.token");
+        write_replace(&p, b"one", 0o600).unwrap();
+        write_replace(&p, b"two", 0o600).unwrap();
         assert_eq!(fs::read(&p).unwrap(), b"two");
         assert_eq!(
             fs::metadata(&p).unwrap().permissions().mode() & 0o777,

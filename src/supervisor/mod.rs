@@ -554,7 +554,7 @@ fn private_dir(dir: &Path) -> std::io::Result<()> {
 
 fn write_private(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     private_dir(dir)?;
-    crate::fsutil::write_atomic(path, bytes, 0o600)
+    crate::fsutil::write_replace(path, bytes, 0o600)
 }
 
 fn open_log(path: &Path) -> std::io::Result<std::fs::File> {
