@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Compare `vncd proxy` with websockify 0.13 (PyPI) on this machine, in one run.
+# Compare vncd's builtin proxy (`vncd-proxy`, what `vncd run` starts when installed beside
+# it) with websockify 0.13 (PyPI) on this machine, in one run.
 #
 #   benches/proxy-vs-websockify.sh [N] [LATENCY_SAMPLES] [THROUGHPUT_MIB]
 #
@@ -30,8 +31,8 @@ WSV=$(python3 -c 'import importlib.metadata as m; print(m.version("websockify"))
 [ "$WSV" = "0.13.0" ] || { echo "need websockify 0.13.0 from PyPI (pip install websockify==0.13.0), found '${WSV:-none}'" >&2; exit 1; }
 
 echo "# building release vncd and examples/wsbench ..." >&2
-(cd "$ROOT" && cargo build --quiet --release --bin vncd --example wsbench)
-VNCD=$CARGO_TARGET_DIR/release/vncd
+(cd "$ROOT" && cargo build --quiet --release --bin vncd --bin vncd-proxy --example wsbench)
+VNCD=$CARGO_TARGET_DIR/release/vncd-proxy
 WSBENCH=$CARGO_TARGET_DIR/release/examples/wsbench
 
 WORK=$(mktemp -d)
@@ -93,7 +94,7 @@ def listening(port):
 
 def command(port, target):
     if kind == "vncd":
-        return [vncd, "proxy", "--listen", f"127.0.0.1:{port}", "--target", f"127.0.0.1:{target}"]
+        return [vncd, "--listen", f"127.0.0.1:{port}", "--target", f"127.0.0.1:{target}"]
     return [sys.executable, "-m", "websockify", f"127.0.0.1:{port}", f"127.0.0.1:{target}"]
 
 procs = []
