@@ -299,3 +299,94 @@ async fn readyz_turns_200_only_once_the_first_pass_is_done() {
     let s = get_json(port, "/v1/sessions");
     assert_eq!(s["vm0"]["vnc_port"], 1, "{s}");
 }
+
+/// Sends `raw` bytes and returns whatever comes back before the server closes (or 5 s).
+fn raw_exchange(port: u16, raw: &[u8]) -> String {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    // The server may answer and close before it has read everything: ignore write errors.
+    let _ = s.write_all(raw);
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_requests_to_the_api_get_an_error_and_disturb_nothing() {
+    let qemu = Qemu::tcp();
+    let (v, port) = vncd_with_http(4);
+    wait_ready_http(port);
+    v.add_session("vm1", qemu.port);
+    let before = v.wait_ready("vm1");
+    let big_header = format!(
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(200_000)
+    );
+    let many_headers = format!(
+        "GET /metrics HTTP/1.1\r\nHost: x\r\n{}\r\n",
+        (0..500)
+            .map(|i| format!("X-{i}: y\r\n"))
+            .collect::<String>()
+    );
+    let long_path = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "p".repeat(100_000));
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("binary junk", vec![0, 159, 146, 150, 255, 0, 1, 2, 3]),
+        ("not HTTP", b"HELLO\r\n\r\n".to_vec()),
+        ("oversized header", big_header.into_bytes()),
+        ("500 headers", many_headers.into_bytes()),
+        ("100 KB path", long_path.into_bytes()),
+        (
+            "websocket upgrade",
+            b"GET /v1/sessions HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n".to_vec(),
+        ),
+        (
+            "POST with a body",
+            b"POST /v1/sessions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello".to_vec(),
+        ),
+        (
+            "lying content-length",
+            b"GET /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\n\r\nab".to_vec(),
+        ),
+        ("path traversal", b"GET /../../etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n".to_vec()),
+        ("HTTP/0.9", b"GET /metrics\r\n\r\n".to_vec()),
+    ];
+    for (what, raw) in &cases {
+        let answer = raw_exchange(port, raw);
+        let status: Option<u16> = answer
+            .strip_prefix("HTTP/1.1 ")
+            .and_then(|r| r.get(..3))
+            .and_then(|c| c.parse().ok());
+        // RELIABILITY.md's table of bad inputs quotes these lines.
+        eprintln!(
+            "bad API input: {what} -> {}",
+            answer.lines().next().unwrap_or("(closed, no answer)")
+        );
+        // Either a client error, or the connection closed with no answer (a request too
+        // broken to answer); never a success, never a server error.
+        match status {
+            // The API speaks no websocket: an upgrade is never accepted (a plain answer
+            // that ignores the header is fine). A GET's body is not read, so a lying
+            // Content-Length neither hangs the server nor changes the answer.
+            Some(code) if matches!(*what, "websocket upgrade" | "lying content-length") => assert!(
+                code != 101 && code < 500,
+                "{what}: answered {code}:\n{answer:.300}"
+            ),
+            Some(code) => assert!(
+                (400..500).contains(&code),
+                "{what}: answered {code}:\n{answer:.300}"
+            ),
+            None => assert!(answer.is_empty(), "{what}: {answer:.300}"),
+        }
+        // vncd keeps serving the API and the console.
+        assert_eq!(get(port, "/healthz").0, 200, "after {what}");
+    }
+    let after = v.wait_ready("vm1");
+    assert!(before["pid"].is_i64(), "{before}");
+    assert_eq!(after["pid"], before["pid"], "the proxy was not disturbed");
+    assert_eq!(
+        rfb_banner(after["url"].as_str().unwrap()).await,
+        b"RFB 003.008\n"
+    );
+    assert!(!v.log().contains("panicked"), "vncd panicked:\n{}", v.log());
+}
