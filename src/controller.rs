@@ -62,7 +62,23 @@ pub struct Controller<S, L, R> {
     /// The allocation-failure reason each waiting session was last counted under, so a
     /// session waiting for many passes counts once.
     alloc_waiting: BTreeMap<String, &'static str>,
+    /// The lease store has been refusing commits (unwritable, corrupt): since when, how
+    /// often, and when that was last logged as an error.
+    store_failing: Option<StoreFailing>,
 }
+
+/// See [`Controller::store_failing`].
+#[derive(Debug)]
+struct StoreFailing {
+    error: String,
+    since: Instant,
+    passes: u64,
+    logged: Instant,
+}
+
+/// While the same store error repeats, it is logged as an ERROR at most this often (every
+/// pass at debug level), so an unwritable state directory does not flood the log.
+const STORE_ERROR_EVERY: Duration = Duration::from_secs(60);
 
 /// The allocation failures a plan reports (besides those the controller sees itself).
 const ALLOCATION_FAILURES: [&str; 3] = [
@@ -125,6 +141,7 @@ impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
             metrics: Metrics::default(),
             synced: None,
             alloc_waiting: BTreeMap::new(),
+            store_failing: None,
         }
     }
 
@@ -574,6 +591,13 @@ impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
         match self.store.commit(self.leases.revision, changes).await {
             Ok(set) => {
                 self.leases = set;
+                if let Some(f) = self.store_failing.take() {
+                    info!(
+                        failed_passes = f.passes,
+                        failing_for_ms = f.since.elapsed().as_millis() as u64,
+                        "lease changes persist again"
+                    );
+                }
                 Commit::Done
             }
             Err(StoreError::Conflict { .. }) => {
@@ -585,7 +609,30 @@ impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
                 Commit::Conflict
             }
             Err(e) => {
-                error!(error = %e, "cannot persist lease changes; nothing was started or released");
+                let text = e.to_string();
+                let now = Instant::now();
+                match &mut self.store_failing {
+                    Some(f) if f.error == text && f.logged.elapsed() < STORE_ERROR_EVERY => {
+                        f.passes += 1;
+                        debug!(error = %e, failed_passes = f.passes, "cannot persist lease changes; nothing was started or released");
+                    }
+                    failing => {
+                        let (since, passes) = failing
+                            .as_ref()
+                            .map_or((now, 1), |f| (f.since, f.passes + 1));
+                        error!(
+                            error = %e,
+                            failed_passes = passes,
+                            "cannot persist lease changes; nothing was started or released (while this repeats it is logged at debug level, as an error once a minute)"
+                        );
+                        *failing = Some(StoreFailing {
+                            error: text,
+                            since,
+                            passes,
+                            logged: now,
+                        });
+                    }
+                }
                 Commit::Failed
             }
         }

@@ -1053,6 +1053,17 @@ impl Chaos {
                 (passes > 5).then_some(())
             },
         );
+        // The failure is an ERROR once, then repeats at debug level (not a flood).
+        let log = log_since(&self.v, mark);
+        let errors = log
+            .lines()
+            .filter(|l| l.contains("cannot persist lease changes") && l.contains("ERROR"))
+            .count();
+        assert!(
+            (1..=2).contains(&errors),
+            "{errors} ERROR lines for one failing state file ({})",
+            self.stage
+        );
     }
 
     /// Makes the state directory read-only or full, asks for a new session and the removal
