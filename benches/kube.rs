@@ -143,16 +143,9 @@ fn session(node: &str, target_port: u16, finalizer: bool, name: &str) -> VncSess
     let mut o = VncSession::new(
         name,
         VncSessionSpec {
-            target: Target {
-                host: Some("127.0.0.1".into()),
-                port: Some(i32::from(target_port)),
-                unix_socket: None,
-                libvirt_domain: None,
-            },
-            port: None,
-            idle_timeout_seconds: None,
-            max_lifetime_seconds: None,
+            target: Target::tcp("127.0.0.1", target_port),
             node_name: Some(node.into()),
+            ..VncSessionSpec::default()
         },
     );
     if finalizer {

@@ -22,7 +22,9 @@ pub const TARGET_RULE_MESSAGE: &str =
     "spec.target needs exactly one of host+port, unixSocket or libvirtDomain";
 
 /// What a console session wants: a VNC server to expose on a websocket port.
-#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[derive(
+    CustomResource, Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema,
+)]
 #[kube(
     group = "vncd.io",
     version = "v1alpha1",
@@ -84,6 +86,25 @@ pub struct Target {
     /// runs (needs `vncd run --libvirt URI`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub libvirt_domain: Option<String>,
+}
+
+impl Target {
+    /// A TCP VNC server at `host:port`.
+    pub fn tcp(host: &str, port: u16) -> Target {
+        Target {
+            host: Some(host.to_owned()),
+            port: Some(i32::from(port)),
+            ..Target::default()
+        }
+    }
+
+    /// A VNC server on the unix socket at `path`.
+    pub fn unix(path: &str) -> Target {
+        Target {
+            unix_socket: Some(path.to_owned()),
+            ..Target::default()
+        }
+    }
 }
 
 /// Where a session is in its life; the values a VM manager waits on.

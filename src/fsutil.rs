@@ -60,31 +60,19 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     #[test]
-    fn replaces_content_with_the_given_mode_and_leaves_no_temp_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("f.json");
-        write_atomic(&p, b"one", 0o600).unwrap();
-        write_atomic(&p, b"two", 0o600).unwrap();
-        assert_eq!(fs::read(&p).unwrap(), b"two");
-        assert_eq!(
-            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
-        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
-    }
-
-    #[test]
-    fn the_fast_variant_replaces_content_the_same_way() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("t.token");
-        write_replace(&p, b"one", 0o600).unwrap();
-        write_replace(&p, b"two", 0o600).unwrap();
-        assert_eq!(fs::read(&p).unwrap(), b"two");
-        assert_eq!(
-            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
-        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    fn both_writers_replace_content_with_the_given_mode_and_leave_no_temp_file() {
+        for write in [write_atomic, write_replace] {
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("f.json");
+            write(&p, b"one", 0o600).unwrap();
+            write(&p, b"two", 0o600).unwrap();
+            assert_eq!(fs::read(&p).unwrap(), b"two");
+            assert_eq!(
+                fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+                0o600
+            );
+            assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+        }
     }
 
     #[test]

@@ -225,6 +225,14 @@ pub async fn serve(addr: SocketAddr, router: Router) -> Result<SocketAddr, BindE
     Ok(local)
 }
 
+/// Serves [`router`]`(state)` on `addr` and logs where: what `vncd run` and `vncd kube`
+/// do with `--http`.
+pub async fn serve_api(addr: SocketAddr, state: AppState) -> Result<SocketAddr, BindError> {
+    let bound = serve(addr, router(state)).await?;
+    tracing::info!(addr = %bound, "serving /healthz /readyz /metrics /v1/status /v1/sessions");
+    Ok(bound)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

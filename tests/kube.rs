@@ -23,16 +23,9 @@ use vncd::api::{Phase, Target, VncSession, VncSessionSpec, VncSessionStatus};
 
 fn spec(node: Option<&str>, target_port: u16) -> VncSessionSpec {
     VncSessionSpec {
-        target: Target {
-            host: Some("127.0.0.1".into()),
-            port: Some(i32::from(target_port)),
-            unix_socket: None,
-            libvirt_domain: None,
-        },
-        port: None,
-        idle_timeout_seconds: None,
-        max_lifetime_seconds: None,
+        target: Target::tcp("127.0.0.1", target_port),
         node_name: node.map(str::to_owned),
+        ..VncSessionSpec::default()
     }
 }
 
@@ -172,6 +165,31 @@ async fn token_secrets(client: &kube::Client, ns: &str) -> Vec<String> {
         .iter()
         .map(|s| s.name_any())
         .collect()
+}
+
+/// What most tests start from: a namespace and node of their own, a QEMU VNC server and
+/// a running `vncd kube` (a pool of 5 ports) serving that node in that namespace.
+struct Single {
+    qemu: Qemu,
+    v: KubeVncd,
+    client: kube::Client,
+    api: Api<VncSession>,
+}
+
+async fn single(ns: &str, node: &str) -> Single {
+    let c = cluster();
+    c.create_namespace(ns);
+    let qemu = Qemu::tcp();
+    let mut v = KubeVncd::new(node, Some(ns), ns, 5);
+    v.start();
+    let client = c.client().await;
+    let api = Api::namespaced(client.clone(), ns);
+    Single {
+        qemu,
+        v,
+        client,
+        api,
+    }
 }
 
 fn port_of(o: &VncSession) -> u16 {
@@ -494,12 +512,8 @@ async fn invalid_objects_are_refused_by_the_schema_or_reported_in_status() {
 async fn kubectl_get_shows_node_port_phase_age_and_wide_adds_target_and_url() {
     let c = cluster();
     let ns = "columns";
-    c.create_namespace(ns);
-    let qemu = Qemu::tcp();
     let node = "node-columns";
-    let mut v = KubeVncd::new(node, Some(ns), ns, 5);
-    v.start();
-    let api: Api<VncSession> = Api::namespaced(c.client().await, ns);
+    let Single { qemu, v, api, .. } = single(ns, node).await;
     create(&api, "vm1", spec(Some(node), qemu.port)).await;
     let items = wait_ready(&api, 1, &[&v]).await;
     let port = port_of(&items[0]).to_string();
@@ -748,14 +762,9 @@ async fn the_charts_arguments_and_rbac_are_enough_to_serve_a_node() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_session_taken_off_the_node_is_released_and_stays_deletable() {
     use kube::api::{Patch, PatchParams};
-    let c = cluster();
     let ns = "moved";
-    c.create_namespace(ns);
-    let qemu = Qemu::tcp();
     let node = "node-moved";
-    let mut v = KubeVncd::new(node, Some(ns), ns, 5);
-    v.start();
-    let api: Api<VncSession> = Api::namespaced(c.client().await, ns);
+    let Single { qemu, v, api, .. } = single(ns, node).await;
     create(&api, "unassigned", spec(Some(node), qemu.port)).await;
     create(&api, "elsewhere", spec(Some(node), qemu.port)).await;
     let before = wait_ready(&api, 2, &[&v]).await;
@@ -817,12 +826,10 @@ async fn a_session_taken_off_the_node_is_released_and_stays_deletable() {
 async fn an_instance_that_loses_its_node_lease_stops_writing_and_exits() {
     let c = cluster();
     let ns = "fenced";
-    c.create_namespace(ns);
-    let qemu = Qemu::tcp();
     let node = "node-fenced";
-    let mut v = KubeVncd::new(node, Some(ns), ns, 5);
-    v.start();
-    let api: Api<VncSession> = Api::namespaced(c.client().await, ns);
+    let Single {
+        qemu, mut v, api, ..
+    } = single(ns, node).await;
     create(&api, "vm1", spec(Some(node), qemu.port)).await;
     let items = wait_ready(&api, 1, &[&v]).await;
 
@@ -857,15 +864,14 @@ async fn an_instance_that_loses_its_node_lease_stops_writing_and_exits() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_expired_session_stays_down_across_restarts_until_its_spec_changes() {
-    let c = cluster();
     let ns = "expiry";
-    c.create_namespace(ns);
-    let qemu = Qemu::tcp();
     let node = "node-expiry";
-    let mut v = KubeVncd::new(node, Some(ns), ns, 5);
-    v.start();
-    let kc = c.client().await;
-    let api: Api<VncSession> = Api::namespaced(kc.clone(), ns);
+    let Single {
+        qemu,
+        mut v,
+        client: kc,
+        api,
+    } = single(ns, node).await;
     let mut s = spec(Some(node), qemu.port);
     s.max_lifetime_seconds = Some(3);
     create(&api, "vm1", s).await;

@@ -137,16 +137,15 @@ pub fn kube(args: KubeArgs) -> anyhow::Result<ExitCode> {
         let health = Health::default();
         let metrics = crate::metrics::Metrics::new();
         if let Some(addr) = args.http {
-            let bound = crate::http::serve(
+            crate::http::serve_api(
                 addr,
-                crate::http::router(AppState {
+                AppState {
                     health: health.clone(),
                     metrics: Some(metrics.clone()),
                     urls: Some(url.clone()),
-                }),
+                },
             )
             .await?;
-            info!(addr = %bound, "serving /healthz and /readyz");
         }
 
         info!(node = %node, lease = %lease_cfg.name(), namespace = %lease_cfg.namespace, identity = %lease_cfg.identity, "taking the node lease");

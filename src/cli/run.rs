@@ -69,16 +69,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         let health = Health::standalone();
         let metrics = Metrics::new();
         if let Some(addr) = args.http {
-            let bound = crate::http::serve(
+            crate::http::serve_api(
                 addr,
-                crate::http::router(AppState {
+                AppState {
                     health: health.clone(),
                     metrics: Some(metrics.clone()),
                     urls: Some(url.clone()),
-                }),
+                },
             )
             .await?;
-            info!(addr = %bound, "serving /healthz /readyz /metrics /v1/status /v1/sessions");
         }
         info!(
             sessions_dir = %args.sessions.sessions_dir.display(),

@@ -163,16 +163,9 @@ mod tests {
         let mut o = VncSession::new(
             name,
             VncSessionSpec {
-                target: Target {
-                    host: Some("127.0.0.1".into()),
-                    port: Some(5901),
-                    unix_socket: None,
-                    libvirt_domain: None,
-                },
-                port: None,
-                idle_timeout_seconds: None,
-                max_lifetime_seconds: None,
+                target: Target::tcp("127.0.0.1", 5901),
                 node_name: Some("n1".into()),
+                ..VncSessionSpec::default()
             },
         );
         o.metadata.namespace = Some("ns".into());

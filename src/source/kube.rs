@@ -221,16 +221,10 @@ mod tests {
         let mut o = VncSession::new(
             name,
             VncSessionSpec {
-                target: Target {
-                    host: Some("127.0.0.1".into()),
-                    port: Some(5901),
-                    unix_socket: None,
-                    libvirt_domain: None,
-                },
+                target: Target::tcp("127.0.0.1", 5901),
                 port,
-                idle_timeout_seconds: None,
-                max_lifetime_seconds: None,
                 node_name: node.map(str::to_owned),
+                ..VncSessionSpec::default()
             },
         );
         o.metadata.namespace = Some("ns".into());

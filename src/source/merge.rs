@@ -122,10 +122,7 @@ pub fn merge(mut snap: Snapshot, table: Option<&DomainTable>) -> (Snapshot, Vec<
                         libvirt_domain: Some(domain.clone()),
                         ..Target::default()
                     },
-                    port: None,
-                    idle_timeout_seconds: None,
-                    max_lifetime_seconds: None,
-                    node_name: None,
+                    ..VncSessionSpec::default()
                 };
                 let desired = Desired {
                     name: name.clone(),
@@ -314,16 +311,7 @@ mod tests {
         let mut m = manifest_snapshot(&[], &[("web", "web")]);
         m.objects.insert(
             "web".into(),
-            VncSession::new(
-                "web",
-                VncSessionSpec {
-                    target: Target::default(),
-                    port: None,
-                    idle_timeout_seconds: None,
-                    max_lifetime_seconds: None,
-                    node_name: None,
-                },
-            ),
+            VncSession::new("web", VncSessionSpec::default()),
         );
         let (s, _) = merge(m, Some(&t));
         assert!(s.desired.is_empty());

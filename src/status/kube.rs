@@ -549,16 +549,7 @@ mod tests {
 
     #[test]
     fn items_map_back_to_session_keys() {
-        let mut o = VncSession::new(
-            "vm1",
-            crate::api::VncSessionSpec {
-                target: crate::api::Target::default(),
-                port: None,
-                idle_timeout_seconds: None,
-                max_lifetime_seconds: None,
-                node_name: None,
-            },
-        );
+        let mut o = VncSession::new("vm1", crate::api::VncSessionSpec::default());
         assert_eq!(item_key(&o).as_deref(), Some("vm1"));
         o.metadata.namespace = Some("ns".into());
         assert_eq!(item_key(&o).as_deref(), Some("ns/vm1"));

@@ -68,23 +68,12 @@ pub struct StatusBuilder {
 
 fn spec_of(target: &Endpoint) -> VncSessionSpec {
     let target = match target {
-        Endpoint::Tcp { host, port } => Target {
-            host: Some(host.clone()),
-            port: Some(i32::from(*port)),
-            unix_socket: None,
-            libvirt_domain: None,
-        },
-        Endpoint::Unix { path } => Target {
-            unix_socket: Some(path.clone()),
-            ..Target::default()
-        },
+        Endpoint::Tcp { host, port } => Target::tcp(host, *port),
+        Endpoint::Unix { path } => Target::unix(path),
     };
     VncSessionSpec {
         target,
-        port: None,
-        idle_timeout_seconds: None,
-        max_lifetime_seconds: None,
-        node_name: None,
+        ..VncSessionSpec::default()
     }
 }
 
@@ -177,16 +166,7 @@ impl StatusBuilder {
             if snapshot.desired.contains_key(&r.name) || reports.contains_key(&r.name) {
                 continue;
             }
-            let mut obj = VncSession::new(
-                &r.name,
-                VncSessionSpec {
-                    target: Target::default(),
-                    port: None,
-                    idle_timeout_seconds: None,
-                    max_lifetime_seconds: None,
-                    node_name: None,
-                },
-            );
+            let mut obj = VncSession::new(&r.name, VncSessionSpec::default());
             obj.metadata.annotations = Some(BTreeMap::from([(
                 SOURCE_ANNOTATION.to_owned(),
                 r.origin.clone(),
