@@ -217,9 +217,7 @@ impl Supervisor {
         };
         if let Some(content) = self.backend.token_file(&spec) {
             let path = self.token_dir().join(format!("{}.token", lease.session));
-            // Kubernetes session keys are `namespace/name`: one directory per namespace.
-            let dir = path.parent().unwrap_or(&self.token_dir()).to_owned();
-            write_private(&dir, &path, content.as_bytes()).map_err(|source| SpawnError::Token {
+            write_private(&path, content.as_bytes()).map_err(|source| SpawnError::Token {
                 path: path.clone(),
                 source,
             })?;
@@ -552,8 +550,12 @@ fn private_dir(dir: &Path) -> std::io::Result<()> {
         .create(dir)
 }
 
-fn write_private(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    private_dir(dir)?;
+/// Writes a 0600 file, creating its 0700 directory first (Kubernetes session keys are
+/// `namespace/name`: one directory per namespace).
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        private_dir(dir)?;
+    }
     crate::fsutil::write_replace(path, bytes, 0o600)
 }
 
