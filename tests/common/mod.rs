@@ -391,7 +391,12 @@ pub fn pool_base(size: u16) -> u16 {
                 % 4
         }
     };
-    let base = 20000 + band as u16 * 1000;
+    // VNCD_TEST_PORT_BASE moves every band, so two checkouts can run the suites at once.
+    let first: u16 = std::env::var("VNCD_TEST_PORT_BASE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20000);
+    let base = first + band as u16 * 1000;
     base + NEXT.fetch_add(size + 1, Ordering::SeqCst)
 }
 
