@@ -23,9 +23,9 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get};
 
+use crate::health::Synced;
 use crate::metrics::Metrics;
 use crate::status::UrlStyle;
-use crate::status::kube::Synced;
 
 /// What the probes look at. Cheap to clone; clones share the flags.
 #[derive(Clone, Debug, Default)]

@@ -10,6 +10,7 @@ pub mod api;
 pub mod cli;
 pub mod controller;
 pub mod fsutil;
+pub mod health;
 pub mod http;
 pub mod k8s;
 pub mod lease;

@@ -39,13 +39,11 @@ pub const PHASES: [Phase; 5] = [
 /// A new lease could not be persisted (an allocation failure reason).
 pub const STORE_ERROR: &str = "StoreError";
 
-/// The `reason` values of `vncd_allocation_failures_total`.
-pub const ALLOCATION_FAILURE_REASONS: [&str; 4] = [
-    reason::POOL_EXHAUSTED,
-    reason::PORT_CONFLICT,
-    reason::PORT_IN_USE,
-    STORE_ERROR,
-];
+/// The `reason` values of `vncd_allocation_failures_total`: the plan's waits for a port
+/// ([`reason::WAITING_FOR_PORT`]) and [`STORE_ERROR`].
+pub fn allocation_failure_reasons() -> impl Iterator<Item = &'static str> {
+    reason::WAITING_FOR_PORT.into_iter().chain([STORE_ERROR])
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PhaseLabel {
@@ -66,6 +64,81 @@ struct SessionLabel {
 struct DirectionLabel {
     session: String,
     direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ApiCallLabel {
+    verb: &'static str,
+    kind: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ApiVerbLabel {
+    verb: &'static str,
+    kind: &'static str,
+}
+
+/// Kubernetes API calls by verb, kind and outcome, and how long they took. A handle the
+/// Kubernetes adapters hold (cheap to clone), so every call is counted where it is made.
+#[derive(Clone, Debug)]
+pub struct ApiMetrics {
+    calls: Family<ApiCallLabel, Counter>,
+    durations: Family<ApiVerbLabel, Histogram, fn() -> Histogram>,
+}
+
+fn api_duration_histogram() -> Histogram {
+    // 1 ms to ~33 s: a healthy call takes milliseconds, a timed-out one its deadline.
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.001, 2.0, 16,
+    ))
+}
+
+impl Default for ApiMetrics {
+    fn default() -> Self {
+        ApiMetrics {
+            calls: Family::default(),
+            durations: Family::new_with_constructor(api_duration_histogram),
+        }
+    }
+}
+
+impl ApiMetrics {
+    /// Counts one call; `outcome` is `ok` or an error label ([`crate::k8s::error_label`]).
+    pub fn observe(
+        &self,
+        verb: &'static str,
+        kind: &'static str,
+        outcome: &'static str,
+        took: Duration,
+    ) {
+        self.calls
+            .get_or_create(&ApiCallLabel {
+                verb,
+                kind,
+                outcome,
+            })
+            .inc();
+        self.durations
+            .get_or_create(&ApiVerbLabel { verb, kind })
+            .observe(took.as_secs_f64());
+    }
+
+    /// Calls counted so far with these labels (for tests and benchmarks).
+    pub fn count(&self, verb: &'static str, kind: &'static str, outcome: &'static str) -> u64 {
+        self.calls
+            .get_or_create(&ApiCallLabel {
+                verb,
+                kind,
+                outcome,
+            })
+            .get()
+    }
 }
 
 /// The port pool after a pass.
@@ -199,6 +272,8 @@ struct Inner {
     orphans_reaped: Counter,
     pass_duration: Histogram,
     proxies: Arc<ProxyStats>,
+    store_errors: Family<KindLabel, Counter>,
+    api: ApiMetrics,
     view: RwLock<View>,
 }
 
@@ -239,6 +314,23 @@ impl Metrics {
             prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 15),
         );
         let proxies = Arc::new(ProxyStats::default());
+        let store_errors = Family::<KindLabel, Counter>::default();
+        let api = ApiMetrics::default();
+        r.register(
+            "vncd_store_errors",
+            "Lease store failures by kind (io, corrupt, lock, invalid; in Kubernetes mode the API failure: timeout, forbidden, server_error, transport, ...)",
+            store_errors.clone(),
+        );
+        r.register(
+            "vncd_kube_api_requests",
+            "Kubernetes API calls by verb, kind and outcome (ok, or the kind of failure)",
+            api.calls.clone(),
+        );
+        r.register(
+            "vncd_kube_api_request_duration_seconds",
+            "Time Kubernetes API calls take, by verb and kind (bounded by the call timeout)",
+            api.durations.clone(),
+        );
         r.register(
             "vncd_pool_ports",
             "Ports in the websocket port pool (--port-range)",
@@ -314,7 +406,7 @@ impl Metrics {
                 })
                 .set(0);
         }
-        for reason in ALLOCATION_FAILURE_REASONS {
+        for reason in allocation_failure_reasons() {
             allocation_failures
                 .get_or_create(&ReasonLabel {
                     reason: reason.to_owned(),
@@ -338,6 +430,8 @@ impl Metrics {
             orphans_reaped,
             pass_duration,
             proxies,
+            store_errors,
+            api,
             view: RwLock::new(View::default()),
         }))
     }
@@ -397,6 +491,16 @@ impl Metrics {
 
     pub fn proxy_start_failed(&self) {
         self.0.proxy_start_failures.inc();
+    }
+
+    /// A lease store load or commit failed; `kind` is [`crate::store::StoreError::metric_label`].
+    pub fn store_error(&self, kind: &'static str) {
+        self.0.store_errors.get_or_create(&KindLabel { kind }).inc();
+    }
+
+    /// The handle the Kubernetes adapters count their API calls with.
+    pub fn api(&self) -> ApiMetrics {
+        self.0.api.clone()
     }
 
     pub fn orphan_reaped(&self) {

@@ -142,18 +142,107 @@ pub enum Action {
     Unexpire { session: String },
 }
 
-impl Action {
-    /// True for actions that change the lease store.
-    pub fn changes_leases(&self) -> bool {
-        matches!(
-            self,
-            Action::Lease { .. }
-                | Action::Release { .. }
-                | Action::Retarget { .. }
-                | Action::Record { .. }
-                | Action::Expire { .. }
-                | Action::Unexpire { .. }
-        )
+/// A change to the lease store, carried out (and persisted) before anything acts on it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LeaseOp {
+    Lease {
+        session: String,
+        port: u16,
+    },
+    Release {
+        session: String,
+        port: u16,
+    },
+    Retarget {
+        session: String,
+        target: Endpoint,
+    },
+    Record {
+        session: String,
+        process: ProcRef,
+    },
+    Expire {
+        session: String,
+        generation: i64,
+        reason: &'static str,
+        message: String,
+    },
+    Unexpire {
+        session: String,
+    },
+}
+
+/// A process to end: a session's proxy, or an orphan of ours.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StopOp {
+    Session {
+        session: String,
+        process: ProcRef,
+        why: StopReason,
+    },
+    Orphan {
+        process: ProcRef,
+    },
+}
+
+/// A plan's actions by the stage that carries them out: persist the lease changes, then
+/// stop, then start. Built by one exhaustive match ([`Plan::staged`]), so a new kind of
+/// [`Action`] cannot be dropped by a stage that forgot it: it does not compile until it
+/// is given a stage.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Staged {
+    pub lease_ops: Vec<LeaseOp>,
+    pub stops: Vec<StopOp>,
+    /// Sessions whose persisted lease needs its proxy started.
+    pub starts: Vec<String>,
+}
+
+impl Plan {
+    /// The actions grouped by stage, in plan order within each.
+    pub fn staged(&self) -> Staged {
+        let mut out = Staged::default();
+        for action in self.actions.iter().cloned() {
+            match action {
+                Action::Lease { session, port } => {
+                    out.lease_ops.push(LeaseOp::Lease { session, port });
+                }
+                Action::Release { session, port } => {
+                    out.lease_ops.push(LeaseOp::Release { session, port });
+                }
+                Action::Retarget { session, target } => {
+                    out.lease_ops.push(LeaseOp::Retarget { session, target });
+                }
+                Action::Record { session, process } => {
+                    out.lease_ops.push(LeaseOp::Record { session, process });
+                }
+                Action::Expire {
+                    session,
+                    generation,
+                    reason,
+                    message,
+                } => out.lease_ops.push(LeaseOp::Expire {
+                    session,
+                    generation,
+                    reason,
+                    message,
+                }),
+                Action::Unexpire { session } => {
+                    out.lease_ops.push(LeaseOp::Unexpire { session });
+                }
+                Action::Stop {
+                    session,
+                    process,
+                    why,
+                } => out.stops.push(StopOp::Session {
+                    session,
+                    process,
+                    why,
+                }),
+                Action::KillOrphan { process } => out.stops.push(StopOp::Orphan { process }),
+                Action::Start { session } => out.starts.push(session),
+            }
+        }
+        out
     }
 }
 
@@ -172,6 +261,10 @@ pub mod reason {
     pub const TERMINATING: &str = "Terminating";
     pub const IDLE_TIMEOUT: &str = "IdleTimeout";
     pub const MAX_LIFETIME: &str = "MaxLifetime";
+
+    /// The reports of a session that waits for a port: each start of such a wait counts
+    /// as an allocation failure (the one list the controller and the metrics share).
+    pub const WAITING_FOR_PORT: [&str; 3] = [POOL_EXHAUSTED, PORT_CONFLICT, PORT_IN_USE];
 }
 
 /// What to tell the world about one desired session.

@@ -17,7 +17,7 @@ use tracing::{info, warn};
 
 use super::{PoolArgs, SessionsArgs, StateArgs, runtime};
 use crate::lease::Lease;
-use crate::reconcile::{self, Action, Inputs, Limits};
+use crate::reconcile::{self, Inputs, LeaseOp, Limits, StopOp};
 use crate::source::Source;
 use crate::source::dir::DirSource;
 use crate::source::merge::Merged;
@@ -147,21 +147,36 @@ async fn pass(
         });
         let mut stats = Stats::default();
         let mut releases = Vec::new();
-        for action in &plan.actions {
-            match action {
-                Action::Release { session, port } if !snapshot.desired.contains_key(session) => {
+        // Only the safe actions: releases of gone sessions whose proxy is dead, and ending
+        // orphans. Every other kind is counted or left to `vncd run`, by name, so a new
+        // kind of action must be placed here before this compiles.
+        let staged = plan.staged();
+        for op in &staged.lease_ops {
+            match op {
+                LeaseOp::Release { session, port } if !snapshot.desired.contains_key(session) => {
                     info!(session = %session, port, "releasing stale lease (session gone, proxy dead)");
                     releases.push(LeaseChange::Remove(session.clone()));
                 }
-                Action::KillOrphan { process } if sup.stop(*process).await => {
-                    warn!(pid = process.pid, "ended orphaned proxy");
-                    stats.orphans += 1;
-                }
-                Action::Start { .. } => stats.awaiting_restart += 1,
-                Action::Stop { .. } => stats.stopping += 1,
-                _ => {}
+                LeaseOp::Release { .. }
+                | LeaseOp::Lease { .. }
+                | LeaseOp::Retarget { .. }
+                | LeaseOp::Record { .. }
+                | LeaseOp::Expire { .. }
+                | LeaseOp::Unexpire { .. } => {}
             }
         }
+        for op in &staged.stops {
+            match op {
+                StopOp::Orphan { process } => {
+                    if sup.stop(*process).await {
+                        warn!(pid = process.pid, "ended orphaned proxy");
+                        stats.orphans += 1;
+                    }
+                }
+                StopOp::Session { .. } => stats.stopping += 1,
+            }
+        }
+        stats.awaiting_restart += staged.starts.len();
         if releases.is_empty() {
             return Ok(stats);
         }

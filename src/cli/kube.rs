@@ -22,6 +22,7 @@ use super::serve::{ServeArgs, secs, shutdown_signal};
 use crate::api::VncSession;
 use crate::controller::Controller;
 use crate::http::{AppState, Health};
+use crate::k8s::call::Metered;
 use crate::k8s::crd;
 use crate::k8s::events::Events;
 use crate::k8s::node_lease::{LeaseConfig, NodeLease};
@@ -136,6 +137,7 @@ pub fn kube(args: KubeArgs) -> anyhow::Result<ExitCode> {
 
         let health = Health::default();
         let metrics = crate::metrics::Metrics::new();
+        let metered = Metered::new(metrics.api());
         if let Some(addr) = args.http {
             crate::http::serve_api(
                 addr,
@@ -150,14 +152,14 @@ pub fn kube(args: KubeArgs) -> anyhow::Result<ExitCode> {
 
         info!(node = %node, lease = %lease_cfg.name(), namespace = %lease_cfg.namespace, identity = %lease_cfg.identity, "taking the node lease");
         let held = tokio::select! {
-            held = NodeLease::new(client.clone(), lease_cfg.clone()).acquire() => held,
+            held = NodeLease::new(client.clone(), lease_cfg.clone(), metered.clone()).acquire() => held,
             () = stopped(stop.clone()) => return anyhow::Ok(ExitCode::SUCCESS),
         };
         health.set_leader(true);
 
         let objects = Objects::default();
-        let writer = Writer::new(client.clone());
-        let events = Events::start(client.clone(), &node);
+        let writer = Writer::new(client.clone(), metered.clone());
+        let events = Events::start(client.clone(), &node, metered.clone());
         let source = KubeSource::start(api.clone(), &node, pool, objects.clone());
         tokio::select! {
             () = source.synced() => {}

@@ -67,7 +67,7 @@ pub struct Events {
 impl Events {
     /// Starts the publishing task. Events name `vncd` as the reporting controller and
     /// `vncd-NODE` as the instance.
-    pub fn start(client: Client, node: &str) -> Events {
+    pub fn start(client: Client, node: &str, metered: super::call::Metered) -> Events {
         let (tx, mut rx) = mpsc::channel::<Item>(QUEUE);
         let recorder = Recorder::new(
             client,
@@ -87,7 +87,9 @@ impl Events {
                     action: "Reconcile".into(),
                     secondary: None,
                 };
-                match recorder.publish(&ev, &item.regarding).await {
+                let name = item.regarding.name.clone().unwrap_or_default();
+                let publish = recorder.publish(&ev, &item.regarding);
+                match metered.call("create", "Event", &name, publish).await {
                     Ok(()) => {
                         count.fetch_add(1, Ordering::Relaxed);
                     }

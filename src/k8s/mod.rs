@@ -5,11 +5,14 @@
 //! [`crate::controller::Controller`]. This module holds what they have in common: the
 //! session key for namespaced objects, the cache of what the API server last told us
 //! ([`objects`]), event publishing ([`events`]), the per-node writer lease
-//! ([`node_lease`]), session tokens in Secrets ([`token`]) and the check that the CRD is
-//! installed ([`crd`]).
+//! ([`node_lease`]), session tokens in Secrets ([`token`]), the mapping of a lease to and from
+//! status fields ([`lease_fields`]), API call metering and timeouts ([`call`]) and the check
+//! that the CRD is installed ([`crd`]).
 
+pub mod call;
 pub mod crd;
 pub mod events;
+pub mod lease_fields;
 pub mod node_lease;
 pub mod objects;
 pub mod token;
@@ -37,6 +40,19 @@ pub fn session_key(namespace: &str, name: &str) -> String {
 /// The namespace and name of a session key, if it is one.
 pub fn split_key(key: &str) -> Option<(&str, &str)> {
     key.split_once('/')
+}
+
+/// The session key of an object, if it has a namespace and a name.
+pub fn key_of(obj: &crate::api::VncSession) -> Option<String> {
+    Some(session_key(
+        obj.metadata.namespace.as_deref()?,
+        obj.metadata.name.as_deref()?,
+    ))
+}
+
+/// The field selector that gives a node its own sessions (watch and list alike).
+pub fn node_selector(node: &str) -> String {
+    format!("spec.nodeName={node}")
 }
 
 /// A reference to a VncSession for events.
@@ -69,6 +85,35 @@ pub fn is_not_found(err: &kube::Error) -> bool {
     api_code(err) == Some(404)
 }
 
+/// The error of an API call that did not finish within its deadline
+/// ([`writer::API_TIMEOUT`]): a transport failure, as kube reports a dropped connection.
+pub fn timed_out(elapsed: tokio::time::error::Elapsed) -> kube::Error {
+    kube::Error::Service(Box::new(elapsed))
+}
+
+/// True if the call failed because it hit its deadline.
+pub fn is_timeout(err: &kube::Error) -> bool {
+    matches!(err, kube::Error::Service(e) if e.is::<tokio::time::error::Elapsed>())
+}
+
+/// A short, stable name for the kind of an API failure, for metric labels: operators
+/// alert on `timeout` and `unavailable` differently from `forbidden` (RBAC) or `conflict`.
+pub fn error_label(err: &kube::Error) -> &'static str {
+    if is_timeout(err) {
+        return "timeout";
+    }
+    match api_code(err) {
+        Some(409) => "conflict",
+        Some(404) => "not_found",
+        Some(401 | 403) => "forbidden",
+        Some(422 | 400) => "invalid",
+        Some(429) => "throttled",
+        Some(code) if code >= 500 => "server_error",
+        Some(_) => "api_error",
+        None => "transport",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -79,6 +124,35 @@ mod tests {
         assert_eq!(k, "tenant-a/vm-1.prod");
         assert_eq!(split_key(&k), Some(("tenant-a", "vm-1.prod")));
         assert_eq!(split_key("plain"), None);
+    }
+
+    #[test]
+    fn api_failures_are_labelled_by_kind() {
+        let status = |code: u16| {
+            kube::Error::Api(Box::new(kube::core::Status {
+                code,
+                ..kube::core::Status::default()
+            }))
+        };
+        assert_eq!(error_label(&status(409)), "conflict");
+        assert_eq!(error_label(&status(404)), "not_found");
+        assert_eq!(error_label(&status(403)), "forbidden");
+        assert_eq!(error_label(&status(503)), "server_error");
+        let elapsed = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap()
+            .block_on(async {
+                tokio::time::timeout(
+                    std::time::Duration::from_millis(1),
+                    std::future::pending::<()>(),
+                )
+                .await
+            })
+            .unwrap_err();
+        let e = timed_out(elapsed);
+        assert!(is_timeout(&e));
+        assert_eq!(error_label(&e), "timeout");
     }
 
     #[test]

@@ -20,7 +20,14 @@ use kube::{Api, Client};
 use tokio::sync::{oneshot, watch};
 use tracing::{debug, info, warn};
 
+use super::call::Metered;
 use super::{is_conflict, is_not_found};
+
+/// Parameters of every create and replace (none: the resourceVersion is the precondition).
+const POST: PostParams = PostParams {
+    dry_run: false,
+    field_manager: None,
+};
 
 /// Where the Lease lives and how it is held.
 #[derive(Clone, Debug)]
@@ -104,14 +111,21 @@ pub fn decide(spec: &LeaseSpec, me: &str, unchanged_for: Duration, default: Dura
 pub struct NodeLease {
     api: Api<Lease>,
     cfg: LeaseConfig,
+    metered: Metered,
     /// The resourceVersion we last saw and when we first saw it.
     observed: Option<(String, Instant)>,
 }
 
 impl NodeLease {
-    pub fn new(client: Client, cfg: LeaseConfig) -> Self {
+    /// Every call is bounded by `metered`'s deadline, or by what is left of the renew
+    /// deadline while renewing, whichever is shorter.
+    pub fn new(client: Client, cfg: LeaseConfig, metered: Metered) -> Self {
+        let per_call = metered
+            .timeout()
+            .min(cfg.retry().max(Duration::from_secs(1)));
         NodeLease {
             api: Api::namespaced(client, &cfg.namespace),
+            metered: metered.with_timeout(per_call),
             cfg,
             observed: None,
         }
@@ -152,7 +166,11 @@ impl NodeLease {
     /// the current holder's identity.
     pub async fn try_acquire(&mut self) -> Result<Result<Lease, String>, LeaseError> {
         let name = self.cfg.name();
-        let current = match self.api.get_opt(&name).await {
+        let current = match self
+            .metered
+            .call("get", "Lease", &name, self.api.get_opt(&name))
+            .await
+        {
             Ok(c) => c,
             Err(e) => return Err(self.err(e)),
         };
@@ -165,7 +183,8 @@ impl NodeLease {
                 },
                 spec: Some(self.spec_now(None)),
             };
-            return match self.api.create(&PostParams::default(), &lease).await {
+            let create = self.api.create(&POST, &lease);
+            return match self.metered.call("create", "Lease", &name, create).await {
                 Ok(l) => Ok(Ok(l)),
                 Err(e) if is_conflict(&e) => Ok(Err("another instance (just created)".into())),
                 Err(e) => Err(self.err(e)),
@@ -189,7 +208,8 @@ impl NodeLease {
             Decision::Take | Decision::Renew => {
                 let mut next = current.clone();
                 next.spec = Some(self.spec_now(Some(&spec)));
-                match self.api.replace(&name, &PostParams::default(), &next).await {
+                let replace = self.api.replace(&name, &POST, &next);
+                match self.metered.call("replace", "Lease", &name, replace).await {
                     Ok(l) => Ok(Ok(l)),
                     Err(e) if is_conflict(&e) => Ok(Err("another instance (raced us)".into())),
                     Err(e) => Err(self.err(e)),
@@ -220,19 +240,28 @@ impl NodeLease {
         }
     }
 
-    /// Renews `lease` (which we hold). `Ok(false)`: someone else holds it now.
-    async fn renew(&self, lease: &mut Lease) -> Result<bool, kube::Error> {
+    /// Renews `lease` (which we hold). `Ok(false)`: someone else holds it now. Each call
+    /// gives up after `left` (what remains of the renew deadline), so a hung API server
+    /// cannot keep this instance believing it holds the node past its deadline.
+    async fn renew(&self, lease: &mut Lease, left: Duration) -> Result<bool, kube::Error> {
         let name = self.cfg.name();
         let mut next = lease.clone();
         next.spec = Some(self.spec_now(lease.spec.as_ref()));
-        match self.api.replace(&name, &PostParams::default(), &next).await {
+        let m = &self.metered;
+        let within = left.min(m.timeout());
+        let replace = self.api.replace(&name, &POST, &next);
+        match m
+            .call_within(within, "replace", "Lease", &name, replace)
+            .await
+        {
             Ok(l) => {
                 *lease = l;
                 Ok(true)
             }
             Err(e) if is_conflict(&e) || is_not_found(&e) => {
                 // Someone wrote it: look whether it is still ours.
-                match self.api.get_opt(&name).await? {
+                let get = self.api.get_opt(&name);
+                match m.call_within(within, "get", "Lease", &name, get).await? {
                     Some(l)
                         if l.spec.as_ref().and_then(|s| s.holder_identity.as_deref())
                             == Some(self.cfg.identity.as_str()) =>
@@ -254,11 +283,9 @@ impl NodeLease {
             spec.holder_identity = None;
             spec.renew_time = Some(MicroTime(Timestamp::now()));
         }
-        match self
-            .api
-            .replace(&self.cfg.name(), &PostParams::default(), &next)
-            .await
-        {
+        let name = self.cfg.name();
+        let replace = self.api.replace(&name, &POST, &next);
+        match self.metered.call("replace", "Lease", &name, replace).await {
             Ok(_) => info!(lease = %self.cfg.name(), "released the node lease"),
             Err(e) => {
                 warn!(lease = %self.cfg.name(), error = %e, "cannot release the node lease; it expires on its own")
@@ -291,7 +318,12 @@ impl HeldLease {
                     }
                     () = tokio::time::sleep(contender.cfg.retry()) => {}
                 }
-                match contender.renew(&mut lease).await {
+                let left = contender
+                    .cfg
+                    .renew_deadline()
+                    .saturating_sub(last_ok.elapsed())
+                    .max(Duration::from_millis(100));
+                match contender.renew(&mut lease, left).await {
                     Ok(true) => last_ok = Instant::now(),
                     Ok(false) => {
                         let _ = lost_tx.send(Some(format!(

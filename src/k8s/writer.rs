@@ -16,6 +16,7 @@ use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
 use kube::{Api, Client};
 use serde_json::json;
 
+use super::call::Metered;
 use super::objects::Known;
 use super::{FIELD_MANAGER, FINALIZER};
 use crate::api::{API_VERSION, KIND, VncSession, VncSessionStatus};
@@ -43,11 +44,12 @@ impl WriteCounts {
     }
 }
 
-/// Performs and counts writes. Cheap to clone.
+/// Performs and counts writes, each bounded and metered by [`Metered`]. Cheap to clone.
 #[derive(Clone)]
 pub struct Writer {
     client: Client,
     counts: Arc<WriteCounts>,
+    metered: Metered,
 }
 
 impl std::fmt::Debug for Writer {
@@ -86,10 +88,11 @@ pub fn finalizers_with(current: &[String], ours: bool) -> Vec<String> {
 }
 
 impl Writer {
-    pub fn new(client: Client) -> Self {
+    pub fn new(client: Client, metered: Metered) -> Self {
         Writer {
             client,
             counts: Arc::default(),
+            metered,
         }
     }
 
@@ -119,9 +122,15 @@ impl Writer {
         self.counts.status.fetch_add(1, Ordering::Relaxed);
         let params = PatchParams::apply(FIELD_MANAGER).force();
         let body = status_apply_body(known, status);
+        let api = self.api(&known.namespace);
         let r = self
-            .api(&known.namespace)
-            .patch_status(&known.name, &params, &Patch::Apply(&body))
+            .metered
+            .call(
+                "apply",
+                "VncSession/status",
+                &known.name,
+                api.patch_status(&known.name, &params, &Patch::Apply(&body)),
+            )
             .await;
         self.note(&r);
         r
@@ -141,15 +150,18 @@ impl Writer {
                 "finalizers": finalizers_with(&known.finalizers, ours),
             }
         });
+        let params = PatchParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..PatchParams::default()
+        };
+        let api = self.api(&known.namespace);
         let r = self
-            .api(&known.namespace)
-            .patch(
+            .metered
+            .call(
+                "patch",
+                "VncSession/finalizers",
                 &known.name,
-                &PatchParams {
-                    field_manager: Some(FIELD_MANAGER.into()),
-                    ..PatchParams::default()
-                },
-                &Patch::Merge(&body),
+                api.patch(&known.name, &params, &Patch::Merge(&body)),
             )
             .await;
         self.note(&r);
@@ -162,11 +174,14 @@ impl Writer {
         self.counts.secret.fetch_add(1, Ordering::Relaxed);
         let ns = secret.metadata.namespace.as_deref().unwrap_or_default();
         let name = secret.metadata.name.as_deref().unwrap_or_default();
-        Api::<Secret>::namespaced(self.client.clone(), ns)
-            .patch(
+        let api = Api::<Secret>::namespaced(self.client.clone(), ns);
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        self.metered
+            .call(
+                "apply",
+                "Secret",
                 name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(secret),
+                api.patch(name, &params, &Patch::Apply(secret)),
             )
             .await
     }
@@ -177,8 +192,9 @@ impl Writer {
         namespace: &str,
         name: &str,
     ) -> Result<Option<Secret>, kube::Error> {
-        Api::<Secret>::namespaced(self.client.clone(), namespace)
-            .get_opt(name)
+        let api = Api::<Secret>::namespaced(self.client.clone(), namespace);
+        self.metered
+            .call("get", "Secret", name, api.get_opt(name))
             .await
     }
 
@@ -198,8 +214,10 @@ impl Writer {
             }),
             ..DeleteParams::default()
         };
-        match Api::<Secret>::namespaced(self.client.clone(), namespace)
-            .delete(name, &params)
+        let api = Api::<Secret>::namespaced(self.client.clone(), namespace);
+        match self
+            .metered
+            .call("delete", "Secret", name, api.delete(name, &params))
             .await
         {
             Ok(_) => Ok(()),
@@ -214,7 +232,21 @@ impl Writer {
         namespace: &str,
         name: &str,
     ) -> Result<Option<VncSession>, kube::Error> {
-        self.api(namespace).get_opt(name).await
+        let api = self.api(namespace);
+        self.metered
+            .call("get", "VncSession", name, api.get_opt(name))
+            .await
+    }
+
+    /// Lists VncSessions (one page), bounded and metered like every other call.
+    pub async fn list(
+        &self,
+        api: &Api<VncSession>,
+        params: &kube::api::ListParams,
+    ) -> Result<kube::core::ObjectList<VncSession>, kube::Error> {
+        self.metered
+            .call("list", "VncSession", "", api.list(params))
+            .await
     }
 }
 

@@ -26,8 +26,8 @@ use tracing::{debug, warn};
 
 use super::{Rejected, Snapshot, Source, SourceError};
 use crate::api::VncSession;
+use crate::k8s::node_selector;
 use crate::k8s::objects::Objects;
-use crate::k8s::session_key;
 use crate::pool::PortRange;
 use crate::session::Desired;
 
@@ -52,11 +52,6 @@ pub struct KubeSource {
     changed: Arc<Notify>,
     stats: Arc<WatchStats>,
     task: JoinHandle<()>,
-}
-
-/// The field selector that gives a node its own sessions.
-pub fn node_selector(node: &str) -> String {
-    format!("spec.nodeName={node}")
 }
 
 impl KubeSource {
@@ -202,14 +197,6 @@ impl Source for KubeSource {
     }
 }
 
-/// The key of an object, for callers that have one.
-pub fn key_of(obj: &VncSession) -> Option<String> {
-    Some(session_key(
-        obj.metadata.namespace.as_deref()?,
-        obj.metadata.name.as_deref()?,
-    ))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -299,6 +286,9 @@ mod tests {
     #[test]
     fn the_selector_names_the_node() {
         assert_eq!(node_selector("worker-1"), "spec.nodeName=worker-1");
-        assert_eq!(key_of(&obj("a", None, None)).as_deref(), Some("ns/a"));
+        assert_eq!(
+            crate::k8s::key_of(&obj("a", None, None)).as_deref(),
+            Some("ns/a")
+        );
     }
 }

@@ -20,8 +20,6 @@
 //! Events for Ready, Failed and PortConflict are emitted for the transitions written.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, stream};
@@ -29,13 +27,14 @@ use tracing::{debug, warn};
 
 use super::{StatusSink, UrlStyle};
 use crate::api::{Phase, VncSession, VncSessionStatus};
+use crate::health::Synced;
 use crate::k8s::events::{Events, Reason};
+use crate::k8s::lease_fields::put_lease_fields;
 use crate::k8s::objects::{Known, Objects};
 use crate::k8s::writer::{Backoff, Writer};
 use crate::k8s::{is_conflict, is_not_found, session_key};
 use crate::lease::Lease;
 use crate::reconcile::reason;
-use crate::store::kube_status::put_lease_fields;
 
 /// How long a change that keeps the phase must stand before it is written.
 ///
@@ -182,20 +181,6 @@ pub fn transition_events(
         out.push((Reason::PortConflict, msg));
     }
     out
-}
-
-/// Readiness shared with the HTTP endpoints: set once a full pass has been published.
-#[derive(Clone, Debug, Default)]
-pub struct Synced(Arc<AtomicBool>);
-
-impl Synced {
-    pub fn get(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
-    }
-
-    pub fn set(&self) {
-        self.0.store(true, Ordering::Relaxed);
-    }
 }
 
 #[derive(Debug, Default)]

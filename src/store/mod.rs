@@ -61,8 +61,28 @@ pub enum StoreError {
     #[error("a lease change is inconsistent: {0}")]
     Invalid(String),
     /// The Kubernetes API refused or failed a read or write (Kubernetes mode).
-    #[error("VncSession {object}: {detail}")]
-    Api { object: String, detail: String },
+    #[error("VncSession {object}: cannot {action}: {source}")]
+    Api {
+        object: String,
+        action: String,
+        #[source]
+        source: kube::Error,
+    },
+}
+
+impl StoreError {
+    /// A short, stable name for the kind of failure: the `kind` label of
+    /// `vncd_store_errors_total`.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            StoreError::Conflict { .. } => "conflict",
+            StoreError::Io { .. } => "io",
+            StoreError::Corrupt { .. } => "corrupt",
+            StoreError::Lock(_) => "lock",
+            StoreError::Invalid(_) => "invalid",
+            StoreError::Api { source, .. } => crate::k8s::error_label(source),
+        }
+    }
 }
 
 /// A durable home for leases. See the module docs.

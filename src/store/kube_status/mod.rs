@@ -21,6 +21,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+mod writes;
+
 use futures::{StreamExt, stream};
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -29,17 +31,17 @@ use kube::api::ListParams;
 use tracing::{debug, info, warn};
 
 use super::{LeaseChange, LeaseSet, LeaseStore, StoreError, apply_changes};
-use crate::api::{ExpiredStatus, Phase, VncSession, VncSessionStatus};
+use crate::api::{Phase, VncSession};
 use crate::k8s::events::{Events, Reason};
+use crate::k8s::lease_fields::{lease_from_status, put_lease_fields, whole_seconds};
 use crate::k8s::objects::{Known, Objects};
 use crate::k8s::token::{self, TokenSecret};
 use crate::k8s::writer::{Backoff, Writer};
-use crate::k8s::{is_conflict, is_not_found, split_key};
-use crate::lease::{Expiry, Lease, ProcRef};
+use crate::k8s::{is_conflict, is_not_found, key_of, node_selector, split_key};
+use crate::lease::{Expiry, Lease};
 use crate::reconcile::reason;
-use crate::session::Endpoint;
-use crate::source::kube::{key_of, node_selector};
 use crate::status::UrlStyle;
+pub use writes::{ExpiryOp, Write, plan_writes};
 
 /// Writes in flight at once during one commit.
 const PARALLEL_WRITES: usize = 16;
@@ -50,210 +52,27 @@ const RELEASE_ATTEMPTS: usize = 3;
 /// The reason a status shows after this node gave the session up.
 pub const RELEASED: &str = "Released";
 
-/// Writes `lease`'s fields into `status`, or clears them for `None`.
-pub fn put_lease_fields(
-    status: &mut VncSessionStatus,
-    lease: Option<&Lease>,
-    node: &str,
-    url: &UrlStyle,
-) {
-    status.port = lease.map(|l| i32::from(l.port));
-    // The token stays out of status (see `k8s::token`): the URL here is the bare one,
-    // and the Secret named by `tokenSecretRef` holds the URL with the token.
-    status.url = lease.map(|l| url.url(l.port, None));
-    status.token_secret_ref = lease
-        .filter(|l| l.token.is_some())
-        .map(|l| token::secret_ref(split_key(&l.session).map_or(l.session.as_str(), |(_, n)| n)));
-    status.target = lease.map(|l| l.target.to_string());
-    // The API stores whole seconds; writing more would make every comparison differ.
-    status.allocated_at = lease.map(|l| Time(whole_seconds(l.allocated_at)));
-    status.lease_uid = lease.map(|l| l.uid.clone());
-    status.node = lease.map(|_| node.to_owned());
-    status.pid = lease.and_then(|l| l.process).map(|p| p.pid);
-    status.process_start_time = lease
-        .and_then(|l| l.process)
-        .map(|p| i64::try_from(p.start_time).unwrap_or(i64::MAX));
-}
-
-/// `t` without its fraction of a second, as `metav1.Time` carries it.
-pub fn whole_seconds(t: Timestamp) -> Timestamp {
-    Timestamp::from_second(t.as_second()).unwrap_or(t)
-}
-
-/// Reads the lease `node` wrote into `status`, if there is a complete one.
-pub fn lease_from_status(key: &str, status: &VncSessionStatus, node: &str) -> Option<Lease> {
-    if status.node.as_deref() != Some(node) {
-        return None;
-    }
-    let port = u16::try_from(status.port?).ok().filter(|p| *p != 0)?;
-    let target: Endpoint = status.target.as_deref()?.parse().ok()?;
-    let process = match (status.pid, status.process_start_time) {
-        (Some(pid), Some(st)) => Some(ProcRef {
-            pid,
-            start_time: u64::try_from(st).ok()?,
-        }),
-        _ => None,
-    };
-    Some(Lease {
-        session: key.to_owned(),
-        port,
-        target,
-        uid: status.lease_uid.clone()?,
-        // The token lives in a Secret; `load` fills it in.
-        token: None,
-        process,
-        allocated_at: status.allocated_at.as_ref()?.0,
-    })
-}
-
-/// What a write does to a session's expiry record (`status.expired`).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub enum ExpiryOp {
-    #[default]
-    Keep,
-    Set(Expiry),
-    Clear,
-}
-
-impl ExpiryOp {
-    fn apply(&self, status: &mut VncSessionStatus) {
-        match self {
-            ExpiryOp::Keep => {}
-            ExpiryOp::Set(e) => {
-                status.expired = Some(ExpiredStatus {
-                    generation: e.generation,
-                    reason: e.reason.clone(),
-                    message: e.message.clone(),
-                    at: Time(whole_seconds(e.at)),
-                });
-            }
-            ExpiryOp::Clear => status.expired = None,
-        }
-    }
-}
-
-/// One API write a commit needs: every change of one session in one pass goes into a
-/// single write, because two writes of one object in flight at once would conflict.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Write {
-    /// Persist a new or changed lease.
-    Lease {
-        lease: Lease,
-        /// The lease is new (not a retarget of an existing one).
-        new: bool,
-        /// The lease carries a token not yet in its Secret.
-        secret: bool,
-        expiry: ExpiryOp,
-    },
-    /// Clear a lease.
-    Release { lease: Lease, expiry: ExpiryOp },
-    /// Only record or forget an expiry.
-    Expiry { key: String, expiry: ExpiryOp },
-}
-
-impl Write {
-    fn key(&self) -> &str {
-        match self {
-            Write::Lease { lease, .. } | Write::Release { lease, .. } => &lease.session,
-            Write::Expiry { key, .. } => key,
-        }
-    }
-
-    fn expiry_mut(&mut self) -> &mut ExpiryOp {
-        match self {
-            Write::Lease { expiry, .. }
-            | Write::Release { expiry, .. }
-            | Write::Expiry { expiry, .. } => expiry,
-        }
-    }
-}
-
-/// Which changes need a write now. A change that only records the proxy process of an
-/// unchanged lease is deferred to the status sink (see the module docs). Returns the
-/// writes with the indices of the changes each one persists.
-pub fn plan_writes(
-    current: &BTreeMap<String, Lease>,
-    changes: &[LeaseChange],
-) -> Vec<(Vec<usize>, Write)> {
-    let mut out: Vec<(Vec<usize>, Write)> = Vec::new();
-    let mut slot: BTreeMap<String, usize> = BTreeMap::new();
-    for (i, change) in changes.iter().enumerate() {
-        let (key, write) = match change {
-            LeaseChange::Put(lease) => {
-                let prev = current.get(&lease.session);
-                let record_only = prev.is_some_and(|p| {
-                    p.uid == lease.uid
-                        && p.port == lease.port
-                        && p.target == lease.target
-                        && p.allocated_at == lease.allocated_at
-                        && p.token == lease.token
-                });
-                if record_only {
-                    continue;
-                }
-                let secret = lease.token.is_some()
-                    && prev.is_none_or(|p| p.uid != lease.uid || p.token != lease.token);
-                let write = Write::Lease {
-                    lease: lease.clone(),
-                    new: prev.is_none(),
-                    secret,
-                    expiry: ExpiryOp::Keep,
-                };
-                (&lease.session, write)
-            }
-            LeaseChange::Remove(session) => {
-                let Some(lease) = current.get(session) else {
-                    continue;
-                };
-                let write = Write::Release {
-                    lease: lease.clone(),
-                    expiry: ExpiryOp::Keep,
-                };
-                (session, write)
-            }
-            LeaseChange::Expire(session, e) => {
-                let op = ExpiryOp::Set(e.clone());
-                let write = Write::Expiry {
-                    key: session.clone(),
-                    expiry: op,
-                };
-                (session, write)
-            }
-            LeaseChange::Unexpire(session) => {
-                let write = Write::Expiry {
-                    key: session.clone(),
-                    expiry: ExpiryOp::Clear,
-                };
-                (session, write)
-            }
-        };
-        match slot.get(key) {
-            Some(&at) => {
-                let (indices, merged) = &mut out[at];
-                indices.push(i);
-                match write {
-                    Write::Expiry { expiry, .. } => *merged.expiry_mut() = expiry,
-                    mut other => {
-                        *other.expiry_mut() = std::mem::take(merged.expiry_mut());
-                        *merged = other;
-                    }
-                }
-            }
-            None => {
-                slot.insert(key.clone(), out.len());
-                out.push((vec![i], write));
-            }
-        }
-    }
-    out
-}
-
 /// Why one write failed.
 #[derive(Debug)]
 enum Failure {
     /// The object changed or vanished underneath: reload and plan again.
     Stale(String),
-    Api(String),
+    /// The API server failed the call (or it timed out): back off and report it.
+    Api {
+        object: String,
+        action: String,
+        source: kube::Error,
+    },
+}
+
+impl Failure {
+    fn api(object: &str, action: impl Into<String>, source: kube::Error) -> Self {
+        Failure::Api {
+            object: object.to_owned(),
+            action: action.into(),
+            source,
+        }
+    }
 }
 
 /// The lease store. See the module docs.
@@ -308,7 +127,7 @@ impl KubeStatusStore {
             .fields(&node_selector(&self.node))
             .limit(PAGE);
         loop {
-            let page = self.list_api.list(&params).await?;
+            let page = self.writer.list(&self.list_api, &params).await?;
             out.extend(page.items);
             match page.metadata.continue_.filter(|c| !c.is_empty()) {
                 Some(token) => params = params.continue_token(&token),
@@ -352,11 +171,11 @@ impl KubeStatusStore {
             .await
             .map(drop)
             .map_err(|e| {
-                Failure::Api(format!(
-                    "{}: cannot write token Secret {}: {e}",
-                    lease.session,
-                    token::secret_name(&known.name)
-                ))
+                Failure::api(
+                    &lease.session,
+                    format!("write token Secret {}", token::secret_name(&known.name)),
+                    e,
+                )
             })
     }
 
@@ -398,9 +217,7 @@ impl KubeStatusStore {
             Err(e) if is_conflict(&e) || is_not_found(&e) => {
                 Err(Failure::Stale(format!("{key}: {e}")))
             }
-            Err(e) => Err(Failure::Api(format!(
-                "{key}: cannot record the expiry: {e}"
-            ))),
+            Err(e) => Err(Failure::api(key, "record the expiry", e)),
         }
     }
 
@@ -446,10 +263,11 @@ impl KubeStatusStore {
                 return Err(Failure::Stale(format!("{key}: {e}")));
             }
             Err(e) => {
-                return Err(Failure::Api(format!(
-                    "{key}: cannot write lease of port {}: {e}",
-                    lease.port
-                )));
+                return Err(Failure::api(
+                    key,
+                    format!("write the lease of port {}", lease.port),
+                    e,
+                ));
             }
         }
         if new {
@@ -499,7 +317,7 @@ impl KubeStatusStore {
                         self.objects.forget(key);
                         return self.released(lease, None).await;
                     }
-                    Err(e) => return Err(Failure::Api(format!("{key}: {e}"))),
+                    Err(e) => return Err(Failure::api(key, "read the object", e)),
                 },
             };
             let holds = k.status.lease_uid.as_deref() == Some(lease.uid.as_str());
@@ -563,10 +381,7 @@ impl KubeStatusStore {
                     known = None;
                 }
                 Err(e) => {
-                    return Err(Failure::Api(format!(
-                        "{key}: cannot release port {}: {e}",
-                        lease.port
-                    )));
+                    return Err(Failure::api(key, format!("release port {}", lease.port), e));
                 }
             }
         }
@@ -632,7 +447,8 @@ impl KubeStatusStore {
                     self.backoff.fail();
                     return Err(StoreError::Api {
                         object: l.session.clone(),
-                        detail: format!("cannot read the token Secret: {e}"),
+                        action: "read the token Secret".into(),
+                        source: e,
                     });
                 }
             }
@@ -652,8 +468,9 @@ impl LeaseStore for KubeStatusStore {
             Err(e) => {
                 self.backoff.fail();
                 return Err(StoreError::Api {
-                    object: format!("list (spec.nodeName={})", self.node),
-                    detail: e.to_string(),
+                    object: format!("list ({})", node_selector(&self.node)),
+                    action: "list this node's sessions".into(),
+                    source: e,
                 });
             }
         };
@@ -771,258 +588,32 @@ impl LeaseStore for KubeStatusStore {
         for (_, kind, r) in results {
             match r {
                 Err(Failure::Stale(d)) => stale = Some(format!("{kind} {d}")),
-                Err(Failure::Api(d)) => api = Some(d),
+                Err(Failure::Api {
+                    object,
+                    action,
+                    source,
+                }) => {
+                    api = Some(StoreError::Api {
+                        object,
+                        action,
+                        source,
+                    });
+                }
                 Ok(()) => {}
             }
         }
-        if let Some(detail) = api {
+        if let Some(error) = api {
             let wait = self.backoff.fail();
             warn!(
                 retry_in_ms = wait.as_millis() as u64,
                 "API error while writing leases; backing off"
             );
-            return Err(StoreError::Api {
-                object: detail.split(':').next().unwrap_or_default().to_owned(),
-                detail,
-            });
+            return Err(error);
         }
         debug!(detail = ?stale, "a session changed underneath; reloading");
         Err(StoreError::Conflict {
             expected: base,
             found: self.set.revision,
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn lease(session: &str, port: u16) -> Lease {
-        Lease::new(
-            session,
-            port,
-            Endpoint::Tcp {
-                host: "127.0.0.1".into(),
-                port: 5901,
-            },
-            Timestamp::now(),
-        )
-    }
-
-    fn url() -> UrlStyle {
-        UrlStyle {
-            public_host: "node1.example".into(),
-            web: false,
-            tls: false,
-        }
-    }
-
-    #[test]
-    fn a_lease_round_trips_through_the_status() {
-        let mut l = lease("ns/vm1", 6100);
-        // The API keeps whole seconds of allocatedAt.
-        l.allocated_at = whole_seconds(l.allocated_at);
-        l.process = Some(ProcRef {
-            pid: 42,
-            start_time: 12345,
-        });
-        let mut st = VncSessionStatus::default();
-        put_lease_fields(&mut st, Some(&l), "n1", &url());
-        assert_eq!(st.port, Some(6100));
-        assert_eq!(st.url.as_deref(), Some("ws://node1.example:6100/"));
-        assert_eq!(st.node.as_deref(), Some("n1"));
-        assert_eq!(st.target.as_deref(), Some("127.0.0.1:5901"));
-        assert_eq!(st.process_start_time, Some(12345));
-        // Everything but the token, which the Secret holds (`load` adds it).
-        let without_token = Lease {
-            token: None,
-            ..l.clone()
-        };
-        assert_eq!(lease_from_status("ns/vm1", &st, "n1"), Some(without_token));
-        // Another node's lease is not ours to adopt.
-        assert_eq!(lease_from_status("ns/vm1", &st, "n2"), None);
-        // Without a process the lease still stands (the proxy is found by its uid).
-        st.pid = None;
-        let back = lease_from_status("ns/vm1", &st, "n1").unwrap();
-        assert_eq!(back.process, None);
-        assert_eq!(back.uid, l.uid);
-    }
-
-    #[test]
-    fn written_times_are_whole_seconds_like_the_api_stores_them() {
-        let l = lease("ns/vm1", 6100);
-        let mut st = VncSessionStatus::default();
-        put_lease_fields(&mut st, Some(&l), "n1", &url());
-        let json = serde_json::to_value(&st).unwrap();
-        let back: VncSessionStatus = serde_json::from_value(json).unwrap();
-        assert_eq!(back, st, "a status survives the API's round trip unchanged");
-    }
-
-    #[test]
-    fn clearing_removes_every_lease_field() {
-        let mut st = VncSessionStatus::default();
-        put_lease_fields(&mut st, Some(&lease("ns/vm1", 6100)), "n1", &url());
-        st.phase = Some(Phase::Ready);
-        put_lease_fields(&mut st, None, "n1", &url());
-        assert_eq!(
-            st,
-            VncSessionStatus {
-                phase: Some(Phase::Ready),
-                ..VncSessionStatus::default()
-            }
-        );
-    }
-
-    #[test]
-    fn incomplete_statuses_hold_no_lease() {
-        let mut st = VncSessionStatus::default();
-        put_lease_fields(&mut st, Some(&lease("ns/vm1", 6100)), "n1", &url());
-        for broken in [
-            VncSessionStatus {
-                port: Some(70000),
-                ..st.clone()
-            },
-            VncSessionStatus {
-                lease_uid: None,
-                ..st.clone()
-            },
-            VncSessionStatus {
-                target: Some("nonsense".into()),
-                ..st.clone()
-            },
-            VncSessionStatus {
-                allocated_at: None,
-                ..st.clone()
-            },
-        ] {
-            assert_eq!(
-                lease_from_status("ns/vm1", &broken, "n1"),
-                None,
-                "{broken:?}"
-            );
-        }
-    }
-
-    #[test]
-    fn recording_a_pid_is_deferred_but_lease_changes_are_written() {
-        let old = lease("ns/a", 6100);
-        let current = BTreeMap::from([("ns/a".to_owned(), old.clone())]);
-        let mut recorded = old.clone();
-        recorded.process = Some(ProcRef {
-            pid: 7,
-            start_time: 1,
-        });
-        let mut retargeted = old.clone();
-        retargeted.target = Endpoint::Unix { path: "/s".into() };
-        let fresh = lease("ns/b", 6101);
-        let changes = vec![
-            LeaseChange::Put(recorded),
-            LeaseChange::Put(fresh.clone()),
-            LeaseChange::Remove("ns/gone".into()),
-        ];
-        let w = plan_writes(&current, &changes);
-        assert_eq!(
-            w,
-            vec![(
-                vec![1],
-                Write::Lease {
-                    lease: fresh,
-                    new: true,
-                    secret: true,
-                    expiry: ExpiryOp::Keep,
-                }
-            )]
-        );
-        // A retarget keeps the lease's token: no new Secret.
-        let w = plan_writes(&current, &[LeaseChange::Put(retargeted.clone())]);
-        assert_eq!(
-            w,
-            vec![(
-                vec![0],
-                Write::Lease {
-                    lease: retargeted,
-                    new: false,
-                    secret: false,
-                    expiry: ExpiryOp::Keep,
-                }
-            )]
-        );
-    }
-
-    #[test]
-    fn changes_of_one_session_become_one_write() {
-        let old = lease("ns/a", 6100);
-        let current = BTreeMap::from([("ns/a".to_owned(), old.clone())]);
-        let expiry = Expiry {
-            generation: 2,
-            reason: "IdleTimeout".into(),
-            message: "no client for 60 s".into(),
-            at: Timestamp::now(),
-        };
-        // Expired with no proxy left: expiry and release go in the same write.
-        let w = plan_writes(
-            &current,
-            &[
-                LeaseChange::Expire("ns/a".into(), expiry.clone()),
-                LeaseChange::Remove("ns/a".into()),
-            ],
-        );
-        assert_eq!(
-            w,
-            vec![(
-                vec![0, 1],
-                Write::Release {
-                    lease: old,
-                    expiry: ExpiryOp::Set(expiry),
-                }
-            )]
-        );
-        // A changed spec: the expiry is forgotten in the write of the new lease.
-        let fresh = lease("ns/b", 6101);
-        let w = plan_writes(
-            &current,
-            &[
-                LeaseChange::Unexpire("ns/b".into()),
-                LeaseChange::Put(fresh.clone()),
-                LeaseChange::Unexpire("ns/gone".into()),
-            ],
-        );
-        assert_eq!(
-            w,
-            vec![
-                (
-                    vec![0, 1],
-                    Write::Lease {
-                        lease: fresh,
-                        new: true,
-                        secret: true,
-                        expiry: ExpiryOp::Clear,
-                    }
-                ),
-                (
-                    vec![2],
-                    Write::Expiry {
-                        key: "ns/gone".into(),
-                        expiry: ExpiryOp::Clear,
-                    }
-                ),
-            ]
-        );
-    }
-
-    #[test]
-    fn status_names_the_token_secret_but_never_holds_the_token() {
-        let l = lease("ns/vm1", 6100);
-        let token = l.token.clone().unwrap();
-        let mut st = VncSessionStatus::default();
-        put_lease_fields(&mut st, Some(&l), "n1", &url());
-        let json = serde_json::to_string(&st).unwrap();
-        assert!(!json.contains(&token), "{json}");
-        let r = st.token_secret_ref.unwrap();
-        assert_eq!(
-            (r.name.as_str(), r.key.as_str()),
-            ("vm1-vncd-token", "token")
-        );
     }
 }

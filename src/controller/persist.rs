@@ -1,0 +1,189 @@
+//! Stage 3, persist: lease changes are committed before anything acts on them.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use jiff::Timestamp;
+use tracing::{debug, error, info};
+
+use super::Controller;
+use crate::lease::{Expiry, Lease};
+use crate::metrics;
+use crate::net::can_bind;
+use crate::reconcile::{LeaseOp, reason};
+use crate::source::{Snapshot, Source};
+use crate::status::StatusSink;
+use crate::store::{LeaseChange, LeaseStore, StoreError};
+
+/// How the persist stage went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Persisted {
+    /// Committed (or nothing to commit). `changed`: the lease set moved or a port probe
+    /// failed, so the next pass should come soon.
+    Done { changed: bool },
+    /// The store refused (a conflict, after which the leases were reloaded, or a failure):
+    /// nothing may act on this plan; plan again.
+    Retry,
+}
+
+/// How a commit went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Commit {
+    Done,
+    /// Someone else changed the store; reloaded, plan again.
+    Conflict,
+    Failed,
+}
+
+impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
+    pub(super) async fn persist(&mut self, snapshot: &Snapshot, ops: &[LeaseOp]) -> Persisted {
+        let mut probe_failed = false;
+        let changes: Vec<LeaseChange> = ops
+            .iter()
+            .filter_map(|op| {
+                let change = self.change_for(snapshot, op);
+                probe_failed |= change.is_err();
+                change.ok().flatten()
+            })
+            .collect();
+        if changes.is_empty() {
+            return Persisted::Done {
+                changed: probe_failed,
+            };
+        }
+        let before = self.leases.leases.clone();
+        let new_leases = changes
+            .iter()
+            .filter(|c| matches!(c, LeaseChange::Put(l) if !before.contains_key(&l.session)))
+            .count();
+        match self.commit(changes).await {
+            Commit::Done => {}
+            Commit::Conflict => return Persisted::Retry,
+            Commit::Failed => {
+                for _ in 0..new_leases {
+                    self.metrics.allocation_failed(metrics::STORE_ERROR);
+                }
+                return Persisted::Retry;
+            }
+        }
+        let (allocated, released) = log_lease_changes(&before, &self.leases.leases);
+        self.metrics.allocated(allocated);
+        self.metrics.released(released);
+        for session in before.keys() {
+            if !self.leases.leases.contains_key(session) {
+                self.supervisor.forget(session);
+            }
+        }
+        Persisted::Done { changed: true }
+    }
+
+    /// The store change one lease operation makes; `Err` when a new lease's port failed
+    /// its bind probe (the port is skipped for a while and the session waits).
+    fn change_for(&mut self, snapshot: &Snapshot, op: &LeaseOp) -> Result<Option<LeaseChange>, ()> {
+        let leased = |s: &str| self.leases.leases.get(s).cloned();
+        Ok(match op {
+            LeaseOp::Lease { session, port } => {
+                if !can_bind(self.supervisor.listen_address(), *port) {
+                    info!(port, session = %session, "port is in use by another program; skipping it for now");
+                    self.memory.busy_ports.insert(*port, Instant::now());
+                    self.metrics.allocation_failed(reason::PORT_IN_USE);
+                    self.memory
+                        .alloc_waiting
+                        .insert(session.clone(), reason::PORT_IN_USE);
+                    return Err(());
+                }
+                snapshot.desired.get(session).map(|want| {
+                    LeaseChange::Put(Lease::new(
+                        session,
+                        *port,
+                        want.target.clone(),
+                        Timestamp::now(),
+                    ))
+                })
+            }
+            LeaseOp::Release { session, .. } => Some(LeaseChange::Remove(session.clone())),
+            LeaseOp::Retarget { session, target } => leased(session).map(|mut l| {
+                l.target = target.clone();
+                l.process = None;
+                LeaseChange::Put(l)
+            }),
+            LeaseOp::Expire {
+                session,
+                generation,
+                reason,
+                message,
+            } => {
+                info!(session = %session, reason, "session expired");
+                Some(LeaseChange::Expire(
+                    session.clone(),
+                    Expiry {
+                        generation: *generation,
+                        reason: (*reason).to_owned(),
+                        message: message.clone(),
+                        at: Timestamp::now(),
+                    },
+                ))
+            }
+            LeaseOp::Unexpire { session } => Some(LeaseChange::Unexpire(session.clone())),
+            LeaseOp::Record { session, process } => leased(session).map(|mut l| {
+                l.process = Some(*process);
+                info!(session = %session, port = l.port, pid = process.pid, "adopted running proxy");
+                LeaseChange::Put(l)
+            }),
+        })
+    }
+
+    /// Commits changes; on a conflict (someone else changed the store) reloads instead.
+    pub(super) async fn commit(&mut self, changes: Vec<LeaseChange>) -> Commit {
+        match self.store.commit(self.leases.revision, changes).await {
+            Ok(set) => {
+                self.leases = set;
+                self.memory.store_healed();
+                Commit::Done
+            }
+            Err(StoreError::Conflict { .. }) => {
+                debug!("lease store changed underneath; reloading and planning again");
+                match self.store.load().await {
+                    Ok(set) => self.leases = set,
+                    Err(e) => {
+                        self.metrics.store_error(e.metric_label());
+                        error!(error = %e, "cannot reload leases");
+                    }
+                }
+                Commit::Conflict
+            }
+            Err(e) => {
+                self.metrics.store_error(e.metric_label());
+                self.memory.store_failed(&e);
+                Commit::Failed
+            }
+        }
+    }
+}
+
+/// Logs allocations, retargets and releases; returns how many were allocated and released.
+fn log_lease_changes(
+    before: &BTreeMap<String, Lease>,
+    after: &BTreeMap<String, Lease>,
+) -> (u64, u64) {
+    let (mut allocated, mut released) = (0, 0);
+    for (name, l) in after {
+        match before.get(name) {
+            None => {
+                allocated += 1;
+                info!(session = %name, port = l.port, target = %l.target, "lease allocated");
+            }
+            Some(b) if b.target != l.target => {
+                info!(session = %name, port = l.port, target = %l.target, "lease retargeted");
+            }
+            _ => {}
+        }
+    }
+    for (name, l) in before {
+        if !after.contains_key(name) {
+            released += 1;
+            info!(session = %name, port = l.port, pid = l.process.map(|p| p.pid), "lease released");
+        }
+    }
+    (allocated, released)
+}
