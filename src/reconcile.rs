@@ -298,27 +298,7 @@ pub struct Plan {
 /// Decides what to do. See the module docs.
 pub fn plan(input: &Inputs<'_>) -> Plan {
     let mut out = Plan::default();
-    let state = |name: &str| {
-        input
-            .proxies
-            .get(name)
-            .copied()
-            .unwrap_or(ProxyState::Absent)
-    };
-
-    // Ports that automatic allocation must not take: leased, busy, or requested by
-    // a desired session (so a requested port stays free for the one who asked).
-    let mut taken: BTreeSet<u16> = input.leases.values().map(|l| l.port).collect();
-    taken.extend(input.busy.iter().copied());
-    taken.extend(input.desired.values().filter_map(|d| d.requested_port));
-    let mut pool = Pool::new(input.limits.range, taken);
-    let port_holder: BTreeMap<u16, &str> = input
-        .leases
-        .values()
-        .map(|l| (l.port, l.session.as_str()))
-        .collect();
-    let mut lease_count = input.leases.len();
-    let mut granted_requests: BTreeSet<u16> = BTreeSet::new();
+    let mut ports = Allocator::new(input);
     let mut starting = input
         .proxies
         .values()
@@ -332,51 +312,74 @@ pub fn plan(input: &Inputs<'_>) -> Plan {
             )
         })
         .count();
-
     for (name, want) in input.desired {
-        if let Some(exp) = input.expired.get(name) {
-            if exp.generation == want.generation {
-                let report = stay_expired(name, exp, input, state(name), &mut out);
-                out.reports.insert(name.clone(), report);
-                continue;
-            }
+        let report = plan_desired(input, want, &mut ports, &mut starting, &mut out);
+        out.reports.insert(name.clone(), report);
+    }
+    release_undesired(input, &mut out);
+    for name in input.expired.keys() {
+        if !input.desired.contains_key(name) && !input.protected.contains(name) {
             out.actions.push(Action::Unexpire {
                 session: name.clone(),
             });
-            out.busy = true;
         }
-        let report = match input.leases.get(name) {
-            None => {
-                let (report, lease) = allocate(
-                    input,
-                    want,
-                    &mut pool,
-                    &port_holder,
-                    &mut granted_requests,
-                    lease_count,
-                );
-                if let Some(port) = lease {
-                    lease_count += 1;
-                    out.actions.push(Action::Lease {
-                        session: name.clone(),
-                        port,
-                    });
-                    out.busy = true;
-                }
-                report
-            }
-            Some(lease) => {
-                converge_leased(input, want, lease, state(name), &mut starting, &mut out)
-            }
-        };
-        out.reports.insert(name.clone(), report);
     }
+    for process in input.orphans {
+        out.actions.push(Action::KillOrphan { process: *process });
+    }
+    out
+}
 
+/// What a proxy looks like in `input`; a missing entry is [`ProxyState::Absent`].
+fn proxy_of(input: &Inputs<'_>, name: &str) -> ProxyState {
+    input
+        .proxies
+        .get(name)
+        .copied()
+        .unwrap_or(ProxyState::Absent)
+}
+
+/// One desired session: keep it expired, lease it a port, or converge its lease.
+fn plan_desired(
+    input: &Inputs<'_>,
+    want: &Desired,
+    ports: &mut Allocator<'_>,
+    starting: &mut usize,
+    out: &mut Plan,
+) -> Report {
+    let name = &want.name;
+    if let Some(exp) = input.expired.get(name) {
+        if exp.generation == want.generation {
+            return stay_expired(name, exp, input, proxy_of(input, name), out);
+        }
+        out.actions.push(Action::Unexpire {
+            session: name.clone(),
+        });
+        out.busy = true;
+    }
+    match input.leases.get(name) {
+        None => {
+            let (report, port) = ports.allocate(input, want);
+            if let Some(port) = port {
+                out.actions.push(Action::Lease {
+                    session: name.clone(),
+                    port,
+                });
+                out.busy = true;
+            }
+            report
+        }
+        Some(lease) => converge_leased(input, want, lease, starting, out),
+    }
+}
+
+/// Leases of sessions no longer desired (and not protected): stop the proxy, then release.
+fn release_undesired(input: &Inputs<'_>, out: &mut Plan) {
     for (name, lease) in input.leases {
         if input.desired.contains_key(name) || input.protected.contains(name) {
             continue;
         }
-        match state(name) {
+        match proxy_of(input, name) {
             ProxyState::Running { process, .. } => {
                 out.actions.push(Action::Stop {
                     session: name.clone(),
@@ -399,19 +402,6 @@ pub fn plan(input: &Inputs<'_>) -> Plan {
             }),
         }
     }
-
-    for name in input.expired.keys() {
-        if !input.desired.contains_key(name) && !input.protected.contains(name) {
-            out.actions.push(Action::Unexpire {
-                session: name.clone(),
-            });
-        }
-    }
-
-    for process in input.orphans {
-        out.actions.push(Action::KillOrphan { process: *process });
-    }
-    out
 }
 
 /// An expired session whose spec has not changed: keep it down.
@@ -487,66 +477,97 @@ fn expiry_due(input: &Inputs<'_>, want: &Desired, lease: &Lease) -> Option<(&'st
     None
 }
 
-/// A desired session without a lease: try to lease a port.
-fn allocate(
-    input: &Inputs<'_>,
-    want: &Desired,
-    pool: &mut Pool,
-    port_holder: &BTreeMap<u16, &str>,
-    granted_requests: &mut BTreeSet<u16>,
-    lease_count: usize,
-) -> (Report, Option<u16>) {
-    let pending = |reason, msg: String| (Report::new(Phase::Pending, reason, msg), None);
-    if lease_count >= input.limits.max_sessions {
-        return pending(
-            reason::POOL_EXHAUSTED,
-            format!(
-                "all {} sessions allowed by --max-sessions are in use; waiting for a port",
-                input.limits.max_sessions
-            ),
-        );
-    }
-    let port = match want.requested_port {
-        Some(p) => {
-            if let Some(holder) = port_holder.get(&p) {
-                return pending(
-                    reason::PORT_CONFLICT,
-                    format!("requested port {p} is leased to session {holder:?}"),
-                );
-            }
-            if !granted_requests.insert(p) {
-                return pending(
-                    reason::PORT_CONFLICT,
-                    format!("requested port {p} is also requested by another session"),
-                );
-            }
-            if input.busy.contains(&p) {
-                return pending(
-                    reason::PORT_IN_USE,
-                    format!("requested port {p} is in use by another program; retrying"),
-                );
-            }
-            p
+/// Hands out ports during one plan: each port at most once, requested ports only to the
+/// session that asked, and never past `--max-sessions`.
+struct Allocator<'a> {
+    pool: Pool,
+    /// Who holds each leased port, to name the holder in a conflict.
+    holder: BTreeMap<u16, &'a str>,
+    /// Requested ports granted this plan (a second request for one is a conflict).
+    granted: BTreeSet<u16>,
+    leases: usize,
+}
+
+impl<'a> Allocator<'a> {
+    fn new(input: &Inputs<'a>) -> Self {
+        // Ports that automatic allocation must not take: leased, busy, or requested by a
+        // desired session (so a requested port stays free for the one who asked).
+        let mut taken: BTreeSet<u16> = input.leases.values().map(|l| l.port).collect();
+        taken.extend(input.busy.iter().copied());
+        taken.extend(input.desired.values().filter_map(|d| d.requested_port));
+        Allocator {
+            pool: Pool::new(input.limits.range, taken),
+            holder: input
+                .leases
+                .values()
+                .map(|l| (l.port, l.session.as_str()))
+                .collect(),
+            granted: BTreeSet::new(),
+            leases: input.leases.len(),
         }
-        None => match pool.pick() {
-            Some(p) => p,
-            None => {
-                return pending(
-                    reason::POOL_EXHAUSTED,
-                    format!("no free port in {}; waiting for one", input.limits.range),
-                );
-            }
-        },
-    };
-    pool.take(port);
-    (
-        Report::new(
-            Phase::Pending,
-            reason::ALLOCATING,
-            format!("leasing port {port}"),
-        ),
-        Some(port),
-    )
+    }
+
+    /// A desired session without a lease: try to lease a port.
+    fn allocate(&mut self, input: &Inputs<'_>, want: &Desired) -> (Report, Option<u16>) {
+        let pending = |reason, msg: String| (Report::new(Phase::Pending, reason, msg), None);
+        if self.leases >= input.limits.max_sessions {
+            return pending(
+                reason::POOL_EXHAUSTED,
+                format!(
+                    "all {} sessions allowed by --max-sessions are in use; waiting for a port",
+                    input.limits.max_sessions
+                ),
+            );
+        }
+        let port = match want.requested_port {
+            Some(p) => match self.requested(input, p) {
+                Ok(p) => p,
+                Err((reason, msg)) => return pending(reason, msg),
+            },
+            None => match self.pool.pick() {
+                Some(p) => p,
+                None => {
+                    return pending(
+                        reason::POOL_EXHAUSTED,
+                        format!("no free port in {}; waiting for one", input.limits.range),
+                    );
+                }
+            },
+        };
+        self.pool.take(port);
+        self.leases += 1;
+        (
+            Report::new(
+                Phase::Pending,
+                reason::ALLOCATING,
+                format!("leasing port {port}"),
+            ),
+            Some(port),
+        )
+    }
+
+    /// A requested port, if it can be granted now; else why not.
+    fn requested(&mut self, input: &Inputs<'_>, p: u16) -> Result<u16, (&'static str, String)> {
+        if let Some(holder) = self.holder.get(&p) {
+            return Err((
+                reason::PORT_CONFLICT,
+                format!("requested port {p} is leased to session {holder:?}"),
+            ));
+        }
+        if !self.granted.insert(p) {
+            return Err((
+                reason::PORT_CONFLICT,
+                format!("requested port {p} is also requested by another session"),
+            ));
+        }
+        if input.busy.contains(&p) {
+            return Err((
+                reason::PORT_IN_USE,
+                format!("requested port {p} is in use by another program; retrying"),
+            ));
+        }
+        Ok(p)
+    }
 }
 
 /// A desired session that holds a lease: make its proxy match.
@@ -554,38 +575,16 @@ fn converge_leased(
     input: &Inputs<'_>,
     want: &Desired,
     lease: &Lease,
-    proxy: ProxyState,
     starting: &mut usize,
     out: &mut Plan,
 ) -> Report {
     let name = &want.name;
+    let proxy = proxy_of(input, name);
     let wrong_port = want.requested_port.is_some_and(|p| p != lease.port);
     let wrong_target = want.target != lease.target;
-    let restart = input.restarts.get(name).cloned().unwrap_or_default();
-
     if let Some((why, message)) = expiry_due(input, want, lease) {
-        out.actions.push(Action::Expire {
-            session: name.clone(),
-            generation: want.generation,
-            reason: why,
-            message: message.clone(),
-        });
-        match proxy {
-            ProxyState::Running { process, .. } => out.actions.push(Action::Stop {
-                session: name.clone(),
-                process,
-                why: StopReason::Expired,
-            }),
-            ProxyState::Absent => out.actions.push(Action::Release {
-                session: name.clone(),
-                port: lease.port,
-            }),
-        }
-        out.busy = true;
-        // Expired is reported once the port is released; until then it is going away.
-        return Report::new(Phase::Terminating, why, message);
+        return expire(name, want.generation, lease, proxy, why, message, out);
     }
-
     match proxy {
         ProxyState::Running { process, .. } if wrong_port || wrong_target => {
             out.actions.push(Action::Stop {
@@ -604,140 +603,191 @@ fn converge_leased(
             process,
             listening,
             age_ms,
-        } => {
-            if lease.process != Some(process) {
-                out.actions.push(Action::Record {
-                    session: name.clone(),
-                    process,
-                });
-            }
-            if listening {
-                Report::new(
-                    Phase::Ready,
-                    reason::READY,
-                    format!("proxy pid {} serves port {}", process.pid, lease.port),
-                )
-            } else if age_ms > input.limits.start_timeout_ms {
-                out.actions.push(Action::Stop {
-                    session: name.clone(),
-                    process,
-                    why: StopReason::NotListening,
-                });
-                out.busy = true;
-                Report::new(
-                    Phase::Failed,
-                    reason::PROXY_FAILED,
-                    format!(
-                        "proxy pid {} did not listen on port {} within {} ms",
-                        process.pid, lease.port, input.limits.start_timeout_ms
-                    ),
-                )
-            } else {
-                out.busy = true;
-                Report::new(
-                    Phase::Pending,
-                    reason::STARTING,
-                    format!(
-                        "waiting for proxy pid {} to listen on port {}",
-                        process.pid, lease.port
-                    ),
-                )
-            }
+        } => running(input, name, lease, process, listening, age_ms, out),
+        ProxyState::Absent if wrong_port || wrong_target => {
+            move_lease(want, lease, wrong_port, out)
         }
-        ProxyState::Absent if wrong_port => {
-            out.actions.push(Action::Release {
-                session: name.clone(),
-                port: lease.port,
-            });
-            out.busy = true;
-            Report::new(
-                Phase::Pending,
-                reason::SPEC_CHANGED,
-                "moving to the requested port",
-            )
-        }
-        ProxyState::Absent if wrong_target => {
-            out.actions.push(Action::Retarget {
-                session: name.clone(),
-                target: want.target.clone(),
-            });
-            out.busy = true;
-            Report::new(
-                Phase::Pending,
-                reason::SPEC_CHANGED,
-                "restarting the proxy for the new target",
-            )
-        }
-        ProxyState::Absent if input.busy.contains(&lease.port) => {
-            out.busy = true;
-            if want.requested_port.is_some() {
-                Report::new(
-                    Phase::Pending,
-                    reason::PORT_IN_USE,
-                    format!("port {} is in use by another program; retrying", lease.port),
-                )
-            } else {
-                out.actions.push(Action::Release {
-                    session: name.clone(),
-                    port: lease.port,
-                });
-                Report::new(
-                    Phase::Pending,
-                    reason::PORT_IN_USE,
-                    format!(
-                        "port {} was taken by another program; leasing another",
-                        lease.port
-                    ),
-                )
-            }
-        }
-        ProxyState::Absent => {
-            out.busy = true;
-            if input.now_ms >= restart.next_start_ms() && *starting >= input.limits.max_starting {
-                Report::new(
-                    Phase::Pending,
-                    reason::QUEUED,
-                    format!(
-                        "waiting for a start slot ({} proxies are starting)",
-                        *starting
-                    ),
-                )
-            } else if input.now_ms >= restart.next_start_ms() {
-                *starting += 1;
-                out.actions.push(Action::Start {
-                    session: name.clone(),
-                });
-                let verb = if restart.starts == 0 {
-                    "starting"
-                } else {
-                    "restarting"
-                };
-                Report::new(
-                    Phase::Pending,
-                    if restart.starts == 0 {
-                        reason::STARTING
-                    } else {
-                        reason::RESTARTING
-                    },
-                    format!("{verb} the proxy on port {}", lease.port),
-                )
-            } else {
-                let wait = restart.next_start_ms() - input.now_ms;
-                let why = restart.last_error.as_deref().unwrap_or("the proxy exited");
-                let phase = if restart.starts >= 2 {
-                    Phase::Failed
-                } else {
-                    Phase::Pending
-                };
-                let reason = if restart.starts >= 2 {
-                    reason::PROXY_FAILED
-                } else {
-                    reason::RESTARTING
-                };
-                Report::new(phase, reason, format!("{why}; restarting in {wait} ms"))
-            }
-        }
+        ProxyState::Absent if input.busy.contains(&lease.port) => port_taken(want, lease, out),
+        ProxyState::Absent => start_or_wait(input, name, lease, starting, out),
     }
+}
+
+/// The session reached its idle timeout or maximum lifetime: record it, stop or release.
+fn expire(
+    name: &str,
+    generation: i64,
+    lease: &Lease,
+    proxy: ProxyState,
+    why: &'static str,
+    message: String,
+    out: &mut Plan,
+) -> Report {
+    out.actions.push(Action::Expire {
+        session: name.to_owned(),
+        generation,
+        reason: why,
+        message: message.clone(),
+    });
+    match proxy {
+        ProxyState::Running { process, .. } => out.actions.push(Action::Stop {
+            session: name.to_owned(),
+            process,
+            why: StopReason::Expired,
+        }),
+        ProxyState::Absent => out.actions.push(Action::Release {
+            session: name.to_owned(),
+            port: lease.port,
+        }),
+    }
+    out.busy = true;
+    // Expired is reported once the port is released; until then it is going away.
+    Report::new(Phase::Terminating, why, message)
+}
+
+/// A live proxy that matches its lease: record it if adopted, then Ready, Starting, or
+/// replaced when it never listened.
+fn running(
+    input: &Inputs<'_>,
+    name: &str,
+    lease: &Lease,
+    process: ProcRef,
+    listening: bool,
+    age_ms: u64,
+    out: &mut Plan,
+) -> Report {
+    if lease.process != Some(process) {
+        out.actions.push(Action::Record {
+            session: name.to_owned(),
+            process,
+        });
+    }
+    if listening {
+        return Report::new(
+            Phase::Ready,
+            reason::READY,
+            format!("proxy pid {} serves port {}", process.pid, lease.port),
+        );
+    }
+    out.busy = true;
+    if age_ms > input.limits.start_timeout_ms {
+        out.actions.push(Action::Stop {
+            session: name.to_owned(),
+            process,
+            why: StopReason::NotListening,
+        });
+        return Report::new(
+            Phase::Failed,
+            reason::PROXY_FAILED,
+            format!(
+                "proxy pid {} did not listen on port {} within {} ms",
+                process.pid, lease.port, input.limits.start_timeout_ms
+            ),
+        );
+    }
+    Report::new(
+        Phase::Pending,
+        reason::STARTING,
+        format!(
+            "waiting for proxy pid {} to listen on port {}",
+            process.pid, lease.port
+        ),
+    )
+}
+
+/// No proxy, and the spec wants another port (release, lease again) or target (retarget).
+fn move_lease(want: &Desired, lease: &Lease, wrong_port: bool, out: &mut Plan) -> Report {
+    out.busy = true;
+    if wrong_port {
+        out.actions.push(Action::Release {
+            session: want.name.clone(),
+            port: lease.port,
+        });
+        return Report::new(
+            Phase::Pending,
+            reason::SPEC_CHANGED,
+            "moving to the requested port",
+        );
+    }
+    out.actions.push(Action::Retarget {
+        session: want.name.clone(),
+        target: want.target.clone(),
+    });
+    Report::new(
+        Phase::Pending,
+        reason::SPEC_CHANGED,
+        "restarting the proxy for the new target",
+    )
+}
+
+/// No proxy, and another program took the leased port: a requested port waits for it,
+/// an automatic one is released so the session leases another.
+fn port_taken(want: &Desired, lease: &Lease, out: &mut Plan) -> Report {
+    out.busy = true;
+    if want.requested_port.is_some() {
+        return Report::new(
+            Phase::Pending,
+            reason::PORT_IN_USE,
+            format!("port {} is in use by another program; retrying", lease.port),
+        );
+    }
+    out.actions.push(Action::Release {
+        session: want.name.clone(),
+        port: lease.port,
+    });
+    Report::new(
+        Phase::Pending,
+        reason::PORT_IN_USE,
+        format!(
+            "port {} was taken by another program; leasing another",
+            lease.port
+        ),
+    )
+}
+
+/// No proxy for a good lease: start one if its backoff is over and a start slot is free.
+fn start_or_wait(
+    input: &Inputs<'_>,
+    name: &str,
+    lease: &Lease,
+    starting: &mut usize,
+    out: &mut Plan,
+) -> Report {
+    let restart = input.restarts.get(name).cloned().unwrap_or_default();
+    out.busy = true;
+    if input.now_ms < restart.next_start_ms() {
+        let wait = restart.next_start_ms() - input.now_ms;
+        let why = restart.last_error.as_deref().unwrap_or("the proxy exited");
+        let (phase, reason) = if restart.starts >= 2 {
+            (Phase::Failed, reason::PROXY_FAILED)
+        } else {
+            (Phase::Pending, reason::RESTARTING)
+        };
+        return Report::new(phase, reason, format!("{why}; restarting in {wait} ms"));
+    }
+    if *starting >= input.limits.max_starting {
+        return Report::new(
+            Phase::Pending,
+            reason::QUEUED,
+            format!(
+                "waiting for a start slot ({} proxies are starting)",
+                *starting
+            ),
+        );
+    }
+    *starting += 1;
+    out.actions.push(Action::Start {
+        session: name.to_owned(),
+    });
+    let (verb, reason) = if restart.starts == 0 {
+        ("starting", reason::STARTING)
+    } else {
+        ("restarting", reason::RESTARTING)
+    };
+    Report::new(
+        Phase::Pending,
+        reason,
+        format!("{verb} the proxy on port {}", lease.port),
+    )
 }
 
 #[cfg(test)]
