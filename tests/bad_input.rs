@@ -715,19 +715,19 @@ async fn bad_command_lines_exit_non_zero_with_a_message_and_write_nothing() {
         ),
         (
             vec![s("--resync-interval=-1")],
-            "--resync-interval -1 is not a number of seconds",
+            "invalid value '-1' for '--resync-interval <SECONDS>': -1 is not a number of seconds",
         ),
         (
             vec![s("--start-timeout"), s("inf")],
-            "--start-timeout inf is not a number of seconds",
+            "invalid value 'inf' for '--start-timeout <SECONDS>': inf is not a number of seconds",
         ),
         (
             vec![s("--lock-timeout"), s("NaN")],
-            "--lock-timeout NaN is not a number of seconds",
+            "invalid value 'NaN' for '--lock-timeout <SECONDS>': NaN is not a number of seconds",
         ),
         (
             vec![s("--stop-grace=-3")],
-            "--stop-grace -3 is not a number of seconds",
+            "invalid value '-3' for '--stop-grace <SECONDS>': -3 is not a number of seconds",
         ),
         (
             vec![s("--max-sessions=-1")],

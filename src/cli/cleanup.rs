@@ -51,8 +51,8 @@ pub struct CleanupArgs {
     #[arg(long)]
     pub rebuild_state: bool,
     /// Seconds between SIGTERM and SIGKILL for orphans.
-    #[arg(long, default_value_t = 2.0)]
-    pub stop_grace: f64,
+    #[arg(long, value_name = "SECONDS", value_parser = super::serve::seconds, default_value = "2")]
+    pub stop_grace: Duration,
 }
 
 /// What one pass did.
@@ -73,7 +73,7 @@ pub fn cleanup(args: CleanupArgs) -> anyhow::Result<ExitCode> {
     if args.rebuild_state {
         rebuild(&dir, &owner)?;
     }
-    let grace = Duration::try_from_secs_f64(args.stop_grace).context("--stop-grace")?;
+    let grace = args.stop_grace;
     let supervisor = Supervisor::new(
         owner.clone(),
         // Cleanup never starts proxies; the backend only satisfies the type.

@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
@@ -18,7 +19,7 @@ use tokio::sync::watch;
 use tracing::{error, info};
 
 use super::runtime;
-use super::serve::{ServeArgs, secs, shutdown_signal};
+use super::serve::{ServeArgs, seconds, shutdown_signal};
 use crate::api::VncSession;
 use crate::controller::Controller;
 use crate::http::{AppState, Health};
@@ -47,8 +48,8 @@ pub struct KubeArgs {
     #[arg(long, env = "VNCD_LEASE_NAMESPACE")]
     pub lease_namespace: Option<String>,
     /// Seconds a silent holder keeps the node lease before a standby takes over.
-    #[arg(long, env = "VNCD_LEASE_DURATION", default_value_t = 15.0)]
-    pub lease_duration: f64,
+    #[arg(long, env = "VNCD_LEASE_DURATION", value_name = "SECONDS", value_parser = seconds, default_value = "15")]
+    pub lease_duration: Duration,
     /// This instance's name in the node lease [default: $POD_NAME, else HOSTNAME-PID].
     #[arg(long, env = "VNCD_IDENTITY")]
     pub identity: Option<String>,
@@ -119,7 +120,7 @@ pub fn kube(args: KubeArgs) -> anyhow::Result<ExitCode> {
         namespace: lease_namespace(args.lease_namespace.clone()),
         node: node.clone(),
         identity: args.identity.clone().unwrap_or_else(default_identity),
-        duration: secs(args.lease_duration, "lease-duration")?,
+        duration: args.lease_duration,
     };
     let rt = runtime()?;
     rt.block_on(async move {

@@ -4,7 +4,6 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::Args;
 use tracing::{info, warn};
 
@@ -27,8 +26,8 @@ pub struct LibvirtArgs {
     )]
     pub libvirt_qemu_conf: PathBuf,
     /// Seconds between two looks at libvirt's running domains.
-    #[arg(long, env = "VNCD_LIBVIRT_POLL", default_value_t = 0.25)]
-    pub libvirt_poll: f64,
+    #[arg(long, env = "VNCD_LIBVIRT_POLL", value_name = "SECONDS", value_parser = super::serve::seconds, default_value = "0.25")]
+    pub libvirt_poll: Duration,
 }
 
 impl LibvirtArgs {
@@ -46,15 +45,11 @@ impl LibvirtArgs {
         let Some(uri) = &self.libvirt_uri else {
             return Ok(Merged::new(inner, None));
         };
-        let poll = Duration::try_from_secs_f64(self.libvirt_poll)
-            .ok()
-            .filter(|d| !d.is_zero())
-            .with_context(|| {
-                format!(
-                    "--libvirt-poll {} is not a positive number of seconds",
-                    self.libvirt_poll
-                )
-            })?;
+        let poll = self.libvirt_poll;
+        anyhow::ensure!(
+            !poll.is_zero(),
+            "--libvirt-poll 0 is not a positive number of seconds"
+        );
         let source = LibvirtSource::start(uri, poll)?;
         if !source.first_answer(Duration::from_secs(5)).await {
             warn!(uri = %uri, "libvirt has not answered within 5 s; serving nothing until it does");

@@ -2,12 +2,13 @@
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
 use tracing::info;
 
-use super::serve::{ServeArgs, secs, shutdown_signal};
+use super::serve::{ServeArgs, seconds, shutdown_signal};
 use super::{SessionsArgs, StateArgs, runtime};
 use crate::controller::Controller;
 use crate::http::{AppState, Health};
@@ -29,8 +30,8 @@ pub struct RunArgs {
     #[command(flatten)]
     pub libvirt: super::libvirt::LibvirtArgs,
     /// Seconds to wait for another vncd to let go of the state directory.
-    #[arg(long, env = "VNCD_LOCK_TIMEOUT", default_value_t = 10.0)]
-    pub lock_timeout: f64,
+    #[arg(long, env = "VNCD_LOCK_TIMEOUT", value_name = "SECONDS", value_parser = seconds, default_value = "10")]
+    pub lock_timeout: Duration,
     /// Serve /healthz, /readyz, /metrics, /v1/status and /v1/sessions on this address
     /// (e.g. 127.0.0.1:9850) [default: off].
     #[arg(long, env = "VNCD_HTTP")]
@@ -49,7 +50,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         })?
         .display()
         .to_string();
-    let lock_timeout = secs(args.lock_timeout, "lock-timeout")?;
+    let lock_timeout = args.lock_timeout;
     let mut lock = LockGuard::acquire(&state.controller_lock(), lock_timeout)?;
     lock.record_pid()
         .with_context(|| format!("cannot write {}", state.controller_lock().display()))?;

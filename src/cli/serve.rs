@@ -55,28 +55,33 @@ pub struct ServeArgs {
     #[arg(long, env = "VNCD_PUBLIC_HOST")]
     pub public_host: Option<String>,
     /// Seconds between full resyncs, which repair what no event reports (a killed proxy).
-    #[arg(long, env = "VNCD_RESYNC_INTERVAL", default_value_t = 2.0)]
-    pub resync_interval: f64,
+    #[arg(long, env = "VNCD_RESYNC_INTERVAL", value_name = "SECONDS", value_parser = seconds, default_value = "2")]
+    pub resync_interval: Duration,
     /// Seconds a new proxy may take to listen before it counts as failed.
-    #[arg(long, env = "VNCD_START_TIMEOUT", default_value_t = 30.0)]
-    pub start_timeout: f64,
+    #[arg(long, env = "VNCD_START_TIMEOUT", value_name = "SECONDS", value_parser = seconds, default_value = "30")]
+    pub start_timeout: Duration,
     /// Most proxies starting at once; the rest queue (reason Queued) [default: 64 for
     /// builtin, which starts in milliseconds; twice the CPU count for websockify, whose
     /// Python start-up is CPU-bound and thrashes when hundreds start together].
     #[arg(long, env = "VNCD_MAX_STARTING")]
     pub max_starting: Option<usize>,
     /// Seconds between SIGTERM and SIGKILL when stopping a proxy.
-    #[arg(long, env = "VNCD_STOP_GRACE", default_value_t = 2.0)]
-    pub stop_grace: f64,
+    #[arg(long, env = "VNCD_STOP_GRACE", value_name = "SECONDS", value_parser = seconds, default_value = "2")]
+    pub stop_grace: Duration,
     /// Stop every proxy and release every port when vncd exits (by default they keep
     /// running and the next vncd adopts them).
     #[arg(long, env = "VNCD_STOP_ON_EXIT")]
     pub stop_on_exit: bool,
 }
 
-pub fn secs(v: f64, flag: &str) -> anyhow::Result<Duration> {
-    Duration::try_from_secs_f64(v)
-        .with_context(|| format!("--{flag} {v} is not a number of seconds"))
+/// Parses a flag given in seconds (`2`, `0.5`): clap's value parser, so a bad value is
+/// refused with the flag named before anything starts, and the code gets a `Duration`.
+pub fn seconds(v: &str) -> Result<Duration, String> {
+    v.trim()
+        .parse::<f64>()
+        .ok()
+        .and_then(|f| Duration::try_from_secs_f64(f).ok())
+        .ok_or_else(|| format!("{v} is not a number of seconds (e.g. 2 or 0.5)"))
 }
 
 /// Finds `program` in PATH (or checks the path), so a missing websockify is one clear
@@ -118,8 +123,7 @@ impl ServeArgs {
         let limits = Limits {
             range: self.pool.port_range,
             max_sessions: self.pool.max_sessions,
-            start_timeout_ms: u64::try_from(secs(self.start_timeout, "start-timeout")?.as_millis())
-                .unwrap_or(u64::MAX),
+            start_timeout_ms: u64::try_from(self.start_timeout.as_millis()).unwrap_or(u64::MAX),
             max_starting: self
                 .max_starting
                 .unwrap_or_else(|| default_max_starting(self.backend))
@@ -127,7 +131,7 @@ impl ServeArgs {
         };
         Ok(LoopConfig {
             limits,
-            resync: secs(self.resync_interval, "resync-interval")?,
+            resync: self.resync_interval,
             stop_on_exit: self.stop_on_exit,
         })
     }
@@ -188,7 +192,7 @@ impl ServeArgs {
             self.listen_address,
             web,
             log_dir.to_owned(),
-            secs(self.stop_grace, "stop-grace")?,
+            self.stop_grace,
         ))
     }
 }
