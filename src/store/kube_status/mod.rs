@@ -617,3 +617,6 @@ impl LeaseStore for KubeStatusStore {
         })
     }
 }
+
+#[cfg(test)]
+mod tests;
