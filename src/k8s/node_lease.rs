@@ -9,6 +9,14 @@
 //! unchanged, never by comparing our clock with the holder's `renewTime`; every write is
 //! a replace with `resourceVersion`, so of two contenders exactly one wins. A holder that
 //! cannot renew for two thirds of the lease duration gives up before anyone may take over.
+//! Every call has a deadline ([`super::call`]); a renewal's is what is left of the renew
+//! deadline, so a hung API server cannot keep a holder believing it still holds the node.
+//!
+//! Why not a crate: kube-lease-manager 0.13 (the one leader-election crate that builds
+//! with kube 5) judges a holder's expiry by comparing `renewTime` with the local clock,
+//! with a configurable skew allowance; client-go, and this module, judge by how long the
+//! Lease has been seen unchanged, which no clock skew between nodes can break. It also has
+//! no per-call deadline tied to the renew deadline, which is the guarantee fencing rests on.
 
 use std::time::{Duration, Instant};
 
