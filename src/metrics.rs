@@ -277,6 +277,103 @@ struct Inner {
     view: RwLock<View>,
 }
 
+impl Inner {
+    /// Registers every metric with its help text (the table operators read in `/metrics`).
+    fn register(&mut self) {
+        let r = &mut self.registry;
+        for (name, help, g) in [
+            (
+                "vncd_pool_ports",
+                "Ports in the websocket port pool (--port-range)",
+                &self.pool_ports,
+            ),
+            (
+                "vncd_pool_leased_ports",
+                "Pool ports leased to a session",
+                &self.pool_leased,
+            ),
+            (
+                "vncd_pool_free_ports",
+                "Pool ports that could be leased now: not leased and not quarantined",
+                &self.pool_free,
+            ),
+            (
+                "vncd_pool_quarantined_ports",
+                "Pool ports skipped for now: held by another program (failed bind probe, retried after 10 s) or reserved by a libvirt domain",
+                &self.pool_quarantined,
+            ),
+            (
+                "vncd_max_sessions",
+                "Most sessions served at once (--max-sessions)",
+                &self.max_sessions,
+            ),
+        ] {
+            r.register(name, help, g.clone());
+        }
+        for (name, help, c) in [
+            (
+                "vncd_allocations",
+                "Ports leased to sessions",
+                &self.allocations,
+            ),
+            ("vncd_releases", "Port leases released", &self.releases),
+            (
+                "vncd_proxy_starts",
+                "Proxy processes started (first starts and restarts)",
+                &self.proxy_starts,
+            ),
+            (
+                "vncd_proxy_restarts",
+                "Proxy processes started again for a lease that already had one (crash, failed start, adoption of a dead proxy)",
+                &self.proxy_restarts,
+            ),
+            (
+                "vncd_proxy_start_failures",
+                "Proxy processes that could not be spawned",
+                &self.proxy_start_failures,
+            ),
+            (
+                "vncd_orphans_reaped",
+                "Orphaned proxies of this vncd (its marker, no lease) that were ended",
+                &self.orphans_reaped,
+            ),
+        ] {
+            r.register(name, help, c.clone());
+        }
+        r.register(
+            "vncd_sessions",
+            "Sessions by phase, including refused manifests (Failed)",
+            self.sessions.clone(),
+        );
+        r.register(
+            "vncd_allocation_failures",
+            "Failed port allocations by reason (PoolExhausted, PortConflict, PortInUse: counted once each time a session starts waiting for that reason, and per failed bind probe; StoreError: the lease could not be persisted)",
+            self.allocation_failures.clone(),
+        );
+        r.register(
+            "vncd_reconcile_duration_seconds",
+            "Time one controller pass takes: observe, plan, persist, act, report",
+            self.pass_duration.clone(),
+        );
+        r.register(
+            "vncd_store_errors",
+            "Lease store failures by kind (io, corrupt, lock, invalid; in Kubernetes mode the API failure: timeout, forbidden, server_error, transport, ...)",
+            self.store_errors.clone(),
+        );
+        r.register(
+            "vncd_kube_api_requests",
+            "Kubernetes API calls by verb, kind and outcome (ok, or the kind of failure)",
+            self.api.calls.clone(),
+        );
+        r.register(
+            "vncd_kube_api_request_duration_seconds",
+            "Time Kubernetes API calls take, by verb and kind (bounded by the call timeout)",
+            self.api.durations.clone(),
+        );
+        r.register_collector(Box::new(self.proxies.clone()));
+    }
+}
+
 /// The metrics registry and the controller's last view. Cheap to clone; clones share all.
 #[derive(Clone)]
 pub struct Metrics(Arc<Inner>);
@@ -295,145 +392,49 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut r = Registry::default();
-        let pool_ports = Gauge::default();
-        let pool_leased = Gauge::default();
-        let pool_free = Gauge::default();
-        let pool_quarantined = Gauge::default();
-        let max_sessions = Gauge::default();
-        let sessions = Family::<PhaseLabel, Gauge>::default();
-        let allocations = Counter::default();
-        let allocation_failures = Family::<ReasonLabel, Counter>::default();
-        let releases = Counter::default();
-        let proxy_starts = Counter::default();
-        let proxy_restarts = Counter::default();
-        let proxy_start_failures = Counter::default();
-        let orphans_reaped = Counter::default();
-        // 1 ms to ~16 s: an idle pass takes a few ms, a burst of starts much longer.
-        let pass_duration = Histogram::new(
-            prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 15),
-        );
-        let proxies = Arc::new(ProxyStats::default());
-        let store_errors = Family::<KindLabel, Counter>::default();
-        let api = ApiMetrics::default();
-        r.register(
-            "vncd_store_errors",
-            "Lease store failures by kind (io, corrupt, lock, invalid; in Kubernetes mode the API failure: timeout, forbidden, server_error, transport, ...)",
-            store_errors.clone(),
-        );
-        r.register(
-            "vncd_kube_api_requests",
-            "Kubernetes API calls by verb, kind and outcome (ok, or the kind of failure)",
-            api.calls.clone(),
-        );
-        r.register(
-            "vncd_kube_api_request_duration_seconds",
-            "Time Kubernetes API calls take, by verb and kind (bounded by the call timeout)",
-            api.durations.clone(),
-        );
-        r.register(
-            "vncd_pool_ports",
-            "Ports in the websocket port pool (--port-range)",
-            pool_ports.clone(),
-        );
-        r.register(
-            "vncd_pool_leased_ports",
-            "Pool ports leased to a session",
-            pool_leased.clone(),
-        );
-        r.register(
-            "vncd_pool_free_ports",
-            "Pool ports that could be leased now: not leased and not quarantined",
-            pool_free.clone(),
-        );
-        r.register(
-            "vncd_pool_quarantined_ports",
-            "Pool ports skipped for now: held by another program (failed bind probe, retried after 10 s) or reserved by a libvirt domain",
-            pool_quarantined.clone(),
-        );
-        r.register(
-            "vncd_max_sessions",
-            "Most sessions served at once (--max-sessions)",
-            max_sessions.clone(),
-        );
-        r.register(
-            "vncd_sessions",
-            "Sessions by phase, including refused manifests (Failed)",
-            sessions.clone(),
-        );
-        r.register(
-            "vncd_allocations",
-            "Ports leased to sessions",
-            allocations.clone(),
-        );
-        r.register(
-            "vncd_allocation_failures",
-            "Failed port allocations by reason (PoolExhausted, PortConflict, PortInUse: counted once each time a session starts waiting for that reason, and per failed bind probe; StoreError: the lease could not be persisted)",
-            allocation_failures.clone(),
-        );
-        r.register("vncd_releases", "Port leases released", releases.clone());
-        r.register(
-            "vncd_proxy_starts",
-            "Proxy processes started (first starts and restarts)",
-            proxy_starts.clone(),
-        );
-        r.register(
-            "vncd_proxy_restarts",
-            "Proxy processes started again for a lease that already had one (crash, failed start, adoption of a dead proxy)",
-            proxy_restarts.clone(),
-        );
-        r.register(
-            "vncd_proxy_start_failures",
-            "Proxy processes that could not be spawned",
-            proxy_start_failures.clone(),
-        );
-        r.register(
-            "vncd_orphans_reaped",
-            "Orphaned proxies of this vncd (its marker, no lease) that were ended",
-            orphans_reaped.clone(),
-        );
-        r.register(
-            "vncd_reconcile_duration_seconds",
-            "Time one controller pass takes: observe, plan, persist, act, report",
-            pass_duration.clone(),
-        );
-        r.register_collector(Box::new(proxies.clone()));
+        let mut inner = Inner {
+            registry: Registry::default(),
+            pool_ports: Gauge::default(),
+            pool_leased: Gauge::default(),
+            pool_free: Gauge::default(),
+            pool_quarantined: Gauge::default(),
+            max_sessions: Gauge::default(),
+            sessions: Family::default(),
+            allocations: Counter::default(),
+            allocation_failures: Family::default(),
+            releases: Counter::default(),
+            proxy_starts: Counter::default(),
+            proxy_restarts: Counter::default(),
+            proxy_start_failures: Counter::default(),
+            orphans_reaped: Counter::default(),
+            // 1 ms to ~16 s: an idle pass takes a few ms, a burst of starts much longer.
+            pass_duration: Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 15),
+            ),
+            proxies: Arc::new(ProxyStats::default()),
+            store_errors: Family::default(),
+            api: ApiMetrics::default(),
+            view: RwLock::new(View::default()),
+        };
+        inner.register();
         // Every label value exists from the start, so rates and alerts see zeros.
         for p in PHASES {
-            sessions
+            inner
+                .sessions
                 .get_or_create(&PhaseLabel {
                     phase: p.to_string(),
                 })
                 .set(0);
         }
         for reason in allocation_failure_reasons() {
-            allocation_failures
+            inner
+                .allocation_failures
                 .get_or_create(&ReasonLabel {
                     reason: reason.to_owned(),
                 })
                 .inc_by(0);
         }
-        Metrics(Arc::new(Inner {
-            registry: r,
-            pool_ports,
-            pool_leased,
-            pool_free,
-            pool_quarantined,
-            max_sessions,
-            sessions,
-            allocations,
-            allocation_failures,
-            releases,
-            proxy_starts,
-            proxy_restarts,
-            proxy_start_failures,
-            orphans_reaped,
-            pass_duration,
-            proxies,
-            store_errors,
-            api,
-            view: RwLock::new(View::default()),
-        }))
+        Metrics(Arc::new(inner))
     }
 
     pub fn set_pool(&self, pool: Pool) {

@@ -106,128 +106,178 @@ pub fn kube(args: KubeArgs) -> anyhow::Result<ExitCode> {
     if !is_valid_name(&node) {
         return Err(KubeError::NodeName(node).into());
     }
-    let config = args.serve.loop_config()?;
     let log_dir = args.state_dir.join("logs");
     std::fs::create_dir_all(&log_dir)
         .with_context(|| format!("cannot create proxy log directory {}", log_dir.display()))?;
-    // Every instance for this node marks its proxies alike, so a successor adopts them.
-    let supervisor = args
-        .serve
-        .supervisor(format!("kube:{node}"), Path::new(&log_dir))?;
-    let url = args.serve.url_style();
-    let pool = args.serve.pool.port_range;
-    let lease_cfg = LeaseConfig {
-        namespace: lease_namespace(args.lease_namespace.clone()),
-        node: node.clone(),
-        identity: args.identity.clone().unwrap_or_else(default_identity),
-        duration: args.lease_duration,
+    let plan = Setup {
+        config: args.serve.loop_config()?,
+        // Every instance for this node marks its proxies alike, so a successor adopts them.
+        supervisor: args
+            .serve
+            .supervisor(format!("kube:{node}"), Path::new(&log_dir))?,
+        url: args.serve.url_style(),
+        lease: LeaseConfig {
+            namespace: lease_namespace(args.lease_namespace.clone()),
+            node,
+            identity: args.identity.clone().unwrap_or_else(default_identity),
+            duration: args.lease_duration,
+        },
     };
-    let rt = runtime()?;
-    rt.block_on(async move {
-        let (stop_tx, stop) = watch::channel(false);
-        tokio::spawn(async move {
-            shutdown_signal().await;
-            let _ = stop_tx.send(true);
-        });
-        let client = Client::try_default().await.map_err(KubeError::Client)?;
-        let (api, scope): (Api<VncSession>, String) = match &args.namespace {
-            Some(ns) => (Api::namespaced(client.clone(), ns), format!(" in namespace {ns:?}")),
-            None => (Api::all(client.clone()), String::new()),
-        };
-        crd::check(&api, &scope).await?;
+    runtime()?.block_on(serve(args, plan))
+}
 
-        let health = Health::default();
-        let metrics = crate::metrics::Metrics::new();
-        let metered = Metered::new(metrics.api());
-        if let Some(addr) = args.http {
-            crate::http::serve_api(
-                addr,
-                AppState {
-                    health: health.clone(),
-                    metrics: Some(metrics.clone()),
-                    urls: Some(url.clone()),
-                },
-            )
-            .await?;
-        }
+/// What `vncd kube` builds from its flags before it talks to the API server.
+struct Setup {
+    config: crate::controller::LoopConfig,
+    supervisor: crate::supervisor::Supervisor,
+    url: crate::status::UrlStyle,
+    lease: LeaseConfig,
+}
 
-        info!(node = %node, lease = %lease_cfg.name(), namespace = %lease_cfg.namespace, identity = %lease_cfg.identity, "taking the node lease");
-        let held = tokio::select! {
-            held = NodeLease::new(client.clone(), lease_cfg.clone(), metered.clone()).acquire() => held,
-            () = stopped(stop.clone()) => return anyhow::Ok(ExitCode::SUCCESS),
-        };
-        health.set_leader(true);
+/// The API client, the sessions' API, the metrics and the probes, once connected.
+struct Connected {
+    client: Client,
+    api: Api<VncSession>,
+    health: Health,
+    metrics: crate::metrics::Metrics,
+    metered: Metered,
+}
 
-        let objects = Objects::default();
-        let writer = Writer::new(client.clone(), metered.clone());
-        let events = Events::start(client.clone(), &node, metered.clone());
-        let source = KubeSource::start(api.clone(), &node, pool, objects.clone());
-        tokio::select! {
-            () = source.synced() => {}
-            () = stopped(stop.clone()) => {
-                held.release().await;
-                return anyhow::Ok(ExitCode::SUCCESS);
-            }
-        }
-        let watch_stats = source.stats();
-        let store = KubeStatusStore::new(
-            api,
-            writer.clone(),
-            objects.clone(),
-            &node,
-            url.clone(),
-            events.clone(),
-        );
-        let sink = KubeStatusSink::new(
-            writer.clone(),
-            objects,
-            &node,
-            url.clone(),
-            events.clone(),
-            health.synced.clone(),
-        );
-        info!(
-            node = %node,
-            namespace = args.namespace.as_deref().unwrap_or("(all)"),
-            port_range = %pool,
-            max_sessions = args.serve.pool.max_sessions,
-            backend = supervisor.backend_name(),
-            "vncd kube running"
-        );
-        let controller = Controller::new(source, store, sink, supervisor, StatusBuilder::new(url), config)
-            .with_metrics(metrics);
-        let mut lost = None;
-        let shutdown = async {
-            tokio::select! {
-                () = stopped(stop.clone()) => {}
-                why = held.lost() => lost = Some(why),
-            }
-        };
-        let result = controller.run(shutdown).await;
-        health.set_leader(false);
-        let (status_writes, finalizer_writes, secret_writes, conflicts) =
-            writer.counts().summary();
-        info!(
-            status_writes,
-            finalizer_writes,
-            secret_writes,
-            conflicts,
-            events = events.published(),
-            watch_events = watch_stats.events.load(Ordering::Relaxed),
-            watch_objects = watch_stats.distinct.load(Ordering::Relaxed),
-            watch_foreign = watch_stats.foreign.load(Ordering::Relaxed),
-            "vncd kube stopped"
-        );
-        result?;
-        match lost {
-            Some(why) => {
-                error!(reason = %why, "lost the node lease");
-                Err(KubeError::LeaseLost(why).into())
-            }
-            None => {
-                held.release().await;
-                Ok(ExitCode::SUCCESS)
-            }
-        }
+/// Connects, checks the CRD and starts the probes (before the node lease, so a standby
+/// instance answers /healthz and says why it is not ready).
+async fn connect(args: &KubeArgs, url: &crate::status::UrlStyle) -> anyhow::Result<Connected> {
+    let client = Client::try_default().await.map_err(KubeError::Client)?;
+    let (api, scope): (Api<VncSession>, String) = match &args.namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            format!(" in namespace {ns:?}"),
+        ),
+        None => (Api::all(client.clone()), String::new()),
+    };
+    crd::check(&api, &scope).await?;
+    let health = Health::default();
+    let metrics = crate::metrics::Metrics::new();
+    if let Some(addr) = args.http {
+        crate::http::serve_api(
+            addr,
+            AppState {
+                health: health.clone(),
+                metrics: Some(metrics.clone()),
+                urls: Some(url.clone()),
+            },
+        )
+        .await?;
+    }
+    let metered = Metered::new(metrics.api());
+    Ok(Connected {
+        client,
+        api,
+        health,
+        metrics,
+        metered,
     })
+}
+
+async fn serve(args: KubeArgs, setup: Setup) -> anyhow::Result<ExitCode> {
+    let (stop_tx, stop) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let c = connect(&args, &setup.url).await?;
+    let lease_cfg = setup.lease.clone();
+    info!(node = %lease_cfg.node, lease = %lease_cfg.name(), namespace = %lease_cfg.namespace, identity = %lease_cfg.identity, "taking the node lease");
+    let held = tokio::select! {
+        held = NodeLease::new(c.client.clone(), lease_cfg.clone(), c.metered.clone()).acquire() => held,
+        () = stopped(stop.clone()) => return Ok(ExitCode::SUCCESS),
+    };
+    c.health.set_leader(true);
+    let node = lease_cfg.node.as_str();
+    let objects = Objects::default();
+    let writer = Writer::new(c.client.clone(), c.metered.clone());
+    let events = Events::start(c.client.clone(), node, c.metered.clone());
+    let source = KubeSource::start(
+        c.api.clone(),
+        node,
+        args.serve.pool.port_range,
+        objects.clone(),
+    );
+    tokio::select! {
+        () = source.synced() => {}
+        () = stopped(stop.clone()) => {
+            held.release().await;
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
+    let watch_stats = source.stats();
+    let store = KubeStatusStore::new(
+        c.api,
+        writer.clone(),
+        objects.clone(),
+        node,
+        setup.url.clone(),
+        events.clone(),
+    );
+    let sink = KubeStatusSink::new(
+        writer.clone(),
+        objects,
+        node,
+        setup.url.clone(),
+        events.clone(),
+        c.health.synced.clone(),
+    );
+    info!(
+        node = %node,
+        namespace = args.namespace.as_deref().unwrap_or("(all)"),
+        port_range = %args.serve.pool.port_range,
+        max_sessions = args.serve.pool.max_sessions,
+        backend = setup.supervisor.backend_name(),
+        "vncd kube running"
+    );
+    let controller = Controller::new(
+        source,
+        store,
+        sink,
+        setup.supervisor,
+        StatusBuilder::new(setup.url),
+        setup.config,
+    )
+    .with_metrics(c.metrics);
+    let mut lost = None;
+    let shutdown = async {
+        tokio::select! {
+            () = stopped(stop.clone()) => {}
+            why = held.lost() => lost = Some(why),
+        }
+    };
+    let result = controller.run(shutdown).await;
+    c.health.set_leader(false);
+    log_totals(&writer, &events, &watch_stats);
+    result?;
+    match lost {
+        Some(why) => {
+            error!(reason = %why, "lost the node lease");
+            Err(KubeError::LeaseLost(why).into())
+        }
+        None => {
+            held.release().await;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// The exit log: what this instance wrote and what its watch delivered.
+fn log_totals(writer: &Writer, events: &Events, watch_stats: &crate::source::kube::WatchStats) {
+    let (status_writes, finalizer_writes, secret_writes, conflicts) = writer.counts().summary();
+    info!(
+        status_writes,
+        finalizer_writes,
+        secret_writes,
+        conflicts,
+        events = events.published(),
+        watch_events = watch_stats.events.load(Ordering::Relaxed),
+        watch_objects = watch_stats.distinct.load(Ordering::Relaxed),
+        watch_foreign = watch_stats.foreign.load(Ordering::Relaxed),
+        "vncd kube stopped"
+    );
 }
