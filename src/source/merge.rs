@@ -50,6 +50,18 @@ fn console_reason(e: &GraphicsError) -> &'static str {
 /// Combines `snap` (from manifests) with `table` (from libvirt, `None` without
 /// `--libvirt`). Returns the snapshot and the name conflicts found. See the module docs.
 pub fn merge(mut snap: Snapshot, table: Option<&DomainTable>) -> (Snapshot, Vec<String>) {
+    let claimed = resolve_manifests(&mut snap, table);
+    let Some(table) = table else {
+        return (snap, Vec::new());
+    };
+    snap.reserved_ports.extend(table.ports.iter().copied());
+    let conflicts = add_domains(&mut snap, table, &claimed);
+    (snap, conflicts)
+}
+
+/// Serves each manifest naming a libvirt domain at the domain's live console, or rejects
+/// it with why it waits. Returns the domains the manifests claim.
+fn resolve_manifests(snap: &mut Snapshot, table: Option<&DomainTable>) -> BTreeSet<String> {
     let unresolved = std::mem::take(&mut snap.unresolved);
     let claimed: BTreeSet<String> = unresolved.values().map(|r| r.domain.clone()).collect();
     for (name, r) in unresolved {
@@ -83,11 +95,16 @@ pub fn merge(mut snap: Snapshot, table: Option<&DomainTable>) -> (Snapshot, Vec<
             error,
         });
     }
-    let Some(table) = table else {
-        return (snap, Vec::new());
-    };
-    snap.reserved_ports.extend(table.ports.iter().copied());
+    claimed
+}
 
+/// Gives every running domain with VNC graphics that no manifest claims a session of its
+/// own. Returns the name conflicts (the manifest, or the first domain, keeps the name).
+fn add_domains(
+    snap: &mut Snapshot,
+    table: &DomainTable,
+    claimed: &BTreeSet<String>,
+) -> Vec<String> {
     let manifest_names: BTreeSet<String> = snap
         .desired
         .keys()
@@ -117,26 +134,7 @@ pub fn merge(mut snap: Snapshot, table: Option<&DomainTable>) -> (Snapshot, Vec<
         let origin = format!("libvirt domain {domain:?}");
         match console {
             Ok(c) => {
-                let spec = VncSessionSpec {
-                    target: Target {
-                        libvirt_domain: Some(domain.clone()),
-                        ..Target::default()
-                    },
-                    ..VncSessionSpec::default()
-                };
-                let desired = Desired {
-                    name: name.clone(),
-                    target: c.endpoint.clone(),
-                    requested_port: None,
-                    generation: spec_generation(&spec),
-                    idle_timeout_ms: None,
-                    max_lifetime_ms: None,
-                };
-                let mut obj = VncSession::new(&name, spec);
-                obj.metadata.annotations = Some(BTreeMap::from([
-                    (SOURCE_ANNOTATION.to_owned(), origin),
-                    (DOMAIN_ANNOTATION.to_owned(), domain.clone()),
-                ]));
+                let (desired, obj) = domain_session(&name, domain, c.endpoint.clone(), origin);
                 snap.desired.insert(name.clone(), desired);
                 snap.objects.insert(name, obj);
             }
@@ -153,7 +151,38 @@ pub fn merge(mut snap: Snapshot, table: Option<&DomainTable>) -> (Snapshot, Vec<
             snap.unsettled = true;
         }
     }
-    (snap, conflicts)
+    conflicts
+}
+
+/// The session of a domain no manifest names: desired at its console, and an object for
+/// `vncd get` that says where it came from.
+fn domain_session(
+    name: &str,
+    domain: &str,
+    endpoint: crate::session::Endpoint,
+    origin: String,
+) -> (Desired, VncSession) {
+    let spec = VncSessionSpec {
+        target: Target {
+            libvirt_domain: Some(domain.to_owned()),
+            ..Target::default()
+        },
+        ..VncSessionSpec::default()
+    };
+    let desired = Desired {
+        name: name.to_owned(),
+        target: endpoint,
+        requested_port: None,
+        generation: spec_generation(&spec),
+        idle_timeout_ms: None,
+        max_lifetime_ms: None,
+    };
+    let mut obj = VncSession::new(name, spec);
+    obj.metadata.annotations = Some(BTreeMap::from([
+        (SOURCE_ANNOTATION.to_owned(), origin),
+        (DOMAIN_ANNOTATION.to_owned(), domain.to_owned()),
+    ]));
+    (desired, obj)
 }
 
 /// A source plus, optionally, libvirt's running domains. See the module docs.
