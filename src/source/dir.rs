@@ -126,87 +126,95 @@ impl DirSource {
                 path: self.dir.clone(),
                 source,
             })?;
-            let path = entry.path();
-            let Some(fname) = path.file_name().and_then(|n| n.to_str()) else {
-                // No session can be named after it, so no status can carry the error:
-                // the log says it once.
-                if self.unreadable_names.insert(path.clone()) {
-                    tracing::warn!(file = %path.display(), "skipping a file whose name is not UTF-8; rename it to serve it");
-                }
-                continue;
-            };
-            let is_manifest = fname.ends_with(".yaml") || fname.ends_with(".yml");
-            if fname.starts_with('.') || !is_manifest {
-                continue;
+            if let Some(r) = self.visit(entry.path(), now, &mut snap, &mut seen) {
+                rejected_early.push(r);
             }
-            let stem = fname.rsplit_once('.').map_or(fname, |(s, _)| s).to_owned();
-            let Ok(meta) = std::fs::symlink_metadata(&path) else {
-                continue; // vanished between listing and stat
-            };
-            if !meta.file_type().is_file() {
-                let what = if meta.file_type().is_symlink() {
-                    "is a symbolic link; only regular files are read"
-                } else {
-                    "is not a regular file"
-                };
-                rejected_early.push(Rejected {
-                    name: stem,
-                    origin: path.display().to_string(),
-                    error: format!("{} {what}", path.display()),
-                });
-                continue;
-            }
-            seen.insert(path.clone());
-            let key = FileKey {
-                mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
-                size: meta.size(),
-                ino: meta.ino(),
-            };
-            let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-            let fresh = now
-                .duration_since(modified)
-                .map_or(true, |age| age < SETTLE);
-            if self.files.get(&path).is_some_and(|f| f.key == key) {
-                continue; // unchanged since we last read it
-            }
-            if fresh {
-                snap.unsettled = true; // keep the previous reading until it settles
-                if !self.files.contains_key(&path) {
-                    // Never read (vncd just started, or a new path): until it settles, the
-                    // session it names is left alone, not taken for deleted.
-                    let name = (meta.size() <= MAX_MANIFEST_BYTES)
-                        .then(|| std::fs::read_to_string(&path).ok())
-                        .flatten()
-                        .and_then(|t| manifest::claimed_name(&t));
-                    snap.protected.insert(name.unwrap_or(stem));
-                }
-                continue;
-            }
-            let result = read_manifest(&path, meta.size(), self.pool).map_err(|e| {
-                let name = (meta.size() <= MAX_MANIFEST_BYTES)
-                    .then(|| std::fs::read_to_string(&path).ok())
-                    .flatten()
-                    .and_then(|t| manifest::claimed_name(&t));
-                (name, format!("{}: {e}", path.display()))
-            });
-            let last_good = match (&result, self.files.remove(&path)) {
-                (Ok(p), _) => Some(p.clone()),
-                (Err(_), Some(prev)) => prev.last_good,
-                (Err(_), None) => None,
-            };
-            self.files.insert(
-                path,
-                FileState {
-                    key,
-                    result,
-                    last_good,
-                },
-            );
         }
         self.files.retain(|p, _| seen.contains(p));
         self.assemble(&mut snap);
         snap.rejected.extend(rejected_early);
         Ok(snap)
+    }
+
+    /// One directory entry: skipped, rejected (returned), left for later while it settles,
+    /// or read into `self.files`. Paths of regular manifest files go into `seen`.
+    fn visit(
+        &mut self,
+        path: PathBuf,
+        now: SystemTime,
+        snap: &mut Snapshot,
+        seen: &mut BTreeSet<PathBuf>,
+    ) -> Option<Rejected> {
+        let Some(fname) = path.file_name().and_then(|n| n.to_str()) else {
+            // No session can be named after it, so no status can carry the error:
+            // the log says it once.
+            if self.unreadable_names.insert(path.clone()) {
+                tracing::warn!(file = %path.display(), "skipping a file whose name is not UTF-8; rename it to serve it");
+            }
+            return None;
+        };
+        let is_manifest = fname.ends_with(".yaml") || fname.ends_with(".yml");
+        if fname.starts_with('.') || !is_manifest {
+            return None;
+        }
+        let stem = fname.rsplit_once('.').map_or(fname, |(s, _)| s).to_owned();
+        // None: vanished between listing and stat.
+        let meta = std::fs::symlink_metadata(&path).ok()?;
+        if !meta.file_type().is_file() {
+            let what = if meta.file_type().is_symlink() {
+                "is a symbolic link; only regular files are read"
+            } else {
+                "is not a regular file"
+            };
+            return Some(Rejected {
+                name: stem,
+                origin: path.display().to_string(),
+                error: format!("{} {what}", path.display()),
+            });
+        }
+        seen.insert(path.clone());
+        let key = FileKey {
+            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+            size: meta.size(),
+            ino: meta.ino(),
+        };
+        if self.files.get(&path).is_some_and(|f| f.key == key) {
+            return None; // unchanged since we last read it
+        }
+        let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+        if now
+            .duration_since(modified)
+            .map_or(true, |age| age < SETTLE)
+        {
+            snap.unsettled = true; // keep the previous reading until it settles
+            if !self.files.contains_key(&path) {
+                // Never read (vncd just started, or a new path): until it settles, the
+                // session it names is left alone, not taken for deleted.
+                snap.protected
+                    .insert(claimed_name(&path, meta.size()).unwrap_or(stem));
+            }
+            return None;
+        }
+        let result = read_manifest(&path, meta.size(), self.pool).map_err(|e| {
+            (
+                claimed_name(&path, meta.size()),
+                format!("{}: {e}", path.display()),
+            )
+        });
+        let last_good = match (&result, self.files.remove(&path)) {
+            (Ok(p), _) => Some(p.clone()),
+            (Err(_), Some(prev)) => prev.last_good,
+            (Err(_), None) => None,
+        };
+        self.files.insert(
+            path,
+            FileState {
+                key,
+                result,
+                last_good,
+            },
+        );
+        None
     }
 
     fn assemble(&mut self, snap: &mut Snapshot) {
@@ -294,6 +302,15 @@ impl Source for DirSource {
         tokio::time::sleep(Duration::from_millis(50)).await;
         while self.events.try_recv().is_ok() {}
     }
+}
+
+/// The name a manifest claims, if it is small enough to read and names one: a file that
+/// does not parse still protects the session it names.
+fn claimed_name(path: &Path, size: u64) -> Option<String> {
+    (size <= MAX_MANIFEST_BYTES)
+        .then(|| std::fs::read_to_string(path).ok())
+        .flatten()
+        .and_then(|t| manifest::claimed_name(&t))
 }
 
 #[cfg(test)]
