@@ -320,56 +320,13 @@ impl KubeStatusStore {
                     Err(e) => return Err(Failure::api(key, "read the object", e)),
                 },
             };
-            let holds = k.status.lease_uid.as_deref() == Some(lease.uid.as_str());
-            let free = k.status.lease_uid.is_none();
-            if !holds && !free {
-                // Another node leased it since: nothing of ours is left on the object.
-                return self.released(lease, Some(&k)).await;
-            }
-            let result = if k.deleting || (!holds && !k.watched) {
-                // Being deleted: only the finalizer matters, the object is going away.
-                if k.has_finalizer() {
-                    self.writer.set_finalizer(&k, false).await
-                } else {
-                    return self.released(lease, Some(&k)).await;
-                }
-            } else if holds {
-                // A status that keeps saying Ready without a port would be a lie; the sink
-                // writes the next state if this node still serves the session.
-                let mut status = k.status.clone();
-                put_lease_fields(&mut status, None, &self.node, &self.url);
-                status.phase = Some(Phase::Pending);
-                status.reason = Some(RELEASED.into());
-                status.message = Some(if k.watched {
-                    format!("node {} released port {}", self.node, lease.port)
-                } else {
-                    format!(
-                        "node {} released port {}: the session is no longer assigned to it",
-                        self.node, lease.port
-                    )
-                });
-                status.conditions.clear();
-                expiry.apply(&mut status);
-                self.writer.apply_status(&k, &status).await
-            } else {
+            let Some(result) = self.release_write(&k, lease, expiry).await else {
                 return self.released(lease, Some(&k)).await;
             };
             match result {
                 Ok(obj) => {
                     self.objects.observe(&obj);
-                    if let Some(k) = self.objects.get(key)
-                        && !k.watched
-                        && !k.deleting
-                        && k.has_finalizer()
-                    {
-                        // Not ours any more: another node adds its own finalizer.
-                        match self.writer.set_finalizer(&k, false).await {
-                            Ok(obj) => {
-                                self.objects.observe(&obj);
-                            }
-                            Err(e) => debug!(session = %key, error = %e, "cannot drop finalizer"),
-                        }
-                    }
+                    self.drop_foreign_finalizer(key).await;
                     return self.released(lease, Some(&k)).await;
                 }
                 Err(e) if is_not_found(&e) => {
@@ -389,6 +346,65 @@ impl KubeStatusStore {
             "{key}: kept changing while port {} was released",
             lease.port
         )))
+    }
+
+    /// The one write a release needs on `k` as it stands, or None if nothing of ours is
+    /// left on it: being deleted, only the finalizer matters; holding our lease, the lease
+    /// fields are cleared (the sink writes the next state if this node still serves it).
+    async fn release_write(
+        &self,
+        k: &Known,
+        lease: &Lease,
+        expiry: &ExpiryOp,
+    ) -> Option<Result<VncSession, kube::Error>> {
+        let holds = k.status.lease_uid.as_deref() == Some(lease.uid.as_str());
+        let free = k.status.lease_uid.is_none();
+        if !holds && !free {
+            // Another node leased it since: nothing of ours is left on the object.
+            return None;
+        }
+        if k.deleting || (!holds && !k.watched) {
+            if !k.has_finalizer() {
+                return None;
+            }
+            return Some(self.writer.set_finalizer(k, false).await);
+        }
+        if !holds {
+            return None;
+        }
+        // A status that keeps saying Ready without a port would be a lie.
+        let mut status = k.status.clone();
+        put_lease_fields(&mut status, None, &self.node, &self.url);
+        status.phase = Some(Phase::Pending);
+        status.reason = Some(RELEASED.into());
+        status.message = Some(if k.watched {
+            format!("node {} released port {}", self.node, lease.port)
+        } else {
+            format!(
+                "node {} released port {}: the session is no longer assigned to it",
+                self.node, lease.port
+            )
+        });
+        status.conditions.clear();
+        expiry.apply(&mut status);
+        Some(self.writer.apply_status(k, &status).await)
+    }
+
+    /// After a release of a session no longer assigned to this node: its finalizer goes
+    /// too (the node it moved to adds its own).
+    async fn drop_foreign_finalizer(&self, key: &str) {
+        let Some(k) = self.objects.get(key) else {
+            return;
+        };
+        if k.watched || k.deleting || !k.has_finalizer() {
+            return;
+        }
+        match self.writer.set_finalizer(&k, false).await {
+            Ok(obj) => {
+                self.objects.observe(&obj);
+            }
+            Err(e) => debug!(session = %key, error = %e, "cannot drop finalizer"),
+        }
     }
 
     async fn released(&self, lease: &Lease, known: Option<&Known>) -> Result<(), Failure> {
@@ -546,20 +562,7 @@ impl LeaseStore for KubeStatusStore {
         apply_changes(&mut next, changes.clone())?;
         self.pause_after_errors().await;
         let writes = plan_writes(&self.set.leases, &changes);
-        let this = &*self;
-        let results: Vec<(Vec<usize>, &'static str, Result<(), Failure>)> = stream::iter(writes)
-            .map(|(i, w)| async move {
-                let kind = match &w {
-                    Write::Lease { .. } => "lease",
-                    Write::Release { .. } => "release",
-                    Write::Expiry { .. } => "expiry",
-                };
-                debug!(session = %w.key(), kind, "writing");
-                (i, kind, this.perform(&w).await)
-            })
-            .buffer_unordered(PARALLEL_WRITES)
-            .collect()
-            .await;
+        let results = self.perform_all(writes).await;
         let failed: BTreeSet<usize> = results
             .iter()
             .filter(|(_, _, r)| r.is_err())
@@ -583,6 +586,35 @@ impl LeaseStore for KubeStatusStore {
         apply_changes(&mut persisted, kept)?;
         self.set = persisted;
         self.objects.set_leases(&self.set.leases);
+        Err(self.failure_of(base, results))
+    }
+}
+
+/// One write's result: the indices of the changes it carried, its kind, and how it went.
+type Performed = (Vec<usize>, &'static str, Result<(), Failure>);
+
+impl KubeStatusStore {
+    /// Performs `writes`, up to [`PARALLEL_WRITES`] at once (one write per object, so two
+    /// writes in flight never touch the same object).
+    async fn perform_all(&self, writes: Vec<(Vec<usize>, Write)>) -> Vec<Performed> {
+        stream::iter(writes)
+            .map(|(i, w)| async move {
+                let kind = match &w {
+                    Write::Lease { .. } => "lease",
+                    Write::Release { .. } => "release",
+                    Write::Expiry { .. } => "expiry",
+                };
+                debug!(session = %w.key(), kind, "writing");
+                (i, kind, self.perform(&w).await)
+            })
+            .buffer_unordered(PARALLEL_WRITES)
+            .collect()
+            .await
+    }
+
+    /// What a partly failed commit answers: an API error (and a backoff) if the server
+    /// failed a call, else a conflict so the controller reloads and plans again.
+    fn failure_of(&mut self, base: u64, results: Vec<Performed>) -> StoreError {
         let mut stale = None;
         let mut api = None;
         for (_, kind, r) in results {
@@ -608,13 +640,13 @@ impl LeaseStore for KubeStatusStore {
                 retry_in_ms = wait.as_millis() as u64,
                 "API error while writing leases; backing off"
             );
-            return Err(error);
+            return error;
         }
         debug!(detail = ?stale, "a session changed underneath; reloading");
-        Err(StoreError::Conflict {
+        StoreError::Conflict {
             expected: base,
             found: self.set.revision,
-        })
+        }
     }
 }
 
