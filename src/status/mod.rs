@@ -18,7 +18,7 @@ use crate::lease::Lease;
 use crate::pool::PortRange;
 use crate::reconcile::Report;
 use crate::session::Endpoint;
-use crate::source::Snapshot;
+use crate::source::{Rejected, Snapshot};
 
 /// The reason given to sessions whose manifest was refused.
 pub const INVALID: &str = "InvalidManifest";
@@ -77,6 +77,23 @@ fn spec_of(target: &Endpoint) -> VncSessionSpec {
     }
 }
 
+/// Warnings per desired session: the source's, plus the errors of rejected files that
+/// claim a name a valid manifest serves (the valid one keeps serving; the status says why
+/// the other was ignored).
+fn warnings_of(snapshot: &Snapshot) -> BTreeMap<String, String> {
+    let mut warnings = snapshot.warnings.clone();
+    for r in &snapshot.rejected {
+        if snapshot.desired.contains_key(&r.name) {
+            let w = warnings.entry(r.name.clone()).or_default();
+            if !w.is_empty() {
+                w.push_str("; ");
+            }
+            w.push_str(&r.error);
+        }
+    }
+    warnings
+}
+
 impl StatusBuilder {
     pub fn new(url: UrlStyle) -> Self {
         StatusBuilder {
@@ -117,76 +134,18 @@ impl StatusBuilder {
         reports: &BTreeMap<String, Report>,
         leases: &BTreeMap<String, Lease>,
     ) -> Vec<VncSession> {
-        let mut items = Vec::new();
-        let mut warnings = snapshot.warnings.clone();
-        for r in &snapshot.rejected {
-            if snapshot.desired.contains_key(&r.name) {
-                let w = warnings.entry(r.name.clone()).or_default();
-                if !w.is_empty() {
-                    w.push_str("; ");
-                }
-                w.push_str(&r.error);
-            }
-        }
-        for (name, report) in reports {
-            let lease = leases.get(name);
-            let (mut obj, generation) =
-                match (snapshot.objects.get(name), snapshot.desired.get(name)) {
-                    (Some(o), Some(d)) => (o.clone(), Some(d.generation)),
-                    _ => {
-                        let target = lease.map(|l| l.target.clone()).unwrap_or(Endpoint::Unix {
-                            path: String::new(),
-                        });
-                        (VncSession::new(name, spec_of(&target)), None)
-                    }
-                };
-            let mut message = report.message.clone();
-            if let Some(w) = warnings.get(name) {
-                message = format!("{message} (warning: {w})");
-            }
-            let ready = report.phase == Phase::Ready;
-            let cond = self.condition(name, ready, report.reason, &message, generation);
-            obj.status = Some(VncSessionStatus {
-                phase: Some(report.phase),
-                port: lease.map(|l| i32::from(l.port)),
-                url: lease.map(|l| self.url.url(l.port, l.token.as_deref())),
-                pid: lease.and_then(|l| l.process).map(|p| p.pid),
-                target: lease.map(|l| l.target.to_string()),
-                reason: Some(report.reason.to_owned()),
-                message: Some(message),
-                allocated_at: lease.map(|l| Time(l.allocated_at)),
-                observed_generation: generation,
-                conditions: vec![cond],
-                // Lease identity fields are for stores that keep leases in the status.
-                ..VncSessionStatus::default()
-            });
-            items.push(obj);
-        }
+        let warnings = warnings_of(snapshot);
+        let mut items: Vec<VncSession> = reports
+            .iter()
+            .map(|(name, report)| {
+                self.reported(snapshot, name, report, leases.get(name), warnings.get(name))
+            })
+            .collect();
         for r in &snapshot.rejected {
             if snapshot.desired.contains_key(&r.name) || reports.contains_key(&r.name) {
                 continue;
             }
-            let mut obj = VncSession::new(&r.name, VncSessionSpec::default());
-            obj.metadata.annotations = Some(BTreeMap::from([(
-                SOURCE_ANNOTATION.to_owned(),
-                r.origin.clone(),
-            )]));
-            let (phase, reason) = match snapshot.waiting.get(&r.name) {
-                Some(reason) => (Phase::Pending, *reason),
-                None => (Phase::Failed, INVALID),
-            };
-            let cond = self.condition(&r.name, false, reason, &r.error, None);
-            obj.status = Some(VncSessionStatus {
-                phase: Some(phase),
-                reason: Some(reason.into()),
-                message: Some(r.error.clone()),
-                // A protected name keeps its lease: show it.
-                port: leases.get(&r.name).map(|l| i32::from(l.port)),
-                pid: leases.get(&r.name).and_then(|l| l.process).map(|p| p.pid),
-                conditions: vec![cond],
-                ..VncSessionStatus::default()
-            });
-            items.push(obj);
+            items.push(self.rejected(snapshot, r, leases.get(&r.name)));
         }
         let live: std::collections::BTreeSet<String> = items
             .iter()
@@ -195,6 +154,73 @@ impl StatusBuilder {
         self.transitions.retain(|k, _| live.contains(k));
         items.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
         items
+    }
+
+    /// The object of a session the plan reported on (desired or terminating).
+    fn reported(
+        &mut self,
+        snapshot: &Snapshot,
+        name: &str,
+        report: &Report,
+        lease: Option<&Lease>,
+        warning: Option<&String>,
+    ) -> VncSession {
+        let (mut obj, generation) = match (snapshot.objects.get(name), snapshot.desired.get(name)) {
+            (Some(o), Some(d)) => (o.clone(), Some(d.generation)),
+            _ => {
+                let target = lease.map(|l| l.target.clone()).unwrap_or(Endpoint::Unix {
+                    path: String::new(),
+                });
+                (VncSession::new(name, spec_of(&target)), None)
+            }
+        };
+        let mut message = report.message.clone();
+        if let Some(w) = warning {
+            message = format!("{message} (warning: {w})");
+        }
+        let ready = report.phase == Phase::Ready;
+        let cond = self.condition(name, ready, report.reason, &message, generation);
+        obj.status = Some(VncSessionStatus {
+            phase: Some(report.phase),
+            port: lease.map(|l| i32::from(l.port)),
+            url: lease.map(|l| self.url.url(l.port, l.token.as_deref())),
+            pid: lease.and_then(|l| l.process).map(|p| p.pid),
+            target: lease.map(|l| l.target.to_string()),
+            reason: Some(report.reason.to_owned()),
+            message: Some(message),
+            allocated_at: lease.map(|l| Time(l.allocated_at)),
+            observed_generation: generation,
+            conditions: vec![cond],
+            // Lease identity fields are for stores that keep leases in the status.
+            ..VncSessionStatus::default()
+        });
+        obj
+    }
+
+    /// The object of a rejected manifest or domain: Failed (invalid), or Pending while it
+    /// waits on something outside (a libvirt domain that is not running yet).
+    fn rejected(&mut self, snapshot: &Snapshot, r: &Rejected, lease: Option<&Lease>) -> VncSession {
+        let mut obj = VncSession::new(&r.name, VncSessionSpec::default());
+        obj.metadata.annotations = Some(BTreeMap::from([(
+            SOURCE_ANNOTATION.to_owned(),
+            r.origin.clone(),
+        )]));
+        let (phase, reason) = match snapshot.waiting.get(&r.name) {
+            Some(reason) => (Phase::Pending, *reason),
+            None => (Phase::Failed, INVALID),
+        };
+        let cond = self.condition(&r.name, false, reason, &r.error, None);
+        obj.status = Some(VncSessionStatus {
+            phase: Some(phase),
+            reason: Some(reason.into()),
+            message: Some(r.error.clone()),
+            // A protected name keeps its lease: show it.
+            port: lease.map(|l| i32::from(l.port)),
+            pid: lease.and_then(|l| l.process).map(|p| p.pid),
+            conditions: vec![cond],
+            ..VncSessionStatus::default()
+        });
+        obj
     }
 }
 
