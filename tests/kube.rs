@@ -571,6 +571,25 @@ async fn kubectl_get_shows_node_port_phase_age_and_wide_adds_target_and_url() {
         Some(1.0),
         "{metrics}"
     );
+    // Every API write is counted by verb, kind and outcome: the lease reached status with
+    // at least one successful apply, and the node lease was taken by a create or replace.
+    let status_applies = sample(
+        r#"vncd_kube_api_requests_total{verb="apply",kind="VncSession/status",outcome="ok"}"#,
+    );
+    assert!(status_applies.is_some_and(|n| n >= 1.0), "{metrics}");
+    let lease_writes: f64 = ["create", "replace"]
+        .iter()
+        .filter_map(|verb| {
+            sample(&format!(
+                r#"vncd_kube_api_requests_total{{verb="{verb}",kind="Lease",outcome="ok"}}"#
+            ))
+        })
+        .sum();
+    assert!(lease_writes >= 1.0, "{metrics}");
+    assert!(
+        metrics.contains("vncd_kube_api_request_duration_seconds_bucket"),
+        "{metrics}"
+    );
     let (code, body) = v.get("/v1/sessions").expect("GET /v1/sessions");
     assert_eq!(code, 200, "{body}");
     let sessions: serde_json::Value = serde_json::from_str(&body).unwrap();
