@@ -674,6 +674,9 @@ async fn the_charts_arguments_and_rbac_are_enough_to_serve_a_node() {
     let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/vncd");
     let range = format!("portRange={}-{}", v.range.0, v.range.1);
     let http = format!("http.port={}", v.http);
+    // The test's VNC server listens where the kernel put it, outside the chart's default
+    // 5900-5999: allow exactly that port (and prove the chart passes the rule through).
+    let allow = format!("allowTargets={{127.0.0.1:{}}}", qemu.port);
     let values = [
         "--set",
         "listenAddress=127.0.0.1",
@@ -685,6 +688,8 @@ async fn the_charts_arguments_and_rbac_are_enough_to_serve_a_node() {
         &http,
         "--set",
         "leaseDuration=2",
+        "--set",
+        &allow,
     ];
     let render = |only: &[&str]| {
         let mut args = vec!["template", "vncd", chart, "--namespace", ns];
@@ -943,4 +948,109 @@ async fn an_expired_session_stays_down_across_restarts_until_its_spec_changes() 
         rfb_banner(&console_url(&kc, &items[0]).await).await,
         b"RFB 003.008\n"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tenant_cannot_point_a_session_at_the_nodes_other_services() {
+    let c = cluster();
+    let ns = "tenant";
+    c.create_namespace(ns);
+    let qemu = Qemu::tcp();
+    let node = "node-tenant";
+    let mut v = KubeVncd::new(node, Some(ns), ns, 5);
+    // The chart's default rules, plus the test VNC server's own port.
+    v.allow = vec![
+        "127.0.0.0/8:5900-5999".into(),
+        format!("127.0.0.1:{}", qemu.port),
+        "unix:/var/run/libvirt/".into(),
+    ];
+    v.start();
+    let api: Api<VncSession> = Api::namespaced(c.client().await, ns);
+    let target = |host: &str, port: u16| VncSessionSpec {
+        target: Target::tcp(host, port),
+        node_name: Some(node.into()),
+        ..VncSessionSpec::default()
+    };
+    create(&api, "good", spec(Some(node), qemu.port)).await;
+    create(&api, "kubelet", target("127.0.0.1", 10250)).await;
+    create(&api, "metadata", target("169.254.169.254", 80)).await;
+    create(&api, "by-name", target("localhost.localdomain", 5901)).await;
+    let unix = VncSessionSpec {
+        target: Target::unix("/etc/shadow"),
+        node_name: Some(node.into()),
+        ..VncSessionSpec::default()
+    };
+    create(&api, "file", unix).await;
+    let refused = ["kubelet", "metadata", "by-name", "file"];
+    let items = wait_objects(
+        &api,
+        "one Ready and four TargetNotAllowed",
+        Duration::from_secs(60),
+        &[&v],
+        |items| {
+            items.len() == 5
+                && items.iter().all(|o| {
+                    let st = status(o);
+                    if o.name_any() == "good" {
+                        st.phase == Some(Phase::Ready)
+                    } else {
+                        st.reason.as_deref() == Some("TargetNotAllowed")
+                    }
+                })
+        },
+    )
+    .await;
+    for o in items
+        .iter()
+        .filter(|o| refused.contains(&o.name_any().as_str()))
+    {
+        let st = status(o);
+        assert_eq!(st.phase, Some(Phase::Failed), "{st:?}");
+        assert_eq!(st.port, None, "a refused session holds no port: {st:?}");
+        assert_eq!(st.pid, None, "and no proxy: {st:?}");
+        let msg = st.message.unwrap_or_default();
+        assert!(
+            msg.contains("127.0.0.0/8:5900-5999"),
+            "the message names the rules: {msg}"
+        );
+    }
+    // The good session's port never carried a refused target: its proxy is the only one.
+    let good = items.iter().find(|o| o.name_any() == "good").unwrap();
+    assert_eq!(
+        rfb_banner(&console_url(&c.client().await, good).await).await,
+        b"RFB 003.008\n"
+    );
+
+    // Retargeting a served session at the kubelet takes its port and proxy away.
+    let pid = status(good).pid.unwrap();
+    let patch = serde_json::json!({"spec": {"target": {"host": "127.0.0.1", "port": 10250}}});
+    api.patch(
+        "good",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&patch),
+    )
+    .await
+    .unwrap();
+    wait_objects(
+        &api,
+        "the retargeted session refused",
+        Duration::from_secs(60),
+        &[&v],
+        |items| {
+            items.iter().any(|o| {
+                o.name_any() == "good"
+                    && status(o).reason.as_deref() == Some("TargetNotAllowed")
+                    && status(o).port.is_none()
+            })
+        },
+    )
+    .await;
+    let start = Instant::now();
+    while pid_alive(i64::from(pid)) {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "proxy {pid} still runs"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

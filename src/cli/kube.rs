@@ -31,6 +31,7 @@ use crate::k8s::objects::Objects;
 use crate::k8s::writer::Writer;
 use crate::session::is_valid_name;
 use crate::source::kube::KubeSource;
+use crate::source::policy::{Policed, TargetPolicy};
 use crate::status::StatusBuilder;
 use crate::status::kube::KubeStatusSink;
 use crate::store::kube_status::KubeStatusStore;
@@ -116,6 +117,7 @@ pub fn kube(args: KubeArgs) -> anyhow::Result<ExitCode> {
             .serve
             .supervisor(format!("kube:{node}"), Path::new(&log_dir))?,
         url: args.serve.url_style(),
+        policy: args.serve.target_policy(TargetPolicy::only(Vec::new())),
         lease: LeaseConfig {
             namespace: lease_namespace(args.lease_namespace.clone()),
             node,
@@ -132,6 +134,8 @@ struct Setup {
     supervisor: crate::supervisor::Supervisor,
     url: crate::status::UrlStyle,
     lease: LeaseConfig,
+    /// VncSession creators are tenants: with no --allow-target rule, no target is allowed.
+    policy: TargetPolicy,
 }
 
 /// The API client, the sessions' API, the metrics and the probes, once connected.
@@ -232,10 +236,11 @@ async fn serve(args: KubeArgs, setup: Setup) -> anyhow::Result<ExitCode> {
         port_range = %args.serve.pool.port_range,
         max_sessions = args.serve.pool.max_sessions,
         backend = setup.supervisor.backend_name(),
+        allow_target = %setup.policy.describe(),
         "vncd kube running"
     );
     let controller = Controller::new(
-        source,
+        Policed::new(source, setup.policy),
         store,
         sink,
         setup.supervisor,

@@ -14,6 +14,7 @@ use crate::controller::Controller;
 use crate::http::{AppState, Health};
 use crate::metrics::Metrics;
 use crate::source::dir::DirSource;
+use crate::source::policy::{Policed, TargetPolicy};
 use crate::status::StatusBuilder;
 use crate::status::file::FileSink;
 use crate::store::file::FileStore;
@@ -65,6 +66,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     rt.block_on(async move {
         let source = DirSource::watch(&args.sessions.sessions_dir, pool.port_range)?;
         let source = args.libvirt.source(source, pool.port_range).await?;
+        // The manifests are root's: every target is allowed unless rules are given.
+        let policy = args.serve.target_policy(TargetPolicy::allow_all());
+        let allow_target = policy.describe();
+        let source = Policed::new(source, policy);
         let store = FileStore::new(state.clone(), lock_timeout);
         let sink = FileSink::new(state.sessions(), supervisor.backend_name());
         let health = Health::standalone();
@@ -86,6 +91,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             port_range = %pool.port_range,
             max_sessions = pool.max_sessions,
             backend = supervisor.backend_name(),
+            allow_target = %allow_target,
             "vncd running"
         );
         let controller = Controller::new(

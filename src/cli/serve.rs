@@ -12,6 +12,7 @@ use tracing::info;
 use super::PoolArgs;
 use crate::controller::LoopConfig;
 use crate::reconcile::Limits;
+use crate::source::policy::TargetPolicy;
 use crate::status::UrlStyle;
 use crate::supervisor::builtin::Builtin;
 use crate::supervisor::websockify::Websockify;
@@ -68,6 +69,18 @@ pub struct ServeArgs {
     /// Seconds between SIGTERM and SIGKILL when stopping a proxy.
     #[arg(long, env = "VNCD_STOP_GRACE", value_name = "SECONDS", value_parser = seconds, default_value = "2")]
     pub stop_grace: Duration,
+    /// Targets sessions may point at, repeatable: `ADDR_OR_CIDR:PORT`,
+    /// `ADDR_OR_CIDR:LO-HI` or `unix:/DIR/` (e.g. `127.0.0.0/8:5900-5999`). A session whose
+    /// target no rule allows is Failed (TargetNotAllowed) and gets no port. `vncd run`
+    /// allows every target when none is given (its manifests are root's); `vncd kube`
+    /// allows none (VncSession creators are tenants).
+    #[arg(
+        long = "allow-target",
+        env = "VNCD_ALLOW_TARGET",
+        value_delimiter = ',',
+        value_name = "RULE"
+    )]
+    pub allow_targets: Vec<crate::source::policy::Rule>,
     /// Stop every proxy and release every port when vncd exits (by default they keep
     /// running and the next vncd adopts them).
     #[arg(long, env = "VNCD_STOP_ON_EXIT")]
@@ -134,6 +147,15 @@ impl ServeArgs {
             resync: self.resync_interval,
             stop_on_exit: self.stop_on_exit,
         })
+    }
+
+    /// The target policy: the rules given, or, with none, `when_unset`.
+    pub fn target_policy(&self, when_unset: TargetPolicy) -> TargetPolicy {
+        if self.allow_targets.is_empty() {
+            when_unset
+        } else {
+            TargetPolicy::only(self.allow_targets.clone())
+        }
     }
 
     /// How console URLs are written.

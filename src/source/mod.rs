@@ -8,6 +8,7 @@ pub mod dir;
 pub mod kube;
 pub mod libvirt;
 pub mod merge;
+pub mod policy;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -50,6 +51,9 @@ pub struct Snapshot {
     /// Reasons for `rejected` names that are waiting rather than invalid (e.g.
     /// `DomainNotRunning`); they are reported Pending with this reason.
     pub waiting: BTreeMap<String, &'static str>,
+    /// Reasons for `rejected` names that a policy refused (e.g. `TargetNotAllowed`); they
+    /// are reported Failed with this reason rather than as invalid manifests.
+    pub refused: BTreeMap<String, &'static str>,
 }
 
 /// Why a source could not produce a snapshot. The controller then changes nothing:

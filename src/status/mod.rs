@@ -205,9 +205,10 @@ impl StatusBuilder {
             SOURCE_ANNOTATION.to_owned(),
             r.origin.clone(),
         )]));
-        let (phase, reason) = match snapshot.waiting.get(&r.name) {
-            Some(reason) => (Phase::Pending, *reason),
-            None => (Phase::Failed, INVALID),
+        let (phase, reason) = match (snapshot.waiting.get(&r.name), snapshot.refused.get(&r.name)) {
+            (Some(reason), _) => (Phase::Pending, *reason),
+            (None, Some(reason)) => (Phase::Failed, *reason),
+            (None, None) => (Phase::Failed, INVALID),
         };
         let cond = self.condition(&r.name, false, reason, &r.error, None);
         obj.status = Some(VncSessionStatus {

@@ -217,6 +217,9 @@ pub struct KubeVncd {
     /// `--resync-interval` (seconds).
     pub resync: String,
     pub extra: Vec<String>,
+    /// `--allow-target` rules (default: loopback at the unprivileged ports where the
+    /// test VNC servers listen, on ports the kernel picks).
+    pub allow: Vec<String>,
     pub tmp: tempfile::TempDir,
     child: Option<Child>,
 }
@@ -248,6 +251,7 @@ impl KubeVncd {
             http: crate::common::free_port(),
             resync: "0.5".into(),
             extra: Vec::new(),
+            allow: vec!["127.0.0.1:1024-65535".into()],
             tmp,
             child: None,
         }
@@ -291,6 +295,9 @@ impl KubeVncd {
             "--backend".into(),
             crate::common::backend(),
         ];
+        for rule in &self.allow {
+            a.extend(["--allow-target".into(), rule.clone()]);
+        }
         if let Some(ns) = &self.namespace {
             a.extend(["--namespace".into(), ns.clone()]);
         }
