@@ -738,3 +738,43 @@ async fn tls_serves_wss_with_a_self_signed_certificate() {
             .is_err()
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn allow_target_rules_refuse_other_targets_and_are_checked_again_on_restart() {
+    let qemu = Qemu::tcp();
+    let mut v = Vncd::new(5);
+    v.extra = vec!["--allow-target".into(), format!("127.0.0.1:{}", qemu.port)];
+    v.start();
+    v.add_session("allowed", qemu.port);
+    // Port 22 on loopback: not the VNC server the rule names.
+    v.add_session("ssh", 22);
+    v.wait_ready("allowed");
+    let st = v.wait_status("ssh", "Failed", Duration::from_secs(20));
+    assert_eq!(st["reason"], "TargetNotAllowed", "{st}");
+    assert!(st["port"].is_null() && st["pid"].is_null(), "{st}");
+    let msg = st["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("127.0.0.1:22") && msg.contains(&format!("127.0.0.1/32:{}", qemu.port)),
+        "{msg}"
+    );
+    let leases = v.leases();
+    assert_eq!(leases["leases"].as_array().unwrap().len(), 1, "{leases}");
+
+    // The rules are checked again: without them (vncd run then allows every target),
+    // the same manifest is served.
+    v.terminate();
+    v.extra.clear();
+    v.start();
+    wait_for(
+        "the once refused session leased",
+        Duration::from_secs(20),
+        || {
+            v.leases()["leases"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|l| l["session"] == "ssh")
+                .then_some(())
+        },
+    );
+}
