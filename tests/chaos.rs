@@ -1561,3 +1561,69 @@ async fn a_manifest_rewritten_just_before_a_restart_keeps_its_console_and_lease(
     let (w, h) = client.handshake().await;
     assert!(w > 0 && h > 0, "the connected client lost its console");
 }
+
+/// While the state filesystem is read-only no lease change can be persisted, but a deleted
+/// session's console must still close, and a session past `maxLifetimeSeconds` must still
+/// end and stay down; their releases land once the filesystem is writable again.
+#[test]
+fn a_read_only_state_dir_still_stops_deleted_and_expired_sessions() {
+    let qemu = Qemu::tcp();
+    let mut fs = Tmpfs::mount(16);
+    let mut v = Vncd::new(4);
+    v.state = fs.dir.clone();
+    v.start();
+    v.add_session("gone", qemu.port);
+    v.write_manifest(
+        "short.yaml",
+        &format!(
+            "apiVersion: vncd.io/v1alpha1\nkind: VncSession\nmetadata:\n  name: short\nspec:\n  target:\n    host: 127.0.0.1\n    port: {}\n  maxLifetimeSeconds: 6\n",
+            qemu.port
+        ),
+    );
+    let gone = v.wait_ready("gone");
+    let short = v.wait_ready("short");
+    let before = std::fs::read(v.state.join("leases.json")).unwrap();
+    fs.make_read_only();
+    v.remove_session("gone");
+    let gone_pid = gone["pid"].as_i64().unwrap();
+    let short_pid = short["pid"].as_i64().unwrap();
+    let short_port = short["port"].as_u64().unwrap() as u16;
+    wait_for(
+        "the deleted session's proxy to stop with the store read-only",
+        Duration::from_secs(15),
+        || (!pid_alive(gone_pid)).then_some(()),
+    );
+    wait_for(
+        "the expired session's proxy to stop with the store read-only",
+        Duration::from_secs(20),
+        || (!pid_alive(short_pid)).then_some(()),
+    );
+    // Expired stays down: nothing serves its port again while the store refuses writes.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", short_port)).is_err(),
+        "the expired session was started again:\n{}",
+        v.log()
+    );
+    assert_eq!(
+        std::fs::read(v.state.join("leases.json")).unwrap(),
+        before,
+        "leases.json changed while read-only"
+    );
+    fs.make_writable();
+    wait_for(
+        "both releases to land once writable",
+        Duration::from_secs(20),
+        || {
+            let leases = v.leases();
+            leases["leases"].as_array()?.is_empty().then_some(())
+        },
+    );
+    let st = v.wait_status("short", "Expired", Duration::from_secs(10));
+    assert_eq!(st["reason"], "MaxLifetime", "{st}");
+    assert!(
+        v.item("gone").is_none(),
+        "the deleted session is still shown"
+    );
+    v.terminate();
+}

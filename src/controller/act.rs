@@ -37,6 +37,26 @@ impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
         acted
     }
 
+    /// While the lease store cannot be written: start nothing and release nothing, but
+    /// stop what must not keep serving (proxies of deleted or expired sessions, orphans),
+    /// so a full or read-only state filesystem does not keep deleted consoles open or
+    /// suspend `maxLifetimeSeconds`. Their releases are planned again every pass.
+    pub(super) async fn act_while_store_fails(&mut self, staged: &Staged) {
+        let safe: Vec<StopOp> = staged
+            .stops
+            .iter()
+            .filter(|op| match op {
+                StopOp::Orphan { .. } => true,
+                StopOp::Session { why, .. } => {
+                    matches!(why, StopReason::Removed | StopReason::Expired)
+                }
+            })
+            .cloned()
+            .collect();
+        let mut acted = Acted::default();
+        self.stop_all(&safe, &mut acted).await;
+    }
+
     /// Stops proxies and orphans, all at once (each waits out its own grace period).
     async fn stop_all(&mut self, stops: &[StopOp], acted: &mut Acted) {
         let mut ending = Vec::with_capacity(stops.len());

@@ -38,6 +38,10 @@ pub(super) struct Memory {
     /// The lease store has been refusing commits (unwritable, corrupt): since when, how
     /// often, and when that was last logged as an error.
     store_failing: Option<StoreFailing>,
+    /// Expiries decided while the store refused commits: the proxy is stopped at once, and
+    /// `plan()` sees the session as expired (so it is not started again) until the store
+    /// takes the record.
+    pub pending_expiries: BTreeMap<String, crate::lease::Expiry>,
 }
 
 #[derive(Debug)]
@@ -57,6 +61,7 @@ impl Default for Memory {
             last_active: BTreeMap::new(),
             alloc_waiting: BTreeMap::new(),
             store_failing: None,
+            pending_expiries: BTreeMap::new(),
         }
     }
 }
@@ -77,6 +82,11 @@ impl Memory {
         proxies: &BTreeMap<String, ProxyState>,
     ) {
         self.busy_ports.retain(|_, at| at.elapsed() < BUSY_FOR);
+        self.pending_expiries.retain(|s, _| {
+            snapshot.desired.contains_key(s)
+                || snapshot.protected.contains(s)
+                || leased.contains_key(s)
+        });
         self.restarts.retain(|s, _| {
             snapshot.desired.contains_key(s)
                 || snapshot.protected.contains(s)
@@ -148,7 +158,7 @@ impl Memory {
         match &mut self.store_failing {
             Some(f) if f.error == text && f.logged.elapsed() < STORE_ERROR_EVERY => {
                 f.passes += 1;
-                debug!(error = %e, failed_passes = f.passes, "cannot persist lease changes; nothing was started or released");
+                debug!(error = %e, failed_passes = f.passes, "cannot persist lease changes; nothing was started or released, proxies of deleted or expired sessions were stopped");
             }
             failing => {
                 let (since, passes) = failing
@@ -157,7 +167,7 @@ impl Memory {
                 error!(
                     error = %e,
                     failed_passes = passes,
-                    "cannot persist lease changes; nothing was started or released (while this repeats it is logged at debug level, as an error once a minute)"
+                    "cannot persist lease changes; nothing was started or released, proxies of deleted or expired sessions were stopped and their release is retried (while this repeats it is logged at debug level, as an error once a minute)"
                 );
                 *failing = Some(StoreFailing {
                     error: text,

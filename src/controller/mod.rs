@@ -213,6 +213,10 @@ impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
         let staged = plan.staged();
         let persisted = match self.persist(snapshot, &staged.lease_ops).await {
             persist::Persisted::Retry => return true,
+            persist::Persisted::Failed => {
+                self.act_while_store_fails(&staged).await;
+                return true;
+            }
             persist::Persisted::Done { changed } => changed,
         };
         let acted = self.act(&staged, seen.now_ms).await;

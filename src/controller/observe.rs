@@ -7,6 +7,7 @@ use jiff::Timestamp;
 
 use super::Controller;
 use super::memory::Memory;
+use crate::lease::Expiry;
 use crate::net::can_bind;
 use crate::reconcile::{Inputs, Limits, ProxyState};
 use crate::source::{Snapshot, Source};
@@ -23,6 +24,9 @@ pub(super) struct Seen {
     /// Ports another program holds: recently failed probes, libvirt's reservations, and
     /// leased ports whose proxy is down and which no longer bind.
     pub busy: BTreeSet<u16>,
+    /// Expiries as `plan()` sees them: the persisted ones and those the store has not
+    /// taken yet (see `Memory::pending_expiries`).
+    pub expired: BTreeMap<String, Expiry>,
     pub now_ms: u64,
     pub took_ms: u64,
 }
@@ -44,7 +48,7 @@ impl Seen {
             orphans: &self.obs.orphans,
             busy: &self.busy,
             restarts: &memory.restarts,
-            expired: &leases.expired,
+            expired: &self.expired,
             idle_ms: &self.idle_ms,
             limits,
             now_ms: self.now_ms,
@@ -88,10 +92,15 @@ impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
                 busy.insert(lease.port);
             }
         }
+        let mut expired = self.leases.expired.clone();
+        for (s, e) in &self.memory.pending_expiries {
+            expired.entry(s.clone()).or_insert_with(|| e.clone());
+        }
         Seen {
             obs,
             idle_ms,
             busy,
+            expired,
             now_ms: self.memory.now_ms(),
             took_ms,
         }

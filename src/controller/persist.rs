@@ -21,9 +21,11 @@ pub(super) enum Persisted {
     /// Committed (or nothing to commit). `changed`: the lease set moved or a port probe
     /// failed, so the next pass should come soon.
     Done { changed: bool },
-    /// The store refused (a conflict, after which the leases were reloaded, or a failure):
-    /// nothing may act on this plan; plan again.
+    /// Someone else changed the store (the leases were reloaded): plan again.
     Retry,
+    /// The store cannot be written: nothing may be started or released; proxies that must
+    /// not keep running (deleted or expired sessions) may still be stopped.
+    Failed,
 }
 
 /// How a commit went.
@@ -38,7 +40,7 @@ pub(super) enum Commit {
 impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
     pub(super) async fn persist(&mut self, snapshot: &Snapshot, ops: &[LeaseOp]) -> Persisted {
         let mut probe_failed = false;
-        let changes: Vec<LeaseChange> = ops
+        let mut changes: Vec<LeaseChange> = ops
             .iter()
             .filter_map(|op| {
                 let change = self.change_for(snapshot, op);
@@ -46,6 +48,7 @@ impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
                 change.ok().flatten()
             })
             .collect();
+        changes.extend(self.unpersisted_expiries(&changes));
         if changes.is_empty() {
             return Persisted::Done {
                 changed: probe_failed,
@@ -63,9 +66,13 @@ impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
                 for _ in 0..new_leases {
                     self.metrics.allocation_failed(metrics::STORE_ERROR);
                 }
-                return Persisted::Retry;
+                return Persisted::Failed;
             }
         }
+        let persisted = &self.leases.expired;
+        self.memory
+            .pending_expiries
+            .retain(|s, _| !persisted.contains_key(s));
         let (allocated, released) = log_lease_changes(&before, &self.leases.leases);
         self.metrics.allocated(allocated);
         self.metrics.released(released);
@@ -124,13 +131,41 @@ impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
                     },
                 ))
             }
-            LeaseOp::Unexpire { session } => Some(LeaseChange::Unexpire(session.clone())),
+            LeaseOp::Unexpire { session } => {
+                self.memory.pending_expiries.remove(session);
+                Some(LeaseChange::Unexpire(session.clone()))
+            }
             LeaseOp::Record { session, process } => leased(session).map(|mut l| {
                 l.process = Some(*process);
                 info!(session = %session, port = l.port, pid = process.pid, "adopted running proxy");
                 LeaseChange::Put(l)
             }),
         })
+    }
+
+    /// Expiries the store has not taken yet, to write with this commit, and the expiries
+    /// of this commit remembered in case it fails (see `Memory::pending_expiries`).
+    fn unpersisted_expiries(&mut self, changes: &[LeaseChange]) -> Vec<LeaseChange> {
+        for c in changes {
+            if let LeaseChange::Expire(session, e) = c {
+                self.memory
+                    .pending_expiries
+                    .insert(session.clone(), e.clone());
+            }
+        }
+        let in_commit: Vec<&String> = changes
+            .iter()
+            .filter_map(|c| match c {
+                LeaseChange::Expire(s, _) | LeaseChange::Unexpire(s) => Some(s),
+                LeaseChange::Put(_) | LeaseChange::Remove(_) => None,
+            })
+            .collect();
+        self.memory
+            .pending_expiries
+            .iter()
+            .filter(|(s, _)| !self.leases.expired.contains_key(*s) && !in_commit.contains(s))
+            .map(|(s, e)| LeaseChange::Expire(s.clone(), e.clone()))
+            .collect()
     }
 
     /// Commits changes; on a conflict (someone else changed the store) reloads instead.
