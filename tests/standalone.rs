@@ -778,3 +778,37 @@ async fn allow_target_rules_refuse_other_targets_and_are_checked_again_on_restar
         },
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_url_from_before_a_retarget_does_not_open_the_new_target() {
+    let first = Qemu::tcp();
+    let second = Qemu::tcp();
+    let mut v = Vncd::new(3);
+    v.start();
+    v.add_session("vm1", first.port);
+    let before = v.wait_ready("vm1");
+    let old_url = url_of(&before);
+    assert_eq!(rfb_banner(&old_url).await, b"RFB 003.008\n");
+    v.add_session("vm1", second.port);
+    let after = wait_for(
+        "vm1 served at its new target",
+        Duration::from_secs(20),
+        || {
+            let s = v.item("vm1")?["status"].clone();
+            (s["phase"] == "Ready" && s["target"] == format!("127.0.0.1:{}", second.port))
+                .then_some(s)
+        },
+    );
+    assert_eq!(after["port"], before["port"], "a retarget keeps its port");
+    let new_url = url_of(&after);
+    assert_ne!(new_url, old_url, "a retarget keeps its token");
+    assert!(
+        try_banner(&old_url).await.is_err(),
+        "the URL from before the retarget opened the new target"
+    );
+    assert_eq!(rfb_banner(&new_url).await, b"RFB 003.008\n");
+    // The same lease age: a retarget does not extend maxLifetimeSeconds.
+    let leases = v.leases();
+    let l = &leases["leases"][0];
+    assert_eq!(l["allocatedAt"], before["allocatedAt"], "{leases}");
+}

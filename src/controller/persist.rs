@@ -109,10 +109,14 @@ impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
                 })
             }
             LeaseOp::Release { session, .. } => Some(LeaseChange::Remove(session.clone())),
-            LeaseOp::Retarget { session, target } => leased(session).map(|mut l| {
-                l.target = target.clone();
-                l.process = None;
-                LeaseChange::Put(l)
+            // A new target is a new lease identity with a new token, on the same port and
+            // with the same lease age (a retarget does not extend maxLifetimeSeconds): a
+            // console URL handed out for the old target must not open the new one.
+            LeaseOp::Retarget { session, target } => leased(session).map(|l| {
+                LeaseChange::Put(Lease {
+                    allocated_at: l.allocated_at,
+                    ..Lease::new(session, l.port, target.clone(), Timestamp::now())
+                })
             }),
             LeaseOp::Expire {
                 session,
