@@ -67,6 +67,28 @@ struct Effective {
     max_sessions: usize,
 }
 
+/// Cleanup rewrites `leases.json` (mode 0600) by renaming a new file over it, so the file
+/// then belongs to whoever ran cleanup. Root cleaning up the state directory of a service
+/// that runs as another user (the Debian package's `vncd`) would lock that service out of
+/// its own leases, so this refuses and says how to run it instead.
+fn refuse_foreign_state_dir(root: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let owner = std::fs::metadata(root)
+        .with_context(|| format!("cannot read {}", root.display()))?
+        .uid();
+    if nix::unistd::geteuid().is_root() && owner != 0 {
+        let name = nix::unistd::User::from_uid(owner.into())
+            .ok()
+            .flatten()
+            .map_or_else(|| owner.to_string(), |u| u.name);
+        anyhow::bail!(
+            "state directory {} belongs to {name}, the user vncd runs as; run cleanup as that user (`runuser -u {name} -- vncd cleanup ...`), or the rewritten leases.json would belong to root and vncd could not read it",
+            root.display()
+        );
+    }
+    Ok(())
+}
+
 /// What one pass did.
 #[derive(Debug, Default)]
 struct Stats {
@@ -82,6 +104,7 @@ pub fn cleanup(args: CleanupArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("state directory {} does not exist", dir.root().display()))?
         .display()
         .to_string();
+    refuse_foreign_state_dir(dir.root())?;
     let recorded = Recorded::load(dir.root())?;
     let eff = Effective {
         sessions_dir: recorded.sessions_dir(args.sessions.sessions_dir.clone())?,
