@@ -1,12 +1,13 @@
 //! The effective configuration of the `vncd run` that owns a state directory, recorded
 //! as `STATE_DIR/config.json`, and how the other commands use it.
 //!
-//! Why: `vncd status`, `vncd get` and `vncd cleanup` read the same state directory as the
-//! controller, but they used to take the pool and the sessions directory from their own
-//! flags and defaults. `vncd status --state-dir S` then reported a 900-port pool for a
+//! Why: `vncd status`, `vncd get`, `vncd cleanup` (and `vncd apply` / `vncd delete`) work
+//! on the same state directory as the controller, but they used to take the pool and the
+//! sessions directory from their own flags and defaults. `vncd status --state-dir S` then reported a 900-port pool for a
 //! controller serving 40 ports, and `vncd cleanup --once --state-dir S` read
 //! `/etc/vncd/sessions` instead of the directory the controller watches; a cleanup that
-//! reads the wrong directory would take every session for gone. So `vncd run` writes down
+//! reads the wrong directory would take every session for gone, and `vncd apply --wait`
+//! writing elsewhere would wait for a session nobody serves. So `vncd run` writes down
 //! what it really runs with, and the readers take it from there:
 //!
 //! - a flag (or its `VNCD_*` variable) that is not given takes the recorded value;

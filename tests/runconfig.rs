@@ -99,6 +99,32 @@ fn status_get_and_cleanup_follow_the_recorded_run_configuration() {
     let out = only_state(&v, &["get", "vm1", "-o", "json"], &[]);
     assert!(out.status.success(), "{}", text(&out));
 
+    // apply and delete with only --state-dir write into and remove from the recorded
+    // sessions directory (`--wait` returns once the controller has served / released it).
+    let manifest_file = v.tmp.path().join("vm2.yaml");
+    std::fs::write(
+        &manifest_file,
+        common::manifest("vm2", u32::from(qemu.port)),
+    )
+    .unwrap();
+    let out = only_state(
+        &v,
+        &[
+            "apply",
+            "-f",
+            manifest_file.to_str().unwrap(),
+            "--wait",
+            "--timeout",
+            "30",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(v.sessions.join("vm2.yaml").is_file(), "{}", text(&out));
+    let out = only_state(&v, &["delete", "vm2", "--wait", "--timeout", "30"], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!v.sessions.join("vm2.yaml").exists());
+
     // A flag or variable that contradicts the record is an error naming both values.
     let out = only_state(&v, &["status", "--port-range", "6100-6999"], &[]);
     assert_contradiction(&out, "--port-range 6100-6999", &v.range_arg(), &v);
