@@ -20,6 +20,7 @@ pub mod net;
 pub mod pool;
 pub mod proxy;
 pub mod reconcile;
+pub mod runconfig;
 pub mod session;
 pub mod source;
 pub mod status;

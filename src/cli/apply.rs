@@ -8,10 +8,11 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Args;
 
-use super::{PoolArgs, SessionsArgs, StateArgs};
+use super::StateArgs;
 use crate::api::Phase;
 use crate::fsutil::write_atomic;
 use crate::manifest;
+use crate::runconfig::{PoolFlags, Recorded, SessionsFlag};
 use crate::store::file::read_state;
 
 #[derive(Debug, Args)]
@@ -20,11 +21,11 @@ pub struct ApplyArgs {
     #[arg(short = 'f', long = "filename")]
     pub file: PathBuf,
     #[command(flatten)]
-    pub sessions: SessionsArgs,
+    pub sessions: SessionsFlag,
     #[command(flatten)]
     pub state: StateArgs,
     #[command(flatten)]
-    pub pool: PoolArgs,
+    pub pool: PoolFlags,
     /// Wait until the session is Ready and print its URL.
     #[arg(long)]
     pub wait: bool,
@@ -38,7 +39,7 @@ pub struct DeleteArgs {
     /// The session to remove.
     pub name: String,
     #[command(flatten)]
-    pub sessions: SessionsArgs,
+    pub sessions: SessionsFlag,
     #[command(flatten)]
     pub state: StateArgs,
     /// Wait until its port is released.
@@ -92,10 +93,14 @@ pub fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
             .read_to_end(&mut bytes)
             .with_context(|| format!("cannot read {}", args.file.display()))?;
     }
-    let parsed = manifest::parse_bytes(&bytes, args.pool.port_range)
+    // The directory and pool of the `vncd run` that owns the state directory: a manifest
+    // written anywhere else would never be served, and `--wait` would only time out.
+    let recorded = Recorded::load(&args.state.state_dir)?;
+    let range = recorded.port_range(args.pool.port_range)?;
+    let dir = &recorded.sessions_dir(args.sessions.sessions_dir.clone())?;
+    let parsed = manifest::parse_bytes(&bytes, range)
         .with_context(|| format!("{} was not applied", args.file.display()))?;
     let name = parsed.session.name().to_owned();
-    let dir = &args.sessions.sessions_dir;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let existing = files_claiming(dir, &name)?;
     let target = existing
@@ -147,7 +152,8 @@ pub fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn delete(args: DeleteArgs) -> anyhow::Result<ExitCode> {
-    let dir = &args.sessions.sessions_dir;
+    let recorded = Recorded::load(&args.state.state_dir)?;
+    let dir = &recorded.sessions_dir(args.sessions.sessions_dir.clone())?;
     let files = files_claiming(dir, &args.name)?;
     if files.is_empty() {
         eprintln!(

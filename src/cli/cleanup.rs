@@ -15,9 +15,11 @@ use clap::Args;
 use jiff::Timestamp;
 use tracing::{info, warn};
 
-use super::{PoolArgs, SessionsArgs, StateArgs, runtime};
+use super::{StateArgs, runtime};
 use crate::lease::Lease;
+use crate::pool::PortRange;
 use crate::reconcile::{self, Inputs, LeaseOp, Limits, StopOp};
+use crate::runconfig::{PoolFlags, Recorded, SessionsFlag};
 use crate::source::Source;
 use crate::source::dir::DirSource;
 use crate::source::merge::Merged;
@@ -31,11 +33,11 @@ use crate::supervisor::{Supervisor, classify, scan};
 #[command(group = clap::ArgGroup::new("mode").required(true).args(["once", "interval"]))]
 pub struct CleanupArgs {
     #[command(flatten)]
-    pub sessions: SessionsArgs,
+    pub sessions: SessionsFlag,
     #[command(flatten)]
     pub state: StateArgs,
     #[command(flatten)]
-    pub pool: PoolArgs,
+    pub pool: PoolFlags,
     /// Sessions of libvirt domains are wanted too: give the URI `vncd run` uses, or a
     /// domain session whose proxy is restarting looks stale and loses its lease.
     #[command(flatten)]
@@ -55,6 +57,38 @@ pub struct CleanupArgs {
     pub stop_grace: Duration,
 }
 
+/// The sessions directory and pool cleanup judges by: those of the `vncd run` that owns
+/// the state directory (see [`crate::runconfig`]). Reading another directory than the
+/// controller's would make every session look gone.
+#[derive(Debug)]
+struct Effective {
+    sessions_dir: std::path::PathBuf,
+    range: PortRange,
+    max_sessions: usize,
+}
+
+/// Cleanup rewrites `leases.json` (mode 0600) by renaming a new file over it, so the file
+/// then belongs to whoever ran cleanup. Root cleaning up the state directory of a service
+/// that runs as another user (the Debian package's `vncd`) would lock that service out of
+/// its own leases, so this refuses and says how to run it instead.
+fn refuse_foreign_state_dir(root: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let owner = std::fs::metadata(root)
+        .with_context(|| format!("cannot read {}", root.display()))?
+        .uid();
+    if nix::unistd::geteuid().is_root() && owner != 0 {
+        let name = nix::unistd::User::from_uid(owner.into())
+            .ok()
+            .flatten()
+            .map_or_else(|| owner.to_string(), |u| u.name);
+        anyhow::bail!(
+            "state directory {} belongs to {name}, the user vncd runs as; run cleanup as that user (`runuser -u {name} -- vncd cleanup ...`), or the rewritten leases.json would belong to root and vncd could not read it",
+            root.display()
+        );
+    }
+    Ok(())
+}
+
 /// What one pass did.
 #[derive(Debug, Default)]
 struct Stats {
@@ -70,6 +104,15 @@ pub fn cleanup(args: CleanupArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("state directory {} does not exist", dir.root().display()))?
         .display()
         .to_string();
+    refuse_foreign_state_dir(dir.root())?;
+    let recorded = Recorded::load(dir.root())?;
+    let eff = Effective {
+        sessions_dir: recorded.sessions_dir(args.sessions.sessions_dir.clone())?,
+        range: recorded.port_range(args.pool.port_range)?,
+        max_sessions: recorded.max_sessions(args.pool.max_sessions)?,
+    };
+    let mut libvirt = args.libvirt.clone();
+    libvirt.libvirt_uri = recorded.libvirt(libvirt.libvirt_uri)?;
     if args.rebuild_state {
         rebuild(&dir, &owner)?;
     }
@@ -88,10 +131,10 @@ pub fn cleanup(args: CleanupArgs) -> anyhow::Result<ExitCode> {
     );
     let rt = runtime()?;
     rt.block_on(async {
-        let dir_source = DirSource::once(&args.sessions.sessions_dir, args.pool.port_range);
-        let mut source = args.libvirt.source_unchecked(dir_source).await?;
+        let dir_source = DirSource::once(&eff.sessions_dir, eff.range);
+        let mut source = libvirt.source_unchecked(dir_source).await?;
         loop {
-            match pass(&args, &mut source, &dir, &owner, &supervisor).await {
+            match pass(&eff, &mut source, &dir, &owner, &supervisor).await {
                 Ok(s) => info!(
                     released = s.released,
                     orphans_ended = s.orphans,
@@ -114,7 +157,7 @@ pub fn cleanup(args: CleanupArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn pass(
-    args: &CleanupArgs,
+    eff: &Effective,
     source: &mut Merged<DirSource>,
     dir: &StateDir,
     owner: &str,
@@ -138,8 +181,8 @@ async fn pass(
             idle_ms: &BTreeMap::new(),
             wall_now: Timestamp::now(),
             limits: Limits {
-                range: args.pool.port_range,
-                max_sessions: args.pool.max_sessions,
+                range: eff.range,
+                max_sessions: eff.max_sessions,
                 start_timeout_ms: u64::MAX,
                 max_starting: usize::MAX,
             },

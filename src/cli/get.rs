@@ -5,8 +5,9 @@ use std::process::ExitCode;
 use clap::{Args, ValueEnum};
 use serde_json::json;
 
-use super::{PoolArgs, StateArgs, emit};
+use super::{StateArgs, emit};
 use crate::api::VncSession;
+use crate::runconfig::{PoolFlags, Recorded};
 use crate::status::SystemStatus;
 use crate::store::file::read_state;
 use crate::store::lock::is_held;
@@ -30,11 +31,20 @@ pub struct GetArgs {
     pub output: Output,
 }
 
-fn warn_if_not_running(state: &StateArgs) {
+fn warn_if_not_running(state: &StateArgs, recorded: &Recorded) {
     let dir = state.dir();
     if !is_held(&dir.controller_lock()) {
+        // The record says which controller wrote these statuses, so a stale view can be
+        // traced to its sessions directory.
+        let last = recorded.config().map_or_else(String::new, |c| {
+            format!(
+                " (last run: sessions dir {}, ports {})",
+                c.sessions_dir.display(),
+                c.port_range
+            )
+        });
         eprintln!(
-            "warning: no `vncd run` holds {}; this status may be stale",
+            "warning: no `vncd run` holds {}; this status may be stale{last}",
             dir.controller_lock().display()
         );
     }
@@ -78,7 +88,8 @@ fn table(items: &[VncSession]) -> String {
 
 pub fn get(args: GetArgs) -> anyhow::Result<ExitCode> {
     let file = crate::status::file::read(&args.state.dir().sessions())?;
-    warn_if_not_running(&args.state);
+    let recorded = Recorded::load(&args.state.state_dir)?;
+    warn_if_not_running(&args.state, &recorded);
     let mut items = file.items;
     if let Some(name) = &args.name {
         items.retain(|i| i.metadata.name.as_deref() == Some(name));
@@ -105,7 +116,7 @@ pub struct StatusArgs {
     #[command(flatten)]
     pub state: StateArgs,
     #[command(flatten)]
-    pub pool: PoolArgs,
+    pub pool: PoolFlags,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -113,6 +124,10 @@ pub struct StatusArgs {
 
 pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let dir = args.state.dir();
+    // The pool of the `vncd run` that owns this state directory, not a default.
+    let recorded = Recorded::load(dir.root())?;
+    let range = recorded.port_range(args.pool.port_range)?;
+    recorded.max_sessions(args.pool.max_sessions)?;
     let owner = std::fs::canonicalize(dir.root()).map_or_else(
         |_| dir.root().display().to_string(),
         |p| p.display().to_string(),
@@ -123,7 +138,7 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let obs = classify(marked, &set.leases);
     let running = is_held(&dir.controller_lock());
     let st = SystemStatus::new(
-        args.pool.port_range,
+        range,
         &set.leases,
         obs.proxies.len(),
         obs.orphans.len(),
@@ -139,7 +154,7 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
-        println!("port pool:     {} ({} ports)", args.pool.port_range, total);
+        println!("port pool:     {range} ({total} ports)");
         println!(
             "allocated:     {allocated} ({utilization}%), free: {}",
             total - allocated
@@ -152,6 +167,14 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
         println!(
             "controller:    {}",
             if running { "running" } else { "not running" }
+        );
+        println!(
+            "configuration: {}",
+            if recorded.config().is_some() {
+                format!("as recorded in {}", recorded.path().display())
+            } else {
+                format!("flags and defaults (no {})", recorded.path().display())
+            }
         );
         println!(
             "health:        {}",

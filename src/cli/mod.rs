@@ -88,7 +88,7 @@ impl StateArgs {
 #[derive(Debug, Clone, Args)]
 pub struct SessionsArgs {
     /// Directory of VncSession manifests (*.yaml, *.yml).
-    #[arg(long, env = "VNCD_SESSIONS_DIR", default_value = "/etc/vncd/sessions")]
+    #[arg(long, env = "VNCD_SESSIONS_DIR", default_value = crate::runconfig::DEFAULT_SESSIONS_DIR)]
     pub sessions_dir: PathBuf,
 }
 
@@ -99,7 +99,7 @@ pub struct PoolArgs {
     #[arg(long, env = "VNCD_PORT_RANGE", default_value_t = PortRange::default())]
     pub port_range: PortRange,
     /// Most sessions served at once.
-    #[arg(long, env = "VNCD_MAX_SESSIONS", default_value_t = 800)]
+    #[arg(long, env = "VNCD_MAX_SESSIONS", default_value_t = crate::runconfig::DEFAULT_MAX_SESSIONS)]
     pub max_sessions: usize,
 }
 

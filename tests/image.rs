@@ -1,0 +1,519 @@
+//! The container image, proven: the OCI archive that `scripts/build-image` writes runs
+//! under podman exactly as the chart's DaemonSet would run it, against the real test API
+//! server, a real QEMU VNC server and a websocket client.
+//!
+//! What "as the chart would run it" means here, all taken from `helm template` output
+//! (parsed, not copied by hand): the container's args; its env, with the downward-API
+//! fields filled in as the kubelet would (NODE_NAME, HOST_IP, POD_NAMESPACE, POD_NAME) and
+//! `$(VAR)` references in args expanded the kubelet's way; its securityContext (read-only
+//! root, dropped capabilities, no privilege escalation); an emptyDir-like volume at the
+//! state dir; host network; the image's own default user; and in-cluster credentials of
+//! the chart's ServiceAccount (a TokenRequest token, the cluster CA and the namespace in
+//! /var/run/secrets/kubernetes.io/serviceaccount, KUBERNETES_SERVICE_HOST/PORT), with the
+//! chart's RBAC applied for real. One departure, for the loopback-only test rule: the
+//! chart's `--http 0.0.0.0:PORT` becomes `127.0.0.1:PORT`.
+//!
+//! Then: the sessions become Ready, the RFB banner comes through a session's port with
+//! its token; the container is killed (SIGKILL, like a node losing the pod) and a new one
+//! (a new pod name) serves the same sessions again on the same ports and URLs.
+//!
+//! It runs only when VNCD_TEST_IMAGE names the archive (`scripts/check-image` sets it
+//! after building), and skips with the reason if podman cannot run here (missing, not
+//! root): a release build takes too long for every `cargo test`.
+#![allow(clippy::unwrap_used)]
+
+#[path = "common/cluster.rs"]
+mod cluster;
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use cluster::cluster;
+use common::{Qemu, rfb_banner};
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::{Container, Secret};
+use kube::api::{ListParams, PostParams};
+use kube::{Api, ResourceExt};
+use vncd::api::{Phase, Target, VncSession, VncSessionSpec};
+
+/// Why the test cannot run here, if it cannot.
+fn skip_reason() -> Option<String> {
+    if std::env::var_os("VNCD_TEST_IMAGE").is_none() {
+        return Some(
+            "VNCD_TEST_IMAGE is not set; scripts/check-image builds the image and runs this test"
+                .into(),
+        );
+    }
+    if !nix::unistd::geteuid().is_root() {
+        return Some("podman here needs root (its storage and host network)".into());
+    }
+    match Command::new("podman").arg("--version").output() {
+        Ok(o) if o.status.success() => None,
+        Ok(o) => Some(format!(
+            "podman --version failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        )),
+        Err(e) => Some(format!(
+            "podman cannot run ({e}); scripts/install-image-deps installs it"
+        )),
+    }
+}
+
+/// podman with the settings that work on these machines: runc (crun fails on
+/// setrlimit) and no default ulimits (runc fails on `setrlimit type 7` otherwise).
+struct Podman {
+    conf: PathBuf,
+    /// Containers this test started, removed on drop whatever happens.
+    started: Vec<String>,
+}
+
+impl Podman {
+    fn new(dir: &Path) -> Podman {
+        let conf = dir.join("containers.conf");
+        std::fs::write(&conf, "[containers]\ndefault_ulimits = []\n").unwrap();
+        Podman {
+            conf,
+            started: Vec::new(),
+        }
+    }
+
+    fn run(&self, args: &[String]) -> Output {
+        Command::new("podman")
+            .arg("--runtime")
+            .arg("runc")
+            .args(args)
+            .env("CONTAINERS_CONF", &self.conf)
+            .output()
+            .unwrap()
+    }
+
+    fn ok(&self, args: &[String]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "podman {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    fn logs(&self, name: &str) -> String {
+        let out = self.run(&["logs".into(), name.into()]);
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let lines: Vec<&str> = all.lines().collect();
+        lines[lines.len().saturating_sub(60)..].join("\n")
+    }
+}
+
+impl Drop for Podman {
+    fn drop(&mut self) {
+        for name in &self.started {
+            let _ = self.run(&[
+                "rm".into(),
+                "--force".into(),
+                "--time".into(),
+                "0".into(),
+                name.into(),
+            ]);
+        }
+    }
+}
+
+/// `base64 -d` (coreutils), to keep the test's dependencies as they are.
+fn base64_decode(text: &str) -> Vec<u8> {
+    use std::io::Write;
+    let mut child = Command::new("base64")
+        .arg("-d")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "base64 -d failed");
+    out.stdout
+}
+
+fn s(v: &str) -> String {
+    v.to_owned()
+}
+
+/// The kubelet's `$(VAR)` expansion of container args: known names are replaced,
+/// `$$` escapes, unknown references stay as written.
+fn expand(arg: &str, env: &BTreeMap<String, String>) -> String {
+    let mut out = String::new();
+    let mut rest = arg;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        if let Some(tail) = after.strip_prefix('$') {
+            out.push('$');
+            rest = tail;
+        } else if let Some(inner) = after.strip_prefix('(')
+            && let Some(end) = inner.find(')')
+            && let Some(v) = env.get(&inner[..end])
+        {
+            out.push_str(v);
+            rest = &inner[end + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The container's environment as the kubelet would set it for a pod named `pod` on
+/// `node` in `ns` (the downward-API fields the chart uses; anything else fails the test
+/// so a chart change cannot slip past unproven).
+fn pod_env(c: &Container, node: &str, ns: &str, pod: &str) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::new();
+    for e in c.env.clone().unwrap_or_default() {
+        let value = match (&e.value, &e.value_from) {
+            (Some(v), _) => expand(v, &env),
+            (None, Some(from)) => {
+                let path = &from
+                    .field_ref
+                    .as_ref()
+                    .unwrap_or_else(|| panic!("env {} is not a fieldRef", e.name))
+                    .field_path;
+                match path.as_str() {
+                    "spec.nodeName" => node.into(),
+                    "status.hostIP" => "127.0.0.1".into(),
+                    "metadata.namespace" => ns.into(),
+                    "metadata.name" => pod.into(),
+                    other => panic!("env {} uses fieldRef {other}, unknown to this test", e.name),
+                }
+            }
+            (None, None) => String::new(),
+        };
+        env.insert(e.name.clone(), value);
+    }
+    env
+}
+
+fn is_ready(o: &VncSession) -> bool {
+    o.status.as_ref().and_then(|s| s.phase) == Some(Phase::Ready)
+}
+
+async fn wait_ready(api: &Api<VncSession>, n: usize, what: &str, logs: impl Fn() -> String) {
+    let start = Instant::now();
+    loop {
+        let items = api.list(&ListParams::default()).await.unwrap().items;
+        if items.len() == n && items.iter().all(is_ready) {
+            return;
+        }
+        if start.elapsed() > Duration::from_secs(120) {
+            let summary: Vec<String> = items
+                .iter()
+                .map(|o| format!("{} {:?}", o.name_any(), o.status))
+                .collect();
+            panic!(
+                "{what}: not all {n} sessions Ready after 120 s\n{}\ncontainer log:\n{}",
+                summary.join("\n"),
+                logs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Each session's port and console URL (with its token, from the session's Secret).
+async fn urls(client: &kube::Client, api: &Api<VncSession>) -> BTreeMap<String, (i64, String)> {
+    let mut out = BTreeMap::new();
+    for o in api.list(&ListParams::default()).await.unwrap().items {
+        let st = o.status.clone().unwrap();
+        let r = st.token_secret_ref.clone().unwrap();
+        let secret = Api::<Secret>::namespaced(client.clone(), &o.namespace().unwrap())
+            .get(&r.name)
+            .await
+            .unwrap();
+        let url = String::from_utf8(secret.data.unwrap()["url"].0.clone()).unwrap();
+        out.insert(o.name_any(), (i64::from(st.port.unwrap()), url));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_image_serves_sessions_as_the_chart_runs_it_and_a_new_container_serves_them_again() {
+    if let Some(why) = skip_reason() {
+        eprintln!("image test skipped: {why}");
+        return;
+    }
+    let archive = PathBuf::from(std::env::var_os("VNCD_TEST_IMAGE").unwrap());
+    assert!(
+        archive.is_file(),
+        "VNCD_TEST_IMAGE={} is not a file",
+        archive.display()
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let mut podman = Podman::new(tmp.path());
+
+    // The image from the archive, under the name the chart's values give it.
+    let loaded = podman.ok(&[
+        s("load"),
+        s("--quiet"),
+        s("--input"),
+        archive.display().to_string(),
+    ]);
+    let image = loaded
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("Loaded image: ")
+                .or_else(|| l.strip_prefix("Loaded image(s): "))
+        })
+        .unwrap_or_else(|| panic!("podman load said: {loaded}"))
+        .trim()
+        .to_owned();
+
+    let c = cluster();
+    let ns = "image";
+    let node = "node-image";
+    c.create_namespace(ns);
+    let base = common::pool_base(5);
+    let http = common::free_port();
+    let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/vncd");
+    let range = format!("portRange={base}-{}", base + 4);
+    let http_port = format!("http.port={http}");
+    // The test's VNC server listens where the kernel put it, outside the chart's default
+    // allowTargets (loopback 5900-5999): allow exactly that port.
+    let qemu = Qemu::tcp();
+    let allow = format!("allowTargets={{127.0.0.1:{}}}", qemu.port);
+    let values = [
+        "--set",
+        "listenAddress=127.0.0.1",
+        "--set",
+        &range,
+        "--set",
+        &http_port,
+        "--set",
+        "leaseDuration=2",
+        "--set",
+        &allow,
+    ];
+    let render = |only: &[&str]| {
+        let mut args = vec!["template", "vncd", chart, "--namespace", ns];
+        args.extend(values);
+        for o in only {
+            args.extend(["--show-only", o]);
+        }
+        c.helm(&args)
+    };
+    let rbac = render(&[
+        "templates/serviceaccount.yaml",
+        "templates/clusterrole.yaml",
+        "templates/clusterrolebinding.yaml",
+    ]);
+    let out = c.kubectl_stdin(&["apply", "-f", "-"], rbac.as_bytes());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ds: DaemonSet = serde_saphyr::from_str(&render(&["templates/daemonset.yaml"])).unwrap();
+    let pod_spec = ds.spec.unwrap().template.spec.unwrap();
+    assert_eq!(
+        pod_spec.host_network,
+        Some(true),
+        "the chart runs on the host network"
+    );
+    let container = pod_spec.containers[0].clone();
+    let rendered_image = container.image.clone().unwrap();
+    assert_eq!(
+        image.trim_start_matches("localhost/"),
+        rendered_image,
+        "values.yaml's image is what scripts/build-image makes"
+    );
+    let sa = pod_spec.service_account_name.clone().unwrap();
+
+    // In-cluster credentials of the chart's ServiceAccount, where the kubelet puts them.
+    let secrets = tmp.path().join("serviceaccount");
+    std::fs::create_dir(&secrets).unwrap();
+    let token = c.kubectl_ok(&["create", "token", &sa, "-n", ns, "--duration", "1h"]);
+    std::fs::write(secrets.join("token"), token.trim()).unwrap();
+    std::fs::write(secrets.join("namespace"), ns).unwrap();
+    let kc = kube::config::Kubeconfig::read_from(&c.kubeconfig).unwrap();
+    let cl = kc.clusters[0].cluster.clone().unwrap();
+    let ca = match (&cl.certificate_authority_data, &cl.certificate_authority) {
+        (Some(data), _) => base64_decode(data),
+        (None, Some(file)) => std::fs::read(file).unwrap(),
+        _ => panic!("the test kubeconfig has no CA"),
+    };
+    std::fs::write(secrets.join("ca.crt"), ca).unwrap();
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+        .await
+        .unwrap();
+    let api_host = cfg.cluster_url.host().unwrap().to_owned();
+    let api_port = cfg.cluster_url.port_u16().unwrap_or(443).to_string();
+    for f in ["token", "namespace", "ca.crt"] {
+        // The container's user (the image's, 65532) reads them, as from a projected volume.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(secrets.join(f), std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+
+    let client = c.client().await;
+    let api: Api<VncSession> = Api::namespaced(client.clone(), ns);
+    for name in ["vm1", "vm2"] {
+        let spec = VncSessionSpec {
+            target: Target::tcp("127.0.0.1", qemu.port),
+            node_name: Some(node.into()),
+            ..VncSessionSpec::default()
+        };
+        api.create(&PostParams::default(), &VncSession::new(name, spec))
+            .await
+            .unwrap();
+    }
+
+    // One "pod": a container started the way the kubelet would start the chart's.
+    let start_pod = |podman: &mut Podman, pod: &str| -> String {
+        let env = pod_env(&container, node, ns, pod);
+        let args: Vec<String> = container
+            .args
+            .clone()
+            .unwrap()
+            .iter()
+            .map(|a| expand(a, &env).replace("0.0.0.0:", "127.0.0.1:"))
+            .collect();
+        let state = tmp.path().join(format!("{pod}-state"));
+        std::fs::create_dir(&state).unwrap();
+        {
+            // An emptyDir is world-writable; the image's user writes into it.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).unwrap();
+        }
+        let name = format!("vncd-image-test-{}-{pod}", std::process::id());
+        let mut run = vec![
+            s("run"),
+            s("--detach"),
+            s("--pull"),
+            s("never"),
+            s("--name"),
+            name.clone(),
+        ];
+        run.extend([s("--network"), s("host")]);
+        let sc = container.security_context.clone().unwrap_or_default();
+        if sc.read_only_root_filesystem == Some(true) {
+            run.push(s("--read-only"));
+        }
+        if sc.allow_privilege_escalation == Some(false) {
+            run.extend([s("--security-opt"), s("no-new-privileges")]);
+        }
+        for cap in sc.capabilities.and_then(|c| c.drop).unwrap_or_default() {
+            run.extend([s("--cap-drop"), cap.to_lowercase()]);
+        }
+        if let Some(uid) = sc.run_as_user {
+            run.extend([s("--user"), uid.to_string()]);
+        }
+        for m in container.volume_mounts.clone().unwrap_or_default() {
+            run.extend([
+                s("--volume"),
+                format!("{}:{}", state.display(), m.mount_path),
+            ]);
+        }
+        run.extend([
+            s("--volume"),
+            format!(
+                "{}:/var/run/secrets/kubernetes.io/serviceaccount:ro",
+                secrets.display()
+            ),
+            s("--env"),
+            format!("KUBERNETES_SERVICE_HOST={api_host}"),
+            s("--env"),
+            format!("KUBERNETES_SERVICE_PORT={api_port}"),
+        ]);
+        for (k, v) in &env {
+            run.extend([s("--env"), format!("{k}={v}")]);
+        }
+        run.push(rendered_image.clone());
+        run.extend(args);
+        podman.started.push(name.clone());
+        podman.ok(&run);
+        name
+    };
+
+    let first = start_pod(&mut podman, "vncd-aaaaa");
+    wait_ready(&api, 2, "first container", || podman.logs(&first)).await;
+    let before = urls(&client, &api).await;
+    for (name, (port, url)) in &before {
+        assert!(
+            (i64::from(base)..=i64::from(base) + 4).contains(port),
+            "{name} port {port}"
+        );
+        assert_eq!(rfb_banner(url).await, b"RFB 003.008\n", "{name} via {url}");
+    }
+    // The image's default user: not root.
+    let pid = podman.ok(&[
+        s("inspect"),
+        s("--format"),
+        s("{{.State.Pid}}"),
+        first.clone(),
+    ]);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uid = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .unwrap()
+        .to_owned();
+    assert!(
+        uid.split_whitespace().nth(1) == Some("65532"),
+        "the container runs as {uid}"
+    );
+
+    // The node loses the pod: SIGKILL, and the container (with every proxy in it) is gone.
+    podman.ok(&[s("kill"), s("--signal"), s("KILL"), first.clone()]);
+    podman.ok(&[s("rm"), s("--force"), first.clone()]);
+    let gone = Instant::now();
+    while before.values().any(|(port, _)| {
+        std::net::TcpStream::connect(("127.0.0.1", u16::try_from(*port).unwrap())).is_ok()
+    }) {
+        assert!(
+            gone.elapsed() < Duration::from_secs(10),
+            "the old proxies still listen"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A new pod serves the same sessions again: same ports, same URLs (tokens from the
+    // Secrets), after taking over the node lease the dead pod held.
+    let second = start_pod(&mut podman, "vncd-bbbbb");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for (name, (port, url)) in &before {
+        loop {
+            match common::try_banner(url).await {
+                Ok(b) if b == b"RFB 003.008\n" => break,
+                other => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "{name} not served again on port {port}: {other:?}\ncontainer log:\n{}",
+                        podman.logs(&second)
+                    );
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            }
+        }
+    }
+    wait_ready(&api, 2, "second container", || podman.logs(&second)).await;
+    assert_eq!(
+        urls(&client, &api).await,
+        before,
+        "same ports and URLs after the new pod"
+    );
+    let log = podman.logs(&second);
+    assert!(
+        !log.to_lowercase().contains("forbidden"),
+        "RBAC refused something:\n{log}"
+    );
+}
