@@ -1054,3 +1054,63 @@ async fn a_tenant_cannot_point_a_session_at_the_nodes_other_services() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sessions_of_a_node_that_is_gone_can_be_deleted() {
+    let c = cluster();
+    let ns = "gone";
+    c.create_namespace(ns);
+    let qemu = Qemu::tcp();
+    let grace = ["--node-gone-grace".to_string(), "2".to_string()];
+    // The node that will vanish: it serves two sessions, then its vncd dies for good.
+    // (The test API server has no Node objects at all, so every node here is "gone" as
+    // far as Nodes go; only a node Lease that keeps being renewed keeps a node alive.)
+    let mut dead = KubeVncd::new("node-vanished", Some(ns), ns, 4);
+    dead.extra = vec!["--node-gone-grace".into(), "0".into()];
+    dead.start();
+    let api: Api<VncSession> = Api::namespaced(c.client().await, ns);
+    create(&api, "deleted", spec(Some("node-vanished"), qemu.port)).await;
+    create(&api, "kept", spec(Some("node-vanished"), qemu.port)).await;
+    wait_ready(&api, 2, &[&dead]).await;
+    dead.kill9();
+    // A live node, whose instance also runs the janitor.
+    let mut live = KubeVncd::new("node-alive", Some(ns), ns, 4);
+    live.extra = grace.to_vec();
+    live.start();
+    create(&api, "alive", spec(Some("node-alive"), qemu.port)).await;
+    api.delete("deleted", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_objects(
+        &api,
+        "the gone node's deleted session to disappear and the other to say NodeGone",
+        Duration::from_secs(60),
+        &[&live],
+        |items| {
+            let get = |n: &str| items.iter().find(|o| o.name_any() == n);
+            get("deleted").is_none()
+                && get("kept").is_some_and(|o| {
+                    status(o).reason.as_deref() == Some("NodeGone") && o.finalizers().is_empty()
+                })
+                && get("alive").is_some_and(is_ready)
+        },
+    )
+    .await;
+    // A node whose vncd renews its lease keeps its finalizers, however long it runs.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let alive = api.get("alive").await.unwrap();
+    assert!(
+        alive.finalizers().iter().any(|f| f == "vncd.io/cleanup"),
+        "{alive:?}"
+    );
+    assert!(is_ready(&alive));
+    let kept = api.get("kept").await.unwrap();
+    let st = status(&kept);
+    assert_eq!(st.port, None, "{st:?}");
+    assert!(
+        st.message
+            .unwrap_or_default()
+            .contains("node node-vanished is gone"),
+        "{kept:?}"
+    );
+}

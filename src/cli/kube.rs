@@ -26,6 +26,7 @@ use crate::http::{AppState, Health};
 use crate::k8s::call::Metered;
 use crate::k8s::crd;
 use crate::k8s::events::Events;
+use crate::k8s::janitor::{self, JanitorConfig};
 use crate::k8s::node_lease::{LeaseConfig, NodeLease};
 use crate::k8s::objects::Objects;
 use crate::k8s::writer::Writer;
@@ -51,6 +52,11 @@ pub struct KubeArgs {
     /// Seconds a silent holder keeps the node lease before a standby takes over.
     #[arg(long, env = "VNCD_LEASE_DURATION", value_name = "SECONDS", value_parser = seconds, default_value = "15")]
     pub lease_duration: Duration,
+    /// Seconds a node must be gone (no Node object, its node lease not renewed) before
+    /// one elected instance removes its sessions' finalizers and marks them NodeGone, so
+    /// deleting them (or their namespace) does not hang; 0 turns this off.
+    #[arg(long, env = "VNCD_NODE_GONE_GRACE", value_name = "SECONDS", value_parser = seconds, default_value = "300")]
+    pub node_gone_grace: Duration,
     /// This instance's name in the node lease [default: $POD_NAME, else HOSTNAME-PID].
     #[arg(long, env = "VNCD_IDENTITY")]
     pub identity: Option<String>,
@@ -190,6 +196,24 @@ async fn serve(args: KubeArgs, setup: Setup) -> anyhow::Result<ExitCode> {
     });
     let c = connect(&args, &setup.url).await?;
     let lease_cfg = setup.lease.clone();
+    let _janitor = (!args.node_gone_grace.is_zero()).then(|| {
+        let cfg = JanitorConfig {
+            namespace: lease_cfg.namespace.clone(),
+            identity: lease_cfg.identity.clone(),
+            grace: args.node_gone_grace,
+            every: (args.node_gone_grace / 4)
+                .clamp(Duration::from_millis(500), Duration::from_secs(30)),
+            lease_duration: lease_cfg.duration,
+        };
+        let writer = Writer::new(c.client.clone(), c.metered.clone());
+        AbortOnDrop(tokio::spawn(janitor::run(
+            c.client.clone(),
+            c.api.clone(),
+            cfg,
+            writer,
+            c.metered.clone(),
+        )))
+    });
     info!(node = %lease_cfg.node, lease = %lease_cfg.name(), namespace = %lease_cfg.namespace, identity = %lease_cfg.identity, "taking the node lease");
     let held = tokio::select! {
         held = NodeLease::new(c.client.clone(), lease_cfg.clone(), c.metered.clone()).acquire() => held,
@@ -268,6 +292,15 @@ async fn serve(args: KubeArgs, setup: Setup) -> anyhow::Result<ExitCode> {
             held.release().await;
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// A background task that ends with its owner.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -12,6 +12,7 @@
 pub mod call;
 pub mod crd;
 pub mod events;
+pub mod janitor;
 pub mod lease_fields;
 pub mod node_lease;
 pub mod objects;

@@ -26,7 +26,7 @@ pub const INVALID: &str = "InvalidManifest";
 pub const SOURCE_ANNOTATION: &str = "vncd.io/source";
 
 /// How console URLs are written.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct UrlStyle {
     pub public_host: String,
     /// A noVNC page is served, so the URL opens it.
