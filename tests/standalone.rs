@@ -340,7 +340,13 @@ async fn a_corrupt_state_file_can_be_rebuilt_from_proven_proxies() {
     v.add_session("vm1", qemu.port);
     let st = v.wait_ready("vm1");
     v.kill9();
-    std::fs::write(v.state.join("leases.json"), b"garbage").unwrap();
+    let revision = v.leases()["revision"].as_u64().unwrap();
+    // A torn write: the revision is still readable, the rest is not.
+    std::fs::write(
+        v.state.join("leases.json"),
+        format!("{{\"version\":1,\"revision\":{revision},\"leases\":[{{\"sess"),
+    )
+    .unwrap();
     let out = v.cmd_here(&["cleanup", "--once", "--rebuild-state"]);
     assert!(
         out.status.success(),
@@ -348,6 +354,11 @@ async fn a_corrupt_state_file_can_be_rebuilt_from_proven_proxies() {
         String::from_utf8_lossy(&out.stderr)
     );
     let leases = v.leases();
+    assert_eq!(
+        leases["revision"].as_u64(),
+        Some(revision + 1),
+        "the rebuilt file continues the revision: {leases}"
+    );
     assert_eq!(leases["leases"][0]["session"], "vm1");
     assert_eq!(leases["leases"][0]["port"], st["port"]);
     assert_eq!(leases["leases"][0]["process"]["pid"], st["pid"]);

@@ -163,11 +163,14 @@ async fn pass(
     owner: &str,
     sup: &Supervisor,
 ) -> anyhow::Result<Stats> {
-    let snapshot = source.snapshot().await?;
     let store = FileStore::new(dir.clone(), Duration::from_secs(10));
     for _attempt in 0..5 {
-        let marked = scan(owner);
+        // Leases first, then the desired sessions: a session created in between is then
+        // desired without a lease here, never a lease without a desire (which would read
+        // as "session gone" and be released under the controller that just leased it).
         let set = read_state(&dir.leases())?;
+        let snapshot = source.snapshot().await?;
+        let marked = scan(owner);
         let obs = classify(marked, &set.leases);
         let plan = reconcile::plan(&Inputs {
             desired: &snapshot.desired,
@@ -245,6 +248,25 @@ fn read_token(dir: &StateDir, session: &str) -> Option<String> {
 }
 
 /// Rebuilds a corrupt state file from the proxies that prove they are ours.
+/// The revision a rebuilt state file starts at: one past the corrupt file's, if its
+/// `"revision"` can still be read; otherwise the current Unix time in seconds, which is
+/// past any revision a state file reaches by counting commits.
+fn next_revision(corrupt: &[u8]) -> u64 {
+    let text = String::from_utf8_lossy(corrupt);
+    let found = text.find("\"revision\"").and_then(|at| {
+        let rest = text[at + "\"revision\"".len()..].trim_start();
+        let digits: String = rest
+            .strip_prefix(':')?
+            .trim_start()
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        digits.parse::<u64>().ok()
+    });
+    let clock = u64::try_from(Timestamp::now().as_second()).unwrap_or(u64::MAX);
+    found.map_or(clock, |r| r.saturating_add(1))
+}
+
 fn rebuild(dir: &StateDir, owner: &str) -> anyhow::Result<()> {
     let _guard = LockGuard::acquire(&dir.leases_lock(), Duration::from_secs(10))?;
     match read_state(&dir.leases()) {
@@ -284,7 +306,25 @@ fn rebuild(dir: &StateDir, owner: &str) -> anyhow::Result<()> {
         info!(session = %m.session, port, pid = m.process.pid, "rebuilt lease from running proxy");
         set.leases.insert(m.session, lease);
     }
-    set.revision = 1;
+    // Continue the revision, so a commit planned against any earlier state is refused
+    // (compare-and-swap) rather than accepted against a reset counter.
+    set.revision = next_revision(&std::fs::read(&aside).unwrap_or_default());
     write_state(&dir.leases(), &set)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::next_revision;
+
+    #[test]
+    fn a_rebuilt_state_file_continues_the_revision() {
+        assert_eq!(
+            next_revision(br#"{"version":1,"revision":41,"leases":[{"sess"#),
+            42
+        );
+        assert_eq!(next_revision(br#"{"revision" : 7 }garbage"#), 8);
+        // Unreadable: the clock, far past any counted revision.
+        assert!(next_revision(b"\x00\x01 not json") > 1_000_000_000);
+    }
 }
