@@ -334,7 +334,8 @@ impl LeaseKey {
     /// Parses 64 hex digits (either case; surrounding ASCII whitespace ignored).
     pub fn from_hex(text: &str) -> Option<Self> {
         let t = text.trim_ascii().as_bytes();
-        if t.len() != 2 * KEY_LEN {
+        // Digits only: `from_str_radix` alone would take a sign ("+1").
+        if t.len() != 2 * KEY_LEN || !t.iter().all(u8::is_ascii_hexdigit) {
             return None;
         }
         let mut out = [0u8; KEY_LEN];
