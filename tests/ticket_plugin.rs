@@ -431,17 +431,17 @@ async fn real_websockify_accepts_a_ticket_once() {
     // The refusals are logged with their reasons, and the tickets that were never
     // accepted appear nowhere in websockify's log.
     let text = fs::read_to_string(&log).unwrap();
+    for t in [&foreign, &expired] {
+        for part in t.split('.').skip(2) {
+            assert!(!text.contains(part), "log shows a refused ticket:\n{text}");
+        }
+    }
     for why in [
         "vncd ticket refused (session vm1): ticket signature does not verify",
         "vncd ticket refused (session vm1): ticket expired",
         "vncd ticket refused (session vm1): ticket already used",
     ] {
         assert!(text.contains(why), "log lacks {why:?}:\n{text}");
-    }
-    for t in [&foreign, &expired] {
-        for part in t.split('.').skip(2) {
-            assert!(!text.contains(part), "log shows a refused ticket:\n{text}");
-        }
     }
 }
 
