@@ -146,7 +146,9 @@ pub enum KeyFileError {
         action: &'static str,
         source: io::Error,
     },
-    #[error("cannot create ticket master key {path}: no random bytes from the operating system: {reason}")]
+    #[error(
+        "cannot create ticket master key {path}: no random bytes from the operating system: {reason}"
+    )]
     Rng { path: PathBuf, reason: String },
 }
 
@@ -180,7 +182,8 @@ impl MasterKey {
     pub fn load_or_create(path: &Path) -> Result<Self, KeyFileError> {
         for _ in 0..3 {
             match Self::load(path) {
-                Err(KeyFileError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {}
+                Err(KeyFileError::Io { source, .. })
+                    if source.kind() == io::ErrorKind::NotFound => {}
                 other => return other,
             }
             let mut bytes = [0u8; KEY_LEN];
@@ -264,10 +267,12 @@ impl MasterKey {
             .take(KEY_LEN as u64 + 1)
             .read_to_end(&mut buf)
             .map_err(|e| io_err("read it", e))?;
-        let bytes: [u8; KEY_LEN] = buf.try_into().map_err(|b: Vec<u8>| KeyFileError::WrongSize {
-            path: path.to_owned(),
-            size: b.len() as u64,
-        })?;
+        let bytes: [u8; KEY_LEN] =
+            buf.try_into()
+                .map_err(|b: Vec<u8>| KeyFileError::WrongSize {
+                    path: path.to_owned(),
+                    size: b.len() as u64,
+                })?;
         Ok(MasterKey(bytes))
     }
 }
@@ -454,9 +459,8 @@ pub fn check(
 
 /// A canonical decimal u64: digits only, no leading zero (except "0" itself).
 fn parse_decimal(s: &str) -> Option<u64> {
-    let canonical = !s.is_empty()
-        && s.bytes().all(|b| b.is_ascii_digit())
-        && (s == "0" || !s.starts_with('0'));
+    let canonical =
+        !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) && (s == "0" || !s.starts_with('0'));
     if canonical { s.parse().ok() } else { None }
 }
 

@@ -25,12 +25,16 @@ use vncd::ticket::{
 };
 
 const PLUGIN_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/contrib/websockify");
-const VECTORS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/ticket-vectors.json");
+const VECTORS: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/data/ticket-vectors.json"
+);
 
 /// Runs a list of calls through the plugin module in one python3 process, in order, and
 /// returns one result per call: `{"ok": value}` or `{"err": message, "kind": class name}`.
 /// Calls: `lookup` (the websockify entry point, real clock), `verify` (a fixed `now`),
-/// `lease_key` (the derivation, recomputed independently of the plugin) and `prune`.
+/// `lease_key` (the derivation, recomputed independently of the plugin), and `prune` and
+/// `consume` (the nonce directory, with an optional or fixed `now`).
 const DRIVER: &str = r#"
 import hashlib, hmac, json, struct, sys
 import vncd_ticket as vt
@@ -51,7 +55,11 @@ for c in json.load(sys.stdin):
         elif c["op"] == "lease_key":
             r = lease_key(bytes.fromhex(c["master"]), c["session"], c["uid"])
         elif c["op"] == "prune":
-            r = vt.prune(c["dir"])
+            now = c.get("now")
+            r = vt.prune(c["dir"], (lambda: now) if now is not None else vt.time.time)
+        elif c["op"] == "consume":
+            now = c["now"]
+            r = vt.consume(c["dir"], bytes.fromhex(c["nonce"]), c["exp"], lambda: now)
         out.append({"ok": r})
     except Exception as e:
         out.append({"err": str(e), "kind": type(e).__name__})
@@ -98,16 +106,21 @@ fn lookup(src: &Path, token: &str) -> Value {
     json!({"op": "lookup", "src": src, "token": token})
 }
 
+#[track_caller]
 fn ok(r: &Value) -> &Value {
-    r.get("ok")
-        .unwrap_or_else(|| panic!("plugin refused a good ticket: {r}"))
+    // No closure: #[track_caller] must reach the panic, so a failure names the call.
+    match r.get("ok") {
+        Some(v) => v,
+        None => panic!("plugin refused a good ticket: {r}"),
+    }
 }
 
 /// Asserts a refusal whose message says `why` and does not contain the ticket.
+#[track_caller]
 fn refused(r: &Value, why: &str, ticket: &str) {
-    let msg = r["err"]
-        .as_str()
-        .unwrap_or_else(|| panic!("plugin accepted a ticket it must refuse ({why})"));
+    let Some(msg) = r["err"].as_str() else {
+        panic!("plugin accepted a ticket it must refuse ({why})");
+    };
     assert!(msg.contains(why), "refused for another reason: {msg}");
     for part in ticket.split('.').skip(2) {
         assert!(!msg.contains(part), "the refusal shows the ticket: {msg}");
@@ -191,15 +204,27 @@ fn the_plugin_checks_tickets_exactly_as_the_rust_code_does() {
             "signature",
             t0.to_owned(),
         ),
-        (verify(k0, &with_field(t0, 0, "v2"), 0), "malformed", t0.to_owned()),
+        (
+            verify(k0, &with_field(t0, 0, "v2"), 0),
+            "malformed",
+            t0.to_owned(),
+        ),
         (
             verify(k0, &with_field(t0, 1, &format!("0{exp}")), 0),
             "malformed",
             t0.to_owned(),
         ),
         (verify(k0, &format!("{t0}="), 0), "malformed", t0.to_owned()),
-        (verify(k0, &format!("{t0}.x"), 0), "malformed", t0.to_owned()),
-        (verify(k0, &t0[..t0.len() - 1], 0), "malformed", t0.to_owned()),
+        (
+            verify(k0, &format!("{t0}.x"), 0),
+            "malformed",
+            t0.to_owned(),
+        ),
+        (
+            verify(k0, &t0[..t0.len() - 1], 0),
+            "malformed",
+            t0.to_owned(),
+        ),
         (verify(k0, "", 0), "malformed", String::new()),
         (verify(k0, &"A".repeat(5000), 0), "malformed", String::new()),
         // Non-ASCII digits must not pass as a decimal expiry.
@@ -273,10 +298,7 @@ fn the_plugin_checks_tickets_exactly_as_the_rust_code_does() {
     refused(&r[0], "ticket already used", &by_rust);
     ok(&r[1]);
     let v = ticket::verify(&key, &by_python, now).unwrap();
-    assert!(matches!(
-        rust_store.consume(&v),
-        Err(TicketError::Replayed)
-    ));
+    assert!(matches!(rust_store.consume(&v), Err(TicketError::Replayed)));
 
     // 5. Pruning: the plugin removes records long expired, keeps fresh ones and foreign files.
     let stale = nonces.join(format!("{}.AAAAAAAAAAAAAAAAAAAAAA", now - 1000));
@@ -288,7 +310,28 @@ fn the_plugin_checks_tickets_exactly_as_the_rust_code_does() {
     assert!(!stale.exists());
     assert_eq!(fs::read_dir(&nonces).unwrap().count(), before - 1);
 
-    // 6. Key files it must not trust, and a nonce directory it cannot write: refused.
+    // 6. The race the post-record clock check closes: a replay verified before expiry
+    //    that stalls until another process pruned the first use is still refused.
+    let race = tmp.path().join("race");
+    fs::create_dir(&race).unwrap();
+    let (exp, late) = (now + 60, now + 60 + ticket::PRUNE_GRACE_SECS);
+    let nonce = "00112233445566778899aabbccddeeff";
+    let consume =
+        |at: u64| json!({"op": "consume", "dir": race, "nonce": nonce, "exp": exp, "now": at});
+    let r = python(&[
+        consume(now),
+        consume(now + 1),
+        json!({"op": "prune", "dir": race, "now": late - 1}),
+        json!({"op": "prune", "dir": race, "now": late}),
+        consume(late),
+    ]);
+    ok(&r[0]);
+    refused(&r[1], "ticket already used", "");
+    assert_eq!(ok(&r[2]), 0);
+    assert_eq!(ok(&r[3]), 1);
+    refused(&r[4], "ticket expired", "");
+
+    // 7. Key files it must not trust, and a nonce directory it cannot write: refused.
     let t = ticket::mint(&key, DEFAULT_TTL, now).unwrap().text;
     let loose = key_file(tmp.path(), "loose", &key, &tcp(5901));
     fs::set_permissions(&loose, fs::Permissions::from_mode(0o640)).unwrap();

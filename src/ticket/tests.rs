@@ -211,7 +211,10 @@ fn error_messages_never_contain_the_ticket() {
     let parts: Vec<&str> = t.text.split('.').collect();
     for e in errors {
         let shown = format!("{e} {e:?}");
-        assert!(!shown.contains(parts[2]) && !shown.contains(parts[3]), "{shown}");
+        assert!(
+            !shown.contains(parts[2]) && !shown.contains(parts[3]),
+            "{shown}"
+        );
     }
 }
 
@@ -272,7 +275,10 @@ fn dir_nonces_refuse_replays() {
         let (exp, nonce) = n.split_once('.').unwrap();
         assert_eq!(exp, (NOW + 60).to_string());
         assert_eq!(nonce.len(), 22);
-        let mode = fs::metadata(dir.path().join(n)).unwrap().permissions().mode();
+        let mode = fs::metadata(dir.path().join(n))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
     // A second store on the same directory (another forked process) sees the same uses.
@@ -352,20 +358,25 @@ fn dir_nonces_prune_only_their_own_expired_files() {
 /// The race the post-record clock check closes: a replay verified before expiry, delayed
 /// until its first use was pruned, must still be refused.
 #[test]
-fn a_replay_delayed_past_pruning_is_refused() {
+fn a_replay_delayed_past_pruning_is_refused_in_memory() {
     let k = key();
     let t = mint(&k, DEFAULT_TTL, NOW).unwrap();
     let late = NOW + 60 + PRUNE_GRACE_SECS;
-
-    // In memory: consume prunes under its lock, then must notice the expiry.
+    // consume prunes under its lock, then must notice the expiry.
     let (time, c) = clock(NOW);
     let mem = MemoryNonces::with_clock(c);
     check(&k, &t.text, NOW, &mem).unwrap();
     let v = verify(&k, &t.text, NOW + 1).unwrap();
     time.store(late, Ordering::SeqCst);
     assert!(matches!(mem.consume(&v), Err(TicketError::Expired)));
+}
 
-    // In a directory: another process prunes the record while the replay stalls.
+#[test]
+fn a_replay_delayed_past_pruning_is_refused_in_a_directory() {
+    let k = key();
+    let t = mint(&k, DEFAULT_TTL, NOW).unwrap();
+    let late = NOW + 60 + PRUNE_GRACE_SECS;
+    // Another process prunes the record while the replay stalls.
     let dir = tempfile::tempdir().unwrap();
     let (time, c) = clock(NOW);
     let files = DirNonces::with_clock(dir.path(), c);
@@ -451,8 +462,11 @@ fn master_key_refuses_what_it_cannot_trust() {
     ));
 
     // A FIFO: refused without blocking.
-    nix::unistd::mkfifo(&p("fifo.key"), nix::sys::stat::Mode::from_bits_truncate(0o600))
-        .unwrap();
+    nix::unistd::mkfifo(
+        &p("fifo.key"),
+        nix::sys::stat::Mode::from_bits_truncate(0o600),
+    )
+    .unwrap();
     assert!(matches!(
         MasterKey::load_or_create(&p("fifo.key")),
         Err(KeyFileError::NotRegular { .. })
@@ -488,10 +502,7 @@ fn master_key_of_another_owner_is_refused() {
     fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
     nix::unistd::chown(&path, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
     let e = MasterKey::load_or_create(&path).unwrap_err();
-    assert!(
-        matches!(e, KeyFileError::Owner { owner: 65534, .. }),
-        "{e}"
-    );
+    assert!(matches!(e, KeyFileError::Owner { owner: 65534, .. }), "{e}");
 }
 
 #[test]
@@ -521,7 +532,10 @@ fn websockify_key_file_format() {
     assert!(websockify_key_file("vm1\nkey 00", &k, &unix, Path::new("/n")).is_none());
 }
 
-const VECTORS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/ticket-vectors.json");
+const VECTORS: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/data/ticket-vectors.json"
+);
 
 /// The known-answer vectors, computed by this code. The Python plugin's test reads the same
 /// file, so both implementations are pinned to one set of bytes.
