@@ -685,7 +685,8 @@ impl NonceStore for DirNonces {
 /// ```
 ///
 /// Each line after the first is `NAME VALUE`, split at the first space. `None` if a value
-/// contains a line break or NUL, which the format cannot carry.
+/// contains a line break or NUL, or the nonce directory is not UTF-8: the format cannot
+/// carry those, and a value with a line break could smuggle in a line of its own.
 pub fn websockify_key_file(
     session: &str,
     key: &LeaseKey,
