@@ -162,7 +162,7 @@ impl fmt::Debug for MasterKey {
 }
 
 impl MasterKey {
-    /// A key with the given bytes (tests, and a Kubernetes Secret later).
+    /// A key with the given bytes (tests, or a key kept somewhere other than a file).
     pub fn from_bytes(bytes: [u8; KEY_LEN]) -> Self {
         MasterKey(bytes)
     }
@@ -362,8 +362,8 @@ pub fn lease_key(master: &MasterKey, session: &str, lease_uid: &str) -> LeaseKey
     let mut ctx = hmac::Context::with_key(&key);
     ctx.update(LEASE_KEY_DOMAIN);
     for part in [session.as_bytes(), lease_uid.as_bytes()] {
-        // Session names and uids are short; a length beyond u32 cannot occur, and saturating
-        // would still never collide with a real one of equal bytes.
+        // Session names (DNS names) and uids (hex) are short: 4 GiB never occurs. Were it
+        // to, the saturated prefix would still be followed by all the bytes.
         let len = u32::try_from(part.len()).unwrap_or(u32::MAX);
         ctx.update(&len.to_be_bytes());
         ctx.update(part);
