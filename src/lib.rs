@@ -26,3 +26,4 @@ pub mod source;
 pub mod status;
 pub mod store;
 pub mod supervisor;
+pub mod ticket;
