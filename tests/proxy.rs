@@ -393,6 +393,8 @@ async fn token_refused_before_target_is_contacted() {
         &relay_addr,
         "--token-file",
         tf.to_str().expect("path"),
+        "--refusal-log-interval",
+        "1",
     ])
     .await;
 
@@ -425,9 +427,24 @@ async fn token_refused_before_target_is_contacted() {
         assert_eq!(rfb.read(12).await, BANNER, "{path}");
     }
     assert_eq!(relay.count(), 4);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Refusals are summed up: one line per interval, not one per connection.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     let log = proxy.log();
-    assert!(log.contains("refused 403"), "{log}");
+    let summaries: Vec<&str> = log.lines().filter(|l| l.contains("refused ")).collect();
+    assert_eq!(summaries.len(), 1, "one summary line: {log}");
+    assert!(
+        summaries[0]
+            .contains("refused 7 connections in the last 1s: 403 missing or wrong token x7"),
+        "{log}"
+    );
+    // Accepted sessions are still logged one by one, inside their connection's span.
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("403") && !l.contains("refused 7")),
+        "a refusal logged on its own: {log}"
+    );
+    assert_eq!(log.matches("connection closed").count(), 5, "{log}");
+    assert!(log.contains("conn{n=9 peer=127.0.0.1:"), "{log}");
     assert!(!log.contains(TOKEN), "token leaked into the log: {log}");
     assert!(
         !log.contains("BADTOKEN"),

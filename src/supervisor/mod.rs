@@ -195,12 +195,41 @@ impl Supervisor {
         }
     }
 
-    /// Scans and classifies in one go; see [`classify`].
+    /// Scans and classifies in one go; see [`classify`]. Where the backend keeps stats
+    /// files, [`Observation::clients`] counts only authenticated clients (see
+    /// [`Supervisor::authenticated_clients`]).
     pub fn observe(&self, leases: &BTreeMap<String, Lease>) -> Observation {
         let marked = self.scan();
-        match self.cache.lock() {
+        let mut obs = match self.cache.lock() {
             Ok(mut c) => classify_cached(marked, leases, &mut c),
             Err(_) => classify(marked, leases),
+        };
+        self.count_authenticated(&mut obs);
+        obs
+    }
+
+    /// The clients of `session`'s proxy `process` that passed the token check, from the
+    /// proxy's stats file; `None` when this backend keeps no stats (websockify) or the
+    /// file is missing or from another process.
+    pub fn authenticated_clients(&self, session: &str, process: ProcRef) -> Option<usize> {
+        let path = self.stats_file(session)?;
+        let pid = u32::try_from(process.pid).ok()?;
+        crate::proxy::stats::authenticated_clients(&path, pid)
+            .map(|n| usize::try_from(n).unwrap_or(usize::MAX))
+    }
+
+    /// Replaces the established-connection counts of [`classify`] by the authenticated
+    /// counts where the proxy publishes them. An established TCP connection proves
+    /// nothing: anyone who can reach the port (a scanner, a client without the token,
+    /// a slowloris) would otherwise keep a session from ever expiring for idleness. The
+    /// proxy counts a websocket session only once it passed the token and Origin checks.
+    fn count_authenticated(&self, obs: &mut Observation) {
+        for (session, n) in obs.clients.iter_mut() {
+            if let Some(ProxyState::Running { process, .. }) = obs.proxies.get(session)
+                && let Some(auth) = self.authenticated_clients(session, *process)
+            {
+                *n = auth;
+            }
         }
     }
 
