@@ -738,3 +738,203 @@ async fn tls_serves_wss_with_a_self_signed_certificate() {
             .is_err()
     );
 }
+
+// ---------------------------------------------------------------- hardening (issue #11)
+
+/// The real uid of a process, from /proc/PID/status.
+fn uid_of(pid: i64) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Whether uid/gid 65534 (nobody, with no supplementary groups: what the proxy has) can
+/// read `path`.
+fn nobody_can_read(path: &std::path::Path) -> bool {
+    use std::os::unix::process::CommandExt;
+    std::process::Command::new("cat")
+        .arg(path)
+        .uid(65534)
+        .gid(65534)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn proxies_run_as_the_proxy_user_and_cannot_read_the_state() {
+    use std::os::unix::fs::PermissionsExt;
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: needs root to switch users");
+        return;
+    }
+    let qemu = Qemu::tcp();
+    let mut v = Vncd::new(3);
+    // The proxy reaches its stats file through the temp dir, like /var/lib in production.
+    std::fs::set_permissions(v.tmp.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    v.extra.extend([
+        "--backend".into(),
+        "builtin".into(),
+        "--proxy-user".into(),
+        "nobody".into(),
+    ]);
+    v.start();
+    v.add_session("vm1", qemu.port);
+    let st = v.wait_ready("vm1");
+    let pid = pid_of(&st);
+    assert_eq!(uid_of(pid), Some(65534), "the proxy does not run as nobody");
+    // It serves, with its token (read from the open file it got as stdin).
+    let mut c = Client::connect(&url_of(&st)).await;
+    assert_eq!(c.read(12).await, b"RFB 003.008\n");
+    let (w, _) = c.handshake().await;
+    assert!(w > 0);
+    // Its identity cannot read vncd's state, its own token file included.
+    for f in [
+        "leases.json",
+        "sessions.json",
+        "tokens/vm1.token",
+        "logs/vm1.log",
+    ] {
+        let p = v.state.join(f);
+        assert!(p.exists(), "{f} missing");
+        assert!(!nobody_can_read(&p), "the proxy user can read {f}");
+    }
+    // Its log and stats files still work.
+    let log = std::fs::read_to_string(v.state.join("logs/vm1.log")).unwrap();
+    assert!(log.contains("proxy listening"), "{log}");
+    wait_for("stats of the proxy", Duration::from_secs(10), || {
+        let text = std::fs::read_to_string(v.state.join("stats/vm1.json")).ok()?;
+        let s: Value = serde_json::from_str(&text).ok()?;
+        (s["pid"] == pid && s["active"] == 1).then_some(())
+    });
+    // A restart of the proxy works the same way.
+    let _ = nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let back = wait_for("a new proxy", Duration::from_secs(20), || {
+        let st = v.item("vm1")?["status"].clone();
+        (st["phase"] == "Ready" && st["pid"] != pid).then_some(st)
+    });
+    assert_eq!(uid_of(pid_of(&back)), Some(65534));
+    assert_eq!(rfb_banner(&url_of(&back)).await, b"RFB 003.008\n");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn websockify_log_lines_reach_statuses_without_tokens_and_list_no_directories() {
+    require("websockify");
+    let qemu = Qemu::tcp();
+    let mut v = Vncd::new(3);
+    let web = v.tmp.path().join("web");
+    std::fs::create_dir_all(web.join("sub")).unwrap();
+    std::fs::write(web.join("vnc.html"), "<html>noVNC</html>").unwrap();
+    std::fs::write(web.join("sub/hidden.txt"), "x").unwrap();
+    v.extra.extend([
+        "--backend".into(),
+        "websockify".into(),
+        "--web".into(),
+        web.display().to_string(),
+    ]);
+    v.start();
+    v.add_session("vm1", qemu.port);
+    let mut st = v.wait_ready("vm1");
+    let token = v.leases()["leases"][0]["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let port = port_of(&st);
+    let get = |path: String| async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    let upgrade = |path: String| async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        s.write_all(
+            format!(
+                "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                 Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    // --file-only: no directory listing, where this websockify knows the option (0.11+);
+    // an older one (Debian 12 has 0.10) lists directories, and vncd says so at start.
+    let help = std::process::Command::new("websockify")
+        .arg("--help")
+        .output()
+        .unwrap();
+    let listing = get("/sub/".into()).await;
+    if String::from_utf8_lossy(&help.stdout).contains("--file-only") {
+        assert!(
+            !listing.contains("hidden.txt"),
+            "directory listed: {listing}"
+        );
+    } else {
+        assert!(
+            v.log().contains("this websockify has no --file-only"),
+            "no warning about directory listings"
+        );
+    }
+    // websockify logs request lines, token and all; then its proxy dies twice (the
+    // second time vncd backs off and says why, quoting the log).
+    let log_path = v.state.join("logs/vm1.log");
+    for round in 0..2 {
+        // A mistyped console URL: websockify logs "Token '<token>x' not found".
+        let _ = upgrade(format!("/websockify?token={token}x")).await;
+        wait_for(
+            "the token in the proxy's own log",
+            Duration::from_secs(5),
+            || {
+                let log = std::fs::read_to_string(&log_path).ok()?;
+                let last = log.lines().rev().find(|l| !l.trim().is_empty())?.to_owned();
+                last.contains(&token).then_some(())
+            },
+        );
+        let pid = pid_of(&st);
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        if round == 0 {
+            st = wait_for("a new proxy", Duration::from_secs(20), || {
+                let st = v.item("vm1")?["status"].clone();
+                (st["phase"] == "Ready" && st["pid"] != pid).then_some(st)
+            });
+        }
+    }
+    let message = wait_for("the exit in the status", Duration::from_secs(10), || {
+        let st = v.item("vm1")?["status"].clone();
+        let m = st["message"].as_str()?.to_owned();
+        m.contains("exited").then_some(m)
+    });
+    assert!(
+        !message.contains(&token),
+        "token in the status message: {message}"
+    );
+    assert!(message.contains("<redacted>"), "{message}");
+    let sessions = std::fs::read_to_string(v.state.join("sessions.json")).unwrap();
+    for line in sessions.lines().filter(|l| l.contains("message")) {
+        assert!(!line.contains(&token), "token in sessions.json: {line}");
+    }
+    assert!(!v.log().contains(&token), "token in vncd's log");
+}

@@ -15,7 +15,7 @@ use crate::reconcile::Limits;
 use crate::status::UrlStyle;
 use crate::supervisor::builtin::Builtin;
 use crate::supervisor::websockify::Websockify;
-use crate::supervisor::{Backend, Supervisor, Tls};
+use crate::supervisor::{Backend, ProxyUser, Supervisor, Tls};
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub enum BackendKind {
@@ -72,6 +72,11 @@ pub struct ServeArgs {
     /// running and the next vncd adopts them).
     #[arg(long, env = "VNCD_STOP_ON_EXIT")]
     pub stop_on_exit: bool,
+    /// Run every proxy as USER[:GROUP] (names or ids; vncd must be root), e.g. `nobody`.
+    /// A proxy then cannot read vncd's state files or other sessions' tokens. For a
+    /// unix-socket VNC target give a GROUP that may connect to it (e.g. `nobody:kvm`).
+    #[arg(long, env = "VNCD_PROXY_USER", value_name = "USER[:GROUP]")]
+    pub proxy_user: Option<String>,
 }
 
 pub fn secs(v: f64, flag: &str) -> anyhow::Result<Duration> {
@@ -169,10 +174,17 @@ impl ServeArgs {
                     self.origins.is_empty(),
                     "--origin needs the builtin backend; websockify has no Origin allowlist"
                 );
-                Box::new(Websockify {
-                    program: resolve_program(&self.websockify)?,
-                    tls,
-                })
+                let program = resolve_program(&self.websockify)?;
+                if self.web.is_some()
+                    && !crate::supervisor::websockify::supports_file_only(&program)
+                {
+                    tracing::warn!(
+                        websockify = %program.display(),
+                        "this websockify has no --file-only (it is older than 0.11): it lists \
+                         the directories under --web; upgrade it or use --backend builtin"
+                    );
+                }
+                Box::new(Websockify { program, tls })
             }
         };
         let web = match &self.web {
@@ -182,14 +194,22 @@ impl ServeArgs {
             }
             None => None,
         };
-        Ok(Supervisor::new(
+        // Fail at start, not at the first lease, if no token can be made.
+        crate::lease::check_rng()?;
+        let mut supervisor = Supervisor::new(
             owner,
             backend,
             self.listen_address,
             web,
             log_dir.to_owned(),
             secs(self.stop_grace, "stop-grace")?,
-        ))
+        );
+        if let Some(spec) = &self.proxy_user {
+            let user = ProxyUser::resolve(spec)?;
+            info!(user = %user, "proxies run as --proxy-user");
+            supervisor.run_proxies_as(Some(user));
+        }
+        Ok(supervisor)
     }
 }
 

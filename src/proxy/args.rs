@@ -39,7 +39,8 @@ pub struct ProxyArgs {
     /// File holding the session's secret token (surrounding whitespace is ignored). When given,
     /// every websocket upgrade must carry it as `?token=...` (on `/` or `/websockify`) or as
     /// the last path segment (`/TOKEN`, `/websockify/TOKEN`), or it is refused with HTTP 403
-    /// before the VNC target is contacted. The file is read once, at start.
+    /// before the VNC target is contacted. The file is read once, at start. `-` reads the
+    /// token from standard input (how vncd passes it to a proxy run as `--proxy-user`).
     #[arg(long, env = "VNCD_PROXY_TOKEN_FILE", value_name = "FILE")]
     pub token_file: Option<PathBuf>,
 

@@ -9,7 +9,11 @@
 
 pub mod builtin;
 pub mod procfs;
+pub mod redact;
+pub mod user;
 pub mod websockify;
+
+pub use user::ProxyUser;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
@@ -75,6 +79,12 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     fn stats_args(&self, _path: &Path) -> Option<Vec<String>> {
         None
     }
+    /// Whether the proxy can take its token file as standard input (`--token-file -`).
+    /// With `--proxy-user`, such a backend never needs to open the file itself, so it
+    /// can stay readable by root only; other backends get the file chowned to them.
+    fn token_on_stdin(&self) -> bool {
+        false
+    }
 }
 
 /// A process that carries our owner marker.
@@ -133,6 +143,13 @@ pub enum SpawnError {
     },
     #[error("proxy for session {session:?} exited before it could be identified")]
     Vanished { session: String },
+    #[error("cannot prepare {} for --proxy-user {user}: {source}", path.display())]
+    ProxyUser {
+        path: PathBuf,
+        user: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// The process supervisor. See the module docs.
@@ -149,7 +166,17 @@ pub struct Supervisor {
     /// exit is not reported as a crash).
     children: std::sync::Arc<std::sync::Mutex<BTreeMap<i32, bool>>>,
     cache: std::sync::Mutex<ScanCache>,
+    /// Who the proxies run as (`--proxy-user`); `None` runs them as vncd's own user.
+    proxy_user: Option<ProxyUser>,
+    /// When the proxies' logs were last checked against [`MAX_LOG_BYTES`].
+    logs_checked: std::sync::Mutex<Option<std::time::Instant>>,
 }
+
+/// A proxy's log is cut back to nothing once it passes this size: at every start, and
+/// while it runs (checked every [`LOG_CHECK_EVERY`] during the scan; the builtin proxy
+/// also trims its own log). A log is for the last failure, not an archive.
+pub const MAX_LOG_BYTES: u64 = 1024 * 1024;
+const LOG_CHECK_EVERY: Duration = Duration::from_secs(10);
 
 impl Supervisor {
     /// `owner` identifies this vncd's proxies: the canonical state directory path.
@@ -171,7 +198,14 @@ impl Supervisor {
             exits: None,
             children: Default::default(),
             cache: Default::default(),
+            proxy_user: None,
+            logs_checked: Default::default(),
         }
+    }
+
+    /// Runs every proxy as `user` (see [`ProxyUser`]).
+    pub fn run_proxies_as(&mut self, user: Option<ProxyUser>) {
+        self.proxy_user = user;
     }
 
     /// Where proxies that exit on their own are reported.
@@ -205,7 +239,27 @@ impl Supervisor {
             Err(_) => classify(marked, leases),
         };
         self.count_authenticated(&mut obs);
+        self.cap_logs(&obs);
         obs
+    }
+
+    /// Truncates the log of every live proxy that grew past [`MAX_LOG_BYTES`], at most
+    /// every [`LOG_CHECK_EVERY`]. This covers websockify, which cannot trim its own log;
+    /// the log is opened with O_APPEND, so the proxy simply goes on writing at the start.
+    fn cap_logs(&self, obs: &Observation) {
+        let Ok(mut checked) = self.logs_checked.lock() else {
+            return;
+        };
+        if checked.is_some_and(|t| t.elapsed() < LOG_CHECK_EVERY) {
+            return;
+        }
+        *checked = Some(std::time::Instant::now());
+        for session in obs.proxies.keys() {
+            let path = self.log_dir.join(format!("{session}.log"));
+            if let Err(e) = truncate_if_over(&path, MAX_LOG_BYTES) {
+                tracing::debug!(path = %path.display(), error = %e, "cannot check proxy log");
+            }
+        }
     }
 
     /// The clients of `session`'s proxy `process` that passed the token check, from the
@@ -244,13 +298,31 @@ impl Supervisor {
             token: lease.token.clone(),
             token_file: None,
         };
+        let user = self.proxy_user.as_ref();
+        let mut stdin = Stdio::null();
         if let Some(content) = self.backend.token_file(&spec) {
             let path = self.token_dir().join(format!("{}.token", lease.session));
-            write_private(&path, content.as_bytes()).map_err(|source| SpawnError::Token {
+            let token_err = |source| SpawnError::Token {
                 path: path.clone(),
                 source,
-            })?;
-            spec.token_file = Some(path);
+            };
+            write_private(&path, content.as_bytes()).map_err(token_err)?;
+            match user {
+                // The proxy gets the open file, never the path: only root can read it.
+                Some(_) if self.backend.token_on_stdin() => {
+                    stdin = Stdio::from(open_nofollow(&path).map_err(token_err)?);
+                    spec.token_file = Some(PathBuf::from("-"));
+                }
+                // websockify re-reads the file by path: it must own it (still 0600).
+                Some(u) => {
+                    u.give(&path).map_err(token_err)?;
+                    spec.token_file = Some(path.clone());
+                }
+                None => spec.token_file = Some(path.clone()),
+            }
+        }
+        if let Some(u) = user {
+            self.prepare_for(u)?;
         }
         let mut line = self.backend.command(&spec);
         if let Some(path) = self.stats_file(&lease.session)
@@ -258,7 +330,10 @@ impl Supervisor {
         {
             // A missing directory only costs the counters; the proxy still serves.
             if let Some(dir) = path.parent()
-                && let Err(e) = private_dir(dir)
+                && let Err(e) = private_dir(dir).and_then(|()| match user {
+                    Some(u) => u.give(dir),
+                    None => Ok(()),
+                })
             {
                 tracing::warn!(dir = %dir.display(), error = %e, "cannot create stats directory");
             }
@@ -286,12 +361,17 @@ impl Supervisor {
             .env(marker::LEASE, &lease.uid)
             .env(marker::PORT, lease.port.to_string())
             .env(marker::TARGET, lease.target.to_string())
-            .stdin(Stdio::null())
+            .stdin(stdin)
             // A file, not a pipe: the proxy must outlive us without SIGPIPE.
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log2))
             .process_group(0)
             .kill_on_drop(false);
+        if let Some(u) = user {
+            // std drops supplementary groups (setgroups(0)) when root changes the uid, so
+            // the proxy has exactly this uid and gid.
+            cmd.uid(u.uid).gid(u.gid);
+        }
         let mut child = cmd.spawn().map_err(|source| SpawnError::Exec {
             program: line.program.clone(),
             session: lease.session.clone(),
@@ -361,8 +441,36 @@ impl Supervisor {
         {
             *stopping = true;
         }
-        terminate(process.pid, leads_group, self.grace).await;
+        terminate(process, &self.owner, leads_group, self.grace).await;
         true
+    }
+
+    /// What a proxy running as `user` needs: a way through the state directory to its
+    /// stats file (search permission only, no listing; leases.json and sessions.json
+    /// stay 0600 root), the stats directory as its own, and for a backend that reads
+    /// its token file by path, the tokens directory searchable too.
+    fn prepare_for(&self, user: &ProxyUser) -> Result<(), SpawnError> {
+        let err = |path: &Path| {
+            let path = path.to_owned();
+            let user = user.to_string();
+            move |source| SpawnError::ProxyUser { path, user, source }
+        };
+        if let Some(state) = self.log_dir.parent() {
+            add_search_permission(state).map_err(err(state))?;
+        }
+        if self.backend.stats_args(Path::new("x")).is_some() {
+            let stats = self.log_dir.with_file_name("stats");
+            private_dir(&stats)
+                .and_then(|()| user.give(&stats))
+                .map_err(err(&stats))?;
+        }
+        if !self.backend.token_on_stdin() {
+            let tokens = self.token_dir();
+            private_dir(&tokens)
+                .and_then(|()| add_search_permission(&tokens))
+                .map_err(err(&tokens))?;
+        }
+        Ok(())
     }
 
     /// Token files live beside the logs, in a directory only we can read.
@@ -387,9 +495,29 @@ impl Supervisor {
         }
     }
 
-    /// The last non-empty line a proxy wrote to its log, for failure messages.
+    /// The last non-empty line a proxy wrote to its log, for failure messages (which go
+    /// to statuses, Kubernetes Events and vncd's own log), with tokens redacted: websockify
+    /// logs request lines, `GET /websockify?token=...` included, and names unknown
+    /// (often mistyped) tokens.
     pub fn last_log_line(&self, session: &str) -> Option<String> {
-        last_line(&self.log_dir.join(format!("{session}.log")))
+        let line = last_line(&self.log_dir.join(format!("{session}.log")))?;
+        let token = self.current_token(session);
+        Some(redact::tokens(&line, token.as_deref()))
+    }
+
+    /// The token in `session`'s token file (either backend's format), if any.
+    fn current_token(&self, session: &str) -> Option<String> {
+        use std::io::Read;
+        let path = self.token_dir().join(format!("{session}.token"));
+        let mut text = String::new();
+        open_nofollow(&path)
+            .ok()?
+            .take(4096)
+            .read_to_string(&mut text)
+            .ok()?;
+        // builtin: `TOKEN\n`; websockify: `TOKEN: HOST:PORT\n`.
+        let token = text.split([':', '\n', ' ']).next()?.trim();
+        (!token.is_empty()).then(|| token.to_owned())
     }
 }
 
@@ -592,17 +720,78 @@ fn open_log(path: &Path) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
     // Kubernetes session keys are `namespace/name`: one log directory per namespace.
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+        private_dir(dir)?;
     }
-    // Keep logs bounded: start over once a log passes 1 MiB.
-    let too_big = std::fs::metadata(path).is_ok_and(|m| m.len() > 1024 * 1024);
-    std::fs::OpenOptions::new()
+    // Always O_APPEND (so a later truncation, by us or by the proxy, is safe); keep logs
+    // bounded: start over once a log passes MAX_LOG_BYTES. O_NOFOLLOW: a symlink planted
+    // in the logs directory must not make root append to some other file.
+    let log = std::fs::OpenOptions::new()
         .create(true)
-        .append(!too_big)
-        .write(true)
-        .truncate(too_big)
+        .append(true)
         .mode(0o600)
-        .open(path)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = log.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    if meta.len() > MAX_LOG_BYTES {
+        log.set_len(0)?;
+    }
+    Ok(log)
+}
+
+/// Opens an existing regular file for reading without following a symlink.
+fn open_nofollow(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    Ok(f)
+}
+
+/// Truncates the log at `path` to nothing if it is larger than `max`.
+fn truncate_if_over(path: &Path, max: u64) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if std::fs::symlink_metadata(path)?.len() <= max {
+        return Ok(());
+    }
+    let mut log = std::fs::OpenOptions::new()
+        .append(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path)?;
+    if log.metadata()?.is_file() {
+        log.set_len(0)?;
+        writeln!(
+            log,
+            "[vncd: log truncated, it grew past {max} bytes at {}]",
+            jiff::Timestamp::now()
+        )?;
+    }
+    Ok(())
+}
+
+/// Adds search (x) permission for group and others to a directory of ours, so a proxy
+/// run as another user can reach one known file inside without listing it.
+fn add_search_permission(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir)?.permissions().mode() & 0o7777;
+    let want = mode | 0o011;
+    if want != mode {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(want))?;
+    }
+    Ok(())
 }
 
 fn last_line(path: &Path) -> Option<String> {
@@ -628,8 +817,32 @@ fn proc_alive(pid: i32) -> bool {
     procfs::stat(pid).is_some_and(|s| s.is_alive())
 }
 
-/// SIGTERM, wait up to `grace`, SIGKILL, wait a little more.
-async fn terminate(pid: i32, group: bool, grace: Duration) {
+/// Whether `process` (or, once its leader is gone, some member of its group) still
+/// carries our marker. Checked again right before the SIGKILL that follows the grace
+/// period: in those seconds the proxy may have exited and its pid been reused, or the
+/// process may have exec'd into something that is no longer our proxy.
+fn still_ours(process: ProcRef, owner: &str, group: bool) -> bool {
+    let marked = |pid: i32| {
+        procfs::environ(pid)
+            .is_some_and(|env| env.get(marker::OWNER).map(String::as_str) == Some(owner))
+    };
+    match procfs::stat(process.pid).filter(procfs::Stat::is_alive) {
+        Some(st) => st.start_time == process.start_time && marked(process.pid),
+        // The leader is gone; a pid in use as a process group id is never handed out
+        // again, so the group is still the one the leader made.
+        None => {
+            group
+                && procfs::pids().into_iter().any(|p| {
+                    procfs::stat(p).is_some_and(|s| s.pgid == process.pid && s.is_alive())
+                        && marked(p)
+                })
+        }
+    }
+}
+
+/// SIGTERM, wait up to `grace`, SIGKILL (only if still provably ours), wait a little more.
+async fn terminate(process: ProcRef, owner: &str, group: bool, grace: Duration) {
+    let pid = process.pid;
     let signal = |sig| {
         let _ = if group {
             killpg(Pid::from_raw(pid), sig)
@@ -650,6 +863,13 @@ async fn terminate(pid: i32, group: bool, grace: Duration) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     if alive() {
+        if !still_ours(process, owner, group) {
+            tracing::warn!(
+                pid,
+                "not sending SIGKILL: the process is no longer provably our proxy"
+            );
+            return;
+        }
         signal(Signal::SIGKILL);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
         while alive() && tokio::time::Instant::now() < deadline {

@@ -1,0 +1,144 @@
+//! `--proxy-user USER[:GROUP]`: the identity every proxy runs as.
+//!
+//! vncd itself may need root (ports below 1024, libvirt, a state directory under /var/lib),
+//! but a proxy parses HTTP and websocket frames from anyone who can reach its port: it is
+//! the part most exposed to attack. Run as an unprivileged user, a compromised proxy
+//! cannot read vncd's state files (leases.json and sessions.json hold every session's
+//! token and are 0600 root), signal vncd or other processes, or write outside its own
+//! stats directory. The switch is std's `CommandExt::uid`/`gid` (no `unsafe`); std also
+//! drops the supplementary groups when root changes the uid.
+
+use std::fmt;
+use std::path::Path;
+
+use nix::unistd::{Gid, Group, Uid, User, chown};
+
+/// A resolved `--proxy-user`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProxyUser {
+    /// The name as given, for messages.
+    pub spec: String,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Why `--proxy-user` cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyUserError {
+    #[error("--proxy-user {spec:?}: no such user")]
+    NoUser { spec: String },
+    #[error("--proxy-user {spec:?}: no such group {group:?}")]
+    NoGroup { spec: String, group: String },
+    #[error("--proxy-user {spec:?}: cannot look it up: {source}")]
+    Lookup {
+        spec: String,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("--proxy-user {spec:?} is root (uid 0): give an unprivileged user such as nobody")]
+    Root { spec: String },
+    #[error(
+        "--proxy-user {spec:?} needs vncd to run as root (it runs as uid {uid}); \
+         drop the flag to run proxies as vncd's own user"
+    )]
+    NotRoot { spec: String, uid: u32 },
+}
+
+impl ProxyUser {
+    /// Resolves `USER[:GROUP]` (names or numeric ids). Without a group, the user's primary
+    /// group. The user must exist and must not be root; vncd must be root to switch.
+    pub fn resolve(spec: &str) -> Result<ProxyUser, ProxyUserError> {
+        let lookup = |source| ProxyUserError::Lookup {
+            spec: spec.to_owned(),
+            source,
+        };
+        let (user, group) = match spec.split_once(':') {
+            Some((u, g)) => (u, Some(g)),
+            None => (spec, None),
+        };
+        let found = match user.parse::<u32>() {
+            Ok(id) => User::from_uid(Uid::from_raw(id)).map_err(lookup)?,
+            Err(_) => User::from_name(user).map_err(lookup)?,
+        };
+        let Some(found) = found else {
+            return Err(ProxyUserError::NoUser {
+                spec: spec.to_owned(),
+            });
+        };
+        let gid = match group {
+            None => found.gid.as_raw(),
+            Some(g) => {
+                let grp = match g.parse::<u32>() {
+                    Ok(id) => Group::from_gid(Gid::from_raw(id)).map_err(lookup)?,
+                    Err(_) => Group::from_name(g).map_err(lookup)?,
+                };
+                grp.ok_or_else(|| ProxyUserError::NoGroup {
+                    spec: spec.to_owned(),
+                    group: g.to_owned(),
+                })?
+                .gid
+                .as_raw()
+            }
+        };
+        if found.uid.is_root() {
+            return Err(ProxyUserError::Root {
+                spec: spec.to_owned(),
+            });
+        }
+        let me = Uid::effective();
+        if !me.is_root() {
+            return Err(ProxyUserError::NotRoot {
+                spec: spec.to_owned(),
+                uid: me.as_raw(),
+            });
+        }
+        Ok(ProxyUser {
+            spec: spec.to_owned(),
+            uid: found.uid.as_raw(),
+            gid,
+        })
+    }
+
+    /// Makes `path` (a token file, the stats directory) this user's own. Its mode is left
+    /// as it is (0600 or 0700), so nobody else can read it.
+    pub fn give(&self, path: &Path) -> std::io::Result<()> {
+        chown(
+            path,
+            Some(Uid::from_raw(self.uid)),
+            Some(Gid::from_raw(self.gid)),
+        )
+        .map_err(std::io::Error::from)
+    }
+}
+
+impl fmt::Display for ProxyUser {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} (uid {}, gid {})", self.spec, self.uid, self.gid)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolves_names_ids_and_groups_and_refuses_root() {
+        if !Uid::effective().is_root() {
+            return;
+        }
+        let u = ProxyUser::resolve("nobody").expect("nobody exists");
+        assert_eq!(u.uid, 65534);
+        let by_id = ProxyUser::resolve("65534:0").expect("numeric");
+        assert_eq!((by_id.uid, by_id.gid), (65534, 0));
+        assert!(matches!(
+            ProxyUser::resolve("root"),
+            Err(ProxyUserError::Root { .. })
+        ));
+        assert!(matches!(
+            ProxyUser::resolve("no-such-user-vncd"),
+            Err(ProxyUserError::NoUser { .. })
+        ));
+        let e = ProxyUser::resolve("nobody:no-such-group-vncd").expect_err("no group");
+        assert!(e.to_string().contains("no such group"), "{e}");
+    }
+}
