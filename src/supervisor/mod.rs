@@ -887,3 +887,74 @@ fn proc_or_members(pgid: i32) -> bool {
         .into_iter()
         .any(|p| procfs::stat(p).is_some_and(|s| s.pgid == pgid && s.is_alive()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::CommandExt;
+
+    /// Kills and reaps a child we started, whatever the test did.
+    struct Reap(std::process::Child);
+
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    fn marked_child(owner: &str, script: &str) -> (Reap, ProcRef) {
+        let child = std::process::Command::new("sh")
+            .args(["-c", script])
+            .env(marker::OWNER, owner)
+            .process_group(0)
+            .spawn()
+            .expect("sh");
+        let pid = i32::try_from(child.id()).expect("pid");
+        let st = procfs::stat(pid).expect("stat");
+        (
+            Reap(child),
+            ProcRef {
+                pid,
+                start_time: st.start_time,
+            },
+        )
+    }
+
+    #[tokio::test]
+    async fn sigkill_after_the_grace_period_goes_only_to_a_process_still_ours() {
+        let owner = format!("/vncd-test-owner-{}", std::process::id());
+        // Ignores SIGTERM and stays ours: SIGKILLed after the grace period.
+        let (mut stubborn, p) = marked_child(&owner, "trap '' TERM; exec sleep 30");
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(still_ours(p, &owner, true));
+        terminate(p, &owner, true, Duration::from_millis(300)).await;
+        let st = stubborn.0.wait().expect("wait");
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&st),
+            Some(9),
+            "{st}"
+        );
+
+        // Ignores SIGTERM and, during the grace period, becomes another program without
+        // our marker (what a reused pid looks like): no SIGKILL.
+        let (mut changed, p) =
+            marked_child(&owner, "trap '' TERM; sleep 0.3; exec env -i sleep 30");
+        // Give sh time to install its trap.
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(still_ours(p, &owner, true));
+        terminate(p, &owner, true, Duration::from_millis(800)).await;
+        assert!(
+            changed.0.try_wait().expect("try_wait").is_none(),
+            "SIGKILL sent to a process that was no longer ours"
+        );
+        assert!(!still_ours(p, &owner, true));
+        // A wrong start time (the pid was reused) is not ours either.
+        let reused = ProcRef {
+            pid: p.pid,
+            start_time: p.start_time + 1,
+        };
+        assert!(!still_ours(reused, &owner, true));
+        let _ = changed.0.kill();
+    }
+}
