@@ -938,3 +938,54 @@ async fn websockify_log_lines_reach_statuses_without_tokens_and_list_no_director
     }
     assert!(!v.log().contains(&token), "token in vncd's log");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_without_the_token_do_not_keep_a_session_from_expiring() {
+    let qemu = Qemu::tcp();
+    let mut v = Vncd::new(3);
+    v.extra.extend(["--backend".into(), "builtin".into()]);
+    v.start();
+    v.write_manifest(
+        "idle.yaml",
+        &format!(
+            "{}  idleTimeoutSeconds: 3\n",
+            manifest("idle", qemu.port.into())
+        ),
+    );
+    let st = v.wait_ready("idle");
+    let port = port_of(&st);
+    // Three connections at all times that never pass the token check: they drip a
+    // request head byte by byte, and reconnect as soon as the proxy drops them.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut drippers = Vec::new();
+    for _ in 0..3 {
+        let stop = stop.clone();
+        drippers.push(tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                for b in b"GET /?token=wrong HTTP/1.1\r\nX-Drip: ".iter().cycle() {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed)
+                        || s.write_all(&[*b]).await.is_err()
+                    {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }));
+    }
+    // Idle means no authenticated client: it expires on time despite the connections.
+    let expired = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        v.wait_status("idle", "Expired", Duration::from_secs(12))
+    }));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for d in drippers {
+        let _ = d.await;
+    }
+    let ex = expired.unwrap_or_else(|e| std::panic::resume_unwind(e));
+    assert_eq!(ex["reason"], "IdleTimeout");
+}
