@@ -783,11 +783,14 @@ fn truncate_if_over(path: &Path, max: u64) -> std::io::Result<()> {
 }
 
 /// Adds search (x) permission for group and others to a directory of ours, so a proxy
-/// run as another user can reach one known file inside without listing it.
+/// run as another user can reach one known file inside without listing it. Write
+/// permission for group and others is taken away at the same time: a proxy user that
+/// could write there (a Kubernetes emptyDir is created 0777) could rename `tokens/` or
+/// `logs/` away and put its own in their place.
 fn add_search_permission(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(dir)?.permissions().mode() & 0o7777;
-    let want = mode | 0o011;
+    let want = (mode | 0o011) & !0o022;
     if want != mode {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(want))?;
     }

@@ -56,31 +56,37 @@ impl ProxyUser {
             Some((u, g)) => (u, Some(g)),
             None => (spec, None),
         };
-        let found = match user.parse::<u32>() {
-            Ok(id) => User::from_uid(Uid::from_raw(id)).map_err(lookup)?,
-            Err(_) => User::from_name(user).map_err(lookup)?,
-        };
-        let Some(found) = found else {
-            return Err(ProxyUserError::NoUser {
-                spec: spec.to_owned(),
-            });
-        };
-        let gid = match group {
-            None => found.gid.as_raw(),
-            Some(g) => {
-                let grp = match g.parse::<u32>() {
-                    Ok(id) => Group::from_gid(Gid::from_raw(id)).map_err(lookup)?,
-                    Err(_) => Group::from_name(g).map_err(lookup)?,
-                };
-                grp.ok_or_else(|| ProxyUserError::NoGroup {
-                    spec: spec.to_owned(),
-                    group: g.to_owned(),
-                })?
-                .gid
-                .as_raw()
+        // Numeric ids need no passwd entry (a container image may have no /etc/passwd);
+        // without a group, a numeric user's group is the same number.
+        let (uid, primary_gid) = match user.parse::<u32>() {
+            Ok(id) => {
+                let found = User::from_uid(Uid::from_raw(id)).ok().flatten();
+                (Uid::from_raw(id), found.map_or(id, |u| u.gid.as_raw()))
+            }
+            Err(_) => {
+                let found = User::from_name(user).map_err(lookup)?.ok_or_else(|| {
+                    ProxyUserError::NoUser {
+                        spec: spec.to_owned(),
+                    }
+                })?;
+                (found.uid, found.gid.as_raw())
             }
         };
-        if found.uid.is_root() {
+        let gid = match group {
+            None => primary_gid,
+            Some(g) => match g.parse::<u32>() {
+                Ok(id) => id,
+                Err(_) => Group::from_name(g)
+                    .map_err(lookup)?
+                    .ok_or_else(|| ProxyUserError::NoGroup {
+                        spec: spec.to_owned(),
+                        group: g.to_owned(),
+                    })?
+                    .gid
+                    .as_raw(),
+            },
+        };
+        if uid.is_root() {
             return Err(ProxyUserError::Root {
                 spec: spec.to_owned(),
             });
@@ -94,7 +100,7 @@ impl ProxyUser {
         }
         Ok(ProxyUser {
             spec: spec.to_owned(),
-            uid: found.uid.as_raw(),
+            uid: uid.as_raw(),
             gid,
         })
     }
@@ -130,6 +136,9 @@ mod tests {
         assert_eq!(u.uid, 65534);
         let by_id = ProxyUser::resolve("65534:0").expect("numeric");
         assert_eq!((by_id.uid, by_id.gid), (65534, 0));
+        // No passwd entry needed for numeric ids.
+        let unnamed = ProxyUser::resolve("4000123").expect("numeric without an entry");
+        assert_eq!((unnamed.uid, unnamed.gid), (4000123, 4000123));
         assert!(matches!(
             ProxyUser::resolve("root"),
             Err(ProxyUserError::Root { .. })
