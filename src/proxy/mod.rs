@@ -17,7 +17,7 @@ mod bridge;
 mod http;
 mod logcap;
 mod refusals;
-mod slots;
+pub(crate) mod slots;
 pub mod stats;
 mod tls;
 mod token;
