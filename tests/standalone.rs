@@ -989,3 +989,106 @@ async fn connections_without_the_token_do_not_keep_a_session_from_expiring() {
     let ex = expired.unwrap_or_else(|e| std::panic::resume_unwind(e));
     assert_eq!(ex["reason"], "IdleTimeout");
 }
+
+/// Runs `vncd run` on `state` and expects it to refuse at once: returns its stderr.
+/// A vncd that does not exit within 10 s is killed (by pid) and the test fails.
+fn run_refused(v: &Vncd, state: &std::path::Path) -> String {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vncd"))
+        .args([
+            "run",
+            "--sessions-dir",
+            v.sessions.to_str().unwrap(),
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--port-range",
+            &v.range_arg(),
+            "--listen-address",
+            "127.0.0.1",
+        ])
+        .env("VNCD_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break Some(st);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    use std::io::Read;
+    let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+    let status = status.unwrap_or_else(|| panic!("vncd ran on {}: {err}", state.display()));
+    assert!(!status.success(), "{err}");
+    err
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_untrusted_state_directory_is_refused_with_the_fix() {
+    use std::os::unix::fs::PermissionsExt;
+    let qemu = Qemu::tcp();
+    let v = Vncd::new(2);
+    v.add_session("vm1", qemu.port);
+    let outside = v.tmp.path().join("outside.txt");
+    std::fs::write(&outside, "precious").unwrap();
+    let fresh = |name: &str| {
+        let d = v.tmp.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700)).unwrap();
+        d
+    };
+    // World-writable (like a directory someone made in /tmp first).
+    let open = fresh("open");
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let err = run_refused(&v, &open);
+    assert!(
+        err.contains(&format!("chmod 700 {}", open.display())),
+        "{err}"
+    );
+    // Group-writable tokens/.
+    let group = fresh("group");
+    std::fs::create_dir(group.join("tokens")).unwrap();
+    std::fs::set_permissions(group.join("tokens"), std::fs::Permissions::from_mode(0o770)).unwrap();
+    let err = run_refused(&v, &group);
+    assert!(err.contains("tokens directory"), "{err}");
+    // logs/ a symlink to somewhere else.
+    let linked = fresh("linked");
+    std::os::unix::fs::symlink(v.tmp.path(), linked.join("logs")).unwrap();
+    let err = run_refused(&v, &linked);
+    assert!(err.contains("logs directory"), "{err}");
+    // leases.json a symlink to a file of someone else's: never read through.
+    let planted = fresh("planted");
+    std::os::unix::fs::symlink(&outside, planted.join("leases.json")).unwrap();
+    let err = run_refused(&v, &planted);
+    assert!(err.contains("leases.json"), "{err}");
+    if nix::unistd::Uid::effective().is_root() {
+        // Owned by another user.
+        let theirs = fresh("theirs");
+        nix::unistd::chown(&theirs, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+        let err = run_refused(&v, &theirs);
+        assert!(
+            err.contains(&format!("chown 0 {}", theirs.display())),
+            "{err}"
+        );
+    }
+    assert_eq!(std::fs::read_to_string(&outside).unwrap(), "precious");
+    // Nothing was started or written for any of them.
+    for d in ["open", "group", "linked", "theirs"] {
+        assert!(!v.tmp.path().join(d).join("leases.json").exists(), "{d}");
+    }
+    // A state directory vncd creates itself (the README's /tmp/vncd-state) is 0700.
+    let mut v2 = Vncd::new(2);
+    v2.state = v2.tmp.path().join("made-by-vncd");
+    v2.start();
+    v2.add_session("vm1", qemu.port);
+    v2.wait_ready("vm1");
+    let mode = std::fs::metadata(&v2.state).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700);
+}
