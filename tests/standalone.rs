@@ -1092,3 +1092,91 @@ async fn an_untrusted_state_directory_is_refused_with_the_fix() {
     let mode = std::fs::metadata(&v2.state).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o700);
 }
+
+/// (ppid, state, pgid) of a process, from /proc/PID/stat.
+fn ppid_state_pgid(pid: i32) -> Option<(i32, char, i32)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &text[text.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some((f[1].parse().ok()?, f[0].chars().next()?, f[2].parse().ok()?))
+}
+
+fn all_pids() -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn orphaned_proxy_children_come_to_vncd_and_are_reaped() {
+    use std::os::unix::fs::PermissionsExt;
+    require("websockify");
+    let qemu = Qemu::tcp();
+    let mut v = Vncd::new(3);
+    // A websockify that leaves a child of its own behind (as a forked per-client handler
+    // can): a sleep in its process group, carrying its marker.
+    let fake = v.tmp.path().join("websockify-with-child");
+    // It ignores SIGTERM, so it outlives vncd's first attempt to end it by the stop grace.
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\n(trap '' TERM; exec sleep 120) &\nexec websockify \"$@\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    v.extra.extend([
+        "--backend".into(),
+        "websockify".into(),
+        "--websockify".into(),
+        fake.display().to_string(),
+    ]);
+    v.start();
+    let vncd_pid = v.child.as_ref().unwrap().id() as i32;
+    v.add_session("vm1", qemu.port);
+    let st = v.wait_ready("vm1");
+    let leader = pid_of(&st) as i32;
+    let child = wait_for("the proxy's child", Duration::from_secs(5), || {
+        all_pids().into_iter().find(|&p| {
+            p != leader && ppid_state_pgid(p).is_some_and(|(pp, _, g)| g == leader && pp == leader)
+        })
+    });
+    // The proxy dies; its child is orphaned. It must come to vncd (a child subreaper),
+    // not to init.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(leader),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let mut seen = Vec::new();
+    let reparented = (0..250).any(|_| {
+        let now = ppid_state_pgid(child);
+        seen.push(now);
+        std::thread::sleep(Duration::from_millis(20));
+        now.is_some_and(|(ppid, _, _)| ppid == vncd_pid)
+    });
+    assert!(
+        reparented,
+        "orphan {child} not reparented to vncd {vncd_pid}: {seen:?}\n{}",
+        v.log()
+    );
+    // vncd ends it (an orphan carrying its marker) and reaps it: no zombie child is left.
+    wait_for(
+        "the orphan gone, not a zombie",
+        Duration::from_secs(15),
+        || {
+            let zombies: Vec<i32> = all_pids()
+                .into_iter()
+                .filter(|&p| {
+                    ppid_state_pgid(p).is_some_and(|(pp, s, _)| pp == vncd_pid && s == 'Z')
+                })
+                .collect();
+            (ppid_state_pgid(child).is_none() && zombies.is_empty()).then_some(())
+        },
+    );
+    // The session itself is served again by a new proxy.
+    let back = wait_for("a new proxy", Duration::from_secs(20), || {
+        let st = v.item("vm1")?["status"].clone();
+        (st["phase"] == "Ready" && st["pid"] != leader).then_some(st)
+    });
+    assert_eq!(rfb_banner(&url_of(&back)).await, b"RFB 003.008\n");
+}

@@ -204,6 +204,9 @@ impl ServeArgs {
             log_dir.to_owned(),
             secs(self.stop_grace, "stop-grace")?,
         );
+        // Orphaned proxy children (and, as PID 1 in a container, every orphan) come to
+        // vncd and are reaped; the proxies' own exit statuses stay the supervisor's.
+        supervisor.reap_orphans();
         if let Some(spec) = &self.proxy_user {
             let user = ProxyUser::resolve(spec)?;
             info!(user = %user, "proxies run as --proxy-user");

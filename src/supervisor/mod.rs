@@ -9,6 +9,7 @@
 
 pub mod builtin;
 pub mod procfs;
+pub mod reaper;
 pub mod redact;
 pub mod user;
 pub mod websockify;
@@ -170,6 +171,10 @@ pub struct Supervisor {
     proxy_user: Option<ProxyUser>,
     /// When the proxies' logs were last checked against [`MAX_LOG_BYTES`].
     logs_checked: std::sync::Mutex<Option<std::time::Instant>>,
+    /// Whether to be a child subreaper ([`Supervisor::reap_orphans`]), and whether the
+    /// reaper runs yet.
+    reap: bool,
+    reaper: std::sync::OnceLock<()>,
 }
 
 /// A proxy's log is cut back to nothing once it passes this size: at every start, and
@@ -200,7 +205,16 @@ impl Supervisor {
             cache: Default::default(),
             proxy_user: None,
             logs_checked: Default::default(),
+            reap: false,
+            reaper: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Makes vncd a child subreaper and reaps the orphans that come to it (see
+    /// [`reaper`]), without touching the proxies this supervisor waits for. Takes effect
+    /// at the first [`Supervisor::observe`], inside the runtime.
+    pub fn reap_orphans(&mut self) {
+        self.reap = true;
     }
 
     /// Runs every proxy as `user` (see [`ProxyUser`]).
@@ -233,6 +247,10 @@ impl Supervisor {
     /// files, [`Observation::clients`] counts only authenticated clients (see
     /// [`Supervisor::authenticated_clients`]).
     pub fn observe(&self, leases: &BTreeMap<String, Lease>) -> Observation {
+        if self.reap {
+            self.reaper
+                .get_or_init(|| reaper::start(self.children.clone()));
+        }
         let marked = self.scan();
         let mut obs = match self.cache.lock() {
             Ok(mut c) => classify_cached(marked, leases, &mut c),
@@ -372,6 +390,9 @@ impl Supervisor {
             // the proxy has exactly this uid and gid.
             cmd.uid(u.uid).gid(u.gid);
         }
+        // Spawned and registered under the children lock, which the orphan reaper holds
+        // while it reaps: it can never take this child's exit status from us.
+        let mut tracked = self.children.lock().ok();
         let mut child = cmd.spawn().map_err(|source| SpawnError::Exec {
             program: line.program.clone(),
             session: lease.session.clone(),
@@ -384,13 +405,14 @@ impl Supervisor {
             .id()
             .and_then(|p| i32::try_from(p).ok())
             .ok_or_else(vanished)?;
+        if let Some(c) = tracked.as_mut() {
+            c.insert(pid, false);
+        }
+        drop(tracked);
         let st = procfs::stat(pid).ok_or_else(vanished)?;
         let exits = self.exits.clone();
         let session = lease.session.clone();
         let children = self.children.clone();
-        if let Ok(mut c) = children.lock() {
-            c.insert(pid, false);
-        }
         // Reap the child (no zombies) and say why it ended, unless we ended it.
         tokio::spawn(async move {
             let status = match child.wait().await {
