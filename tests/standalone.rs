@@ -765,18 +765,31 @@ fn nobody_can_read(path: &std::path::Path) -> bool {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn proxies_run_as_the_proxy_user_and_cannot_read_the_state() {
+    proxy_user_case("builtin").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn websockify_proxies_run_as_the_proxy_user_too() {
+    require("websockify");
+    proxy_user_case("websockify").await;
+}
+
+/// `--proxy-user nobody` with `backend`: the proxy runs as uid 65534, serves, and cannot
+/// read vncd's state; a restarted proxy too.
+async fn proxy_user_case(backend: &str) {
     use std::os::unix::fs::PermissionsExt;
     if !nix::unistd::Uid::effective().is_root() {
         eprintln!("skipped: needs root to switch users");
         return;
     }
+    let builtin = backend == "builtin";
     let qemu = Qemu::tcp();
     let mut v = Vncd::new(3);
-    // The proxy reaches its stats file through the temp dir, like /var/lib in production.
+    // The proxy reaches its files through the temp dir, like /var/lib in production.
     std::fs::set_permissions(v.tmp.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
     v.extra.extend([
         "--backend".into(),
-        "builtin".into(),
+        backend.into(),
         "--proxy-user".into(),
         "nobody".into(),
     ]);
@@ -785,30 +798,37 @@ async fn proxies_run_as_the_proxy_user_and_cannot_read_the_state() {
     let st = v.wait_ready("vm1");
     let pid = pid_of(&st);
     assert_eq!(uid_of(pid), Some(65534), "the proxy does not run as nobody");
-    // It serves, with its token (read from the open file it got as stdin).
+    // It serves, with its token.
     let mut c = Client::connect(&url_of(&st)).await;
     assert_eq!(c.read(12).await, b"RFB 003.008\n");
     let (w, _) = c.handshake().await;
     assert!(w > 0);
-    // Its identity cannot read vncd's state, its own token file included.
-    for f in [
-        "leases.json",
-        "sessions.json",
-        "tokens/vm1.token",
-        "logs/vm1.log",
-    ] {
+    // Its identity cannot read vncd's state. The builtin proxy got its token file as an
+    // open stdin, so cannot read even that; websockify re-reads it, so owns it.
+    for f in ["leases.json", "sessions.json", "logs/vm1.log"] {
         let p = v.state.join(f);
         assert!(p.exists(), "{f} missing");
         assert!(!nobody_can_read(&p), "the proxy user can read {f}");
     }
-    // Its log and stats files still work.
+    let token_file = v.state.join("tokens/vm1.token");
+    assert_eq!(
+        nobody_can_read(&token_file),
+        !builtin,
+        "{backend} token file"
+    );
+    let mode = std::fs::metadata(&token_file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    // Its log and (builtin) stats files still work.
     let log = std::fs::read_to_string(v.state.join("logs/vm1.log")).unwrap();
-    assert!(log.contains("proxy listening"), "{log}");
-    wait_for("stats of the proxy", Duration::from_secs(10), || {
-        let text = std::fs::read_to_string(v.state.join("stats/vm1.json")).ok()?;
-        let s: Value = serde_json::from_str(&text).ok()?;
-        (s["pid"] == pid && s["active"] == 1).then_some(())
-    });
+    assert!(!log.trim().is_empty(), "empty proxy log");
+    if builtin {
+        assert!(log.contains("proxy listening"), "{log}");
+        wait_for("stats of the proxy", Duration::from_secs(10), || {
+            let text = std::fs::read_to_string(v.state.join("stats/vm1.json")).ok()?;
+            let s: Value = serde_json::from_str(&text).ok()?;
+            (s["pid"] == pid && s["active"] == 1).then_some(())
+        });
+    }
     // A restart of the proxy works the same way.
     let _ = nix::sys::signal::killpg(
         nix::unistd::Pid::from_raw(pid as i32),

@@ -209,6 +209,22 @@ impl ServeArgs {
         supervisor.reap_orphans();
         if let Some(spec) = &self.proxy_user {
             let user = ProxyUser::resolve(spec)?;
+            // The proxies load the certificate and key themselves: say now, not at the
+            // first session, if they cannot.
+            if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+                for f in [cert, key] {
+                    let readable = user
+                        .can_read(f)
+                        .with_context(|| format!("cannot check {}", f.display()))?;
+                    anyhow::ensure!(
+                        readable,
+                        "--proxy-user {user} cannot read {f}: the proxies load it themselves; \
+                         make it readable by that user or group (e.g. `chgrp GROUP {f}; chmod \
+                         640 {f}` with --proxy-user USER:GROUP)",
+                        f = f.display()
+                    );
+                }
+            }
             info!(user = %user, "proxies run as --proxy-user");
             supervisor.run_proxies_as(Some(user));
         }

@@ -331,9 +331,18 @@ impl Supervisor {
                     stdin = Stdio::from(open_nofollow(&path).map_err(token_err)?);
                     spec.token_file = Some(PathBuf::from("-"));
                 }
-                // websockify re-reads the file by path: it must own it (still 0600).
+                // websockify re-reads the file by path: it must own it (still 0600) and
+                // reach it (search permission on tokens/ and, in Kubernetes mode, on the
+                // namespace directory below it).
                 Some(u) => {
                     u.give(&path).map_err(token_err)?;
+                    let tokens = self.token_dir();
+                    for dir in path.ancestors().skip(1) {
+                        if !dir.starts_with(&tokens) {
+                            break;
+                        }
+                        add_search_permission(dir).map_err(token_err)?;
+                    }
                     spec.token_file = Some(path.clone());
                 }
                 None => spec.token_file = Some(path.clone()),

@@ -105,6 +105,21 @@ impl ProxyUser {
         })
     }
 
+    /// Whether this user (uid, gid, no supplementary groups: what a proxy has) may read
+    /// `path` by its permission bits, e.g. the TLS key a proxy must load.
+    pub fn can_read(&self, path: &Path) -> std::io::Result<bool> {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let meta = std::fs::metadata(path)?;
+        let mode = meta.permissions().mode();
+        Ok(if meta.uid() == self.uid {
+            mode & 0o400 != 0
+        } else if meta.gid() == self.gid {
+            mode & 0o040 != 0
+        } else {
+            mode & 0o004 != 0
+        })
+    }
+
     /// Makes `path` (a token file, the stats directory) this user's own. Its mode is left
     /// as it is (0600 or 0700), so nobody else can read it.
     pub fn give(&self, path: &Path) -> std::io::Result<()> {
@@ -149,5 +164,14 @@ mod tests {
         ));
         let e = ProxyUser::resolve("nobody:no-such-group-vncd").expect_err("no group");
         assert!(e.to_string().contains("no such group"), "{e}");
+        // Readability by permission bits.
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = dir.path().join("key.pem");
+        std::fs::write(&key, "k").expect("write");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        assert!(!u.can_read(&key).expect("stat"));
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        assert!(u.can_read(&key).expect("stat"));
     }
 }
