@@ -676,6 +676,14 @@ async fn bad_command_lines_exit_non_zero_with_a_message_and_write_nothing() {
     std::fs::write(&huge, "#".repeat(100_000)).unwrap();
     let a_file = scratch.path().join("a-file");
     std::fs::write(&a_file, "x").unwrap();
+    // A key only root can read: a proxy run as --proxy-user nobody could not load it.
+    let private_key = scratch.path().join("key.pem");
+    std::fs::write(&private_key, "k").unwrap();
+    std::fs::set_permissions(
+        &private_key,
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600),
+    )
+    .unwrap();
     let sessions = v.sessions.display().to_string();
     let state = v.state.display().to_string();
     let pool = v.range_arg();
@@ -740,6 +748,29 @@ async fn bad_command_lines_exit_non_zero_with_a_message_and_write_nothing() {
         (
             vec![s("--web"), s("/nonexistent/novnc")],
             "--web /nonexistent/novnc is not a directory",
+        ),
+        (
+            vec![s("--proxy-user"), s("no-such-user-vncd")],
+            "--proxy-user \"no-such-user-vncd\": no such user",
+        ),
+        (
+            vec![s("--proxy-user"), s("nobody:no-such-group-vncd")],
+            "no such group \"no-such-group-vncd\"",
+        ),
+        (
+            vec![s("--proxy-user"), s("root")],
+            "--proxy-user \"root\" is root (uid 0)",
+        ),
+        (
+            vec![
+                s("--proxy-user"),
+                s("nobody"),
+                s("--tls-cert"),
+                p(&a_file),
+                s("--tls-key"),
+                p(&private_key),
+            ],
+            "cannot read",
         ),
         (
             vec![

@@ -955,6 +955,36 @@ mod tests {
         )
     }
 
+    #[test]
+    fn a_running_proxys_log_is_cut_back_past_the_cap_and_never_through_a_symlink() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("vm1.log");
+        // The proxy's end: an O_APPEND descriptor that keeps writing.
+        let mut proxy_end = open_log(&path).expect("log");
+        proxy_end.write_all(&[b'x'; 3000]).expect("write");
+        truncate_if_over(&path, 4096).expect("check");
+        assert_eq!(
+            std::fs::metadata(&path).expect("meta").len(),
+            3000,
+            "under the cap"
+        );
+        proxy_end.write_all(&[b'y'; 2000]).expect("write");
+        truncate_if_over(&path, 4096).expect("check");
+        proxy_end.write_all(b"after\n").expect("write");
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert!(text.starts_with("[vncd: log truncated"), "{text}");
+        assert!(text.ends_with("after\n") && !text.contains("xxx"), "{text}");
+        // A symlink in place of a log is neither truncated through nor opened.
+        let outside = dir.path().join("outside");
+        std::fs::write(&outside, vec![b'z'; 9000]).expect("write");
+        let link = dir.path().join("vm2.log");
+        std::os::unix::fs::symlink(&outside, &link).expect("symlink");
+        let _ = truncate_if_over(&link, 10);
+        assert!(open_log(&link).is_err());
+        assert_eq!(std::fs::metadata(&outside).expect("meta").len(), 9000);
+    }
+
     #[tokio::test]
     async fn sigkill_after_the_grace_period_goes_only_to_a_process_still_ours() {
         let owner = format!("/vncd-test-owner-{}", std::process::id());
