@@ -72,7 +72,8 @@ pub struct ServeArgs {
     /// running and the next vncd adopts them).
     #[arg(long, env = "VNCD_STOP_ON_EXIT")]
     pub stop_on_exit: bool,
-    /// Run every proxy as USER[:GROUP] (names or ids; vncd must be root), e.g. `nobody`.
+    /// Run every proxy as USER[:GROUP] (names or ids), e.g. `nobody`; vncd must be root (or
+    /// have CAP_SETUID and CAP_SETGID, but no ambient capabilities).
     /// A proxy then cannot read vncd's state files or other sessions' tokens. For a
     /// unix-socket VNC target give a GROUP that may connect to it (e.g. `nobody:kvm`).
     #[arg(long, env = "VNCD_PROXY_USER", value_name = "USER[:GROUP]")]

@@ -5,8 +5,11 @@
 //! the part most exposed to attack. Run as an unprivileged user, a compromised proxy
 //! cannot read vncd's state files (leases.json and sessions.json hold every session's
 //! token and are 0600 root), signal vncd or other processes, or write outside its own
-//! stats directory. The switch is std's `CommandExt::uid`/`gid` (no `unsafe`); std also
-//! drops the supplementary groups when root changes the uid.
+//! stats directory. The switch is std's `CommandExt::uid`/`gid` (no `unsafe`); when vncd
+//! is root, std also drops the supplementary groups and the kernel every capability. A
+//! non-root vncd with CAP_SETUID and CAP_SETGID can switch too, but std then keeps vncd's
+//! supplementary groups in the proxy (it can only drop them as root): give vncd's user no
+//! group the proxies should not have.
 
 use std::fmt;
 use std::path::Path;
@@ -38,15 +41,38 @@ pub enum ProxyUserError {
     #[error("--proxy-user {spec:?} is root (uid 0): give an unprivileged user such as nobody")]
     Root { spec: String },
     #[error(
-        "--proxy-user {spec:?} needs vncd to run as root (it runs as uid {uid}); \
-         drop the flag to run proxies as vncd's own user"
+        "--proxy-user {spec:?} needs vncd to run as root, or with the capabilities CAP_SETUID \
+         and CAP_SETGID (CAP_CHOWN too for websockify and the stats files); it runs as uid \
+         {uid} without them. Drop the flag to run proxies as vncd's own user"
     )]
     NotRoot { spec: String, uid: u32 },
+    #[error(
+        "--proxy-user {spec:?}: vncd has ambient capabilities ({ambient:#x}), which every \
+         proxy would inherit across exec (CAP_SETUID would let it become any user). Give vncd \
+         the capabilities without AmbientCapabilities (run it as root with a \
+         CapabilityBoundingSet instead), or drop --proxy-user"
+    )]
+    AmbientCapabilities { spec: String, ambient: u64 },
+}
+
+/// CAP_SETGID and CAP_SETUID, as bits of /proc/self/status's capability masks.
+const CAP_SETGID: u64 = 1 << 6;
+const CAP_SETUID: u64 = 1 << 7;
+
+/// A capability mask of this process from /proc/self/status (`CapEff`, `CapAmb`).
+fn own_caps(field: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0)
 }
 
 impl ProxyUser {
     /// Resolves `USER[:GROUP]` (names or numeric ids). Without a group, the user's primary
-    /// group. The user must exist and must not be root; vncd must be root to switch.
+    /// group. A named user must exist; no user may be root; vncd must be able to switch
+    /// (root, or CAP_SETUID and CAP_SETGID without ambient capabilities).
     pub fn resolve(spec: &str) -> Result<ProxyUser, ProxyUserError> {
         let lookup = |source| ProxyUserError::Lookup {
             spec: spec.to_owned(),
@@ -91,11 +117,22 @@ impl ProxyUser {
                 spec: spec.to_owned(),
             });
         }
+        // Root drops every capability when it switches the proxy to another uid. A
+        // non-root vncd may switch with CAP_SETUID and CAP_SETGID, but then the kernel
+        // keeps ambient capabilities across the proxy's exec: refuse that.
         let me = Uid::effective();
-        if !me.is_root() {
+        let needed = CAP_SETUID | CAP_SETGID;
+        if !me.is_root() && own_caps("CapEff") & needed != needed {
             return Err(ProxyUserError::NotRoot {
                 spec: spec.to_owned(),
                 uid: me.as_raw(),
+            });
+        }
+        let ambient = own_caps("CapAmb");
+        if ambient != 0 {
+            return Err(ProxyUserError::AmbientCapabilities {
+                spec: spec.to_owned(),
+                ambient,
             });
         }
         Ok(ProxyUser {
@@ -152,6 +189,12 @@ mod tests {
         let by_id = ProxyUser::resolve("65534:0").expect("numeric");
         assert_eq!((by_id.uid, by_id.gid), (65534, 0));
         // No passwd entry needed for numeric ids.
+        assert_eq!(
+            own_caps("CapAmb"),
+            0,
+            "tests run without ambient capabilities"
+        );
+        assert_ne!(own_caps("CapEff") & CAP_SETUID, 0, "root has CAP_SETUID");
         let unnamed = ProxyUser::resolve("4000123").expect("numeric without an entry");
         assert_eq!((unnamed.uid, unnamed.gid), (4000123, 4000123));
         assert!(matches!(
