@@ -45,10 +45,15 @@ pub struct Health {
     /// This instance holds the node lease.
     pub leader: Arc<AtomicBool>,
     /// When the controller last completed a pass, and how long it may go without one.
-    passes: Arc<Passes>,
+    /// A clone can be handed to the controller, like `synced`.
+    pub passes: PassClock,
 }
 
-/// Liveness of the controller loop.
+/// Liveness of the controller loop: when it last completed a pass. Cheap to clone;
+/// clones share the clock.
+#[derive(Clone, Debug, Default)]
+pub struct PassClock(Arc<Passes>);
+
 #[derive(Debug)]
 struct Passes {
     base: Instant,
@@ -79,27 +84,23 @@ fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-impl Health {
-    /// The controller finished a pass (observe, plan, persist, act, report). Call it
-    /// after every pass; /healthz fails once none completed for the limit that
-    /// [`Health::expect_passes_every`] sets. Before the first call /healthz does not
-    /// look at passes (start-up is what /readyz is for).
-    pub fn pass_completed(&self) {
-        let p = &self.passes;
+impl PassClock {
+    /// A pass completed (observe, plan, persist, act, report).
+    pub fn completed(&self) {
+        let p = &self.0;
         let now = ms(p.base.elapsed()).saturating_add(1);
         p.last.store(now, Ordering::Relaxed);
     }
 
-    /// The controller passes at least every `resync`: /healthz fails after
-    /// `5 * resync` (at least 30 s) without a completed pass.
-    pub fn expect_passes_every(&self, resync: Duration) {
+    /// Passes come at least every `resync`: stale after `5 * resync`, at least 30 s.
+    pub fn expect_every(&self, resync: Duration) {
         let limit = (resync * MISSED_PASSES).max(MIN_STALE_AFTER);
-        self.passes.limit_ms.store(ms(limit), Ordering::Relaxed);
+        self.0.limit_ms.store(ms(limit), Ordering::Relaxed);
     }
 
-    /// Alive, or why not.
-    pub fn liveness(&self) -> Result<(), String> {
-        let p = &self.passes;
+    /// Fresh, or why not. Before the first completed pass it is always fresh.
+    pub fn check(&self) -> Result<(), String> {
+        let p = &self.0;
         let last = p.last.load(Ordering::Relaxed);
         if last == 0 {
             return Ok(());
@@ -112,6 +113,27 @@ impl Health {
             ));
         }
         Ok(())
+    }
+}
+
+impl Health {
+    /// The controller finished a pass. Call it after every pass (or give the controller
+    /// a clone of [`Health::passes`]); /healthz fails once none completed for the limit
+    /// [`Health::expect_passes_every`] sets. Before the first call /healthz does not
+    /// look at passes (start-up is what /readyz is for).
+    pub fn pass_completed(&self) {
+        self.passes.completed();
+    }
+
+    /// The controller passes at least every `resync`: /healthz fails after
+    /// `5 * resync` (at least 30 s) without a completed pass.
+    pub fn expect_passes_every(&self, resync: Duration) {
+        self.passes.expect_every(resync);
+    }
+
+    /// Alive, or why not.
+    pub fn liveness(&self) -> Result<(), String> {
+        self.passes.check()
     }
 
     pub fn set_leader(&self, held: bool) {
@@ -538,7 +560,7 @@ mod tests {
         assert!(get_status(addr, "/healthz").await.contains("200"));
         // A loop that stopped: passes go stale. (The limit is at least 30 s in real use;
         // set it directly here.)
-        state.health.passes.limit_ms.store(100, Ordering::Relaxed);
+        state.health.passes.0.limit_ms.store(100, Ordering::Relaxed);
         tokio::time::sleep(Duration::from_millis(250)).await;
         let (st, body) = request(addr, "GET", "/healthz").await;
         assert!(st.contains("503"), "{st}");
@@ -547,10 +569,13 @@ mod tests {
         assert!(get_status(addr, "/healthz").await.contains("200"));
         // The limit follows the resync interval, never below 30 s.
         state.health.expect_passes_every(Duration::from_secs(2));
-        assert_eq!(state.health.passes.limit_ms.load(Ordering::Relaxed), 30_000);
+        assert_eq!(
+            state.health.passes.0.limit_ms.load(Ordering::Relaxed),
+            30_000
+        );
         state.health.expect_passes_every(Duration::from_secs(20));
         assert_eq!(
-            state.health.passes.limit_ms.load(Ordering::Relaxed),
+            state.health.passes.0.limit_ms.load(Ordering::Relaxed),
             100_000
         );
     }
