@@ -295,12 +295,14 @@ impl Supervisor {
     /// nothing: anyone who can reach the port (a scanner, a client without the token,
     /// a slowloris) would otherwise keep a session from ever expiring for idleness. The
     /// proxy counts a websocket session only once it passed the token and Origin checks.
+    /// The count is never more than the established connections: with `--proxy-user` the
+    /// stats files are written by the (less trusted) proxies.
     fn count_authenticated(&self, obs: &mut Observation) {
         for (session, n) in obs.clients.iter_mut() {
             if let Some(ProxyState::Running { process, .. }) = obs.proxies.get(session)
                 && let Some(auth) = self.authenticated_clients(session, *process)
             {
-                *n = auth;
+                *n = auth.min(*n);
             }
         }
     }
