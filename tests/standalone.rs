@@ -1200,3 +1200,55 @@ async fn orphaned_proxy_children_come_to_vncd_and_are_reaped() {
     });
     assert_eq!(rfb_banner(&url_of(&back)).await, b"RFB 003.008\n");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn proxy_user_without_the_capabilities_to_supervise_is_refused_at_start() {
+    // Without CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH and CAP_KILL a root vncd could start
+    // proxies as nobody but not recognise them afterwards (their /proc entries are
+    // nobody's), so it would release their leases and start more, a leak per pass.
+    require("setpriv");
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let qemu = Qemu::tcp();
+    let v = Vncd::new(2);
+    v.add_session("vm1", qemu.port);
+    let out = std::process::Command::new("setpriv")
+        .args([
+            "--bounding-set=-all,+setuid,+setgid,+chown",
+            "--inh-caps=-all",
+        ])
+        .arg(env!("CARGO_BIN_EXE_vncd"))
+        .args([
+            "run",
+            "--sessions-dir",
+            v.sessions.to_str().unwrap(),
+            "--state-dir",
+            v.state.to_str().unwrap(),
+            "--port-range",
+            &v.range_arg(),
+            "--listen-address",
+            "127.0.0.1",
+            "--proxy-user",
+            "nobody",
+        ])
+        .env("VNCD_LOG", "warn")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("CAP_DAC_READ_SEARCH, CAP_KILL, CAP_SYS_PTRACE"),
+        "{err}"
+    );
+    assert!(!v.state.join("leases.json").exists());
+    let owner = std::fs::canonicalize(&v.state)
+        .unwrap()
+        .display()
+        .to_string();
+    assert!(
+        vncd::supervisor::scan(&owner).is_empty(),
+        "a proxy was started"
+    );
+}

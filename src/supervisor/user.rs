@@ -41,11 +41,18 @@ pub enum ProxyUserError {
     #[error("--proxy-user {spec:?} is root (uid 0): give an unprivileged user such as nobody")]
     Root { spec: String },
     #[error(
-        "--proxy-user {spec:?} needs vncd to run as root, or with the capabilities CAP_SETUID \
-         and CAP_SETGID (CAP_CHOWN too for websockify and the stats files); it runs as uid \
-         {uid} without them. Drop the flag to run proxies as vncd's own user"
+        "--proxy-user {spec:?} needs vncd to hold {missing} (it runs as uid {uid}): to start \
+         proxies as another user (SETUID, SETGID), hand them their files (CHOWN), and still \
+         identify and stop them, which means reading /proc/PID/environ and /proc/PID/fd of \
+         another user's process (SYS_PTRACE, DAC_READ_SEARCH) and signalling it (KILL). Full \
+         root has them all; in a container add them to securityContext.capabilities. Or drop \
+         the flag to run proxies as vncd's own user"
     )]
-    NotRoot { spec: String, uid: u32 },
+    NotRoot {
+        spec: String,
+        uid: u32,
+        missing: String,
+    },
     #[error(
         "--proxy-user {spec:?}: vncd has ambient capabilities ({ambient:#x}), which every \
          proxy would inherit across exec (CAP_SETUID would let it become any user). Give vncd \
@@ -55,9 +62,16 @@ pub enum ProxyUserError {
     AmbientCapabilities { spec: String, ambient: u64 },
 }
 
-/// CAP_SETGID and CAP_SETUID, as bits of /proc/self/status's capability masks.
-const CAP_SETGID: u64 = 1 << 6;
-const CAP_SETUID: u64 = 1 << 7;
+/// The capabilities supervising proxies of another uid takes, as bits of
+/// /proc/self/status's capability masks, with their names.
+const NEEDED_CAPS: [(u64, &str); 6] = [
+    (1 << 0, "CAP_CHOWN"),
+    (1 << 2, "CAP_DAC_READ_SEARCH"),
+    (1 << 5, "CAP_KILL"),
+    (1 << 6, "CAP_SETGID"),
+    (1 << 7, "CAP_SETUID"),
+    (1 << 19, "CAP_SYS_PTRACE"),
+];
 
 /// A capability mask of this process from /proc/self/status (`CapEff`, `CapAmb`).
 fn own_caps(field: &str) -> u64 {
@@ -117,15 +131,22 @@ impl ProxyUser {
                 spec: spec.to_owned(),
             });
         }
-        // Root drops every capability when it switches the proxy to another uid. A
-        // non-root vncd may switch with CAP_SETUID and CAP_SETGID, but then the kernel
-        // keeps ambient capabilities across the proxy's exec: refuse that.
+        // Without these vncd would start proxies it then cannot recognise as its own:
+        // it would release their leases and start more, leaking a proxy per pass. Root
+        // drops every capability when it switches the proxy to another uid. A non-root
+        // vncd keeps ambient capabilities across the proxy's exec: refused below.
         let me = Uid::effective();
-        let needed = CAP_SETUID | CAP_SETGID;
-        if !me.is_root() && own_caps("CapEff") & needed != needed {
+        let effective = own_caps("CapEff");
+        let missing: Vec<&str> = NEEDED_CAPS
+            .iter()
+            .filter(|(bit, _)| effective & bit == 0)
+            .map(|(_, name)| *name)
+            .collect();
+        if !missing.is_empty() {
             return Err(ProxyUserError::NotRoot {
                 spec: spec.to_owned(),
                 uid: me.as_raw(),
+                missing: missing.join(", "),
             });
         }
         let ambient = own_caps("CapAmb");
@@ -194,7 +215,8 @@ mod tests {
             0,
             "tests run without ambient capabilities"
         );
-        assert_ne!(own_caps("CapEff") & CAP_SETUID, 0, "root has CAP_SETUID");
+        let all: u64 = NEEDED_CAPS.iter().map(|(bit, _)| bit).sum();
+        assert_eq!(own_caps("CapEff") & all, all, "tests run as full root");
         let unnamed = ProxyUser::resolve("4000123").expect("numeric without an entry");
         assert_eq!((unnamed.uid, unnamed.gid), (4000123, 4000123));
         assert!(matches!(
