@@ -1,7 +1,9 @@
 //! The HTTP endpoints of `vncd run --http` and `vncd kube --http`, one axum [`Router`]
 //! over a shared [`AppState`]:
 //!
-//! - `/healthz`: 200 while the process serves HTTP at all (liveness).
+//! - `/healthz`: 200 while the process serves HTTP and its controller loop keeps
+//!   completing passes (liveness; see [`Health::pass_completed`]). A loop that is stuck
+//!   (a hung store call, a deadlock) fails the probe, so the kubelet restarts it.
 //! - `/readyz`: 200 only after the first full pass (desired sessions listed, leases
 //!   loaded, statuses published) and, in Kubernetes mode, while this instance holds the
 //!   node lease; a passive standby answers 503, so a Service or a rollout never counts it
@@ -12,10 +14,18 @@
 //!
 //! Only GET and HEAD are served (405 otherwise); unknown paths get 404 with the list of
 //! endpoints. Nothing here logs a request, so nothing here can log a token.
+//!
+//! The server is hyper's, driven here rather than by `axum::serve`, which sets no limits:
+//! a request head must arrive within [`HEADER_TIMEOUT`] (also the most an idle keep-alive
+//! connection is kept), and at most [`MAX_CONNECTIONS`] connections are open. When all are
+//! taken, a new connection closes the oldest one that has not sent a request yet, so a
+//! slowloris client cannot keep the kubelet's probes out; only when every connection is
+//! busy with requests is a new one answered 503.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::State;
@@ -34,9 +44,98 @@ pub struct Health {
     pub synced: Synced,
     /// This instance holds the node lease.
     pub leader: Arc<AtomicBool>,
+    /// When the controller last completed a pass, and how long it may go without one.
+    /// A clone can be handed to the controller, like `synced`.
+    pub passes: PassClock,
+}
+
+/// Liveness of the controller loop: when it last completed a pass. Cheap to clone;
+/// clones share the clock.
+#[derive(Clone, Debug, Default)]
+pub struct PassClock(Arc<Passes>);
+
+#[derive(Debug)]
+struct Passes {
+    base: Instant,
+    /// Milliseconds after `base` of the last completed pass, plus one; 0 = none yet.
+    last: AtomicU64,
+    /// Longest time without a completed pass before /healthz fails, in milliseconds.
+    limit_ms: AtomicU64,
+}
+
+impl Default for Passes {
+    fn default() -> Self {
+        Passes {
+            base: Instant::now(),
+            last: AtomicU64::new(0),
+            limit_ms: AtomicU64::new(ms(DEFAULT_STALE_AFTER)),
+        }
+    }
+}
+
+/// How long /healthz tolerates no completed pass when no resync interval was given.
+pub const DEFAULT_STALE_AFTER: Duration = Duration::from_secs(60);
+/// Passes (resync intervals) that may be missed before /healthz fails.
+const MISSED_PASSES: u32 = 5;
+/// The least staleness limit: a slow pass over hundreds of sessions is not a hang.
+const MIN_STALE_AFTER: Duration = Duration::from_secs(30);
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl PassClock {
+    /// A pass completed (observe, plan, persist, act, report).
+    pub fn completed(&self) {
+        let p = &self.0;
+        let now = ms(p.base.elapsed()).saturating_add(1);
+        p.last.store(now, Ordering::Relaxed);
+    }
+
+    /// Passes come at least every `resync`: stale after `5 * resync`, at least 30 s.
+    pub fn expect_every(&self, resync: Duration) {
+        let limit = (resync * MISSED_PASSES).max(MIN_STALE_AFTER);
+        self.0.limit_ms.store(ms(limit), Ordering::Relaxed);
+    }
+
+    /// Fresh, or why not. Before the first completed pass it is always fresh.
+    pub fn check(&self) -> Result<(), String> {
+        let p = &self.0;
+        let last = p.last.load(Ordering::Relaxed);
+        if last == 0 {
+            return Ok(());
+        }
+        let since = ms(p.base.elapsed()).saturating_sub(last - 1);
+        let limit = p.limit_ms.load(Ordering::Relaxed);
+        if since > limit {
+            return Err(format!(
+                "unhealthy: no controller pass completed for {since} ms (limit {limit} ms)\n"
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Health {
+    /// The controller finished a pass. Call it after every pass (or give the controller
+    /// a clone of [`Health::passes`]); /healthz fails once none completed for the limit
+    /// [`Health::expect_passes_every`] sets. Before the first call /healthz does not
+    /// look at passes (start-up is what /readyz is for).
+    pub fn pass_completed(&self) {
+        self.passes.completed();
+    }
+
+    /// The controller passes at least every `resync`: /healthz fails after
+    /// `5 * resync` (at least 30 s) without a completed pass.
+    pub fn expect_passes_every(&self, resync: Duration) {
+        self.passes.expect_every(resync);
+    }
+
+    /// Alive, or why not.
+    pub fn liveness(&self) -> Result<(), String> {
+        self.passes.check()
+    }
+
     pub fn set_leader(&self, held: bool) {
         self.leader.store(held, Ordering::Relaxed);
     }
@@ -70,8 +169,11 @@ pub struct AppState {
     pub urls: Option<UrlStyle>,
 }
 
-async fn healthz() -> &'static str {
-    "ok\n"
+async fn healthz(State(state): State<AppState>) -> Response {
+    match state.health.liveness() {
+        Ok(()) => plain(StatusCode::OK, "ok\n".into()),
+        Err(why) => plain(StatusCode::SERVICE_UNAVAILABLE, why),
+    }
 }
 
 async fn readyz(State(state): State<AppState>) -> (StatusCode, &'static str) {
@@ -209,7 +311,18 @@ pub struct BindError {
     pub source: std::io::Error,
 }
 
-/// Binds `addr` (so a bad address fails at start) and serves `router` in the background.
+/// Time a client has to send a whole request head; also the longest an idle keep-alive
+/// connection is kept. A slowloris client dripping a byte at a time is dropped after it.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most connections open at once; see the module docs for what happens past it.
+pub const MAX_CONNECTIONS: usize = 64;
+/// The answer to a connection past [`MAX_CONNECTIONS`] when none can be closed for it.
+const TOO_MANY: &[u8] =
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n\
+content-length: 21\r\nconnection: close\r\nretry-after: 1\r\n\r\ntoo many connections\n";
+
+/// Binds `addr` (so a bad address fails at start) and serves `router` in the background,
+/// with the limits in the module docs.
 pub async fn serve(addr: SocketAddr, router: Router) -> Result<SocketAddr, BindError> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -217,12 +330,87 @@ pub async fn serve(addr: SocketAddr, router: Router) -> Result<SocketAddr, BindE
     let local = listener
         .local_addr()
         .map_err(|source| BindError { addr, source })?;
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router).await {
-            tracing::error!(error = %e, "HTTP server stopped");
-        }
-    });
+    tokio::spawn(accept_loop(listener, router));
     Ok(local)
+}
+
+async fn accept_loop(listener: tokio::net::TcpListener, router: Router) {
+    let slots = crate::proxy::slots::Slots::new(MAX_CONNECTIONS);
+    let mut n = 0u64;
+    loop {
+        let sock = match listener.accept().await {
+            Ok((sock, _)) => sock,
+            Err(e) => {
+                // Typically EMFILE: back off instead of spinning.
+                tracing::warn!(error = %e, "HTTP accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        n += 1;
+        match slots.admit(n) {
+            Ok(slot) => {
+                tokio::spawn(connection(sock, router.clone(), slot));
+            }
+            Err(_) => {
+                tokio::spawn(refuse(sock));
+            }
+        }
+    }
+}
+
+/// Serves one connection until it ends, its head times out, or a newer connection
+/// evicts it (only before its first request).
+async fn connection(sock: tokio::net::TcpStream, router: Router, slot: crate::proxy::slots::Slot) {
+    let slot = Arc::new(slot);
+    let service = Marking {
+        inner: hyper_util::service::TowerToHyperService::new(router),
+        slot: slot.clone(),
+    };
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(64 * 1024)
+        .serve_connection(hyper_util::rt::TokioIo::new(sock), service);
+    tokio::select! {
+        _ = conn => {}
+        () = slot.evicted() => {}
+    }
+}
+
+/// Answers 503 and closes, giving the client a second to read it.
+async fn refuse(mut sock: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        sock.write_all(TOO_MANY).await?;
+        sock.shutdown().await?;
+        let mut sink = [0u8; 1024];
+        while sock.read(&mut sink).await? > 0 {}
+        std::io::Result::Ok(())
+    })
+    .await;
+}
+
+/// The router as a hyper service that marks its connection busy (no longer evictable)
+/// once a whole request head has arrived.
+#[derive(Debug)]
+struct Marking<S> {
+    inner: S,
+    slot: Arc<crate::proxy::slots::Slot>,
+}
+
+impl<S, R> hyper::service::Service<R> for Marking<S>
+where
+    S: hyper::service::Service<R>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn call(&self, req: R) -> Self::Future {
+        self.slot.authenticated();
+        self.inner.call(req)
+    }
 }
 
 /// Serves [`router`]`(state)` on `addr` and logs where: what `vncd run` and `vncd kube`
@@ -358,6 +546,38 @@ mod tests {
         assert!(get_status(addr, "/metrics?x=1").await.contains("200"));
         let (st, _) = request(addr, "HEAD", "/healthz").await;
         assert!(st.contains("200"), "{st}");
+    }
+
+    #[tokio::test]
+    async fn healthz_fails_when_the_controller_stops_completing_passes() {
+        let state = AppState::default();
+        let addr = serve("127.0.0.1:0".parse().unwrap(), router(state.clone()))
+            .await
+            .unwrap();
+        // No pass yet: liveness does not look at passes.
+        assert!(get_status(addr, "/healthz").await.contains("200"));
+        state.health.pass_completed();
+        assert!(get_status(addr, "/healthz").await.contains("200"));
+        // A loop that stopped: passes go stale. (The limit is at least 30 s in real use;
+        // set it directly here.)
+        state.health.passes.0.limit_ms.store(100, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let (st, body) = request(addr, "GET", "/healthz").await;
+        assert!(st.contains("503"), "{st}");
+        assert!(body.contains("no controller pass completed"), "{body}");
+        state.health.pass_completed();
+        assert!(get_status(addr, "/healthz").await.contains("200"));
+        // The limit follows the resync interval, never below 30 s.
+        state.health.expect_passes_every(Duration::from_secs(2));
+        assert_eq!(
+            state.health.passes.0.limit_ms.load(Ordering::Relaxed),
+            30_000
+        );
+        state.health.expect_passes_every(Duration::from_secs(20));
+        assert_eq!(
+            state.health.passes.0.limit_ms.load(Ordering::Relaxed),
+            100_000
+        );
     }
 
     #[tokio::test]

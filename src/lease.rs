@@ -66,16 +66,63 @@ pub struct Expiry {
     pub at: Timestamp,
 }
 
-/// `n` random bytes as lowercase hex.
-pub fn random_hex(n: usize) -> String {
+/// The system random number generator failed: no lease (and so no token) can be made.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the system random number generator failed ({0}); refusing to make a guessable session token"
+)]
+pub struct RngError(getrandom::Error);
+
+/// `n` random bytes as lowercase hex, or an error if the system RNG fails. There is no
+/// fallback: a token derived from the time and the pid could be guessed by anyone who
+/// can see when a session started.
+pub fn try_random_hex(n: usize) -> Result<String, RngError> {
+    hex_from(n, getrandom::fill)
+}
+
+fn hex_from(
+    n: usize,
+    fill: impl FnOnce(&mut [u8]) -> Result<(), getrandom::Error>,
+) -> Result<String, RngError> {
     let mut buf = vec![0u8; n];
-    // getrandom fails only when the OS has no entropy source at all; a time-based
-    // fallback still keeps uids distinct in practice.
-    if getrandom::fill(&mut buf).is_err() {
-        let t = Timestamp::now().as_nanosecond().to_le_bytes();
-        for (i, b) in buf.iter_mut().enumerate() {
-            *b = t[i % t.len()] ^ (std::process::id() as u8).wrapping_add(i as u8);
-        }
+    fill(&mut buf).map_err(RngError)?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// `n` random bytes as lowercase hex.
+///
+/// Fails closed: if the system RNG fails (the OS has no entropy source at all, or a
+/// seccomp filter forbids getrandom(2)) this panics instead of making a guessable token.
+/// `vncd run` and `vncd kube` check the RNG at start ([`check_rng`]), so this can only
+/// happen if it breaks later.
+pub fn random_hex(n: usize) -> String {
+    match try_random_hex(n) {
+        Ok(hex) => hex,
+        Err(e) => panic!("{e}"),
     }
-    buf.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Fails at start, with a clear error, when the system RNG does not work.
+pub fn check_rng() -> Result<(), RngError> {
+    try_random_hex(16).map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failing_rng_is_an_error_never_a_fallback() {
+        let failed = hex_from(16, |_| Err(getrandom::Error::UNSUPPORTED));
+        let e = failed.expect_err("no fallback token");
+        assert!(
+            e.to_string().contains("random number generator failed"),
+            "{e}"
+        );
+        let a = try_random_hex(16).expect("rng");
+        let b = try_random_hex(16).expect("rng");
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, b);
+        assert!(check_rng().is_ok());
+    }
 }

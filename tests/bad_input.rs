@@ -676,6 +676,14 @@ async fn bad_command_lines_exit_non_zero_with_a_message_and_write_nothing() {
     std::fs::write(&huge, "#".repeat(100_000)).unwrap();
     let a_file = scratch.path().join("a-file");
     std::fs::write(&a_file, "x").unwrap();
+    // A key only root can read: a proxy run as --proxy-user nobody could not load it.
+    let private_key = scratch.path().join("key.pem");
+    std::fs::write(&private_key, "k").unwrap();
+    std::fs::set_permissions(
+        &private_key,
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600),
+    )
+    .unwrap();
     let sessions = v.sessions.display().to_string();
     let state = v.state.display().to_string();
     let pool = v.range_arg();
@@ -740,6 +748,29 @@ async fn bad_command_lines_exit_non_zero_with_a_message_and_write_nothing() {
         (
             vec![s("--web"), s("/nonexistent/novnc")],
             "--web /nonexistent/novnc is not a directory",
+        ),
+        (
+            vec![s("--proxy-user"), s("no-such-user-vncd")],
+            "--proxy-user \"no-such-user-vncd\": no such user",
+        ),
+        (
+            vec![s("--proxy-user"), s("nobody:no-such-group-vncd")],
+            "no such group \"no-such-group-vncd\"",
+        ),
+        (
+            vec![s("--proxy-user"), s("root")],
+            "--proxy-user \"root\" is root (uid 0)",
+        ),
+        (
+            vec![
+                s("--proxy-user"),
+                s("nobody"),
+                s("--tls-cert"),
+                p(&a_file),
+                s("--tls-key"),
+                p(&private_key),
+            ],
+            "cannot read",
         ),
         (
             vec![
@@ -1073,6 +1104,58 @@ async fn bad_command_lines_exit_non_zero_with_a_message_and_write_nothing() {
             "cannot listen on 127.0.0.1:",
         ),
         (
+            vec![
+                s("proxy"),
+                s("--listen"),
+                s("127.0.0.1:1"),
+                s("--target"),
+                s("127.0.0.1:5901"),
+                s("--max-connections"),
+                s("0"),
+            ],
+            2,
+            "invalid value '0' for '--max-connections <N>'",
+        ),
+        (
+            vec![
+                s("proxy"),
+                s("--listen"),
+                s("127.0.0.1:1"),
+                s("--target"),
+                s("127.0.0.1:5901"),
+                s("--ping-interval"),
+                s("0"),
+            ],
+            2,
+            "invalid value '0' for '--ping-interval <SECS>'",
+        ),
+        (
+            vec![
+                s("proxy"),
+                s("--listen"),
+                s("127.0.0.1:1"),
+                s("--target"),
+                s("127.0.0.1:5901"),
+                s("--refusal-log-interval"),
+                s("0"),
+            ],
+            2,
+            "invalid value '0' for '--refusal-log-interval <SECS>'",
+        ),
+        (
+            vec![
+                s("proxy"),
+                s("--listen"),
+                s("127.0.0.1:1"),
+                s("--target"),
+                s("127.0.0.1:5901"),
+                s("--max-log-bytes"),
+                s("lots"),
+            ],
+            2,
+            "invalid value 'lots' for '--max-log-bytes <BYTES>'",
+        ),
+        (
             vec![s("frobnicate")],
             2,
             "unrecognized subcommand 'frobnicate'",
@@ -1354,6 +1437,29 @@ async fn bad_http_requests_get_errors_and_the_proxy_keeps_serving() {
             "HTTP/1.1 400 ",
         ),
         (
+            "Sec-WebSocket-Key not 16 bytes of base64".into(),
+            upgrade(
+                &tok("/websockify"),
+                "Sec-WebSocket-Key: not-a-key\r\n",
+                &["Sec-WebSocket-Key"],
+            ),
+            "HTTP/1.1 400 ",
+        ),
+        (
+            "Sec-WebSocket-Key of 17 bytes".into(),
+            upgrade(
+                &tok("/websockify"),
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZXg=\r\n",
+                &["Sec-WebSocket-Key"],
+            ),
+            "HTTP/1.1 400 ",
+        ),
+        (
+            "two Host headers".into(),
+            upgrade(&tok("/websockify"), "Host: evil.example\r\n", &[]),
+            "HTTP/1.1 400 ",
+        ),
+        (
             "missing Connection: Upgrade".into(),
             upgrade(
                 &tok("/websockify"),
@@ -1566,8 +1672,12 @@ async fn bad_http_requests_get_errors_and_the_proxy_keeps_serving() {
     for t in slow {
         let resp = t.await.unwrap();
         let line = status_line(&resp);
+        // 408 after the head timeout; or, past --max-connections (16), closed to make
+        // room for a newer connection, or 503 while the evicted ones are still closing.
         assert!(
-            resp.is_empty() || resp.starts_with("HTTP/1.1 408 "),
+            resp.is_empty()
+                || resp.starts_with("HTTP/1.1 408 ")
+                || resp.starts_with("HTTP/1.1 503 "),
             "slow client got {resp:?}"
         );
         *answers.entry(line).or_insert(0) += 1;
@@ -1581,7 +1691,7 @@ async fn bad_http_requests_get_errors_and_the_proxy_keeps_serving() {
     good.assert_undisturbed(&mut v, "slowloris");
     rows.push(Row {
         input: "slowloris: 30 heads dripped a byte per 400 ms + 10 silent connections".into(),
-        got: format!("{answers:?} after the 10 s head timeout; the good client and a new one were served meanwhile"),
+        got: format!("{answers:?} (408 after the 10 s head timeout; past 16 connections the oldest unauthenticated ones are closed, 503 while they close); the good client and a new one were served meanwhile"),
     });
 
     // Still serving, files included.

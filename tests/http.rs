@@ -390,3 +390,111 @@ async fn malformed_requests_to_the_api_get_an_error_and_disturb_nothing() {
     );
     assert!(!v.log().contains("panicked"), "vncd panicked:\n{}", v.log());
 }
+
+/// Whether the server closed `s` within `limit` (EOF or reset).
+fn closed_within(s: &mut std::net::TcpStream, limit: Duration) -> Option<Vec<u8>> {
+    s.set_read_timeout(Some(limit)).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return Some(out),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Some(out),
+            Err(_) => return None,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slowloris_and_idle_floods_cannot_keep_the_api_from_answering() {
+    const CAP: usize = 64; // vncd::http::MAX_CONNECTIONS
+    let (_v, port) = vncd_with_http(2);
+    wait_ready_http(port);
+    // A slowloris client: a header byte every 300 ms. It is dropped once the 10 s head
+    // timeout passes, however much it still has to send.
+    let started = std::time::Instant::now();
+    let drip = std::thread::spawn(move || {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        for b in b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Drip: "
+            .iter()
+            .cycle()
+        {
+            if s.write_all(&[*b]).is_err() {
+                return Some(started.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(300));
+            if started.elapsed() > Duration::from_secs(30) {
+                return None;
+            }
+        }
+        None
+    });
+    // (Alone: a flood would close it sooner, as the oldest idle connection.)
+    let dropped = drip
+        .join()
+        .unwrap()
+        .expect("the slowloris client was never dropped");
+    eprintln!("measured: a slowloris client dropped after {dropped:?}");
+    assert!(
+        dropped >= Duration::from_secs(9) && dropped < Duration::from_secs(14),
+        "slowloris dropped after {dropped:?}"
+    );
+    // Twice the cap of idle connections: every one is accepted, each new one closing
+    // the oldest idle one, so no more than the cap are ever open...
+    let mut idle: Vec<std::net::TcpStream> = (0..2 * CAP)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let mut closed = 0;
+    for s in &mut idle {
+        if closed_within(s, Duration::from_millis(50)).is_some() {
+            closed += 1;
+        }
+    }
+    assert!(
+        closed >= CAP,
+        "only {closed} of {} idle connections were closed",
+        2 * CAP
+    );
+    // ...and a real request still gets through, at once.
+    let t = std::time::Instant::now();
+    assert_eq!(get(port, "/healthz").0, 200);
+    let took = t.elapsed();
+    eprintln!(
+        "measured: {closed} of {} idle connections closed to make room; /healthz answered in {took:?}",
+        2 * CAP
+    );
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    // The remaining idle connections are closed by the head timeout too.
+    for s in &mut idle {
+        assert!(
+            closed_within(s, Duration::from_secs(15)).is_some(),
+            "an idle connection was kept past the head timeout"
+        );
+    }
+    // When every connection is busy (requests in flight on keep-alive connections that
+    // already sent one), a new one gets 503 instead of waiting.
+    let mut busy = Vec::new();
+    for _ in 0..CAP {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            .unwrap();
+        let mut buf = [0u8; 256];
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let n = s.read(&mut buf).unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+        busy.push(s);
+    }
+    let mut extra = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let answer = closed_within(&mut extra, Duration::from_secs(3)).expect("answered and closed");
+    assert!(
+        answer.starts_with(b"HTTP/1.1 503"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    drop(busy);
+    wait_for("/healthz after the flood", Duration::from_secs(5), || {
+        (http(port, "GET", "/healthz")?.0 == 200).then_some(())
+    });
+}

@@ -359,7 +359,7 @@ async fn the_image_serves_sessions_as_the_chart_runs_it_and_a_new_container_serv
     let api_host = cfg.cluster_url.host().unwrap().to_owned();
     let api_port = cfg.cluster_url.port_u16().unwrap_or(443).to_string();
     for f in ["token", "namespace", "ca.crt"] {
-        // The container's user (the image's, 65532) reads them, as from a projected volume.
+        // Readable as from a projected volume.
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(secrets.join(f), std::fs::Permissions::from_mode(0o644)).unwrap();
     }
@@ -411,8 +411,12 @@ async fn the_image_serves_sessions_as_the_chart_runs_it_and_a_new_container_serv
         if sc.allow_privilege_escalation == Some(false) {
             run.extend([s("--security-opt"), s("no-new-privileges")]);
         }
-        for cap in sc.capabilities.and_then(|c| c.drop).unwrap_or_default() {
+        let caps = sc.capabilities.clone().unwrap_or_default();
+        for cap in caps.drop.unwrap_or_default() {
             run.extend([s("--cap-drop"), cap.to_lowercase()]);
+        }
+        for cap in caps.add.unwrap_or_default() {
+            run.extend([s("--cap-add"), cap.to_lowercase()]);
         }
         if let Some(uid) = sc.run_as_user {
             run.extend([s("--user"), uid.to_string()]);
@@ -454,23 +458,48 @@ async fn the_image_serves_sessions_as_the_chart_runs_it_and_a_new_container_serv
         );
         assert_eq!(rfb_banner(url).await, b"RFB 003.008\n", "{name} via {url}");
     }
-    // The image's default user: not root.
+    // vncd runs as root with only the chart's six capabilities; every proxy, which parses
+    // untrusted input, runs as the chart's proxyUser (65534), not root.
     let pid = podman.ok(&[
         s("inspect"),
         s("--format"),
         s("{{.State.Pid}}"),
         first.clone(),
     ]);
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let uid = status
-        .lines()
-        .find(|l| l.starts_with("Uid:"))
-        .unwrap()
-        .to_owned();
-    assert!(
-        uid.split_whitespace().nth(1) == Some("65532"),
-        "the container runs as {uid}"
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pid.trim())).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert_eq!(
+        field("Uid:").split_whitespace().nth(1),
+        Some("0"),
+        "vncd: {}",
+        field("Uid:")
     );
+    // CAP_CHOWN(0) DAC_READ_SEARCH(2) KILL(5) SETGID(6) SETUID(7) SYS_PTRACE(19).
+    let want: u64 = (1 << 0) | (1 << 2) | (1 << 5) | (1 << 6) | (1 << 7) | (1 << 19);
+    let bounding =
+        u64::from_str_radix(field("CapBnd:").split_whitespace().nth(1).unwrap(), 16).unwrap();
+    assert_eq!(
+        bounding,
+        want,
+        "vncd's capability bounding set: {}",
+        field("CapBnd:")
+    );
+    let top = podman.ok(&[s("top"), first.clone(), s("user"), s("args")]);
+    let proxies: Vec<&str> = top.lines().filter(|l| l.contains("vncd-proxy")).collect();
+    assert_eq!(proxies.len(), 2, "{top}");
+    for p in proxies {
+        let user = p.split_whitespace().next().unwrap_or_default();
+        assert!(
+            user == "65534" || user == "nobody",
+            "a proxy runs as {user}, not the chart's proxyUser: {top}"
+        );
+    }
 
     // The node loses the pod: SIGKILL, and the container (with every proxy in it) is gone.
     podman.ok(&[s("kill"), s("--signal"), s("KILL"), first.clone()]);

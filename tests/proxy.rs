@@ -393,6 +393,8 @@ async fn token_refused_before_target_is_contacted() {
         &relay_addr,
         "--token-file",
         tf.to_str().expect("path"),
+        "--refusal-log-interval",
+        "1",
     ])
     .await;
 
@@ -425,9 +427,24 @@ async fn token_refused_before_target_is_contacted() {
         assert_eq!(rfb.read(12).await, BANNER, "{path}");
     }
     assert_eq!(relay.count(), 4);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Refusals are summed up: one line per interval, not one per connection.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     let log = proxy.log();
-    assert!(log.contains("refused 403"), "{log}");
+    let summaries: Vec<&str> = log.lines().filter(|l| l.contains("refused ")).collect();
+    assert_eq!(summaries.len(), 1, "one summary line: {log}");
+    assert!(
+        summaries[0]
+            .contains("refused 7 connections in the last 1s: 403 missing or wrong token x7"),
+        "{log}"
+    );
+    // Accepted sessions are still logged one by one, inside their connection's span.
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("403") && !l.contains("refused 7")),
+        "a refusal logged on its own: {log}"
+    );
+    assert_eq!(log.matches("connection closed").count(), 5, "{log}");
+    assert!(log.contains("conn{n=9 peer=127.0.0.1:"), "{log}");
     assert!(!log.contains(TOKEN), "token leaked into the log: {log}");
     assert!(
         !log.contains("BADTOKEN"),
@@ -820,5 +837,316 @@ async fn bad_flags_and_unreadable_files_exit_nonzero() {
             log.contains(needle),
             "{args:?}: stderr lacks {needle:?}: {log}"
         );
+    }
+}
+
+// ---------------------------------------------------------------- hardening (issue #11)
+
+/// The stats file's counters, once the proxy wrote them.
+fn stats(path: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    serde_json::from_str(&text).unwrap_or(serde_json::Value::Null)
+}
+
+/// Waits until `f` holds for the stats file (the proxy writes it within ~200 ms of a change).
+async fn wait_stats(path: &Path, what: &str, f: impl Fn(&serde_json::Value) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = stats(path);
+        if f(&s) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: stats {s}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Whether the server closed `s` within `limit` (EOF or reset; data before it is ignored).
+async fn closed_within(s: &mut TcpStream, limit: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut sink = [0u8; 4096];
+    tokio::time::timeout(limit, async {
+        loop {
+            match s.read(&mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+/// A websocket upgrade done by hand on a raw socket: returns the socket after the 101 head.
+async fn raw_upgrade(port: u16, path: &str) -> TcpStream {
+    use tokio::io::AsyncReadExt;
+    let mut s = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    s.write_all(
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .expect("write");
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        assert_eq!(s.read(&mut b).await.expect("read"), 1, "closed in the head");
+        head.push(b[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101 "), "{head:?}");
+    s
+}
+
+#[tokio::test]
+async fn over_the_cap_unauthenticated_connections_make_room_and_authenticated_ones_get_503() {
+    const TOKEN: &str = "cap-Token-1";
+    let qemu = Qemu::tcp();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tf = write_file(dir.path(), "token", TOKEN);
+    let sf = dir.path().join("stats.json");
+    let qaddr = qemu.addr();
+    let proxy = Proxy::start(&[
+        "--target",
+        &qaddr,
+        "--token-file",
+        tf.to_str().expect("path"),
+        "--stats-file",
+        sf.to_str().expect("path"),
+        "--max-connections",
+        "3",
+    ])
+    .await;
+    let url = proxy.url(&format!("/websockify?token={TOKEN}"));
+    // Three silent sockets take every slot...
+    let mut silent = Vec::new();
+    for _ in 0..3 {
+        silent.push(
+            TcpStream::connect(("127.0.0.1", proxy.port))
+                .await
+                .expect("connect"),
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // ...and still cannot keep the real user out: each new connection evicts the oldest
+    // one that has not passed the token check.
+    let mut consoles = Vec::new();
+    for _ in 0..3 {
+        let mut rfb = Rfb::new(ws_connect(&url).await);
+        assert_eq!(rfb.read(12).await, BANNER);
+        consoles.push(rfb);
+    }
+    for (i, s) in silent.iter_mut().enumerate() {
+        assert!(
+            closed_within(s, Duration::from_secs(3)).await,
+            "silent connection {i} was not evicted"
+        );
+    }
+    // Every slot holds an authenticated console: the next connection gets 503, whoever
+    // it is, and the consoles are untouched.
+    let (status, body) = refused_status(request(&url, Some("binary"), None)).await;
+    assert_eq!(status, 503, "{body}");
+    let resp = http_get(proxy.port, "/").await;
+    assert!(resp.starts_with("HTTP/1.1 503 "), "{resp}");
+    wait_stats(&sf, "refusals counted", |s| {
+        s["refused"].as_u64() >= Some(2 + 3) && s["active"] == 3
+    })
+    .await;
+    for rfb in &mut consoles {
+        rfb.send(BANNER).await;
+        let n = rfb.read(1).await[0] as usize;
+        assert!(n > 0);
+    }
+    drop(consoles.pop());
+    wait_stats(&sf, "a console left", |s| s["active"] == 2).await;
+    // A freed slot serves again.
+    let mut rfb = Rfb::new(ws_connect(&url).await);
+    assert_eq!(rfb.read(12).await, BANNER);
+}
+
+#[tokio::test]
+async fn a_client_that_stops_answering_pings_is_dropped_and_keepalive_is_on() {
+    let qemu = Qemu::tcp();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sf = dir.path().join("stats.json");
+    let qaddr = qemu.addr();
+    let proxy = Proxy::start(&[
+        "--target",
+        &qaddr,
+        "--stats-file",
+        sf.to_str().expect("path"),
+        "--ping-interval",
+        "1",
+    ])
+    .await;
+    // A live client: tungstenite answers pings while it reads.
+    let mut good = ws_connect(&proxy.url("/websockify")).await;
+    let reader = tokio::spawn(async move {
+        let mut pings = 0u32;
+        let until = tokio::time::Instant::now() + Duration::from_secs(5);
+        while let Ok(Some(Ok(m))) = tokio::time::timeout_at(until, good.next()).await {
+            if matches!(m, Message::Ping(_)) {
+                pings += 1;
+            }
+        }
+        (pings, good)
+    });
+    // A vanished client: upgraded, then never reads nor answers.
+    let started = Instant::now();
+    let mut gone = raw_upgrade(proxy.port, "/websockify").await;
+    wait_stats(&sf, "both sessions open", |s| s["active"] == 2).await;
+    // TCP keepalive is armed on the accepted sockets (ss shows the timer).
+    let ss = Command::new("ss")
+        .args([
+            "-tno",
+            "state",
+            "established",
+            &format!("( sport = :{} )", proxy.port),
+        ])
+        .output()
+        .expect("ss");
+    let ss = String::from_utf8_lossy(&ss.stdout).into_owned();
+    assert!(ss.contains("keepalive"), "no keepalive timer: {ss}");
+    wait_stats(&sf, "the silent client dropped", |s| s["active"] == 1).await;
+    let took = started.elapsed();
+    eprintln!("measured: a silent client dropped {took:?} after its upgrade (ping interval 1 s)");
+    assert!(
+        took >= Duration::from_millis(1900) && took < Duration::from_secs(5),
+        "dropped after {took:?} (ping interval 1 s, limit 2 s)"
+    );
+    assert!(closed_within(&mut gone, Duration::from_secs(2)).await);
+    let (pings, mut good) = reader.await.expect("reader");
+    assert!(pings >= 3, "the live client got {pings} pings in 5 s");
+    // The live client is still connected after more than twice the limit.
+    good.send(Message::Binary(BANNER.to_vec().into()))
+        .await
+        .expect("still connected");
+    assert_eq!(stats(&sf)["active"], 1);
+}
+
+#[tokio::test]
+async fn websocket_protocol_errors_get_close_1002_and_bad_upgrades_400() {
+    let qemu = Qemu::tcp();
+    let qaddr = qemu.addr();
+    let proxy = Proxy::start(&["--target", &qaddr]).await;
+    for (what, frame) in [
+        ("reserved bits", vec![0xffu8; 16]),
+        ("stray continuation", vec![0x80, 0x80, 1, 2, 3, 4]),
+        ("unmasked frame", vec![0x82, 0x03, 1, 2, 3]),
+    ] {
+        let mut ws = ws_connect(&proxy.url("/websockify")).await;
+        match ws.get_mut() {
+            MaybeTlsStream::Plain(s) => s.write_all(&frame).await.expect("write"),
+            _ => unreachable!("plain ws"),
+        }
+        assert_eq!(
+            close_code(&mut ws, Duration::from_secs(5)).await,
+            Some(CloseCode::Protocol),
+            "{what}"
+        );
+    }
+    for (what, key, host) in [
+        ("short key", "abc", "Host: h\r\n"),
+        ("key of 17 bytes", "dGhlIHNhbXBsZSBub25jZXg=", "Host: h\r\n"),
+        ("no Host", "dGhlIHNhbXBsZSBub25jZQ==", ""),
+        (
+            "Host with a space",
+            "dGhlIHNhbXBsZSBub25jZQ==",
+            "Host: a b\r\n",
+        ),
+    ] {
+        let resp = http_raw(
+            proxy.port,
+            format!(
+                "GET / HTTP/1.1\r\n{host}Upgrade: websocket\r\nConnection: Upgrade\r\n\
+                 Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await;
+        assert!(resp.starts_with("HTTP/1.1 400 "), "{what}: {resp}");
+    }
+}
+
+#[tokio::test]
+async fn web_serves_regular_files_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let web = dir.path().join("web");
+    write_file(&web, "vnc.html", "<html>");
+    std::fs::create_dir_all(web.join("noindex")).expect("mkdir");
+    nix::unistd::mkfifo(&web.join("fifo.html"), nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
+    let proxy = Proxy::start(&[
+        "--target",
+        "127.0.0.1:9",
+        "--web",
+        web.to_str().expect("path"),
+    ])
+    .await;
+    // A FIFO would block the open (and the connection) forever; it is refused at once.
+    let started = Instant::now();
+    let resp = http_get(proxy.port, "/fifo.html").await;
+    assert!(resp.starts_with("HTTP/1.1 404 "), "{resp}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    let resp = http_get(proxy.port, "/noindex/").await;
+    assert!(resp.starts_with("HTTP/1.1 404 "), "{resp}");
+    let resp = http_get(proxy.port, "/vnc.html").await;
+    assert!(resp.starts_with("HTTP/1.1 200 "), "{resp}");
+}
+
+#[tokio::test]
+async fn the_proxy_truncates_its_own_log_past_the_cap() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log_path = dir.path().join("vm1.log");
+    std::fs::write(&log_path, "x".repeat(10_000)).expect("prefill");
+    let open = || {
+        std::fs::OpenOptions::new()
+            .append(true)
+            .mode(0o600)
+            .open(&log_path)
+            .expect("log")
+    };
+    let port = free_port();
+    let mut child = Command::new(VNCD)
+        .args([
+            "proxy",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--target",
+            "127.0.0.1:9",
+            "--max-log-bytes",
+            "4096",
+        ])
+        .env("VNCD_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(open()))
+        .stderr(Stdio::from(open()))
+        .spawn()
+        .expect("spawn");
+    struct Kill<'a>(&'a mut Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _guard = Kill(&mut child);
+    let deadline = Instant::now() + Duration::from_secs(8);
+    loop {
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        if text.len() < 4096 && text.contains("log truncated") {
+            assert!(!text.contains("xxxx"), "{text}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "log not truncated: {} bytes",
+            text.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

@@ -824,3 +824,517 @@ async fn a_url_from_before_a_retarget_does_not_open_the_new_target() {
     let l = &leases["leases"][0];
     assert_eq!(l["allocatedAt"], allocated, "{leases}");
 }
+
+// ---------------------------------------------------------------- hardening (issue #11)
+
+/// The real uid of a process, from /proc/PID/status.
+fn uid_of(pid: i64) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Whether uid/gid 65534 (nobody, with no supplementary groups: what the proxy has) can
+/// read `path`.
+fn nobody_can_read(path: &std::path::Path) -> bool {
+    use std::os::unix::process::CommandExt;
+    std::process::Command::new("cat")
+        .arg(path)
+        .uid(65534)
+        .gid(65534)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn proxies_run_as_the_proxy_user_and_cannot_read_the_state() {
+    proxy_user_case("builtin").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn websockify_proxies_run_as_the_proxy_user_too() {
+    require("websockify");
+    proxy_user_case("websockify").await;
+}
+
+/// `--proxy-user nobody` with `backend`: the proxy runs as uid 65534, serves, and cannot
+/// read vncd's state; a restarted proxy too.
+async fn proxy_user_case(backend: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: needs root to switch users");
+        return;
+    }
+    let builtin = backend == "builtin";
+    let qemu = Qemu::tcp();
+    let mut v = Vncd::new(3);
+    // The proxy reaches its files through the temp dir, like /var/lib in production.
+    std::fs::set_permissions(v.tmp.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    v.extra.extend([
+        "--backend".into(),
+        backend.into(),
+        "--proxy-user".into(),
+        "nobody".into(),
+    ]);
+    v.start();
+    v.add_session("vm1", qemu.port);
+    let st = v.wait_ready("vm1");
+    let pid = pid_of(&st);
+    assert_eq!(uid_of(pid), Some(65534), "the proxy does not run as nobody");
+    // It serves, with its token.
+    let mut c = Client::connect(&url_of(&st)).await;
+    assert_eq!(c.read(12).await, b"RFB 003.008\n");
+    let (w, _) = c.handshake().await;
+    assert!(w > 0);
+    // Its identity cannot read vncd's state. The builtin proxy got its token file as an
+    // open stdin, so cannot read even that; websockify re-reads it, so owns it.
+    for f in ["leases.json", "sessions.json", "logs/vm1.log"] {
+        let p = v.state.join(f);
+        assert!(p.exists(), "{f} missing");
+        assert!(!nobody_can_read(&p), "the proxy user can read {f}");
+    }
+    let token_file = v.state.join("tokens/vm1.token");
+    assert_eq!(
+        nobody_can_read(&token_file),
+        !builtin,
+        "{backend} token file"
+    );
+    let mode = std::fs::metadata(&token_file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    // Its log and (builtin) stats files still work.
+    let log = std::fs::read_to_string(v.state.join("logs/vm1.log")).unwrap();
+    assert!(!log.trim().is_empty(), "empty proxy log");
+    if builtin {
+        assert!(log.contains("proxy listening"), "{log}");
+        wait_for("stats of the proxy", Duration::from_secs(10), || {
+            let text = std::fs::read_to_string(v.state.join("stats/vm1.json")).ok()?;
+            let s: Value = serde_json::from_str(&text).ok()?;
+            (s["pid"] == pid && s["active"] == 1).then_some(())
+        });
+    }
+    // A restart of the proxy works the same way.
+    let _ = nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let back = wait_for("a new proxy", Duration::from_secs(20), || {
+        let st = v.item("vm1")?["status"].clone();
+        (st["phase"] == "Ready" && st["pid"] != pid).then_some(st)
+    });
+    assert_eq!(uid_of(pid_of(&back)), Some(65534));
+    assert_eq!(rfb_banner(&url_of(&back)).await, b"RFB 003.008\n");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn websockify_log_lines_reach_statuses_without_tokens_and_list_no_directories() {
+    require("websockify");
+    let qemu = Qemu::tcp();
+    let mut v = Vncd::new(3);
+    let web = v.tmp.path().join("web");
+    std::fs::create_dir_all(web.join("sub")).unwrap();
+    std::fs::write(web.join("vnc.html"), "<html>noVNC</html>").unwrap();
+    std::fs::write(web.join("sub/hidden.txt"), "x").unwrap();
+    v.extra.extend([
+        "--backend".into(),
+        "websockify".into(),
+        "--web".into(),
+        web.display().to_string(),
+    ]);
+    v.start();
+    v.add_session("vm1", qemu.port);
+    let mut st = v.wait_ready("vm1");
+    let token = v.leases()["leases"][0]["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let port = port_of(&st);
+    let get = |path: String| async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    let upgrade = |path: String| async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        s.write_all(
+            format!(
+                "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                 Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    // --file-only: no directory listing, where this websockify knows the option (0.11+);
+    // an older one (Debian 12 has 0.10) lists directories, and vncd says so at start.
+    let help = std::process::Command::new("websockify")
+        .arg("--help")
+        .output()
+        .unwrap();
+    let listing = get("/sub/".into()).await;
+    if String::from_utf8_lossy(&help.stdout).contains("--file-only") {
+        assert!(
+            !listing.contains("hidden.txt"),
+            "directory listed: {listing}"
+        );
+    } else {
+        assert!(
+            v.log().contains("this websockify has no --file-only"),
+            "no warning about directory listings"
+        );
+    }
+    // websockify logs request lines, token and all; then its proxy dies twice (the
+    // second time vncd backs off and says why, quoting the log).
+    let log_path = v.state.join("logs/vm1.log");
+    for round in 0..2 {
+        // A mistyped console URL: websockify logs "Token '<token>x' not found".
+        let _ = upgrade(format!("/websockify?token={token}x")).await;
+        wait_for(
+            "the token in the proxy's own log",
+            Duration::from_secs(5),
+            || {
+                let log = std::fs::read_to_string(&log_path).ok()?;
+                let last = log.lines().rev().find(|l| !l.trim().is_empty())?.to_owned();
+                last.contains(&token).then_some(())
+            },
+        );
+        let pid = pid_of(&st);
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        if round == 0 {
+            st = wait_for("a new proxy", Duration::from_secs(20), || {
+                let st = v.item("vm1")?["status"].clone();
+                (st["phase"] == "Ready" && st["pid"] != pid).then_some(st)
+            });
+        }
+    }
+    let message = wait_for("the exit in the status", Duration::from_secs(10), || {
+        let st = v.item("vm1")?["status"].clone();
+        let m = st["message"].as_str()?.to_owned();
+        m.contains("exited").then_some(m)
+    });
+    assert!(
+        !message.contains(&token),
+        "token in the status message: {message}"
+    );
+    assert!(message.contains("<redacted>"), "{message}");
+    let sessions = std::fs::read_to_string(v.state.join("sessions.json")).unwrap();
+    for line in sessions.lines().filter(|l| l.contains("message")) {
+        assert!(!line.contains(&token), "token in sessions.json: {line}");
+    }
+    assert!(!v.log().contains(&token), "token in vncd's log");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_without_the_token_do_not_keep_a_session_from_expiring() {
+    let qemu = Qemu::tcp();
+    let mut v = Vncd::new(3);
+    v.extra.extend(["--backend".into(), "builtin".into()]);
+    v.start();
+    v.write_manifest(
+        "idle.yaml",
+        &format!(
+            "{}  idleTimeoutSeconds: 3\n",
+            manifest("idle", qemu.port.into())
+        ),
+    );
+    let st = v.wait_ready("idle");
+    let port = port_of(&st);
+    // Three connections at all times that never pass the token check: they drip a
+    // request head byte by byte, and reconnect as soon as the proxy drops them.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut drippers = Vec::new();
+    for _ in 0..3 {
+        let stop = stop.clone();
+        drippers.push(tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                for b in b"GET /?token=wrong HTTP/1.1\r\nX-Drip: ".iter().cycle() {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed)
+                        || s.write_all(&[*b]).await.is_err()
+                    {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }));
+    }
+    // Idle means no authenticated client: it expires on time despite the connections.
+    let expired = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        v.wait_status("idle", "Expired", Duration::from_secs(12))
+    }));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for d in drippers {
+        let _ = d.await;
+    }
+    let ex = expired.unwrap_or_else(|e| std::panic::resume_unwind(e));
+    assert_eq!(ex["reason"], "IdleTimeout");
+}
+
+/// Runs `vncd run` on `state` and expects it to refuse at once: returns its stderr.
+/// A vncd that does not exit within 10 s is killed (by pid) and the test fails.
+fn run_refused(v: &Vncd, state: &std::path::Path) -> String {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vncd"))
+        .args([
+            "run",
+            "--sessions-dir",
+            v.sessions.to_str().unwrap(),
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--port-range",
+            &v.range_arg(),
+            "--listen-address",
+            "127.0.0.1",
+        ])
+        .env("VNCD_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break Some(st);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    use std::io::Read;
+    let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+    let status = status.unwrap_or_else(|| panic!("vncd ran on {}: {err}", state.display()));
+    assert!(!status.success(), "{err}");
+    err
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_untrusted_state_directory_is_refused_with_the_fix() {
+    use std::os::unix::fs::PermissionsExt;
+    let qemu = Qemu::tcp();
+    let v = Vncd::new(2);
+    v.add_session("vm1", qemu.port);
+    let outside = v.tmp.path().join("outside.txt");
+    std::fs::write(&outside, "precious").unwrap();
+    let fresh = |name: &str| {
+        let d = v.tmp.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700)).unwrap();
+        d
+    };
+    // World-writable (like a directory someone made in /tmp first).
+    let open = fresh("open");
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let err = run_refused(&v, &open);
+    assert!(
+        err.contains(&format!("chmod 700 {}", open.display())),
+        "{err}"
+    );
+    // Group-writable tokens/.
+    let group = fresh("group");
+    std::fs::create_dir(group.join("tokens")).unwrap();
+    std::fs::set_permissions(group.join("tokens"), std::fs::Permissions::from_mode(0o770)).unwrap();
+    let err = run_refused(&v, &group);
+    assert!(err.contains("tokens directory"), "{err}");
+    // logs/ a symlink to somewhere else.
+    let linked = fresh("linked");
+    std::os::unix::fs::symlink(v.tmp.path(), linked.join("logs")).unwrap();
+    let err = run_refused(&v, &linked);
+    assert!(err.contains("logs directory"), "{err}");
+    // leases.json a symlink to a file of someone else's: never read through.
+    let planted = fresh("planted");
+    std::os::unix::fs::symlink(&outside, planted.join("leases.json")).unwrap();
+    let err = run_refused(&v, &planted);
+    assert!(err.contains("leases.json"), "{err}");
+    if nix::unistd::Uid::effective().is_root() {
+        // Owned by another user.
+        let theirs = fresh("theirs");
+        nix::unistd::chown(&theirs, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+        let err = run_refused(&v, &theirs);
+        assert!(
+            err.contains(&format!("chown 0 {}", theirs.display())),
+            "{err}"
+        );
+    }
+    assert_eq!(std::fs::read_to_string(&outside).unwrap(), "precious");
+    // Nothing was started or written for any of them.
+    for d in ["open", "group", "linked", "theirs"] {
+        assert!(!v.tmp.path().join(d).join("leases.json").exists(), "{d}");
+    }
+    // A state directory vncd creates itself (the README's /tmp/vncd-state) is 0700.
+    let mut v2 = Vncd::new(2);
+    v2.state = v2.tmp.path().join("made-by-vncd");
+    v2.start();
+    v2.add_session("vm1", qemu.port);
+    v2.wait_ready("vm1");
+    let mode = std::fs::metadata(&v2.state).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700);
+}
+
+/// (ppid, state, pgid) of a process, from /proc/PID/stat.
+fn ppid_state_pgid(pid: i32) -> Option<(i32, char, i32)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &text[text.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some((f[1].parse().ok()?, f[0].chars().next()?, f[2].parse().ok()?))
+}
+
+fn all_pids() -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn orphaned_proxy_children_come_to_vncd_and_are_reaped() {
+    use std::os::unix::fs::PermissionsExt;
+    require("websockify");
+    let qemu = Qemu::tcp();
+    let mut v = Vncd::new(3);
+    // A websockify that leaves a child of its own behind (as a forked per-client handler
+    // can): a sleep in its process group, carrying its marker.
+    let fake = v.tmp.path().join("websockify-with-child");
+    // It ignores SIGTERM, so it outlives vncd's first attempt to end it by the stop grace.
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\n(trap '' TERM; exec sleep 120) &\nexec websockify \"$@\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    v.extra.extend([
+        "--backend".into(),
+        "websockify".into(),
+        "--websockify".into(),
+        fake.display().to_string(),
+    ]);
+    v.start();
+    let vncd_pid = v.child.as_ref().unwrap().id() as i32;
+    v.add_session("vm1", qemu.port);
+    let st = v.wait_ready("vm1");
+    let leader = pid_of(&st) as i32;
+    let child = wait_for("the proxy's child", Duration::from_secs(5), || {
+        all_pids().into_iter().find(|&p| {
+            p != leader && ppid_state_pgid(p).is_some_and(|(pp, _, g)| g == leader && pp == leader)
+        })
+    });
+    // The proxy dies; its child is orphaned. It must come to vncd (a child subreaper),
+    // not to init.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(leader),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let mut seen = Vec::new();
+    let reparented = (0..250).any(|_| {
+        let now = ppid_state_pgid(child);
+        seen.push(now);
+        std::thread::sleep(Duration::from_millis(20));
+        now.is_some_and(|(ppid, _, _)| ppid == vncd_pid)
+    });
+    assert!(
+        reparented,
+        "orphan {child} not reparented to vncd {vncd_pid}: {seen:?}\n{}",
+        v.log()
+    );
+    // vncd ends it (an orphan carrying its marker) and reaps it: no zombie child is left.
+    wait_for(
+        "the orphan gone, not a zombie",
+        Duration::from_secs(15),
+        || {
+            let zombies: Vec<i32> = all_pids()
+                .into_iter()
+                .filter(|&p| {
+                    ppid_state_pgid(p).is_some_and(|(pp, s, _)| pp == vncd_pid && s == 'Z')
+                })
+                .collect();
+            (ppid_state_pgid(child).is_none() && zombies.is_empty()).then_some(())
+        },
+    );
+    // The session itself is served again by a new proxy.
+    let back = wait_for("a new proxy", Duration::from_secs(20), || {
+        let st = v.item("vm1")?["status"].clone();
+        (st["phase"] == "Ready" && st["pid"] != leader).then_some(st)
+    });
+    assert_eq!(rfb_banner(&url_of(&back)).await, b"RFB 003.008\n");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn proxy_user_without_the_capabilities_to_supervise_is_refused_at_start() {
+    // Without CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH and CAP_KILL a root vncd could start
+    // proxies as nobody but not recognise them afterwards (their /proc entries are
+    // nobody's), so it would release their leases and start more, a leak per pass.
+    require("setpriv");
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let qemu = Qemu::tcp();
+    let v = Vncd::new(2);
+    v.add_session("vm1", qemu.port);
+    let out = std::process::Command::new("setpriv")
+        .args([
+            "--bounding-set=-all,+setuid,+setgid,+chown",
+            "--inh-caps=-all",
+        ])
+        .arg(env!("CARGO_BIN_EXE_vncd"))
+        .args([
+            "run",
+            "--sessions-dir",
+            v.sessions.to_str().unwrap(),
+            "--state-dir",
+            v.state.to_str().unwrap(),
+            "--port-range",
+            &v.range_arg(),
+            "--listen-address",
+            "127.0.0.1",
+            "--proxy-user",
+            "nobody",
+        ])
+        .env("VNCD_LOG", "warn")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("CAP_DAC_READ_SEARCH, CAP_KILL, CAP_SYS_PTRACE"),
+        "{err}"
+    );
+    assert!(!v.state.join("leases.json").exists());
+    let owner = std::fs::canonicalize(&v.state)
+        .unwrap()
+        .display()
+        .to_string();
+    assert!(
+        vncd::supervisor::scan(&owner).is_empty(),
+        "a proxy was started"
+    );
+}

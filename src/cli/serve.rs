@@ -16,7 +16,7 @@ use crate::source::policy::TargetPolicy;
 use crate::status::UrlStyle;
 use crate::supervisor::builtin::Builtin;
 use crate::supervisor::websockify::Websockify;
-use crate::supervisor::{Backend, Supervisor, Tls};
+use crate::supervisor::{Backend, ProxyUser, Supervisor, Tls};
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub enum BackendKind {
@@ -85,6 +85,12 @@ pub struct ServeArgs {
     /// running and the next vncd adopts them).
     #[arg(long, env = "VNCD_STOP_ON_EXIT")]
     pub stop_on_exit: bool,
+    /// Run every proxy as USER[:GROUP] (names or ids), e.g. `nobody`; vncd must be root (or
+    /// have CAP_SETUID and CAP_SETGID, but no ambient capabilities).
+    /// A proxy then cannot read vncd's state files or other sessions' tokens. For a
+    /// unix-socket VNC target give a GROUP that may connect to it (e.g. `nobody:kvm`).
+    #[arg(long, env = "VNCD_PROXY_USER", value_name = "USER[:GROUP]")]
+    pub proxy_user: Option<String>,
 }
 
 /// Parses a flag given in seconds (`2`, `0.5`): clap's value parser, so a bad value is
@@ -195,10 +201,17 @@ impl ServeArgs {
                     self.origins.is_empty(),
                     "--origin needs the builtin backend; websockify has no Origin allowlist"
                 );
-                Box::new(Websockify {
-                    program: resolve_program(&self.websockify)?,
-                    tls,
-                })
+                let program = resolve_program(&self.websockify)?;
+                if self.web.is_some()
+                    && !crate::supervisor::websockify::supports_file_only(&program)
+                {
+                    tracing::warn!(
+                        websockify = %program.display(),
+                        "this websockify has no --file-only (it is older than 0.11): it lists \
+                         the directories under --web; upgrade it or use --backend builtin"
+                    );
+                }
+                Box::new(Websockify { program, tls })
             }
         };
         let web = match &self.web {
@@ -208,14 +221,41 @@ impl ServeArgs {
             }
             None => None,
         };
-        Ok(Supervisor::new(
+        // Fail at start, not at the first lease, if no token can be made.
+        crate::lease::check_rng()?;
+        let mut supervisor = Supervisor::new(
             owner,
             backend,
             self.listen_address,
             web,
             log_dir.to_owned(),
             self.stop_grace,
-        ))
+        );
+        // Orphaned proxy children (and, as PID 1 in a container, every orphan) come to
+        // vncd and are reaped; the proxies' own exit statuses stay the supervisor's.
+        supervisor.reap_orphans();
+        if let Some(spec) = &self.proxy_user {
+            let user = ProxyUser::resolve(spec)?;
+            // The proxies load the certificate and key themselves: say now, not at the
+            // first session, if they cannot.
+            if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+                for f in [cert, key] {
+                    let readable = user
+                        .can_read(f)
+                        .with_context(|| format!("cannot check {}", f.display()))?;
+                    anyhow::ensure!(
+                        readable,
+                        "--proxy-user {user} cannot read {f}: the proxies load it themselves; \
+                         make it readable by that user or group (e.g. `chgrp GROUP {f}; chmod \
+                         640 {f}` with --proxy-user USER:GROUP)",
+                        f = f.display()
+                    );
+                }
+            }
+            info!(user = %user, "proxies run as --proxy-user");
+            supervisor.run_proxies_as(Some(user));
+        }
+        Ok(supervisor)
     }
 }
 

@@ -39,7 +39,8 @@ pub struct ProxyArgs {
     /// File holding the session's secret token (surrounding whitespace is ignored). When given,
     /// every websocket upgrade must carry it as `?token=...` (on `/` or `/websockify`) or as
     /// the last path segment (`/TOKEN`, `/websockify/TOKEN`), or it is refused with HTTP 403
-    /// before the VNC target is contacted. The file is read once, at start.
+    /// before the VNC target is contacted. The file is read once, at start. `-` reads the
+    /// token from standard input (how vncd passes it to a proxy run as `--proxy-user`).
     #[arg(long, env = "VNCD_PROXY_TOKEN_FILE", value_name = "FILE")]
     pub token_file: Option<PathBuf>,
 
@@ -97,6 +98,52 @@ pub struct ProxyArgs {
         default_value_t = 0
     )]
     pub max_lifetime: u64,
+
+    /// Most connections open at once (HTTP, websocket, or still in the TLS handshake).
+    /// One more is answered 503 and closed, and counted as refused: a client that opens
+    /// thousands of sockets cannot exhaust the process's descriptors or memory.
+    #[arg(
+        long,
+        env = "VNCD_PROXY_MAX_CONNECTIONS",
+        value_name = "N",
+        default_value_t = 16,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub max_connections: u32,
+
+    /// Seconds between websocket pings to each client. A client that sends nothing (not
+    /// even a pong) for twice this long is dropped, so a vanished client does not hold its
+    /// session open. TCP keepalive probes the socket on the same schedule.
+    #[arg(
+        long,
+        env = "VNCD_PROXY_PING_INTERVAL",
+        value_name = "SECS",
+        default_value_t = 20,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub ping_interval: u64,
+
+    /// Refused and timed-out connections are not logged one by one (a scanner would flood
+    /// the log) but summed up in one line per SECS: how many, and why.
+    #[arg(
+        long,
+        env = "VNCD_PROXY_REFUSAL_LOG_INTERVAL",
+        value_name = "SECS",
+        default_value_t = 10,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub refusal_log_interval: u64,
+
+    /// When stderr is a regular file opened for appending (as vncd's supervisor opens a
+    /// proxy's log), truncate it once it grows past BYTES, so a chatty or attacked proxy
+    /// cannot fill the state directory's disk. 0 turns it off.
+    #[arg(
+        long,
+        env = "VNCD_PROXY_MAX_LOG_BYTES",
+        value_name = "BYTES",
+        default_value_t = 1024 * 1024
+    )]
+    pub max_log_bytes: u64,
 }
 
 /// Accept `HOST:PORT` and `[V6]:PORT`; the host is resolved at connect time.

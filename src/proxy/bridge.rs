@@ -1,14 +1,17 @@
 //! The data pump of one session: websocket binary frames <-> target byte stream.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use super::stats::Counters;
 
@@ -36,8 +39,15 @@ pub fn ws_config() -> WebSocketConfig {
 pub enum End {
     /// The client sent a close frame or closed its connection.
     Client,
-    /// The client connection failed (protocol error, reset).
+    /// The client connection failed (reset, broken pipe).
     ClientError,
+    /// The client broke the websocket protocol (reserved bits, unmasked or unknown frames,
+    /// a stray continuation): answered with close code 1002.
+    ProtocolError,
+    /// The client sent a message or frame larger than the limit: close code 1009.
+    TooBig,
+    /// The client sent nothing, not even a pong, for two ping intervals: it is gone.
+    ClientTimeout,
     /// The target closed its connection.
     Target,
     /// Reading from or writing to the target failed.
@@ -51,6 +61,9 @@ impl End {
         match self {
             End::Client => "client closed",
             End::ClientError => "client error",
+            End::ProtocolError => "client broke the websocket protocol",
+            End::TooBig => "client message too big",
+            End::ClientTimeout => "client stopped answering pings",
             End::Target => "target closed",
             End::TargetError => "target error",
             End::Shutdown => "proxy stopping",
@@ -86,11 +99,16 @@ where
 }
 
 /// Pump until either side ends or `stop` turns true, then close both sides.
+///
+/// Every `ping_every` the client gets a ping; a client that sent nothing at all (no data,
+/// no pong) for `2 * ping_every` has vanished and its session ends, even while a send
+/// to it is stuck on a full socket buffer.
 pub async fn run<S, T>(
     ws: WebSocketStream<S>,
     target: T,
     stop: &mut watch::Receiver<bool>,
     counters: &Counters,
+    ping_every: Duration,
 ) -> Stats
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -100,10 +118,18 @@ where
     let (mut ws_tx, mut ws_rx) = ws.split();
     let mut to_target = 0u64;
     let mut to_client = 0u64;
+    // When the client was last heard of, in milliseconds since `base` (the future must be
+    // Send, so an atomic rather than a Cell; both pumps run in this one task anyway).
+    let base = Instant::now();
+    let last_heard = AtomicU64::new(0);
+    let heard = || base + Duration::from_millis(last_heard.load(Ordering::Relaxed));
+    let silence_limit = ping_every * 2;
 
     let end = {
         let upstream = async {
             while let Some(msg) = ws_rx.next().await {
+                let since = u64::try_from(base.elapsed().as_millis()).unwrap_or(u64::MAX);
+                last_heard.store(since, Ordering::Relaxed);
                 let data = match msg {
                     Ok(Message::Binary(b)) => b,
                     // noVNC sends binary; forward text payloads as bytes too, like websockify.
@@ -111,6 +137,12 @@ where
                     Ok(Message::Close(_)) => return End::Client,
                     // Pings are answered by tungstenite itself; nothing else carries data.
                     Ok(_) => continue,
+                    // A client that just drops the connection is not a protocol error.
+                    Err(WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake)) => {
+                        return End::ClientError;
+                    }
+                    Err(WsError::Protocol(_) | WsError::Utf8(_)) => return End::ProtocolError,
+                    Err(WsError::Capacity(_)) => return End::TooBig,
                     Err(_) => return End::ClientError,
                 };
                 if target_tx.write_all(&data).await.is_err() {
@@ -124,8 +156,20 @@ where
         let downstream = async {
             let mut buf = vec![0u8; MIN_CHUNK];
             let mut small_reads = 0u32;
+            let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
+            ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                let n = match target_rx.read(&mut buf).await {
+                // `read` is cancel-safe: a ping never loses target bytes.
+                let read = tokio::select! {
+                    r = target_rx.read(&mut buf) => r,
+                    _ = ping.tick() => {
+                        if ws_tx.send(Message::Ping(Default::default())).await.is_err() {
+                            return End::ClientError;
+                        }
+                        continue;
+                    }
+                };
+                let n = match read {
                     Ok(0) => return End::Target,
                     Ok(n) => n,
                     Err(_) => return End::TargetError,
@@ -157,10 +201,20 @@ where
             let _ = stop.wait_for(|s| *s).await;
             End::Shutdown
         };
+        let watchdog = async {
+            loop {
+                let deadline = heard() + silence_limit;
+                if Instant::now() >= deadline {
+                    return End::ClientTimeout;
+                }
+                tokio::time::sleep_until(deadline).await;
+            }
+        };
         tokio::select! {
             e = upstream => e,
             e = downstream => e,
             e = stopped => e,
+            e = watchdog => e,
         }
     };
 
@@ -183,6 +237,9 @@ where
             let _ = tokio::time::timeout(CLOSE_WAIT, ws.close(None)).await;
         }
         End::ClientError => {}
+        End::ProtocolError => close(ws, CloseCode::Protocol, "websocket protocol error").await,
+        End::TooBig => close(ws, CloseCode::Size, "message too big").await,
+        End::ClientTimeout => close(ws, CloseCode::Away, "no answer to pings").await,
         End::Target => close(ws, CloseCode::Normal, "target closed the connection").await,
         End::TargetError => close(ws, CloseCode::Error, "target connection failed").await,
         End::Shutdown => close(ws, CloseCode::Away, "proxy stopping").await,

@@ -15,6 +15,9 @@
 mod args;
 mod bridge;
 mod http;
+mod logcap;
+mod refusals;
+pub(crate) mod slots;
 pub mod stats;
 mod tls;
 mod token;
@@ -27,6 +30,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -39,7 +43,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 pub use args::ProxyArgs;
 
@@ -55,6 +59,14 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// On stop, time given to connections to close cleanly before they are dropped.
 const STOP_GRACE: Duration = Duration::from_millis(800);
+/// Connections over `--max-connections` that are still being answered 503 (the answer
+/// needs a moment so the client reads it instead of a reset). Beyond this many, excess
+/// connections are closed without an answer.
+const MAX_REJECTING: usize = 64;
+/// The 503 for a connection over `--max-connections`.
+const TOO_MANY: &[u8] =
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n\
+Content-Length: 21\r\nConnection: close\r\nRetry-After: 5\r\n\r\ntoo many connections\n";
 
 /// Why the proxy could not start or run. Each message names the address or file at fault.
 #[derive(Debug, thiserror::Error)]
@@ -113,6 +125,11 @@ struct Shared {
     web: Option<PathBuf>,
     tls: Option<TlsAcceptor>,
     counters: Arc<stats::Counters>,
+    /// Refused and timed-out connections, summed up in the log (see `refusals`).
+    refusals: Arc<refusals::Refusals>,
+    /// The `--max-connections` cap (see `slots`).
+    slots: Arc<slots::Slots>,
+    ping_every: Duration,
 }
 
 impl Shared {
@@ -148,6 +165,9 @@ impl Shared {
             web,
             tls,
             counters: Arc::default(),
+            refusals: Arc::default(),
+            slots: slots::Slots::new(usize::try_from(args.max_connections).unwrap_or(usize::MAX)),
+            ping_every: Duration::from_secs(args.ping_interval),
         })
     }
 }
@@ -203,6 +223,16 @@ pub async fn run(args: ProxyArgs) -> Result<(), ProxyError> {
             stop_rx.clone(),
         ))
     });
+    let refusal_reporter = tokio::spawn(refusals::reporter(
+        shared.refusals.clone(),
+        Duration::from_secs(args.refusal_log_interval),
+        stop_rx.clone(),
+    ));
+    if args.max_log_bytes > 0 {
+        tokio::spawn(logcap::watch_stderr(args.max_log_bytes, stop_rx.clone()));
+    }
+    let rejecting = Arc::new(AtomicUsize::new(0));
+    let connection_no = AtomicU64::new(0);
     let mut tasks = JoinSet::new();
     let idle = (args.idle_timeout > 0).then(|| Duration::from_secs(args.idle_timeout));
     let end_of_life =
@@ -226,7 +256,16 @@ pub async fn run(args: ProxyArgs) -> Result<(), ProxyError> {
             }
             accepted = listener.accept() => match accepted {
                 Ok((sock, peer)) => {
-                    tasks.spawn(connection(shared.clone(), sock, peer, stop_rx.clone()));
+                    let n = connection_no.fetch_add(1, Ordering::Relaxed) + 1;
+                    let Ok(slot) = shared.slots.admit(n) else {
+                        reject_excess(&shared, sock, &rejecting);
+                        continue;
+                    };
+                    // One span per connection: every line it logs names the peer and the
+                    // connection number, however deep in the code it is written.
+                    let span = tracing::info_span!("conn", n, peer = %peer);
+                    let conn = connection(shared.clone(), sock, slot, stop_rx.clone());
+                    tasks.spawn(conn.instrument(span));
                 }
                 Err(e) => {
                     // Typically EMFILE: back off instead of spinning.
@@ -245,11 +284,40 @@ pub async fn run(args: ProxyArgs) -> Result<(), ProxyError> {
     })
     .await;
     tasks.shutdown().await;
+    let _ = refusal_reporter.await;
     if let (Some(task), Some(path)) = (stats_writer, &args.stats_file) {
         let _ = task.await;
         stats::write_final(path, &shared.counters);
     }
     Ok(())
+}
+
+/// Answers a connection over `--max-connections` (every slot authenticated) with 503 (plain HTTP only; a TLS client
+/// would not understand it) and counts it as refused. The answer is written in a task of
+/// its own, given a second to be read, so the accept loop never waits for a client.
+fn reject_excess(shared: &Arc<Shared>, sock: TcpStream, rejecting: &Arc<AtomicUsize>) {
+    shared.counters.refused();
+    shared.refusals.record("503 too many connections");
+    if shared.tls.is_some() || rejecting.load(Ordering::Relaxed) >= MAX_REJECTING {
+        return;
+    }
+    rejecting.fetch_add(1, Ordering::Relaxed);
+    let rejecting = rejecting.clone();
+    tokio::spawn(async move {
+        let mut sock = sock;
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            use tokio::io::AsyncReadExt;
+            sock.write_all(TOO_MANY).await?;
+            sock.shutdown().await?;
+            // Drain what the client sent, so closing does not reset the connection
+            // before the client has read the answer.
+            let mut sink = [0u8; 1024];
+            while sock.read(&mut sink).await? > 0 {}
+            io::Result::Ok(())
+        })
+        .await;
+        rejecting.fetch_sub(1, Ordering::Relaxed);
+    });
 }
 
 /// Sleep until `deadline`, or forever if there is none.
@@ -270,28 +338,76 @@ struct Summary {
     requests: u32,
     to_target: u64,
     to_client: u64,
+    /// Refused or timed out before anything was served: summed up, not logged alone.
+    refused: bool,
 }
 
-/// Serve one accepted connection and log one line when it ends.
+/// TCP keepalive: the kernel probes an idle connection after `every` and then every few
+/// seconds, and gives up after about `2 * every` in all, so a client that vanished
+/// (powered off, network gone) is dropped even while nothing is sent to it. The
+/// user timeout does the same for data sent but never acknowledged.
+fn keepalive(sock: &TcpStream, every: Duration) {
+    let probe = (every / 4).max(Duration::from_secs(1));
+    let params = socket2::TcpKeepalive::new()
+        .with_time(every)
+        .with_interval(probe)
+        .with_retries(4);
+    let s = socket2::SockRef::from(sock);
+    if let Err(e) = s
+        .set_tcp_keepalive(&params)
+        .and_then(|()| s.set_tcp_user_timeout(Some(every * 2)))
+    {
+        debug!(error = %e, "cannot set TCP keepalive");
+    }
+}
+
+/// Serve one accepted connection and log one line when it ends (the caller's span names
+/// the peer and the connection number). Refused ones are only counted, see `refusals`.
 async fn connection(
     shared: Arc<Shared>,
     sock: TcpStream,
-    peer: SocketAddr,
+    slot: slots::Slot,
     stop: watch::Receiver<bool>,
 ) {
     let started = Instant::now();
     let _ = sock.set_nodelay(true);
+    keepalive(&sock, shared.ping_every);
     let mut summary = Summary {
         kind: "http",
         ..Summary::default()
     };
-    match &shared.tls {
-        None => serve(&shared, sock, stop, &mut summary).await,
-        Some(acceptor) => match tokio::time::timeout(HEAD_TIMEOUT, acceptor.accept(sock)).await {
-            Ok(Ok(tls)) => serve(&shared, tls, stop, &mut summary).await,
-            Ok(Err(e)) => summary.outcome = format!("TLS handshake failed: {e}"),
-            Err(_) => summary.outcome = "TLS handshake timed out".into(),
-        },
+    let served = async {
+        match &shared.tls {
+            None => serve(&shared, sock, &slot, stop, &mut summary).await,
+            Some(acceptor) => {
+                match tokio::time::timeout(HEAD_TIMEOUT, acceptor.accept(sock)).await {
+                    Ok(Ok(tls)) => serve(&shared, tls, &slot, stop, &mut summary).await,
+                    Ok(Err(_)) => {
+                        summary.outcome = "TLS handshake failed".into();
+                        summary.refused = true;
+                    }
+                    Err(_) => {
+                        summary.outcome = "TLS handshake timed out".into();
+                        summary.refused = true;
+                    }
+                }
+            }
+        }
+    };
+    let evicted = tokio::select! {
+        () = served => false,
+        () = slot.evicted() => true,
+    };
+    if evicted {
+        shared.counters.refused();
+        summary.outcome = "closed for a newer connection (--max-connections)".into();
+        summary.refused = true;
+    }
+    drop(slot);
+    if summary.refused {
+        shared.refusals.record(&summary.outcome);
+        debug!(outcome = %summary.outcome, "connection refused");
+        return;
     }
     if summary.outcome.is_empty() {
         summary.outcome = "closed".into();
@@ -300,7 +416,6 @@ async fn connection(
         summary.path = "-".into();
     }
     info!(
-        peer = %peer,
         kind = summary.kind,
         path = %summary.path,
         requests = summary.requests,
@@ -324,6 +439,7 @@ async fn unless_stopped<F: Future>(stop: &mut watch::Receiver<bool>, fut: F) -> 
 async fn serve<S>(
     shared: &Shared,
     mut stream: S,
+    slot: &slots::Slot,
     mut stop: watch::Receiver<bool>,
     summary: &mut Summary,
 ) where
@@ -358,7 +474,8 @@ async fn serve<S>(
                 };
                 let _ = http::write_plain(&mut stream, status, msg, "", false).await;
                 let _ = stream.shutdown().await;
-                summary.outcome = format!("refused {status}: {msg}");
+                summary.outcome = format!("{status} {msg}");
+                summary.refused = true;
                 return;
             }
         };
@@ -366,7 +483,7 @@ async fn serve<S>(
         summary.path = token::redact(&req.target, req.wants_websocket());
         if req.wants_websocket() {
             summary.kind = "websocket";
-            return websocket(shared, stream, req, buf, stop, summary).await;
+            return websocket(shared, stream, slot, req, buf, stop, summary).await;
         }
         // A request with a body (not expected for GET/HEAD) ends the connection: its body
         // would otherwise be taken for the next request.
@@ -420,6 +537,7 @@ async fn connect(target: &Target) -> io::Result<TargetStream> {
 async fn websocket<S>(
     shared: &Shared,
     mut stream: S,
+    slot: &slots::Slot,
     req: http::Request,
     leftover: Vec<u8>,
     mut stop: watch::Receiver<bool>,
@@ -433,10 +551,20 @@ async fn websocket<S>(
             shared.counters.refused();
             let _ = http::write_plain(&mut stream, r.status, r.message, r.extra, false).await;
             let _ = stream.shutdown().await;
-            summary.outcome = format!("refused {}: {}", r.status, r.message);
+            summary.outcome = format!("{} {}", r.status, r.message);
+            summary.refused = true;
             return;
         }
     };
+    // From here on the connection is a console session and keeps its slot.
+    if !slot.authenticated() {
+        shared.counters.refused();
+        let _ = stream.write_all(TOO_MANY).await;
+        let _ = stream.shutdown().await;
+        summary.outcome = "503 too many connections".into();
+        summary.refused = true;
+        return;
+    }
     let Some(target) = unless_stopped(&mut stop, connect(&shared.target)).await else {
         summary.outcome = End::Shutdown.as_str().into();
         return;
@@ -463,11 +591,11 @@ async fn websocket<S>(
         }
         Ok(TargetStream::Tcp(t)) => {
             counters.opened();
-            bridge::run(ws, t, &mut stop, counters).await
+            bridge::run(ws, t, &mut stop, counters, shared.ping_every).await
         }
         Ok(TargetStream::Unix(t)) => {
             counters.opened();
-            bridge::run(ws, t, &mut stop, counters).await
+            bridge::run(ws, t, &mut stop, counters, shared.ping_every).await
         }
     };
     counters.closed();

@@ -30,7 +30,9 @@ pub const MAX_BYTES: u64 = 4096;
 pub struct Counters {
     /// Websocket sessions bridged to the VNC target (after token and Origin checks).
     connections: AtomicU64,
-    /// Websocket sessions open now.
+    /// Websocket sessions open now. Only sessions that passed the token and Origin checks
+    /// (and reached the target) count: a client that merely holds a TCP connection open,
+    /// or keeps failing the token check, is not activity (see [`authenticated_clients`]).
     active: AtomicU64,
     /// Websocket upgrades refused (bad token, Origin, malformed upgrade).
     refused: AtomicU64,
@@ -90,13 +92,37 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// Reads a stats file; `None` if it is missing, too large or not a stats file.
+    ///
+    /// The stats directory may be writable by the proxies' user (`--proxy-user`), which is
+    /// less trusted than vncd: a symlink (O_NOFOLLOW), a FIFO (O_NONBLOCK, which would
+    /// otherwise block the reader forever) or a device is refused, never followed.
     pub fn read(path: &Path) -> Option<Snapshot> {
         use std::io::Read;
-        let f = std::fs::File::open(path).ok()?;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+            .open(path)
+            .ok()?;
+        if !f.metadata().ok()?.is_file() {
+            return None;
+        }
         let mut buf = Vec::new();
         f.take(MAX_BYTES).read_to_end(&mut buf).ok()?;
         serde_json::from_slice(&buf).ok()
     }
+}
+
+/// Websocket sessions that passed the token check and are open now, as the proxy `pid`
+/// last published them in its stats file; `None` if the file is missing, unreadable or
+/// left by another process (then the caller must fall back to another measure).
+///
+/// This is what idle expiry should count: an established TCP connection alone (what
+/// `/proc/net/tcp` shows) can be anyone's, e.g. an unauthenticated client keeping a
+/// session from ever expiring.
+pub fn authenticated_clients(path: &Path, pid: u32) -> Option<u64> {
+    Snapshot::read(path)
+        .filter(|s| s.pid == pid)
+        .map(|s| s.active)
 }
 
 /// Replaces `path` with `snap` (temp file + rename, mode 0600).

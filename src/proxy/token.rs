@@ -23,8 +23,22 @@ pub enum TokenFileError {
 
 impl Token {
     /// Read the token from a file; surrounding ASCII whitespace (a trailing newline) is ignored.
+    /// `-` reads standard input instead: vncd's supervisor hands a proxy that runs as
+    /// another user (`--proxy-user`) its token file as stdin, already open, so the file
+    /// itself stays readable by root only.
     pub fn from_file(path: &Path) -> Result<Self, TokenFileError> {
-        let raw = std::fs::read(path).map_err(TokenFileError::Io)?;
+        let raw = if path == Path::new("-") {
+            use std::io::Read;
+            let mut raw = Vec::new();
+            std::io::stdin()
+                .lock()
+                .take(64 * 1024)
+                .read_to_end(&mut raw)
+                .map_err(TokenFileError::Io)?;
+            raw
+        } else {
+            std::fs::read(path).map_err(TokenFileError::Io)?
+        };
         Self::from_bytes(&raw).ok_or(TokenFileError::Empty)
     }
 

@@ -63,6 +63,15 @@ pub fn check(req: &Request, token: Option<&Token>, origins: &[String]) -> Result
         Some(k) if !k.is_empty() => k,
         _ => return Err(reject(400, "missing Sec-WebSocket-Key")),
     };
+    if !valid_key(key) {
+        return Err(reject(
+            400,
+            "Sec-WebSocket-Key must be 16 bytes in base64 (RFC 6455)",
+        ));
+    }
+    if !valid_host(req) {
+        return Err(reject(400, "missing or invalid Host header"));
+    }
     let protocol = choose_protocol(req)?;
     let mut response = format!(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
@@ -76,6 +85,40 @@ pub fn check(req: &Request, token: Option<&Token>, origins: &[String]) -> Result
     }
     response.push_str("\r\n");
     Ok(Accept { response, protocol })
+}
+
+/// RFC 6455 4.1: the key is 16 random bytes, base64-encoded: 22 alphabet characters and
+/// `==`, where the last character carries only 2 significant bits.
+fn valid_key(key: &str) -> bool {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let b = key.as_bytes();
+    if b.len() != 24 || &b[22..] != b"==" {
+        return false;
+    }
+    let mut last = 0;
+    for &c in &b[..22] {
+        match ALPHABET.iter().position(|&a| a == c) {
+            Some(v) => last = v,
+            None => return false,
+        }
+    }
+    last & 0x0f == 0
+}
+
+/// HTTP/1.1 requires exactly one Host header; a websocket client always sends one. Its
+/// value must look like `host`, `host:port` or `[v6]:port`: no spaces, commas, slashes
+/// or `@` (which would hint at a smuggled authority).
+fn valid_host(req: &Request) -> bool {
+    let mut hosts = req.headers.iter().filter(|(n, _)| n == "host");
+    let (Some((_, host)), None) = (hosts.next(), hosts.next()) else {
+        return false;
+    };
+    let host = host.trim();
+    !host.is_empty()
+        && host.len() <= 255
+        && host
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"-._:[]".contains(&c))
 }
 
 /// `binary` if offered; none if nothing is offered; refuse anything else (e.g. `base64` only,
@@ -225,6 +268,40 @@ mod tests {
         let mut r = req("/", "");
         r.headers.retain(|(n, _)| n != "sec-websocket-key");
         assert_eq!(status(check(&r, None, &[])), 400);
+        for bad in [
+            "abc",
+            "dGhlIHNhbXBsZSBub25jZQ",
+            "dGhlIHNhbXBsZSBub25jZR==",
+            "dGhlIHNh!XBsZSBub25jZQ==",
+        ] {
+            let mut r = req("/", "");
+            for (n, v) in &mut r.headers {
+                if n == "sec-websocket-key" {
+                    *v = bad.into();
+                }
+            }
+            let e = check(&r, None, &[]).expect_err(bad);
+            assert_eq!(e.status, 400, "{bad}");
+            assert!(e.message.contains("16 bytes"), "{bad}");
+        }
+        let mut r = req("/", "");
+        r.headers.retain(|(n, _)| n != "host");
+        assert_eq!(status(check(&r, None, &[])), 400, "no Host");
+        assert_eq!(
+            status(check(&req("/", "Host: other\r\n"), None, &[])),
+            400,
+            "two Hosts"
+        );
+        for bad in ["", "a b", "evil@h", "h/x", "a,b"] {
+            let mut r = req("/", "");
+            for (n, v) in &mut r.headers {
+                if n == "host" {
+                    *v = bad.into();
+                }
+            }
+            assert_eq!(status(check(&r, None, &[])), 400, "Host {bad:?}");
+        }
+        assert_eq!(status(check(&req("/", ""), None, &[])), 101);
         let mut r = req("/", "");
         r.method = "POST".into();
         assert_eq!(status(check(&r, None, &[])), 400);

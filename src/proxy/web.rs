@@ -49,7 +49,9 @@ pub fn relative_path(url_path: &str) -> Result<PathBuf, Refusal> {
 }
 
 /// Find the file to serve for `url_path` under the canonical `root`. A directory serves its
-/// `index.html`. The result is canonical and inside `root`.
+/// `index.html`. The result is canonical, inside `root` and a regular file: a FIFO would
+/// block the reader forever, a device (a symlink to /dev/zero, say) would stream without
+/// end, and a directory has nothing to send.
 pub async fn resolve(root: &Path, url_path: &str) -> Result<PathBuf, Refusal> {
     let rel = relative_path(url_path)?;
     let mut path = tokio::fs::canonicalize(root.join(&rel))
@@ -68,6 +70,12 @@ pub async fn resolve(root: &Path, url_path: &str) -> Result<PathBuf, Refusal> {
         if !path.starts_with(root) {
             return Err(Refusal::Forbidden);
         }
+    }
+    let meta = tokio::fs::metadata(&path)
+        .await
+        .map_err(|_| Refusal::NotFound)?;
+    if !meta.is_file() {
+        return Err(Refusal::NotFound);
     }
     Ok(path)
 }
@@ -145,14 +153,10 @@ pub async fn serve<S: AsyncWrite + Unpin>(
             return Ok(0);
         }
     };
-    let mut file = match tokio::fs::File::open(&path).await {
-        Ok(f) => f,
-        Err(_) => {
-            http::write_plain(stream, 404, "no such file", "", keep_alive).await?;
-            return Ok(0);
-        }
+    let Some((mut file, len)) = open_regular(&path).await else {
+        http::write_plain(stream, 404, "no such file", "", keep_alive).await?;
+        return Ok(0);
     };
-    let len = file.metadata().await?.len();
     let head = format!(
         "HTTP/1.1 200 OK\r\nContent-Type: {}\r\nContent-Length: {len}\r\nCache-Control: no-cache\r\n\
          X-Content-Type-Options: nosniff\r\nConnection: {}\r\n\r\n",
@@ -168,6 +172,21 @@ pub async fn serve<S: AsyncWrite + Unpin>(
     let sent = tokio::io::copy(&mut (&mut file).take(len), stream).await?;
     stream.flush().await?;
     Ok(sent)
+}
+
+/// Opens a file [`resolve`] chose, refusing anything that changed under it since: a
+/// symlink (O_NOFOLLOW) or something that is no longer a regular file (checked on the open
+/// descriptor; O_NONBLOCK so that opening a FIFO swapped in cannot block).
+async fn open_regular(path: &Path) -> Option<(tokio::fs::File, u64)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path)
+        .ok()?;
+    let meta = file.metadata().ok()?;
+    meta.is_file()
+        .then(|| (tokio::fs::File::from_std(file), meta.len()))
 }
 
 #[cfg(test)]
@@ -233,5 +252,12 @@ mod tests {
         assert_eq!(resolve(&root, "/nope").await, Err(Refusal::NotFound));
         assert_eq!(resolve(&root, "/leak").await, Err(Refusal::Forbidden));
         assert_eq!(resolve(&root, "/../secret").await, Err(Refusal::Forbidden));
+        // Only regular files: no FIFOs, devices or directories without an index.
+        nix::unistd::mkfifo(&root.join("fifo"), nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
+        std::os::unix::fs::symlink("/dev/zero", root.join("zero")).expect("symlink");
+        std::fs::create_dir(root.join("empty")).expect("mkdir");
+        assert_eq!(resolve(&root, "/fifo").await, Err(Refusal::NotFound));
+        assert_eq!(resolve(&root, "/zero").await, Err(Refusal::Forbidden));
+        assert_eq!(resolve(&root, "/empty/").await, Err(Refusal::NotFound));
     }
 }

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::lock::LockGuard;
 use super::{LeaseChange, LeaseSet, LeaseStore, StoreError, apply_changes};
-use crate::fsutil::write_atomic;
+use crate::fsutil::{UntrustedDir, check_trusted_dir, open_nofollow, write_atomic};
 use crate::lease::{Expiry, Lease};
 use crate::session::is_valid_name;
 
@@ -45,16 +45,35 @@ impl StateDir {
         StateDir { root: root.into() }
     }
 
-    /// Creates the directory (mode 0700) if needed.
-    pub fn create(&self) -> Result<(), StoreError> {
+    /// Creates the directory and its `logs/` (mode 0700) if needed, then refuses to use
+    /// it unless only vncd can write in it (see [`StateDir::check`]).
+    ///
+    /// `--state-dir /tmp/vncd-state` is safe this way: vncd creates it 0700; a directory
+    /// someone else created there first (owned by them, or world-writable) is refused.
+    pub fn create(&self) -> Result<(), StateDirError> {
+        let logs = self.root.join("logs");
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
-            .create(self.root.join("logs"))
-            .map_err(|source| StoreError::Io {
-                path: self.root.clone(),
-                source,
-            })
+            .create(&logs)
+            .map_err(|source| StateDirError::Create { path: logs, source })?;
+        self.check()
+    }
+
+    /// Refuses a state directory (or its `tokens/` and `logs/`) that anyone but vncd could
+    /// write in: owned by another user, writable by group or others, a symlinked
+    /// subdirectory, or under a parent that others can write (and is not sticky). Such a
+    /// directory lets that user plant symlinks or swap files that vncd, often root, then
+    /// writes through or trusts. The error says how to fix it.
+    pub fn check(&self) -> Result<(), StateDirError> {
+        check_trusted_dir("state directory", &self.root, true, true)?;
+        for (what, sub) in [("tokens directory", "tokens"), ("logs directory", "logs")] {
+            let dir = self.root.join(sub);
+            if dir.exists() {
+                check_trusted_dir(what, &dir, false, false)?;
+            }
+        }
+        Ok(())
     }
 
     pub fn root(&self) -> &Path {
@@ -77,6 +96,19 @@ impl StateDir {
     }
 }
 
+/// Why a state directory cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum StateDirError {
+    #[error("cannot create state directory {}: {source}", path.display())]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Untrusted(#[from] UntrustedDir),
+}
+
 /// Reads the state file without locking: the atomic rename guarantees a whole file.
 pub fn read_state(path: &Path) -> Result<LeaseSet, StoreError> {
     let io = |source| StoreError::Io {
@@ -87,18 +119,30 @@ pub fn read_state(path: &Path) -> Result<LeaseSet, StoreError> {
         path: path.to_owned(),
         detail,
     };
-    let meta = match std::fs::metadata(path) {
-        Ok(m) => m,
+    // O_NOFOLLOW: a symlink planted as leases.json is an error naming the file, never
+    // read through.
+    let file = match open_nofollow(path) {
+        Ok(f) => f,
         Err(e) if e.kind() == ErrorKind::NotFound => return Ok(LeaseSet::default()),
         Err(e) => return Err(io(e)),
     };
+    let meta = file.metadata().map_err(io)?;
+    if !meta.is_file() {
+        return Err(corrupt("it is not a regular file".into()));
+    }
     if meta.len() > MAX_STATE_BYTES {
         return Err(corrupt(format!(
             "it is {} bytes, more than a state file can be",
             meta.len()
         )));
     }
-    let bytes = std::fs::read(path).map_err(io)?;
+    let mut bytes = Vec::new();
+    {
+        use std::io::Read;
+        file.take(MAX_STATE_BYTES)
+            .read_to_end(&mut bytes)
+            .map_err(io)?;
+    }
     let disk: OnDisk = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
     if disk.version != FORMAT_VERSION {
         return Err(corrupt(format!(

@@ -50,6 +50,8 @@ impl LockGuard {
             .create(true)
             .truncate(false)
             .mode(0o600)
+            // Never lock (or create) through a symlink planted in the state directory.
+            .custom_flags(nix::libc::O_NOFOLLOW)
             .open(path)
             .map_err(io)?;
         let start = Instant::now();

@@ -92,6 +92,10 @@ impl Backend for Builtin {
     fn stats_args(&self, path: &Path) -> Option<Vec<String>> {
         Some(vec!["--stats-file".to_owned(), path.display().to_string()])
     }
+
+    fn token_on_stdin(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]

@@ -9,7 +9,12 @@
 
 pub mod builtin;
 pub mod procfs;
+pub mod reaper;
+pub mod redact;
+pub mod user;
 pub mod websockify;
+
+pub use user::ProxyUser;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
@@ -75,6 +80,12 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     fn stats_args(&self, _path: &Path) -> Option<Vec<String>> {
         None
     }
+    /// Whether the proxy can take its token file as standard input (`--token-file -`).
+    /// With `--proxy-user`, such a backend never needs to open the file itself, so it
+    /// can stay readable by root only; other backends get the file chowned to them.
+    fn token_on_stdin(&self) -> bool {
+        false
+    }
 }
 
 /// A process that carries our owner marker.
@@ -133,6 +144,13 @@ pub enum SpawnError {
     },
     #[error("proxy for session {session:?} exited before it could be identified")]
     Vanished { session: String },
+    #[error("cannot prepare {} for --proxy-user {user}: {source}", path.display())]
+    ProxyUser {
+        path: PathBuf,
+        user: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// The process supervisor. See the module docs.
@@ -149,7 +167,21 @@ pub struct Supervisor {
     /// exit is not reported as a crash).
     children: std::sync::Arc<std::sync::Mutex<BTreeMap<i32, bool>>>,
     cache: std::sync::Mutex<ScanCache>,
+    /// Who the proxies run as (`--proxy-user`); `None` runs them as vncd's own user.
+    proxy_user: Option<ProxyUser>,
+    /// When the proxies' logs were last checked against [`MAX_LOG_BYTES`].
+    logs_checked: std::sync::Mutex<Option<std::time::Instant>>,
+    /// Whether to be a child subreaper ([`Supervisor::reap_orphans`]), and whether the
+    /// reaper runs yet.
+    reap: bool,
+    reaper: std::sync::OnceLock<()>,
 }
+
+/// A proxy's log is cut back to nothing once it passes this size: at every start, and
+/// while it runs (checked every [`LOG_CHECK_EVERY`] during the scan; the builtin proxy
+/// also trims its own log). A log is for the last failure, not an archive.
+pub const MAX_LOG_BYTES: u64 = 1024 * 1024;
+const LOG_CHECK_EVERY: Duration = Duration::from_secs(10);
 
 impl Supervisor {
     /// `owner` identifies this vncd's proxies: the canonical state directory path.
@@ -171,7 +203,23 @@ impl Supervisor {
             exits: None,
             children: Default::default(),
             cache: Default::default(),
+            proxy_user: None,
+            logs_checked: Default::default(),
+            reap: false,
+            reaper: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Makes vncd a child subreaper and reaps the orphans that come to it (see
+    /// [`reaper`]), without touching the proxies this supervisor waits for. Takes effect
+    /// at the first [`Supervisor::observe`], inside the runtime.
+    pub fn reap_orphans(&mut self) {
+        self.reap = true;
+    }
+
+    /// Runs every proxy as `user` (see [`ProxyUser`]).
+    pub fn run_proxies_as(&mut self, user: Option<ProxyUser>) {
+        self.proxy_user = user;
     }
 
     /// Where proxies that exit on their own are reported.
@@ -195,12 +243,67 @@ impl Supervisor {
         }
     }
 
-    /// Scans and classifies in one go; see [`classify`].
+    /// Scans and classifies in one go; see [`classify`]. Where the backend keeps stats
+    /// files, [`Observation::clients`] counts only authenticated clients (see
+    /// [`Supervisor::authenticated_clients`]).
     pub fn observe(&self, leases: &BTreeMap<String, Lease>) -> Observation {
+        if self.reap {
+            self.reaper
+                .get_or_init(|| reaper::start(self.children.clone()));
+        }
         let marked = self.scan();
-        match self.cache.lock() {
+        let mut obs = match self.cache.lock() {
             Ok(mut c) => classify_cached(marked, leases, &mut c),
             Err(_) => classify(marked, leases),
+        };
+        self.count_authenticated(&mut obs);
+        self.cap_logs(&obs);
+        obs
+    }
+
+    /// Truncates the log of every live proxy that grew past [`MAX_LOG_BYTES`], at most
+    /// every [`LOG_CHECK_EVERY`]. This covers websockify, which cannot trim its own log;
+    /// the log is opened with O_APPEND, so the proxy simply goes on writing at the start.
+    fn cap_logs(&self, obs: &Observation) {
+        let Ok(mut checked) = self.logs_checked.lock() else {
+            return;
+        };
+        if checked.is_some_and(|t| t.elapsed() < LOG_CHECK_EVERY) {
+            return;
+        }
+        *checked = Some(std::time::Instant::now());
+        for session in obs.proxies.keys() {
+            let path = self.log_dir.join(format!("{session}.log"));
+            if let Err(e) = truncate_if_over(&path, MAX_LOG_BYTES) {
+                tracing::debug!(path = %path.display(), error = %e, "cannot check proxy log");
+            }
+        }
+    }
+
+    /// The clients of `session`'s proxy `process` that passed the token check, from the
+    /// proxy's stats file; `None` when this backend keeps no stats (websockify) or the
+    /// file is missing or from another process.
+    pub fn authenticated_clients(&self, session: &str, process: ProcRef) -> Option<usize> {
+        let path = self.stats_file(session)?;
+        let pid = u32::try_from(process.pid).ok()?;
+        crate::proxy::stats::authenticated_clients(&path, pid)
+            .map(|n| usize::try_from(n).unwrap_or(usize::MAX))
+    }
+
+    /// Replaces the established-connection counts of [`classify`] by the authenticated
+    /// counts where the proxy publishes them. An established TCP connection proves
+    /// nothing: anyone who can reach the port (a scanner, a client without the token,
+    /// a slowloris) would otherwise keep a session from ever expiring for idleness. The
+    /// proxy counts a websocket session only once it passed the token and Origin checks.
+    /// The count is never more than the established connections: with `--proxy-user` the
+    /// stats files are written by the (less trusted) proxies.
+    fn count_authenticated(&self, obs: &mut Observation) {
+        for (session, n) in obs.clients.iter_mut() {
+            if let Some(ProxyState::Running { process, .. }) = obs.proxies.get(session)
+                && let Some(auth) = self.authenticated_clients(session, *process)
+            {
+                *n = auth.min(*n);
+            }
         }
     }
 
@@ -215,13 +318,40 @@ impl Supervisor {
             token: lease.token.clone(),
             token_file: None,
         };
+        let user = self.proxy_user.as_ref();
+        let mut stdin = Stdio::null();
         if let Some(content) = self.backend.token_file(&spec) {
             let path = self.token_dir().join(format!("{}.token", lease.session));
-            write_private(&path, content.as_bytes()).map_err(|source| SpawnError::Token {
+            let token_err = |source| SpawnError::Token {
                 path: path.clone(),
                 source,
-            })?;
-            spec.token_file = Some(path);
+            };
+            write_private(&path, content.as_bytes()).map_err(token_err)?;
+            match user {
+                // The proxy gets the open file, never the path: only root can read it.
+                Some(_) if self.backend.token_on_stdin() => {
+                    stdin = Stdio::from(open_nofollow(&path).map_err(token_err)?);
+                    spec.token_file = Some(PathBuf::from("-"));
+                }
+                // websockify re-reads the file by path: it must own it (still 0600) and
+                // reach it (search permission on tokens/ and, in Kubernetes mode, on the
+                // namespace directory below it).
+                Some(u) => {
+                    u.give(&path).map_err(token_err)?;
+                    let tokens = self.token_dir();
+                    for dir in path.ancestors().skip(1) {
+                        if !dir.starts_with(&tokens) {
+                            break;
+                        }
+                        add_search_permission(dir).map_err(token_err)?;
+                    }
+                    spec.token_file = Some(path.clone());
+                }
+                None => spec.token_file = Some(path.clone()),
+            }
+        }
+        if let Some(u) = user {
+            self.prepare_for(u)?;
         }
         let mut line = self.backend.command(&spec);
         if let Some(path) = self.stats_file(&lease.session)
@@ -229,7 +359,10 @@ impl Supervisor {
         {
             // A missing directory only costs the counters; the proxy still serves.
             if let Some(dir) = path.parent()
-                && let Err(e) = private_dir(dir)
+                && let Err(e) = private_dir(dir).and_then(|()| match user {
+                    Some(u) => u.give(dir),
+                    None => Ok(()),
+                })
             {
                 tracing::warn!(dir = %dir.display(), error = %e, "cannot create stats directory");
             }
@@ -257,12 +390,20 @@ impl Supervisor {
             .env(marker::LEASE, &lease.uid)
             .env(marker::PORT, lease.port.to_string())
             .env(marker::TARGET, lease.target.to_string())
-            .stdin(Stdio::null())
+            .stdin(stdin)
             // A file, not a pipe: the proxy must outlive us without SIGPIPE.
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log2))
             .process_group(0)
             .kill_on_drop(false);
+        if let Some(u) = user {
+            // std drops supplementary groups (setgroups(0)) when root changes the uid, so
+            // the proxy has exactly this uid and gid.
+            cmd.uid(u.uid).gid(u.gid);
+        }
+        // Spawned and registered under the children lock, which the orphan reaper holds
+        // while it reaps: it can never take this child's exit status from us.
+        let mut tracked = self.children.lock().ok();
         let mut child = cmd.spawn().map_err(|source| SpawnError::Exec {
             program: line.program.clone(),
             session: lease.session.clone(),
@@ -275,13 +416,14 @@ impl Supervisor {
             .id()
             .and_then(|p| i32::try_from(p).ok())
             .ok_or_else(vanished)?;
+        if let Some(c) = tracked.as_mut() {
+            c.insert(pid, false);
+        }
+        drop(tracked);
         let st = procfs::stat(pid).ok_or_else(vanished)?;
         let exits = self.exits.clone();
         let session = lease.session.clone();
         let children = self.children.clone();
-        if let Ok(mut c) = children.lock() {
-            c.insert(pid, false);
-        }
         // Reap the child (no zombies) and say why it ended, unless we ended it.
         tokio::spawn(async move {
             let status = match child.wait().await {
@@ -332,8 +474,36 @@ impl Supervisor {
         {
             *stopping = true;
         }
-        terminate(process.pid, leads_group, self.grace).await;
+        terminate(process, &self.owner, leads_group, self.grace).await;
         true
+    }
+
+    /// What a proxy running as `user` needs: a way through the state directory to its
+    /// stats file (search permission only, no listing; leases.json and sessions.json
+    /// stay 0600 root), the stats directory as its own, and for a backend that reads
+    /// its token file by path, the tokens directory searchable too.
+    fn prepare_for(&self, user: &ProxyUser) -> Result<(), SpawnError> {
+        let err = |path: &Path| {
+            let path = path.to_owned();
+            let user = user.to_string();
+            move |source| SpawnError::ProxyUser { path, user, source }
+        };
+        if let Some(state) = self.log_dir.parent() {
+            add_search_permission(state).map_err(err(state))?;
+        }
+        if self.backend.stats_args(Path::new("x")).is_some() {
+            let stats = self.log_dir.with_file_name("stats");
+            private_dir(&stats)
+                .and_then(|()| user.give(&stats))
+                .map_err(err(&stats))?;
+        }
+        if !self.backend.token_on_stdin() {
+            let tokens = self.token_dir();
+            private_dir(&tokens)
+                .and_then(|()| add_search_permission(&tokens))
+                .map_err(err(&tokens))?;
+        }
+        Ok(())
     }
 
     /// Token files live beside the logs, in a directory only we can read.
@@ -358,9 +528,29 @@ impl Supervisor {
         }
     }
 
-    /// The last non-empty line a proxy wrote to its log, for failure messages.
+    /// The last non-empty line a proxy wrote to its log, for failure messages (which go
+    /// to statuses, Kubernetes Events and vncd's own log), with tokens redacted: websockify
+    /// logs request lines, `GET /websockify?token=...` included, and names unknown
+    /// (often mistyped) tokens.
     pub fn last_log_line(&self, session: &str) -> Option<String> {
-        last_line(&self.log_dir.join(format!("{session}.log")))
+        let line = last_line(&self.log_dir.join(format!("{session}.log")))?;
+        let token = self.current_token(session);
+        Some(redact::tokens(&line, token.as_deref()))
+    }
+
+    /// The token in `session`'s token file (either backend's format), if any.
+    fn current_token(&self, session: &str) -> Option<String> {
+        use std::io::Read;
+        let path = self.token_dir().join(format!("{session}.token"));
+        let mut text = String::new();
+        open_nofollow(&path)
+            .ok()?
+            .take(4096)
+            .read_to_string(&mut text)
+            .ok()?;
+        // builtin: `TOKEN\n`; websockify: `TOKEN: HOST:PORT\n`.
+        let token = text.split([':', '\n', ' ']).next()?.trim();
+        (!token.is_empty()).then(|| token.to_owned())
     }
 }
 
@@ -563,17 +753,81 @@ fn open_log(path: &Path) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
     // Kubernetes session keys are `namespace/name`: one log directory per namespace.
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+        private_dir(dir)?;
     }
-    // Keep logs bounded: start over once a log passes 1 MiB.
-    let too_big = std::fs::metadata(path).is_ok_and(|m| m.len() > 1024 * 1024);
-    std::fs::OpenOptions::new()
+    // Always O_APPEND (so a later truncation, by us or by the proxy, is safe); keep logs
+    // bounded: start over once a log passes MAX_LOG_BYTES. O_NOFOLLOW: a symlink planted
+    // in the logs directory must not make root append to some other file.
+    let log = std::fs::OpenOptions::new()
         .create(true)
-        .append(!too_big)
-        .write(true)
-        .truncate(too_big)
+        .append(true)
         .mode(0o600)
-        .open(path)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = log.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    if meta.len() > MAX_LOG_BYTES {
+        log.set_len(0)?;
+    }
+    Ok(log)
+}
+
+/// Opens an existing regular file for reading without following a symlink.
+fn open_nofollow(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    Ok(f)
+}
+
+/// Truncates the log at `path` to nothing if it is larger than `max`.
+fn truncate_if_over(path: &Path, max: u64) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if std::fs::symlink_metadata(path)?.len() <= max {
+        return Ok(());
+    }
+    let mut log = std::fs::OpenOptions::new()
+        .append(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path)?;
+    if log.metadata()?.is_file() {
+        log.set_len(0)?;
+        writeln!(
+            log,
+            "[vncd: log truncated, it grew past {max} bytes at {}]",
+            jiff::Timestamp::now()
+        )?;
+    }
+    Ok(())
+}
+
+/// Adds search (x) permission for group and others to a directory of ours, so a proxy
+/// run as another user can reach one known file inside without listing it. Write
+/// permission for group and others is taken away at the same time: a proxy user that
+/// could write there (a Kubernetes emptyDir is created 0777) could rename `tokens/` or
+/// `logs/` away and put its own in their place.
+fn add_search_permission(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir)?.permissions().mode() & 0o7777;
+    let want = (mode | 0o011) & !0o022;
+    if want != mode {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(want))?;
+    }
+    Ok(())
 }
 
 fn last_line(path: &Path) -> Option<String> {
@@ -599,8 +853,32 @@ fn proc_alive(pid: i32) -> bool {
     procfs::stat(pid).is_some_and(|s| s.is_alive())
 }
 
-/// SIGTERM, wait up to `grace`, SIGKILL, wait a little more.
-async fn terminate(pid: i32, group: bool, grace: Duration) {
+/// Whether `process` (or, once its leader is gone, some member of its group) still
+/// carries our marker. Checked again right before the SIGKILL that follows the grace
+/// period: in those seconds the proxy may have exited and its pid been reused, or the
+/// process may have exec'd into something that is no longer our proxy.
+fn still_ours(process: ProcRef, owner: &str, group: bool) -> bool {
+    let marked = |pid: i32| {
+        procfs::environ(pid)
+            .is_some_and(|env| env.get(marker::OWNER).map(String::as_str) == Some(owner))
+    };
+    match procfs::stat(process.pid).filter(procfs::Stat::is_alive) {
+        Some(st) => st.start_time == process.start_time && marked(process.pid),
+        // The leader is gone; a pid in use as a process group id is never handed out
+        // again, so the group is still the one the leader made.
+        None => {
+            group
+                && procfs::pids().into_iter().any(|p| {
+                    procfs::stat(p).is_some_and(|s| s.pgid == process.pid && s.is_alive())
+                        && marked(p)
+                })
+        }
+    }
+}
+
+/// SIGTERM, wait up to `grace`, SIGKILL (only if still provably ours), wait a little more.
+async fn terminate(process: ProcRef, owner: &str, group: bool, grace: Duration) {
+    let pid = process.pid;
     let signal = |sig| {
         let _ = if group {
             killpg(Pid::from_raw(pid), sig)
@@ -621,6 +899,13 @@ async fn terminate(pid: i32, group: bool, grace: Duration) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     if alive() {
+        if !still_ours(process, owner, group) {
+            tracing::warn!(
+                pid,
+                "not sending SIGKILL: the process is no longer provably our proxy"
+            );
+            return;
+        }
         signal(Signal::SIGKILL);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
         while alive() && tokio::time::Instant::now() < deadline {
@@ -637,4 +922,105 @@ fn proc_or_members(pgid: i32) -> bool {
     procfs::pids()
         .into_iter()
         .any(|p| procfs::stat(p).is_some_and(|s| s.pgid == pgid && s.is_alive()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::CommandExt;
+
+    /// Kills and reaps a child we started, whatever the test did.
+    struct Reap(std::process::Child);
+
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    fn marked_child(owner: &str, script: &str) -> (Reap, ProcRef) {
+        let child = std::process::Command::new("sh")
+            .args(["-c", script])
+            .env(marker::OWNER, owner)
+            .process_group(0)
+            .spawn()
+            .expect("sh");
+        let pid = i32::try_from(child.id()).expect("pid");
+        let st = procfs::stat(pid).expect("stat");
+        (
+            Reap(child),
+            ProcRef {
+                pid,
+                start_time: st.start_time,
+            },
+        )
+    }
+
+    #[test]
+    fn a_running_proxys_log_is_cut_back_past_the_cap_and_never_through_a_symlink() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("vm1.log");
+        // The proxy's end: an O_APPEND descriptor that keeps writing.
+        let mut proxy_end = open_log(&path).expect("log");
+        proxy_end.write_all(&[b'x'; 3000]).expect("write");
+        truncate_if_over(&path, 4096).expect("check");
+        assert_eq!(
+            std::fs::metadata(&path).expect("meta").len(),
+            3000,
+            "under the cap"
+        );
+        proxy_end.write_all(&[b'y'; 2000]).expect("write");
+        truncate_if_over(&path, 4096).expect("check");
+        proxy_end.write_all(b"after\n").expect("write");
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert!(text.starts_with("[vncd: log truncated"), "{text}");
+        assert!(text.ends_with("after\n") && !text.contains("xxx"), "{text}");
+        // A symlink in place of a log is neither truncated through nor opened.
+        let outside = dir.path().join("outside");
+        std::fs::write(&outside, vec![b'z'; 9000]).expect("write");
+        let link = dir.path().join("vm2.log");
+        std::os::unix::fs::symlink(&outside, &link).expect("symlink");
+        let _ = truncate_if_over(&link, 10);
+        assert!(open_log(&link).is_err());
+        assert_eq!(std::fs::metadata(&outside).expect("meta").len(), 9000);
+    }
+
+    #[tokio::test]
+    async fn sigkill_after_the_grace_period_goes_only_to_a_process_still_ours() {
+        let owner = format!("/vncd-test-owner-{}", std::process::id());
+        // Ignores SIGTERM and stays ours: SIGKILLed after the grace period.
+        let (mut stubborn, p) = marked_child(&owner, "trap '' TERM; exec sleep 30");
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(still_ours(p, &owner, true));
+        terminate(p, &owner, true, Duration::from_millis(300)).await;
+        let st = stubborn.0.wait().expect("wait");
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&st),
+            Some(9),
+            "{st}"
+        );
+
+        // Ignores SIGTERM and, during the grace period, becomes another program without
+        // our marker (what a reused pid looks like): no SIGKILL.
+        let (mut changed, p) =
+            marked_child(&owner, "trap '' TERM; sleep 0.3; exec env -i sleep 30");
+        // Give sh time to install its trap.
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(still_ours(p, &owner, true));
+        terminate(p, &owner, true, Duration::from_millis(800)).await;
+        assert!(
+            changed.0.try_wait().expect("try_wait").is_none(),
+            "SIGKILL sent to a process that was no longer ours"
+        );
+        assert!(!still_ours(p, &owner, true));
+        // A wrong start time (the pid was reused) is not ours either.
+        let reused = ProcRef {
+            pid: p.pid,
+            start_time: p.start_time + 1,
+        };
+        assert!(!still_ours(reused, &owner, true));
+        let _ = changed.0.kill();
+    }
 }

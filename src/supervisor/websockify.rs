@@ -1,6 +1,8 @@
 //! The websockify backend: how to start websockify for one session.
 
-use std::path::PathBuf;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
 
 use super::{Backend, CommandLine, ProxySpec, Tls};
 use crate::session::Endpoint;
@@ -24,6 +26,11 @@ impl Backend for Websockify {
         if let Some(web) = &spec.web {
             args.push("--web".to_owned());
             args.push(web.display().to_string());
+            // No directory listings: serve the noVNC files, nothing that shows what else
+            // the directory holds (websockify 0.11 and later; see `supports_file_only`).
+            if supports_file_only(&self.program) {
+                args.push("--file-only".to_owned());
+            }
         }
         if let Some(tls) = &self.tls {
             args.extend([
@@ -73,6 +80,33 @@ impl Backend for Websockify {
     }
 }
 
+/// Whether `program` (a websockify) knows `--file-only`, which turns off directory
+/// listings under `--web`. websockify 0.10 (Debian 12) does not, and exits with "no such
+/// option" when given it; 0.11 and later do. Asked once per program (`--help`) and
+/// remembered; `vncd run` asks at start so no spawn waits for it.
+pub fn supports_file_only(program: &Path) -> bool {
+    static KNOWN: OnceLock<Mutex<HashMap<PathBuf, bool>>> = OnceLock::new();
+    let known = KNOWN.get_or_init(Default::default);
+    if let Some(&yes) = known
+        .lock()
+        .ok()
+        .and_then(|k| k.get(program).copied())
+        .as_ref()
+    {
+        return yes;
+    }
+    let yes = std::process::Command::new(program)
+        .arg("--help")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("--file-only"));
+    if let Ok(mut k) = known.lock() {
+        k.insert(program.to_owned(), yes);
+    }
+    yes
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -91,8 +125,9 @@ mod tests {
 
     #[test]
     fn builds_tcp_and_unix_command_lines_without_tokens() {
+        // A program that cannot run knows no --file-only.
         let w = Websockify {
-            program: "websockify".into(),
+            program: "/nonexistent/websockify".into(),
             tls: None,
         };
         let tcp = Endpoint::Tcp {
@@ -114,6 +149,41 @@ mod tests {
                 "--unix-target=/run/vm.sock",
                 "0.0.0.0:6100"
             ]
+        );
+    }
+
+    #[test]
+    fn file_only_is_passed_with_web_when_the_websockify_knows_it() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let fake = dir.path().join("websockify");
+        std::fs::write(
+            &fake,
+            "#!/bin/sh\necho '  --file-only  disallow directory listings'\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let w = Websockify {
+            program: fake,
+            tls: None,
+        };
+        let tcp = Endpoint::Tcp {
+            host: "127.0.0.1".into(),
+            port: 5901,
+        };
+        assert_eq!(
+            w.command(&spec(tcp.clone(), Some("/w"), None)).args,
+            [
+                "--web",
+                "/w",
+                "--file-only",
+                "0.0.0.0:6100",
+                "127.0.0.1:5901"
+            ]
+        );
+        assert_eq!(
+            w.command(&spec(tcp, None, None)).args,
+            ["0.0.0.0:6100", "127.0.0.1:5901"]
         );
     }
 
