@@ -54,7 +54,7 @@ fn attack(port: u16, i: u64) -> bool {
         return false;
     };
     let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    let req = if i % 2 == 0 {
+    let req = if i.is_multiple_of(2) {
         "GET /?token=wrong HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".to_string()
     } else {
         format!("\x16\x03\x01garbage {i}\r\n\r\n")

@@ -24,8 +24,8 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
@@ -33,7 +33,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get};
 
-use crate::health::Synced;
+use crate::health::{PassClock, Synced};
 use crate::metrics::Metrics;
 use crate::status::UrlStyle;
 
@@ -47,73 +47,6 @@ pub struct Health {
     /// When the controller last completed a pass, and how long it may go without one.
     /// A clone can be handed to the controller, like `synced`.
     pub passes: PassClock,
-}
-
-/// Liveness of the controller loop: when it last completed a pass. Cheap to clone;
-/// clones share the clock.
-#[derive(Clone, Debug, Default)]
-pub struct PassClock(Arc<Passes>);
-
-#[derive(Debug)]
-struct Passes {
-    base: Instant,
-    /// Milliseconds after `base` of the last completed pass, plus one; 0 = none yet.
-    last: AtomicU64,
-    /// Longest time without a completed pass before /healthz fails, in milliseconds.
-    limit_ms: AtomicU64,
-}
-
-impl Default for Passes {
-    fn default() -> Self {
-        Passes {
-            base: Instant::now(),
-            last: AtomicU64::new(0),
-            limit_ms: AtomicU64::new(ms(DEFAULT_STALE_AFTER)),
-        }
-    }
-}
-
-/// How long /healthz tolerates no completed pass when no resync interval was given.
-pub const DEFAULT_STALE_AFTER: Duration = Duration::from_secs(60);
-/// Passes (resync intervals) that may be missed before /healthz fails.
-const MISSED_PASSES: u32 = 5;
-/// The least staleness limit: a slow pass over hundreds of sessions is not a hang.
-const MIN_STALE_AFTER: Duration = Duration::from_secs(30);
-
-fn ms(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-impl PassClock {
-    /// A pass completed (observe, plan, persist, act, report).
-    pub fn completed(&self) {
-        let p = &self.0;
-        let now = ms(p.base.elapsed()).saturating_add(1);
-        p.last.store(now, Ordering::Relaxed);
-    }
-
-    /// Passes come at least every `resync`: stale after `5 * resync`, at least 30 s.
-    pub fn expect_every(&self, resync: Duration) {
-        let limit = (resync * MISSED_PASSES).max(MIN_STALE_AFTER);
-        self.0.limit_ms.store(ms(limit), Ordering::Relaxed);
-    }
-
-    /// Fresh, or why not. Before the first completed pass it is always fresh.
-    pub fn check(&self) -> Result<(), String> {
-        let p = &self.0;
-        let last = p.last.load(Ordering::Relaxed);
-        if last == 0 {
-            return Ok(());
-        }
-        let since = ms(p.base.elapsed()).saturating_sub(last - 1);
-        let limit = p.limit_ms.load(Ordering::Relaxed);
-        if since > limit {
-            return Err(format!(
-                "unhealthy: no controller pass completed for {since} ms (limit {limit} ms)\n"
-            ));
-        }
-        Ok(())
-    }
 }
 
 impl Health {
@@ -560,7 +493,7 @@ mod tests {
         assert!(get_status(addr, "/healthz").await.contains("200"));
         // A loop that stopped: passes go stale. (The limit is at least 30 s in real use;
         // set it directly here.)
-        state.health.passes.0.limit_ms.store(100, Ordering::Relaxed);
+        state.health.passes.set_limit(Duration::from_millis(100));
         tokio::time::sleep(Duration::from_millis(250)).await;
         let (st, body) = request(addr, "GET", "/healthz").await;
         assert!(st.contains("503"), "{st}");
@@ -569,15 +502,9 @@ mod tests {
         assert!(get_status(addr, "/healthz").await.contains("200"));
         // The limit follows the resync interval, never below 30 s.
         state.health.expect_passes_every(Duration::from_secs(2));
-        assert_eq!(
-            state.health.passes.0.limit_ms.load(Ordering::Relaxed),
-            30_000
-        );
+        assert_eq!(state.health.passes.limit(), Duration::from_secs(30));
         state.health.expect_passes_every(Duration::from_secs(20));
-        assert_eq!(
-            state.health.passes.0.limit_ms.load(Ordering::Relaxed),
-            100_000
-        );
+        assert_eq!(state.health.passes.limit(), Duration::from_secs(100));
     }
 
     #[tokio::test]

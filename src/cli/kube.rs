@@ -195,6 +195,7 @@ async fn serve(args: KubeArgs, setup: Setup) -> anyhow::Result<ExitCode> {
         let _ = stop_tx.send(true);
     });
     let c = connect(&args, &setup.url).await?;
+    c.health.expect_passes_every(setup.config.resync);
     let lease_cfg = setup.lease.clone();
     let _janitor = (!args.node_gone_grace.is_zero()).then(|| {
         let cfg = JanitorConfig {
@@ -271,7 +272,8 @@ async fn serve(args: KubeArgs, setup: Setup) -> anyhow::Result<ExitCode> {
         StatusBuilder::new(setup.url),
         setup.config,
     )
-    .with_metrics(c.metrics);
+    .with_metrics(c.metrics)
+    .with_pass_clock(c.health.passes.clone());
     let mut lost = None;
     let shutdown = async {
         tokio::select! {

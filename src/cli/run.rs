@@ -87,6 +87,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         let store = FileStore::new(state.clone(), lock_timeout);
         let sink = FileSink::new(state.sessions(), supervisor.backend_name());
         let health = Health::standalone();
+        health.expect_passes_every(config.resync);
         let metrics = Metrics::new();
         if let Some(addr) = args.http {
             crate::http::serve_api(
@@ -117,7 +118,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             config,
         )
         .with_metrics(metrics)
-        .with_synced(health.synced.clone());
+        .with_synced(health.synced.clone())
+        .with_pass_clock(health.passes.clone());
         controller.run(shutdown_signal()).await?;
         anyhow::Ok(())
     })?;

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
-use crate::health::Synced;
+use crate::health::{PassClock, Synced};
 use crate::metrics::Metrics;
 use crate::reconcile::{self, Limits};
 use crate::source::{Snapshot, Source};
@@ -61,13 +61,15 @@ pub struct Controller<S, L, R> {
     metrics: Metrics,
     /// Set after the first full pass, for a readiness probe.
     synced: Option<Synced>,
+    /// Ticked after every pass, for a liveness probe that catches a hung loop.
+    passes: Option<PassClock>,
     // Configuration.
     config: LoopConfig,
     // State: the persisted leases as last committed or loaded, and what passes remember.
     leases: LeaseSet,
     memory: Memory,
     exits: mpsc::UnboundedReceiver<Exit>,
-    passes: u64,
+    pass_count: u64,
 }
 
 /// Why the controller stopped.
@@ -96,11 +98,12 @@ impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
             statuses,
             metrics: Metrics::default(),
             synced: None,
+            passes: None,
             config,
             leases: LeaseSet::default(),
             memory: Memory::default(),
             exits: rx,
-            passes: 0,
+            pass_count: 0,
         }
     }
 
@@ -116,6 +119,12 @@ impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
         self
     }
 
+    /// Ticks `clock` after every pass (liveness: `/healthz` fails when the loop hangs).
+    pub fn with_pass_clock(mut self, clock: PassClock) -> Self {
+        self.passes = Some(clock);
+        self
+    }
+
     /// Runs until `shutdown` resolves. Leases are loaded first: a store that cannot be
     /// read stops vncd before it touches anything.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), ControllerError> {
@@ -128,6 +137,9 @@ impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
         tokio::pin!(shutdown);
         loop {
             let busy = self.pass().await;
+            if let Some(clock) = &self.passes {
+                clock.completed();
+            }
             let wait = if busy { BUSY_POLL } else { self.config.resync };
             tokio::select! {
                 () = &mut shutdown => break,
@@ -193,8 +205,8 @@ impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
 
     /// One pass of observe -> plan -> persist -> act -> report, timed, in a `pass` span.
     async fn converge(&mut self, snapshot: &Snapshot) -> bool {
-        self.passes += 1;
-        let span = info_span!("pass", n = self.passes);
+        self.pass_count += 1;
+        let span = info_span!("pass", n = self.pass_count);
         let started = Instant::now();
         let busy = self.stages(snapshot).instrument(span).await;
         self.metrics.observe_pass(started.elapsed());
