@@ -90,6 +90,10 @@ pub struct Inputs<'a> {
     pub expired: &'a BTreeMap<String, Expiry>,
     /// How long each session's port has had no client, for sessions with a live proxy.
     pub idle_ms: &'a BTreeMap<String, u64>,
+    /// Sessions whose live proxy runs with other security-relevant settings than vncd has
+    /// now (TLS files, origins, web dir, listen address, proxy user): replaced one at a
+    /// time, each only once no other proxy is starting.
+    pub stale: &'a BTreeSet<String>,
     pub limits: Limits,
     /// A monotonic clock, for backoff.
     pub now_ms: u64,
@@ -108,6 +112,8 @@ pub enum StopReason {
     NotListening,
     /// Its session reached its idle timeout or maximum lifetime.
     Expired,
+    /// vncd's proxy settings changed since it was started (see [`Inputs::stale`]).
+    ConfigChanged,
 }
 
 /// One step towards the desired state.
@@ -261,6 +267,7 @@ pub mod reason {
     pub const TERMINATING: &str = "Terminating";
     pub const IDLE_TIMEOUT: &str = "IdleTimeout";
     pub const MAX_LIFETIME: &str = "MaxLifetime";
+    pub const CONFIG_CHANGED: &str = "ConfigChanged";
 
     /// The reports of a session that waits for a port: each start of such a wait counts
     /// as an allocation failure (the one list the controller and the metrics share).
@@ -295,11 +302,21 @@ pub struct Plan {
     pub busy: bool,
 }
 
+/// Proxies in motion during one plan: how many are starting (bounded by
+/// [`Limits::max_starting`]), and whether a stale proxy may be replaced (one at a time,
+/// and only while none is starting, so a settings change never takes every console down
+/// at once).
+#[derive(Debug)]
+struct Slots {
+    starting: usize,
+    replace: bool,
+}
+
 /// Decides what to do. See the module docs.
 pub fn plan(input: &Inputs<'_>) -> Plan {
     let mut out = Plan::default();
     let mut ports = Allocator::new(input);
-    let mut starting = input
+    let starting = input
         .proxies
         .values()
         .filter(|p| {
@@ -312,8 +329,12 @@ pub fn plan(input: &Inputs<'_>) -> Plan {
             )
         })
         .count();
+    let mut slots = Slots {
+        starting,
+        replace: starting == 0,
+    };
     for (name, want) in input.desired {
-        let report = plan_desired(input, want, &mut ports, &mut starting, &mut out);
+        let report = plan_desired(input, want, &mut ports, &mut slots, &mut out);
         out.reports.insert(name.clone(), report);
     }
     release_undesired(input, &mut out);
@@ -344,7 +365,7 @@ fn plan_desired(
     input: &Inputs<'_>,
     want: &Desired,
     ports: &mut Allocator<'_>,
-    starting: &mut usize,
+    slots: &mut Slots,
     out: &mut Plan,
 ) -> Report {
     let name = &want.name;
@@ -369,7 +390,7 @@ fn plan_desired(
             }
             report
         }
-        Some(lease) => converge_leased(input, want, lease, starting, out),
+        Some(lease) => converge_leased(input, want, lease, slots, out),
     }
 }
 
@@ -575,7 +596,7 @@ fn converge_leased(
     input: &Inputs<'_>,
     want: &Desired,
     lease: &Lease,
-    starting: &mut usize,
+    slots: &mut Slots,
     out: &mut Plan,
 ) -> Report {
     let name = &want.name;
@@ -601,6 +622,24 @@ fn converge_leased(
         }
         ProxyState::Running {
             process,
+            listening: true,
+            ..
+        } if input.stale.contains(name.as_str()) && slots.replace => {
+            slots.replace = false;
+            out.actions.push(Action::Stop {
+                session: name.clone(),
+                process,
+                why: StopReason::ConfigChanged,
+            });
+            out.busy = true;
+            Report::new(
+                Phase::Pending,
+                reason::CONFIG_CHANGED,
+                "replacing the proxy: vncd's proxy settings changed (TLS files, origins, web directory, listen address or proxy user)",
+            )
+        }
+        ProxyState::Running {
+            process,
             listening,
             age_ms,
         } => running(input, name, lease, process, listening, age_ms, out),
@@ -608,7 +647,7 @@ fn converge_leased(
             move_lease(want, lease, wrong_port, out)
         }
         ProxyState::Absent if input.busy.contains(&lease.port) => port_taken(want, lease, out),
-        ProxyState::Absent => start_or_wait(input, name, lease, starting, out),
+        ProxyState::Absent => start_or_wait(input, name, lease, slots, out),
     }
 }
 
@@ -749,7 +788,7 @@ fn start_or_wait(
     input: &Inputs<'_>,
     name: &str,
     lease: &Lease,
-    starting: &mut usize,
+    slots: &mut Slots,
     out: &mut Plan,
 ) -> Report {
     let restart = input.restarts.get(name).cloned().unwrap_or_default();
@@ -764,17 +803,18 @@ fn start_or_wait(
         };
         return Report::new(phase, reason, format!("{why}; restarting in {wait} ms"));
     }
-    if *starting >= input.limits.max_starting {
+    if slots.starting >= input.limits.max_starting {
         return Report::new(
             Phase::Pending,
             reason::QUEUED,
             format!(
                 "waiting for a start slot ({} proxies are starting)",
-                *starting
+                slots.starting
             ),
         );
     }
-    *starting += 1;
+    slots.starting += 1;
+    slots.replace = false;
     out.actions.push(Action::Start {
         session: name.to_owned(),
     });

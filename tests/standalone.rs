@@ -1338,3 +1338,102 @@ async fn proxy_user_without_the_capabilities_to_supervise_is_refused_at_start() 
         "a proxy was started"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn adopted_proxies_follow_changed_settings_one_at_a_time() {
+    let qemu = Qemu::tcp();
+    let mut v = Vncd::new(4);
+    v.extra = vec!["--origin".into(), "http://a.example".into()];
+    if backend() == "websockify" {
+        // websockify has no Origin allowlist: change its web directory instead.
+        let web = v.tmp.path().join("web-a");
+        std::fs::create_dir_all(&web).unwrap();
+        v.extra = vec!["--web".into(), web.display().to_string()];
+    }
+    v.start();
+    v.add_session("vm1", qemu.port);
+    v.add_session("vm2", qemu.port);
+    let one = v.wait_ready("vm1");
+    let two = v.wait_ready("vm2");
+    // Same settings: a restarted vncd adopts both proxies as they are.
+    v.terminate();
+    v.start();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(v.wait_ready("vm1")["pid"], one["pid"]);
+    assert_eq!(v.wait_ready("vm2")["pid"], two["pid"]);
+    // Other settings: every adopted proxy is replaced, one at a time, and the log says why.
+    v.terminate();
+    let mark = v.log().len();
+    if backend() == "websockify" {
+        let web = v.tmp.path().join("web-b");
+        std::fs::create_dir_all(&web).unwrap();
+        v.extra = vec!["--web".into(), web.display().to_string()];
+    } else {
+        v.extra = vec!["--origin".into(), "http://b.example".into()];
+    }
+    v.start();
+    wait_for("both proxies replaced", Duration::from_secs(30), || {
+        let a = v.item("vm1")?["status"].clone();
+        let b = v.item("vm2")?["status"].clone();
+        (a["phase"] == "Ready"
+            && b["phase"] == "Ready"
+            && a["pid"] != one["pid"]
+            && b["pid"] != two["pid"])
+            .then_some(())
+    });
+    let log = v.log()[mark..].to_owned();
+    let events: Vec<&str> = log
+        .lines()
+        .filter_map(|l| {
+            if l.contains("stopping proxy") && l.contains("ConfigChanged") {
+                Some("stop")
+            } else if l.contains("started proxy") {
+                Some("start")
+            } else {
+                None
+            }
+        })
+        .collect();
+    assert_eq!(events, ["stop", "start", "stop", "start"], "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_renewed_tls_certificate_reaches_the_proxy_within_a_resync() {
+    let qemu = Qemu::tcp();
+    let mut v = Vncd::new(3);
+    let first = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let cert = v.tmp.path().join("cert.pem");
+    let key = v.tmp.path().join("key.pem");
+    std::fs::write(&cert, first.cert.pem()).unwrap();
+    std::fs::write(&key, first.signing_key.serialize_pem()).unwrap();
+    v.extra.extend([
+        "--tls-cert".into(),
+        cert.display().to_string(),
+        "--tls-key".into(),
+        key.display().to_string(),
+    ]);
+    v.start();
+    v.add_session("vm1", qemu.port);
+    let st = v.wait_ready("vm1");
+    let url = url_of(&st);
+    assert_eq!(wss_banner(&url, first.cert.der()).await, b"RFB 003.008\n");
+    // The certificate is renewed on disk (as cert-manager or certbot would): new files
+    // replace the old ones by rename.
+    let second = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let tmp_cert = v.tmp.path().join("cert.pem.new");
+    let tmp_key = v.tmp.path().join("key.pem.new");
+    std::fs::write(&tmp_cert, second.cert.pem()).unwrap();
+    std::fs::write(&tmp_key, second.signing_key.serialize_pem()).unwrap();
+    std::fs::rename(&tmp_key, &key).unwrap();
+    std::fs::rename(&tmp_cert, &cert).unwrap();
+    let renewed = wait_for(
+        "the proxy restarted with the new certificate",
+        Duration::from_secs(20),
+        || {
+            let s = v.item("vm1")?["status"].clone();
+            (s["phase"] == "Ready" && s["pid"] != st["pid"]).then_some(s)
+        },
+    );
+    assert_eq!(renewed["url"], st["url"], "the same lease serves on");
+    assert_eq!(wss_banner(&url, second.cert.der()).await, b"RFB 003.008\n");
+}

@@ -182,6 +182,8 @@ async fn pass(
             restarts: &BTreeMap::new(),
             expired: &set.expired,
             idle_ms: &BTreeMap::new(),
+            // Cleanup replaces nothing: `vncd run` judges its own settings.
+            stale: &BTreeSet::new(),
             wall_now: Timestamp::now(),
             limits: Limits {
                 range: eff.range,

@@ -49,6 +49,8 @@ struct Sim {
     expired: BTreeMap<String, crate::lease::Expiry>,
     /// Idle time per session, as the controller would measure it.
     idle: BTreeMap<String, u64>,
+    /// Sessions whose running proxy was started under other settings.
+    stale: BTreeSet<String>,
     now: u64,
     next_pid: i32,
     limits: Limits,
@@ -66,6 +68,7 @@ impl Sim {
             restarts: BTreeMap::new(),
             expired: BTreeMap::new(),
             idle: BTreeMap::new(),
+            stale: BTreeSet::new(),
             now: 1_000_000,
             next_pid: 100,
             limits: limits(max),
@@ -110,6 +113,7 @@ impl Sim {
             restarts: &self.restarts,
             expired: &self.expired,
             idle_ms: &self.idle,
+            stale: &self.stale,
             limits: self.limits,
             now_ms: self.now,
             wall_now: Timestamp::from_millisecond(i64::try_from(self.now).unwrap()).unwrap(),
@@ -195,6 +199,8 @@ impl Sim {
                     return;
                 }
                 let p = self.spawn();
+                // A new proxy is started with the current settings.
+                self.stale.remove(session);
                 self.procs.insert(session.clone(), (p, false, self.now));
                 self.leases.get_mut(session).expect("lease").process = Some(p);
             }
@@ -505,6 +511,7 @@ fn protected_sessions_keep_their_lease_and_proxy() {
         restarts: &BTreeMap::new(),
         expired: &BTreeMap::new(),
         idle_ms: &BTreeMap::new(),
+        stale: &BTreeSet::new(),
         limits: sim.limits,
         now_ms: 0,
         wall_now: Timestamp::UNIX_EPOCH,
@@ -708,4 +715,63 @@ proptest! {
             }
         }
     }
+}
+
+#[test]
+fn proxies_started_under_other_settings_are_replaced_one_at_a_time() {
+    let mut sim = Sim::new(5);
+    for n in ["a", "b", "c"] {
+        sim.desired.insert(n.into(), desired(n, 5901, None));
+    }
+    sim.converge();
+    let before: BTreeMap<String, ProcRef> = sim
+        .procs
+        .iter()
+        .map(|(s, (p, _, _))| (s.clone(), *p))
+        .collect();
+    sim.stale = ["a", "b", "c"].iter().map(|s| (*s).to_owned()).collect();
+    let mut replaced_per_pass = Vec::new();
+    for _ in 0..40 {
+        let p = sim.step();
+        let replaced = p
+            .actions
+            .iter()
+            .filter(|a| {
+                matches!(
+                    a,
+                    Action::Stop {
+                        why: StopReason::ConfigChanged,
+                        ..
+                    }
+                )
+            })
+            .count();
+        let starting = sim
+            .procs
+            .values()
+            .filter(|(_, listening, _)| !listening)
+            .count();
+        assert!(replaced <= 1, "more than one replacement in a pass: {p:?}");
+        assert!(
+            replaced == 0
+                || starting == 0
+                || p.actions.iter().any(|a| matches!(a, Action::Start { .. })),
+            "a replacement while another proxy was starting: {p:?}"
+        );
+        replaced_per_pass.push(replaced);
+        if sim.stale.is_empty() && sim.procs.values().all(|(_, l, _)| *l) {
+            break;
+        }
+    }
+    assert!(sim.stale.is_empty(), "not every stale proxy was replaced");
+    for (s, p) in &before {
+        assert_ne!(sim.procs[s].0, *p, "{s} still runs its old proxy");
+    }
+    assert_eq!(replaced_per_pass.iter().sum::<usize>(), 3);
+    // Never two replacements in consecutive passes: the next waits for the previous one
+    // to be started and listening again.
+    assert!(
+        replaced_per_pass.windows(2).all(|w| w[0] + w[1] <= 1),
+        "{replaced_per_pass:?}"
+    );
 }

@@ -51,6 +51,14 @@ impl Backend for Builtin {
         "builtin"
     }
 
+    fn settings(&self) -> String {
+        format!("{:?} {:?} {:?}", self.program, self.tls, self.origins)
+    }
+
+    fn tls(&self) -> Option<&Tls> {
+        self.tls.as_ref()
+    }
+
     fn command(&self, spec: &ProxySpec) -> CommandLine {
         let listen = std::net::SocketAddr::new(spec.listen, spec.port).to_string();
         let mut args = Vec::new();

@@ -37,6 +37,10 @@ pub mod marker {
     pub const LEASE: &str = "VNCD_MARK_LEASE";
     pub const PORT: &str = "VNCD_MARK_PORT";
     pub const TARGET: &str = "VNCD_MARK_TARGET";
+    /// A digest of the security-relevant settings the proxy was started with
+    /// ([`super::Supervisor::config_digest`]), so a vncd restarted with other settings
+    /// replaces the proxies it adopts instead of serving under the old ones.
+    pub const CONFIG: &str = "VNCD_MARK_CONFIG";
 }
 
 /// What a backend needs to build a proxy's command line.
@@ -86,6 +90,15 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     fn token_on_stdin(&self) -> bool {
         false
     }
+    /// The backend's security-relevant settings as text (program, TLS files, origins...),
+    /// for [`Supervisor::config_digest`].
+    fn settings(&self) -> String {
+        String::new()
+    }
+    /// The TLS files the proxies load, whose changes on disk must reach them.
+    fn tls(&self) -> Option<&Tls> {
+        None
+    }
 }
 
 /// A process that carries our owner marker.
@@ -97,6 +110,8 @@ pub struct Marked {
     pub lease: String,
     pub port: Option<u16>,
     pub target: Option<String>,
+    /// [`marker::CONFIG`]: the settings digest it was started with (None: an older vncd).
+    pub config: Option<String>,
 }
 
 /// What one scan of /proc found.
@@ -110,6 +125,9 @@ pub struct Observation {
     pub marked: Vec<Marked>,
     /// Connected clients per leased session with a live proxy.
     pub clients: BTreeMap<String, usize>,
+    /// Sessions whose live proxy was started with other security-relevant settings than
+    /// vncd has now (see [`Supervisor::config_digest`]): replaced, one at a time.
+    pub stale: BTreeSet<String>,
 }
 
 /// A proxy that ended on its own, reported so the controller can react at once.
@@ -246,6 +264,59 @@ impl Supervisor {
     /// Scans and classifies in one go; see [`classify`]. Where the backend keeps stats
     /// files, [`Observation::clients`] counts only authenticated clients (see
     /// [`Supervisor::authenticated_clients`]).
+    /// A digest of every setting that decides what a proxy exposes: the backend and its
+    /// program, TLS files (paths, and the identity, size and mtime of their contents, so a
+    /// renewed certificate counts as a change), allowed origins, the web directory, the
+    /// listen address and the proxy user. A stable hash (FNV-1a), not std's, so a new
+    /// vncd build does not see every adopted proxy as changed.
+    pub fn config_digest(&self) -> String {
+        use std::os::unix::fs::MetadataExt;
+        let mut text = format!(
+            "{}\n{}\n{}\n{:?}\n{:?}",
+            self.backend.name(),
+            self.backend.settings(),
+            self.listen,
+            self.web,
+            self.proxy_user.as_ref().map(ToString::to_string)
+        );
+        if let Some(tls) = self.backend.tls() {
+            for f in [&tls.cert, &tls.key] {
+                let stamp = std::fs::metadata(f).map_or((0, 0, 0, 0), |m| {
+                    (
+                        m.dev(),
+                        m.ino(),
+                        m.size(),
+                        m.mtime_nsec() + m.mtime() * 1_000_000_000,
+                    )
+                });
+                text.push_str(&format!("\n{} {stamp:?}", f.display()));
+            }
+        }
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in text.bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        format!("{h:016x}")
+    }
+
+    /// Sessions whose running proxy carries another settings digest than [`Self::config_digest`].
+    fn stale_proxies(&self, obs: &Observation) -> BTreeSet<String> {
+        let now = self.config_digest();
+        obs.proxies
+            .iter()
+            .filter_map(|(session, state)| match state {
+                ProxyState::Running { process, .. } => obs
+                    .marked
+                    .iter()
+                    .find(|m| m.process == *process)
+                    .filter(|m| m.config.as_deref() != Some(now.as_str()))
+                    .map(|_| session.clone()),
+                ProxyState::Absent => None,
+            })
+            .collect()
+    }
+
     pub fn observe(&self, leases: &BTreeMap<String, Lease>) -> Observation {
         if self.reap {
             self.reaper
@@ -258,6 +329,7 @@ impl Supervisor {
         };
         self.count_authenticated(&mut obs);
         self.cap_logs(&obs);
+        obs.stale = self.stale_proxies(&obs);
         obs
     }
 
@@ -390,6 +462,7 @@ impl Supervisor {
             .env(marker::LEASE, &lease.uid)
             .env(marker::PORT, lease.port.to_string())
             .env(marker::TARGET, lease.target.to_string())
+            .env(marker::CONFIG, self.config_digest())
             .stdin(stdin)
             // A file, not a pipe: the proxy must outlive us without SIGPIPE.
             .stdout(Stdio::from(log))
@@ -573,6 +646,7 @@ struct Marker {
     lease: String,
     port: Option<u16>,
     target: Option<String>,
+    config: Option<String>,
 }
 
 fn read_marker(pid: i32, owner: &str) -> Option<Marker> {
@@ -585,6 +659,7 @@ fn read_marker(pid: i32, owner: &str) -> Option<Marker> {
         lease: env.get(marker::LEASE).cloned().unwrap_or_default(),
         port: env.get(marker::PORT).and_then(|p| p.parse().ok()),
         target: env.get(marker::TARGET).cloned(),
+        config: env.get(marker::CONFIG).cloned(),
     })
 }
 
@@ -617,6 +692,7 @@ pub fn scan_cached(owner: &str, cache: &mut ScanCache) -> Vec<Marked> {
                 lease: mark.lease,
                 port: mark.port,
                 target: mark.target,
+                config: mark.config,
             })
         })
         .collect();

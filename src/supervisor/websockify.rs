@@ -21,6 +21,14 @@ impl Backend for Websockify {
         "websockify"
     }
 
+    fn settings(&self) -> String {
+        format!("{:?} {:?}", self.program, self.tls)
+    }
+
+    fn tls(&self) -> Option<&Tls> {
+        self.tls.as_ref()
+    }
+
     fn command(&self, spec: &ProxySpec) -> CommandLine {
         let mut args = Vec::new();
         if let Some(web) = &spec.web {
