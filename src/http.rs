@@ -100,6 +100,10 @@ pub struct AppState {
     pub metrics: Option<Metrics>,
     /// How `/v1/sessions` writes URLs.
     pub urls: Option<UrlStyle>,
+    /// Serve the unauthenticated `/v1/*` views (404 when false). Standalone serves them;
+    /// Kubernetes mode only with `--http-api`, since the API server already holds that
+    /// state behind RBAC and the chart binds `--http` on the host's addresses.
+    pub v1: bool,
 }
 
 async fn healthz(State(state): State<AppState>) -> Response {
@@ -165,7 +169,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
 
 /// The controller's last view; 404 without metrics, 503 before the first pass.
 fn view(state: &AppState) -> Result<crate::metrics::View, (StatusCode, &'static str)> {
-    let Some(m) = &state.metrics else {
+    let (true, Some(m)) = (state.v1, &state.metrics) else {
         return Err((StatusCode::NOT_FOUND, NOT_ENABLED));
     };
     let v = m.view();
@@ -420,6 +424,7 @@ mod tests {
                 web: false,
                 tls: false,
             }),
+            v1: true,
         };
         let addr = serve("127.0.0.1:0".parse().unwrap(), router(state.clone()))
             .await

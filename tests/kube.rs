@@ -181,6 +181,9 @@ async fn single(ns: &str, node: &str) -> Single {
     c.create_namespace(ns);
     let qemu = Qemu::tcp();
     let mut v = KubeVncd::new(node, Some(ns), ns, 5);
+    // These tests also read the seed's /v1/* views, which Kubernetes mode serves only
+    // when asked to.
+    v.extra.push("--http-api".into());
     v.start();
     let client = c.client().await;
     let api = Api::namespaced(client.clone(), ns);
@@ -982,6 +985,16 @@ async fn a_tenant_cannot_point_a_session_at_the_nodes_other_services() {
     };
     create(&api, "file", unix).await;
     let refused = ["kubelet", "metadata", "by-name", "file"];
+    // Without --http-api the unauthenticated /v1/* views are not served in Kubernetes
+    // mode (the probes and /metrics are).
+    for (path, code) in [
+        ("/v1/sessions", 404),
+        ("/v1/status", 404),
+        ("/metrics", 200),
+    ] {
+        let (got, body) = v.get(path).expect("GET");
+        assert_eq!(got, code, "{path}: {body}");
+    }
     let items = wait_objects(
         &api,
         "one Ready and four TargetNotAllowed",

@@ -52,6 +52,11 @@ pub struct KubeArgs {
     /// Seconds a silent holder keeps the node lease before a standby takes over.
     #[arg(long, env = "VNCD_LEASE_DURATION", value_name = "SECONDS", value_parser = seconds, default_value = "15")]
     pub lease_duration: Duration,
+    /// Also serve the unauthenticated `/v1/status` and `/v1/sessions` on `--http` [default:
+    /// off: the API server holds that state behind RBAC, and `--http` usually listens on
+    /// the node's addresses; /healthz, /readyz and /metrics are always served].
+    #[arg(long, env = "VNCD_HTTP_API")]
+    pub http_api: bool,
     /// Seconds a node must be gone (no Node object, its node lease not renewed) before
     /// one elected instance removes its sessions' finalizers and marks them NodeGone, so
     /// deleting them (or their namespace) does not hang; 0 turns this off.
@@ -174,6 +179,7 @@ async fn connect(args: &KubeArgs, url: &crate::status::UrlStyle) -> anyhow::Resu
                 health: health.clone(),
                 metrics: Some(metrics.clone()),
                 urls: Some(url.clone()),
+                v1: args.http_api,
             },
         )
         .await?;

@@ -96,6 +96,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                     health: health.clone(),
                     metrics: Some(metrics.clone()),
                     urls: Some(url.clone()),
+                    v1: true,
                 },
             )
             .await?;
