@@ -203,24 +203,7 @@ async fn serve(args: KubeArgs, setup: Setup) -> anyhow::Result<ExitCode> {
     let c = connect(&args, &setup.url).await?;
     c.health.expect_passes_every(setup.config.resync);
     let lease_cfg = setup.lease.clone();
-    let _janitor = (!args.node_gone_grace.is_zero()).then(|| {
-        let cfg = JanitorConfig {
-            namespace: lease_cfg.namespace.clone(),
-            identity: lease_cfg.identity.clone(),
-            grace: args.node_gone_grace,
-            every: (args.node_gone_grace / 4)
-                .clamp(Duration::from_millis(500), Duration::from_secs(30)),
-            lease_duration: lease_cfg.duration,
-        };
-        let writer = Writer::new(c.client.clone(), c.metered.clone());
-        AbortOnDrop(tokio::spawn(janitor::run(
-            c.client.clone(),
-            c.api.clone(),
-            cfg,
-            writer,
-            c.metered.clone(),
-        )))
-    });
+    let _janitor = start_janitor(&args, &c, &lease_cfg);
     info!(node = %lease_cfg.node, lease = %lease_cfg.name(), namespace = %lease_cfg.namespace, identity = %lease_cfg.identity, "taking the node lease");
     let held = tokio::select! {
         held = NodeLease::new(c.client.clone(), lease_cfg.clone(), c.metered.clone()).acquire() => held,
@@ -245,22 +228,7 @@ async fn serve(args: KubeArgs, setup: Setup) -> anyhow::Result<ExitCode> {
         }
     }
     let watch_stats = source.stats();
-    let store = KubeStatusStore::new(
-        c.api,
-        writer.clone(),
-        objects.clone(),
-        node,
-        setup.url.clone(),
-        events.clone(),
-    );
-    let sink = KubeStatusSink::new(
-        writer.clone(),
-        objects,
-        node,
-        setup.url.clone(),
-        events.clone(),
-        c.health.synced.clone(),
-    );
+    let (store, sink) = adapters(&c, &writer, objects, node, &setup.url, &events);
     info!(
         node = %node,
         namespace = args.namespace.as_deref().unwrap_or("(all)"),
@@ -301,6 +269,58 @@ async fn serve(args: KubeArgs, setup: Setup) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The Kubernetes lease store and status sink of `node`, sharing one object cache, one
+/// counted writer and one event publisher.
+fn adapters(
+    c: &Connected,
+    writer: &Writer,
+    objects: Objects,
+    node: &str,
+    url: &crate::status::UrlStyle,
+    events: &Events,
+) -> (KubeStatusStore, KubeStatusSink) {
+    let store = KubeStatusStore::new(
+        c.api.clone(),
+        writer.clone(),
+        objects.clone(),
+        node,
+        url.clone(),
+        events.clone(),
+    );
+    let sink = KubeStatusSink::new(
+        writer.clone(),
+        objects,
+        node,
+        url.clone(),
+        events.clone(),
+        c.health.synced.clone(),
+    );
+    (store, sink)
+}
+
+/// Starts the janitor for sessions of nodes that are gone, unless `--node-gone-grace 0`.
+fn start_janitor(args: &KubeArgs, c: &Connected, lease: &LeaseConfig) -> Option<AbortOnDrop> {
+    if args.node_gone_grace.is_zero() {
+        return None;
+    }
+    let cfg = JanitorConfig {
+        namespace: lease.namespace.clone(),
+        identity: lease.identity.clone(),
+        grace: args.node_gone_grace,
+        every: (args.node_gone_grace / 4)
+            .clamp(Duration::from_millis(500), Duration::from_secs(30)),
+        lease_duration: lease.duration,
+    };
+    let writer = Writer::new(c.client.clone(), c.metered.clone());
+    Some(AbortOnDrop(tokio::spawn(janitor::run(
+        c.client.clone(),
+        c.api.clone(),
+        cfg,
+        writer,
+        c.metered.clone(),
+    ))))
 }
 
 /// A background task that ends with its owner.

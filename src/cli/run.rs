@@ -39,6 +39,30 @@ pub struct RunArgs {
     pub http: Option<SocketAddr>,
 }
 
+/// Records what this controller really runs with, for `vncd status | get | cleanup`
+/// (written under the controller lock, so the record is always this instance's).
+fn record_config(
+    args: &RunArgs,
+    state: &crate::store::file::StateDir,
+    supervisor: &crate::supervisor::Supervisor,
+    url: &crate::status::UrlStyle,
+) -> anyhow::Result<()> {
+    let pool = &args.serve.pool;
+    crate::runconfig::RunConfig {
+        format: crate::runconfig::FORMAT,
+        vncd_version: env!("CARGO_PKG_VERSION").into(),
+        sessions_dir: crate::runconfig::normalize(&args.sessions.sessions_dir),
+        port_range: pool.port_range,
+        max_sessions: pool.max_sessions,
+        backend: supervisor.backend_name().into(),
+        listen_address: args.serve.listen_address,
+        public_host: url.public_host.clone(),
+        libvirt: args.libvirt.libvirt_uri.clone(),
+    }
+    .write(state.root())?;
+    Ok(())
+}
+
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let state = args.state.dir();
     state.create()?;
@@ -62,20 +86,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .supervisor(owner.clone(), &state.root().join("logs"))?;
     let url = args.serve.url_style();
     let pool = args.serve.pool.clone();
-    // What this controller really runs with, for `vncd status | get | cleanup` (written
-    // under the controller lock, so the record is always this instance's).
-    crate::runconfig::RunConfig {
-        format: crate::runconfig::FORMAT,
-        vncd_version: env!("CARGO_PKG_VERSION").into(),
-        sessions_dir: crate::runconfig::normalize(&args.sessions.sessions_dir),
-        port_range: pool.port_range,
-        max_sessions: pool.max_sessions,
-        backend: supervisor.backend_name().into(),
-        listen_address: args.serve.listen_address,
-        public_host: url.public_host.clone(),
-        libvirt: args.libvirt.libvirt_uri.clone(),
-    }
-    .write(state.root())?;
+    record_config(&args, &state, &supervisor, &url)?;
     let rt = runtime()?;
     rt.block_on(async move {
         let source = DirSource::watch(&args.sessions.sessions_dir, pool.port_range)?;

@@ -118,106 +118,18 @@ where
     let (mut ws_tx, mut ws_rx) = ws.split();
     let mut to_target = 0u64;
     let mut to_client = 0u64;
-    // When the client was last heard of, in milliseconds since `base` (the future must be
-    // Send, so an atomic rather than a Cell; both pumps run in this one task anyway).
-    let base = Instant::now();
-    let last_heard = AtomicU64::new(0);
-    let heard = || base + Duration::from_millis(last_heard.load(Ordering::Relaxed));
-    let silence_limit = ping_every * 2;
-
-    let end = {
-        let upstream = async {
-            while let Some(msg) = ws_rx.next().await {
-                let since = u64::try_from(base.elapsed().as_millis()).unwrap_or(u64::MAX);
-                last_heard.store(since, Ordering::Relaxed);
-                let data = match msg {
-                    Ok(Message::Binary(b)) => b,
-                    // noVNC sends binary; forward text payloads as bytes too, like websockify.
-                    Ok(Message::Text(t)) => t.into(),
-                    Ok(Message::Close(_)) => return End::Client,
-                    // Pings are answered by tungstenite itself; nothing else carries data.
-                    Ok(_) => continue,
-                    // A client that just drops the connection is not a protocol error.
-                    Err(WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake)) => {
-                        return End::ClientError;
-                    }
-                    Err(WsError::Protocol(_) | WsError::Utf8(_)) => return End::ProtocolError,
-                    Err(WsError::Capacity(_)) => return End::TooBig,
-                    Err(_) => return End::ClientError,
-                };
-                if target_tx.write_all(&data).await.is_err() {
-                    return End::TargetError;
-                }
-                to_target += data.len() as u64;
-                counters.to_target(data.len());
-            }
-            End::Client
-        };
-        let downstream = async {
-            let mut buf = vec![0u8; MIN_CHUNK];
-            let mut small_reads = 0u32;
-            let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
-            ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                // `read` is cancel-safe: a ping never loses target bytes.
-                let read = tokio::select! {
-                    r = target_rx.read(&mut buf) => r,
-                    _ = ping.tick() => {
-                        if ws_tx.send(Message::Ping(Default::default())).await.is_err() {
-                            return End::ClientError;
-                        }
-                        continue;
-                    }
-                };
-                let n = match read {
-                    Ok(0) => return End::Target,
-                    Ok(n) => n,
-                    Err(_) => return End::TargetError,
-                };
-                if ws_tx
-                    .send(Message::Binary(buf[..n].to_vec().into()))
-                    .await
-                    .is_err()
-                {
-                    return End::ClientError;
-                }
-                to_client += n as u64;
-                counters.to_client(n);
-                if n == buf.len() && buf.len() < MAX_CHUNK {
-                    buf.resize(buf.len() * 2, 0);
-                    small_reads = 0;
-                } else if n < MIN_CHUNK && buf.len() > MIN_CHUNK {
-                    // Back to small after a quiet spell, not after one short read.
-                    small_reads += 1;
-                    if small_reads == 64 {
-                        buf = vec![0u8; MIN_CHUNK];
-                        small_reads = 0;
-                    }
-                }
-            }
-        };
-        let stopped = async {
+    // When the client was last heard of (see `Heard`); both pumps run in this one task.
+    let heard = Heard::new();
+    let end = tokio::select! {
+        e = upstream(&mut ws_rx, &mut target_tx, counters, &heard, &mut to_target) => e,
+        e = downstream(&mut target_rx, &mut ws_tx, counters, ping_every, &mut to_client) => e,
+        e = async {
             // An error means the sender is gone: treat it like a stop.
             let _ = stop.wait_for(|s| *s).await;
             End::Shutdown
-        };
-        let watchdog = async {
-            loop {
-                let deadline = heard() + silence_limit;
-                if Instant::now() >= deadline {
-                    return End::ClientTimeout;
-                }
-                tokio::time::sleep_until(deadline).await;
-            }
-        };
-        tokio::select! {
-            e = upstream => e,
-            e = downstream => e,
-            e = stopped => e,
-            e = watchdog => e,
-        }
+        } => e,
+        e = heard.silence(ping_every * 2) => e,
     };
-
     let _ = target_tx.shutdown().await;
     drop(target_tx);
     drop(target_rx);
@@ -227,9 +139,144 @@ where
         to_client,
     };
     // Both halves come from the same split, so this cannot fail.
-    let Ok(ws) = ws_tx.reunite(ws_rx) else {
-        return stats;
-    };
+    if let Ok(ws) = ws_tx.reunite(ws_rx) {
+        finish(ws, end).await;
+    }
+    stats
+}
+
+/// When the client was last heard of, in milliseconds since `base` (the future must be
+/// Send, so an atomic rather than a Cell).
+struct Heard {
+    base: Instant,
+    last: AtomicU64,
+}
+
+impl Heard {
+    fn new() -> Self {
+        Heard {
+            base: Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    fn now(&self) {
+        let since = u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last.store(since, Ordering::Relaxed);
+    }
+
+    /// Resolves once the client has been silent for `limit` (no frame, not even a pong).
+    async fn silence(&self, limit: Duration) -> End {
+        loop {
+            let heard = self.base + Duration::from_millis(self.last.load(Ordering::Relaxed));
+            let deadline = heard + limit;
+            if Instant::now() >= deadline {
+                return End::ClientTimeout;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+}
+
+/// Client to target: websocket messages become bytes for the VNC server.
+async fn upstream<S, W>(
+    ws_rx: &mut futures::stream::SplitStream<WebSocketStream<S>>,
+    target_tx: &mut W,
+    counters: &Counters,
+    heard: &Heard,
+    to_target: &mut u64,
+) -> End
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    while let Some(msg) = ws_rx.next().await {
+        heard.now();
+        let data = match msg {
+            Ok(Message::Binary(b)) => b,
+            // noVNC sends binary; forward text payloads as bytes too, like websockify.
+            Ok(Message::Text(t)) => t.into(),
+            Ok(Message::Close(_)) => return End::Client,
+            // Pings are answered by tungstenite itself; nothing else carries data.
+            Ok(_) => continue,
+            // A client that just drops the connection is not a protocol error.
+            Err(WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake)) => {
+                return End::ClientError;
+            }
+            Err(WsError::Protocol(_) | WsError::Utf8(_)) => return End::ProtocolError,
+            Err(WsError::Capacity(_)) => return End::TooBig,
+            Err(_) => return End::ClientError,
+        };
+        if target_tx.write_all(&data).await.is_err() {
+            return End::TargetError;
+        }
+        *to_target += data.len() as u64;
+        counters.to_target(data.len());
+    }
+    End::Client
+}
+
+/// Target to client: VNC bytes become binary messages, in chunks that grow while the
+/// target keeps filling them; a ping every `ping_every` keeps the client honest.
+async fn downstream<S, R>(
+    target_rx: &mut R,
+    ws_tx: &mut futures::stream::SplitSink<WebSocketStream<S>, Message>,
+    counters: &Counters,
+    ping_every: Duration,
+    to_client: &mut u64,
+) -> End
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    R: AsyncRead + Unpin,
+{
+    let mut buf = vec![0u8; MIN_CHUNK];
+    let mut small_reads = 0u32;
+    let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        // `read` is cancel-safe: a ping never loses target bytes.
+        let read = tokio::select! {
+            r = target_rx.read(&mut buf) => r,
+            _ = ping.tick() => {
+                if ws_tx.send(Message::Ping(Default::default())).await.is_err() {
+                    return End::ClientError;
+                }
+                continue;
+            }
+        };
+        let n = match read {
+            Ok(0) => return End::Target,
+            Ok(n) => n,
+            Err(_) => return End::TargetError,
+        };
+        if ws_tx
+            .send(Message::Binary(buf[..n].to_vec().into()))
+            .await
+            .is_err()
+        {
+            return End::ClientError;
+        }
+        *to_client += n as u64;
+        counters.to_client(n);
+        if n == buf.len() && buf.len() < MAX_CHUNK {
+            buf.resize(buf.len() * 2, 0);
+            small_reads = 0;
+        } else if n < MIN_CHUNK && buf.len() > MIN_CHUNK {
+            // Back to small after a quiet spell, not after one short read.
+            small_reads += 1;
+            if small_reads == 64 {
+                buf = vec![0u8; MIN_CHUNK];
+                small_reads = 0;
+            }
+        }
+    }
+}
+
+/// Ends the websocket the way `end` calls for: answer a client's close, or send one.
+async fn finish<S>(ws: WebSocketStream<S>, end: End)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     match end {
         End::Client => {
             // Answer the client's close frame (tungstenite queued the reply) and flush it.
@@ -244,5 +291,4 @@ where
         End::TargetError => close(ws, CloseCode::Error, "target connection failed").await,
         End::Shutdown => close(ws, CloseCode::Away, "proxy stopping").await,
     }
-    stats
 }

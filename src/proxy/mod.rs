@@ -191,14 +191,7 @@ fn web_root(dir: &Path) -> Result<PathBuf, ProxyError> {
 pub async fn run(args: ProxyArgs) -> Result<(), ProxyError> {
     let started = Instant::now();
     let shared = Arc::new(Shared::load(&args)?);
-    let mut sigterm = signal(SignalKind::terminate()).map_err(|source| ProxyError::Signal {
-        signal: "SIGTERM",
-        source,
-    })?;
-    let mut sigint = signal(SignalKind::interrupt()).map_err(|source| ProxyError::Signal {
-        signal: "SIGINT",
-        source,
-    })?;
+    let mut signals = Signals::new()?;
     let listener = TcpListener::bind(args.listen)
         .await
         .map_err(|source| ProxyError::Bind {
@@ -214,38 +207,112 @@ pub async fn run(args: ProxyArgs) -> Result<(), ProxyError> {
         web = shared.web.is_some(),
         "proxy listening"
     );
-
     let (stop_tx, stop_rx) = watch::channel(false);
-    let stats_writer = args.stats_file.clone().map(|path| {
-        tokio::spawn(stats::writer(
-            path,
-            shared.counters.clone(),
-            stop_rx.clone(),
-        ))
-    });
-    let refusal_reporter = tokio::spawn(refusals::reporter(
-        shared.refusals.clone(),
-        Duration::from_secs(args.refusal_log_interval),
-        stop_rx.clone(),
-    ));
-    if args.max_log_bytes > 0 {
-        tokio::spawn(logcap::watch_stderr(args.max_log_bytes, stop_rx.clone()));
+    let background = Background::start(&args, &shared, &stop_rx);
+    let mut tasks = JoinSet::new();
+    let reason = accept_loop(
+        &args,
+        &shared,
+        &listener,
+        &mut signals,
+        &mut tasks,
+        &stop_rx,
+        started,
+    )
+    .await;
+    drop(listener);
+    info!(reason, connections = tasks.len(), "proxy stopping");
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(STOP_GRACE, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    tasks.shutdown().await;
+    background.finish(&args, &shared).await;
+    Ok(())
+}
+
+/// SIGTERM and SIGINT, which end the proxy gracefully.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Self, ProxyError> {
+        let sig = |kind, name| {
+            signal(kind).map_err(|source| ProxyError::Signal {
+                signal: name,
+                source,
+            })
+        };
+        Ok(Signals {
+            term: sig(SignalKind::terminate(), "SIGTERM")?,
+            int: sig(SignalKind::interrupt(), "SIGINT")?,
+        })
     }
+}
+
+/// The proxy's background tasks: the stats file, the refusal summary and the log cap.
+struct Background {
+    stats_writer: Option<tokio::task::JoinHandle<()>>,
+    refusal_reporter: tokio::task::JoinHandle<()>,
+}
+
+impl Background {
+    fn start(args: &ProxyArgs, shared: &Arc<Shared>, stop: &watch::Receiver<bool>) -> Self {
+        let stats_writer = args
+            .stats_file
+            .clone()
+            .map(|path| tokio::spawn(stats::writer(path, shared.counters.clone(), stop.clone())));
+        let refusal_reporter = tokio::spawn(refusals::reporter(
+            shared.refusals.clone(),
+            Duration::from_secs(args.refusal_log_interval),
+            stop.clone(),
+        ));
+        if args.max_log_bytes > 0 {
+            tokio::spawn(logcap::watch_stderr(args.max_log_bytes, stop.clone()));
+        }
+        Background {
+            stats_writer,
+            refusal_reporter,
+        }
+    }
+
+    /// After the stop: the last refusal summary and the final counters are written.
+    async fn finish(self, args: &ProxyArgs, shared: &Shared) {
+        let _ = self.refusal_reporter.await;
+        if let (Some(task), Some(path)) = (self.stats_writer, &args.stats_file) {
+            let _ = task.await;
+            stats::write_final(path, &shared.counters);
+        }
+    }
+}
+
+/// Accepts and serves connections until a signal, the maximum lifetime or the idle
+/// timeout; returns why it stopped.
+async fn accept_loop(
+    args: &ProxyArgs,
+    shared: &Arc<Shared>,
+    listener: &TcpListener,
+    signals: &mut Signals,
+    tasks: &mut JoinSet<()>,
+    stop_rx: &watch::Receiver<bool>,
+    started: Instant,
+) -> &'static str {
     let rejecting = Arc::new(AtomicUsize::new(0));
     let connection_no = AtomicU64::new(0);
-    let mut tasks = JoinSet::new();
     let idle = (args.idle_timeout > 0).then(|| Duration::from_secs(args.idle_timeout));
     let end_of_life =
         (args.max_lifetime > 0).then(|| started + Duration::from_secs(args.max_lifetime));
     let mut idle_since = started;
-
-    let reason = loop {
+    loop {
         let idle_deadline = idle.filter(|_| tasks.is_empty()).map(|d| idle_since + d);
         tokio::select! {
-            _ = sigterm.recv() => break "SIGTERM",
-            _ = sigint.recv() => break "SIGINT",
-            () = sleep_until(end_of_life) => break "max lifetime reached",
-            () = sleep_until(idle_deadline) => break "idle timeout",
+            _ = signals.term.recv() => return "SIGTERM",
+            _ = signals.int.recv() => return "SIGINT",
+            () = sleep_until(end_of_life) => return "max lifetime reached",
+            () = sleep_until(idle_deadline) => return "idle timeout",
             Some(done) = tasks.join_next(), if !tasks.is_empty() => {
                 if let Err(e) = done {
                     warn!(error = %e, "connection task failed");
@@ -258,7 +325,7 @@ pub async fn run(args: ProxyArgs) -> Result<(), ProxyError> {
                 Ok((sock, peer)) => {
                     let n = connection_no.fetch_add(1, Ordering::Relaxed) + 1;
                     let Ok(slot) = shared.slots.admit(n) else {
-                        reject_excess(&shared, sock, &rejecting);
+                        reject_excess(shared, sock, &rejecting);
                         continue;
                     };
                     // One span per connection: every line it logs names the peer and the
@@ -274,22 +341,7 @@ pub async fn run(args: ProxyArgs) -> Result<(), ProxyError> {
                 }
             },
         }
-    };
-
-    drop(listener);
-    info!(reason, connections = tasks.len(), "proxy stopping");
-    let _ = stop_tx.send(true);
-    let _ = tokio::time::timeout(STOP_GRACE, async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
-    tasks.shutdown().await;
-    let _ = refusal_reporter.await;
-    if let (Some(task), Some(path)) = (stats_writer, &args.stats_file) {
-        let _ = task.await;
-        stats::write_final(path, &shared.counters);
     }
-    Ok(())
 }
 
 /// Answers a connection over `--max-connections` (every slot authenticated) with 503 (plain HTTP only; a TLS client

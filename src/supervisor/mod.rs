@@ -390,94 +390,17 @@ impl Supervisor {
             token: lease.token.clone(),
             token_file: None,
         };
-        let user = self.proxy_user.as_ref();
-        let mut stdin = Stdio::null();
-        if let Some(content) = self.backend.token_file(&spec) {
-            let path = self.token_dir().join(format!("{}.token", lease.session));
-            let token_err = |source| SpawnError::Token {
-                path: path.clone(),
-                source,
-            };
-            write_private(&path, content.as_bytes()).map_err(token_err)?;
-            match user {
-                // The proxy gets the open file, never the path: only root can read it.
-                Some(_) if self.backend.token_on_stdin() => {
-                    stdin = Stdio::from(open_nofollow(&path).map_err(token_err)?);
-                    spec.token_file = Some(PathBuf::from("-"));
-                }
-                // websockify re-reads the file by path: it must own it (still 0600) and
-                // reach it (search permission on tokens/ and, in Kubernetes mode, on the
-                // namespace directory below it).
-                Some(u) => {
-                    u.give(&path).map_err(token_err)?;
-                    let tokens = self.token_dir();
-                    for dir in path.ancestors().skip(1) {
-                        if !dir.starts_with(&tokens) {
-                            break;
-                        }
-                        add_search_permission(dir).map_err(token_err)?;
-                    }
-                    spec.token_file = Some(path.clone());
-                }
-                None => spec.token_file = Some(path.clone()),
-            }
-        }
-        if let Some(u) = user {
+        let stdin = self.token_input(lease, &mut spec)?;
+        if let Some(u) = &self.proxy_user {
             self.prepare_for(u)?;
         }
         let mut line = self.backend.command(&spec);
-        if let Some(path) = self.stats_file(&lease.session)
-            && let Some(extra) = self.backend.stats_args(&path)
-        {
-            // A missing directory only costs the counters; the proxy still serves.
-            if let Some(dir) = path.parent()
-                && let Err(e) = private_dir(dir).and_then(|()| match user {
-                    Some(u) => u.give(dir),
-                    None => Ok(()),
-                })
-            {
-                tracing::warn!(dir = %dir.display(), error = %e, "cannot create stats directory");
-            }
-            line.args.extend(extra);
-        }
-        let log_path = self.log_dir.join(format!("{}.log", lease.session));
-        let log = open_log(&log_path).map_err(|source| SpawnError::Log {
-            path: log_path.clone(),
-            source,
-        })?;
-        let log2 = log.try_clone().map_err(|source| SpawnError::Log {
-            path: log_path.clone(),
-            source,
-        })?;
-        let mut cmd = tokio::process::Command::new(&line.program);
-        cmd.args(&line.args);
-        // Our own VNCD_* settings are not the proxy's business.
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("VNCD_") {
-                cmd.env_remove(k);
-            }
-        }
-        cmd.env(marker::OWNER, &self.owner)
-            .env(marker::SESSION, &lease.session)
-            .env(marker::LEASE, &lease.uid)
-            .env(marker::PORT, lease.port.to_string())
-            .env(marker::TARGET, lease.target.to_string())
-            .env(marker::CONFIG, self.config_digest())
-            .stdin(stdin)
-            // A file, not a pipe: the proxy must outlive us without SIGPIPE.
-            .stdout(Stdio::from(log))
-            .stderr(Stdio::from(log2))
-            .process_group(0)
-            .kill_on_drop(false);
-        if let Some(u) = user {
-            // std drops supplementary groups (setgroups(0)) when root changes the uid, so
-            // the proxy has exactly this uid and gid.
-            cmd.uid(u.uid).gid(u.gid);
-        }
+        self.add_stats_args(&lease.session, &mut line);
+        let mut cmd = self.command(lease, &line, stdin)?;
         // Spawned and registered under the children lock, which the orphan reaper holds
         // while it reaps: it can never take this child's exit status from us.
         let mut tracked = self.children.lock().ok();
-        let mut child = cmd.spawn().map_err(|source| SpawnError::Exec {
+        let child = cmd.spawn().map_err(|source| SpawnError::Exec {
             program: line.program.clone(),
             session: lease.session.clone(),
             source,
@@ -494,10 +417,117 @@ impl Supervisor {
         }
         drop(tracked);
         let st = procfs::stat(pid).ok_or_else(vanished)?;
+        self.watch_exit(child, pid, lease.session.clone());
+        Ok(ProcRef {
+            pid,
+            start_time: st.start_time,
+        })
+    }
+
+    /// Writes the session's token file (0600) and decides how the proxy gets it: as its
+    /// open standard input, or by path (chowned to `--proxy-user` for a backend that
+    /// re-reads it). Returns the proxy's standard input.
+    fn token_input(&self, lease: &Lease, spec: &mut ProxySpec) -> Result<Stdio, SpawnError> {
+        let Some(content) = self.backend.token_file(spec) else {
+            return Ok(Stdio::null());
+        };
+        let path = self.token_dir().join(format!("{}.token", lease.session));
+        let token_err = |source| SpawnError::Token {
+            path: path.clone(),
+            source,
+        };
+        write_private(&path, content.as_bytes()).map_err(token_err)?;
+        match &self.proxy_user {
+            // The proxy gets the open file, never the path: only root can read it.
+            Some(_) if self.backend.token_on_stdin() => {
+                spec.token_file = Some(PathBuf::from("-"));
+                return Ok(Stdio::from(open_nofollow(&path).map_err(token_err)?));
+            }
+            // websockify re-reads the file by path: it must own it (still 0600) and
+            // reach it (search permission on tokens/ and, in Kubernetes mode, on the
+            // namespace directory below it).
+            Some(u) => {
+                u.give(&path).map_err(token_err)?;
+                let tokens = self.token_dir();
+                for dir in path.ancestors().skip(1) {
+                    if !dir.starts_with(&tokens) {
+                        break;
+                    }
+                    add_search_permission(dir).map_err(token_err)?;
+                }
+            }
+            None => {}
+        }
+        spec.token_file = Some(path.clone());
+        Ok(Stdio::null())
+    }
+
+    /// The backend's arguments for per-session counters, with their directory prepared.
+    fn add_stats_args(&self, session: &str, line: &mut CommandLine) {
+        let Some(path) = self.stats_file(session) else {
+            return;
+        };
+        let Some(extra) = self.backend.stats_args(&path) else {
+            return;
+        };
+        // A missing directory only costs the counters; the proxy still serves.
+        if let Some(dir) = path.parent()
+            && let Err(e) = private_dir(dir).and_then(|()| match &self.proxy_user {
+                Some(u) => u.give(dir),
+                None => Ok(()),
+            })
+        {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot create stats directory");
+        }
+        line.args.extend(extra);
+    }
+
+    /// The proxy's command: its log as stdout and stderr (a file, so it outlives us
+    /// without SIGPIPE), our markers and no other VNCD_* settings in its environment, its
+    /// own process group, and `--proxy-user`'s uid and gid.
+    fn command(
+        &self,
+        lease: &Lease,
+        line: &CommandLine,
+        stdin: Stdio,
+    ) -> Result<tokio::process::Command, SpawnError> {
+        let log_path = self.log_dir.join(format!("{}.log", lease.session));
+        let log_err = |source| SpawnError::Log {
+            path: log_path.clone(),
+            source,
+        };
+        let log = open_log(&log_path).map_err(log_err)?;
+        let log2 = log.try_clone().map_err(log_err)?;
+        let mut cmd = tokio::process::Command::new(&line.program);
+        cmd.args(&line.args);
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("VNCD_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.env(marker::OWNER, &self.owner)
+            .env(marker::SESSION, &lease.session)
+            .env(marker::LEASE, &lease.uid)
+            .env(marker::PORT, lease.port.to_string())
+            .env(marker::TARGET, lease.target.to_string())
+            .env(marker::CONFIG, self.config_digest())
+            .stdin(stdin)
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log2))
+            .process_group(0)
+            .kill_on_drop(false);
+        if let Some(u) = &self.proxy_user {
+            // std drops supplementary groups (setgroups(0)) when root changes the uid, so
+            // the proxy has exactly this uid and gid.
+            cmd.uid(u.uid).gid(u.gid);
+        }
+        Ok(cmd)
+    }
+
+    /// Reaps the child (no zombies) and reports why it ended, unless we ended it.
+    fn watch_exit(&self, mut child: tokio::process::Child, pid: i32, session: String) {
         let exits = self.exits.clone();
-        let session = lease.session.clone();
         let children = self.children.clone();
-        // Reap the child (no zombies) and say why it ended, unless we ended it.
         tokio::spawn(async move {
             let status = match child.wait().await {
                 Ok(s) => s.to_string(),
@@ -516,10 +546,6 @@ impl Supervisor {
                 });
             }
         });
-        Ok(ProcRef {
-            pid,
-            start_time: st.start_time,
-        })
     }
 
     /// True if `process` is still the very process we started (same start time, our marker).
@@ -717,27 +743,8 @@ pub fn classify_cached(
     cache: &mut ScanCache,
 ) -> Observation {
     let listeners = procfs::listening_sockets();
-    let now = procfs::uptime_ms();
-    let ticks = procfs::clock_ticks();
     let mut obs = Observation::default();
-
-    // Group leaders that match a lease exactly.
-    let mut leaders: BTreeMap<&str, &Marked> = BTreeMap::new();
-    for m in &marked {
-        let Some(lease) = leases.get(&m.session) else {
-            continue;
-        };
-        if lease.uid != m.lease || m.process.pid != m.pgid {
-            continue;
-        }
-        let better = match leaders.get(m.session.as_str()) {
-            None => true,
-            Some(prev) => lease.process == Some(m.process) && lease.process != Some(prev.process),
-        };
-        if better {
-            leaders.insert(&m.session, m);
-        }
-    }
+    let leaders = leaders_of(&marked, leases);
     let leader_pgids: BTreeSet<i32> = leaders.values().map(|m| m.pgid).collect();
     for m in &marked {
         let is_leader = leaders
@@ -747,8 +754,8 @@ pub fn classify_cached(
             obs.orphans.push(m.process);
         }
     }
-
     let established = procfs::established_by_port();
+    let (now, ticks) = (procfs::uptime_ms(), procfs::clock_ticks());
     let mut live = HashSet::new();
     for (session, m) in &leaders {
         let port = leases[*session].port;
@@ -757,27 +764,9 @@ pub fn classify_cached(
             established.get(&port).copied().unwrap_or(0),
         );
         live.insert(m.process);
-        // Listening: the port's LISTEN socket belongs to the leader's group. A socket
-        // seen before that still listens on the port needs no fd walk.
-        let listening = listeners.get(&port).is_some_and(|ids| {
-            if cache
-                .sockets
-                .get(&m.process)
-                .is_some_and(|i| ids.contains(i))
-            {
-                return true;
-            }
-            let found = marked.iter().filter(|o| o.pgid == m.pgid).find_map(|o| {
-                procfs::socket_inodes(o.process.pid)
-                    .intersection(ids)
-                    .next()
-                    .copied()
-            });
-            if let Some(inode) = found {
-                cache.sockets.insert(m.process, inode);
-            }
-            found.is_some()
-        });
+        let listening = listeners
+            .get(&port)
+            .is_some_and(|ids| group_listens(m, ids, &marked, cache));
         let started_ms = m.process.start_time.saturating_mul(1000) / ticks;
         obs.proxies.insert(
             (*session).to_owned(),
@@ -806,6 +795,61 @@ pub fn classify_cached(
     }
     obs.marked = marked;
     obs
+}
+
+/// The group leader serving each lease: a marked process leading its own group whose
+/// lease uid matches, preferring the one the lease recorded.
+fn leaders_of<'a>(
+    marked: &'a [Marked],
+    leases: &BTreeMap<String, Lease>,
+) -> BTreeMap<&'a str, &'a Marked> {
+    let mut leaders: BTreeMap<&str, &Marked> = BTreeMap::new();
+    for m in marked {
+        let Some(lease) = leases.get(&m.session) else {
+            continue;
+        };
+        if lease.uid != m.lease || m.process.pid != m.pgid {
+            continue;
+        }
+        let better = match leaders.get(m.session.as_str()) {
+            None => true,
+            Some(prev) => lease.process == Some(m.process) && lease.process != Some(prev.process),
+        };
+        if better {
+            leaders.insert(&m.session, m);
+        }
+    }
+    leaders
+}
+
+/// Whether the leader's process group owns one of the port's LISTEN sockets (`ids`).
+/// A socket seen before that still listens on the port needs no fd walk.
+fn group_listens(
+    leader: &Marked,
+    ids: &BTreeSet<u64>,
+    marked: &[Marked],
+    cache: &mut ScanCache,
+) -> bool {
+    if cache
+        .sockets
+        .get(&leader.process)
+        .is_some_and(|i| ids.contains(i))
+    {
+        return true;
+    }
+    let found = marked
+        .iter()
+        .filter(|o| o.pgid == leader.pgid)
+        .find_map(|o| {
+            procfs::socket_inodes(o.process.pid)
+                .intersection(ids)
+                .next()
+                .copied()
+        });
+    if let Some(inode) = found {
+        cache.sockets.insert(leader.process, inode);
+    }
+    found.is_some()
 }
 
 fn private_dir(dir: &Path) -> std::io::Result<()> {
