@@ -183,7 +183,8 @@ fn flood(qemu: &Qemu, backend: &str, total: u64, secs: u64) -> Outcome {
 }
 
 fn main() {
-    if std::env::args().any(|a| a == "--list") {
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("flood benchmark: run it with `cargo bench --bench flood`");
         return;
     }
     let total = env_num("VNCD_FLOOD_CONNECTIONS", 10_000);
