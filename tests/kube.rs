@@ -987,6 +987,7 @@ async fn a_tenant_cannot_point_a_session_at_the_nodes_other_services() {
     let refused = ["kubelet", "metadata", "by-name", "file"];
     // Without --http-api the unauthenticated /v1/* views are not served in Kubernetes
     // mode (the probes and /metrics are).
+    wait_probe(&v, "/healthz", 200).await;
     for (path, code) in [
         ("/v1/sessions", 404),
         ("/v1/status", 404),
