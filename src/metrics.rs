@@ -72,6 +72,12 @@ struct KindLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabel {
+    component: &'static str,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ApiCallLabel {
     verb: &'static str,
     kind: &'static str,
@@ -273,6 +279,7 @@ struct Inner {
     pass_duration: Histogram,
     proxies: Arc<ProxyStats>,
     store_errors: Family<KindLabel, Counter>,
+    errors: Family<ErrorLabel, Counter>,
     api: ApiMetrics,
     view: RwLock<View>,
 }
@@ -370,6 +377,11 @@ impl Inner {
             "Time Kubernetes API calls take, by verb and kind (bounded by the call timeout)",
             self.api.durations.clone(),
         );
+        r.register(
+            "vncd_errors",
+            "Other failures by component and kind: source (dir, watch, libvirt: the desired sessions could not be read), spawn (log, exec, token, vanished, proxy_user: a proxy could not be started)",
+            self.errors.clone(),
+        );
         r.register_collector(Box::new(self.proxies.clone()));
     }
 }
@@ -413,6 +425,7 @@ impl Metrics {
             ),
             proxies: Arc::new(ProxyStats::default()),
             store_errors: Family::default(),
+            errors: Family::default(),
             api: ApiMetrics::default(),
             view: RwLock::new(View::default()),
         };
@@ -497,6 +510,14 @@ impl Metrics {
     /// A lease store load or commit failed; `kind` is [`crate::store::StoreError::metric_label`].
     pub fn store_error(&self, kind: &'static str) {
         self.0.store_errors.get_or_create(&KindLabel { kind }).inc();
+    }
+
+    /// A failure of `component` (`source`, `spawn`) of kind `kind` (its `metric_label()`).
+    pub fn error(&self, component: &'static str, kind: &'static str) {
+        self.0
+            .errors
+            .get_or_create(&ErrorLabel { component, kind })
+            .inc();
     }
 
     /// The handle the Kubernetes adapters count their API calls with.

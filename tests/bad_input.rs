@@ -718,6 +718,26 @@ async fn bad_command_lines_exit_non_zero_with_a_message_and_write_nothing() {
         ),
         (vec![s("--tls-cert"), p(&a_file)], "--tls-key"),
         (
+            vec![s("--allow-target"), s("127.0.0.1")],
+            "invalid --allow-target rule \"127.0.0.1\": no port",
+        ),
+        (
+            vec![s("--allow-target"), s("vnc.example.com:5900")],
+            "not an IP address",
+        ),
+        (
+            vec![s("--allow-target"), s("10.0.0.0/33:5900")],
+            "prefix length too long",
+        ),
+        (
+            vec![s("--allow-target"), s("127.0.0.1:5999-5900")],
+            "the port range is empty",
+        ),
+        (
+            vec![s("--allow-target"), s("unix:run/libvirt")],
+            "must be an absolute path",
+        ),
+        (
             vec![s("--resync-interval"), s("abc")],
             "invalid value 'abc' for '--resync-interval",
         ),

@@ -105,6 +105,9 @@ pub fn cleanup(args: CleanupArgs) -> anyhow::Result<ExitCode> {
         .display()
         .to_string();
     refuse_foreign_state_dir(dir.root())?;
+    // Cleanup rewrites leases.json and signals processes: the same trust checks as
+    // `vncd run` (not writable by others, no symlinks).
+    dir.check()?;
     let recorded = Recorded::load(dir.root())?;
     let eff = Effective {
         sessions_dir: recorded.sessions_dir(args.sessions.sessions_dir.clone())?,

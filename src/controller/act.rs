@@ -149,6 +149,7 @@ impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
                 Err(e) => {
                     error!(error = %e, "cannot start proxy");
                     self.metrics.proxy_start_failed();
+                    self.metrics.error("spawn", e.metric_label());
                     r.last_error = Some(e.to_string());
                 }
             }

@@ -192,6 +192,7 @@ impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
         let snapshot = match self.source.snapshot().await {
             Ok(s) => s,
             Err(e) => {
+                self.metrics.error("source", e.metric_label());
                 error!(error = %e, "cannot read desired sessions; changing nothing this pass");
                 return false;
             }

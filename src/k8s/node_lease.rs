@@ -81,6 +81,15 @@ pub enum LeaseError {
     },
 }
 
+impl LeaseError {
+    /// A short, stable name for the kind of failure (see [`super::error_label`]).
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            LeaseError::Api { source, .. } => super::error_label(source),
+        }
+    }
+}
+
 /// What to do about the Lease as it stands.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Decision {

@@ -75,6 +75,18 @@ pub enum SourceError {
     Libvirt { uri: String, detail: String },
 }
 
+impl SourceError {
+    /// A short, stable name for the kind of failure: the `kind` label of
+    /// `vncd_errors_total{component="source"}`.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            SourceError::Dir { .. } => "dir",
+            SourceError::Watch { .. } => "watch",
+            SourceError::Libvirt { .. } => "libvirt",
+        }
+    }
+}
+
 /// A source of desired sessions. See the module docs.
 pub trait Source: Send {
     fn snapshot(&mut self) -> impl Future<Output = Result<Snapshot, SourceError>> + Send;

@@ -171,6 +171,20 @@ pub enum SpawnError {
     },
 }
 
+impl SpawnError {
+    /// A short, stable name for the kind of failure: the `kind` label of
+    /// `vncd_errors_total{component="spawn"}`.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            SpawnError::Log { .. } => "log",
+            SpawnError::Exec { .. } => "exec",
+            SpawnError::Token { .. } => "token",
+            SpawnError::Vanished { .. } => "vanished",
+            SpawnError::ProxyUser { .. } => "proxy_user",
+        }
+    }
+}
+
 /// The process supervisor. See the module docs.
 #[derive(Debug)]
 pub struct Supervisor {
