@@ -358,10 +358,22 @@ async fn the_image_serves_sessions_as_the_chart_runs_it_and_a_new_container_serv
         .unwrap();
     let api_host = cfg.cluster_url.host().unwrap().to_owned();
     let api_port = cfg.cluster_url.port_u16().unwrap_or(443).to_string();
+    // The chart mounts them itself (automount off), with the projected volume's mode.
+    assert_eq!(
+        pod_spec.automount_service_account_token,
+        Some(false),
+        "the chart must not use the default automount (mode 0644, readable by every proxy)"
+    );
+    let mode = pod_spec
+        .volumes
+        .iter()
+        .flatten()
+        .find_map(|v| v.projected.as_ref()?.default_mode)
+        .expect("a projected volume for the API credentials");
     for f in ["token", "namespace", "ca.crt"] {
-        // Readable as from a projected volume.
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(secrets.join(f), std::fs::Permissions::from_mode(0o644)).unwrap();
+        let mode = u32::try_from(mode).unwrap();
+        std::fs::set_permissions(secrets.join(f), std::fs::Permissions::from_mode(mode)).unwrap();
     }
 
     let client = c.client().await;
@@ -489,6 +501,26 @@ async fn the_image_serves_sessions_as_the_chart_runs_it_and_a_new_container_serv
         want,
         "vncd's capability bounding set: {}",
         field("CapBnd:")
+    );
+    // A proxy's user cannot read the ServiceAccount token (vncd, root, read it to get
+    // this far): vncd-proxy, run as that user in the container, fails to load it.
+    let out = podman.run(&[
+        s("exec"),
+        s("--user"),
+        s("65534:65534"),
+        first.clone(),
+        s("/usr/bin/vncd-proxy"),
+        s("--listen"),
+        s("127.0.0.1:1"),
+        s("--target"),
+        s("127.0.0.1:1"),
+        s("--token-file"),
+        s("/var/run/secrets/kubernetes.io/serviceaccount/token"),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("cannot read token file"),
+        "the proxy user could read the ServiceAccount token: {err}"
     );
     let top = podman.ok(&[s("top"), first.clone(), s("user"), s("args")]);
     let proxies: Vec<&str> = top.lines().filter(|l| l.contains("vncd-proxy")).collect();
