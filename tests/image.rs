@@ -364,10 +364,9 @@ async fn the_image_serves_sessions_as_the_chart_runs_it_and_a_new_container_serv
         Some(false),
         "the chart must not use the default automount (mode 0644, readable by every proxy)"
     );
-    let mode = pod_spec
-        .volumes
+    let volumes = pod_spec.volumes.clone().unwrap_or_default();
+    let mode = volumes
         .iter()
-        .flatten()
         .find_map(|v| v.projected.as_ref()?.default_mode)
         .expect("a projected volume for the API credentials");
     for f in ["token", "namespace", "ca.crt"] {
@@ -433,18 +432,25 @@ async fn the_image_serves_sessions_as_the_chart_runs_it_and_a_new_container_serv
         if let Some(uid) = sc.run_as_user {
             run.extend([s("--user"), uid.to_string()]);
         }
+        // The chart's volumes as the kubelet would provide them: its emptyDir is a fresh
+        // directory, its projected volume the ServiceAccount credentials (read-only).
+        let projected: Vec<String> = volumes
+            .iter()
+            .filter(|v| v.projected.is_some())
+            .map(|v| v.name.clone())
+            .collect();
         for m in container.volume_mounts.clone().unwrap_or_default() {
+            let (src, ro) = if projected.contains(&m.name) {
+                (&secrets, ":ro")
+            } else {
+                (&state, "")
+            };
             run.extend([
                 s("--volume"),
-                format!("{}:{}", state.display(), m.mount_path),
+                format!("{}:{}{ro}", src.display(), m.mount_path),
             ]);
         }
         run.extend([
-            s("--volume"),
-            format!(
-                "{}:/var/run/secrets/kubernetes.io/serviceaccount:ro",
-                secrets.display()
-            ),
             s("--env"),
             format!("KUBERNETES_SERVICE_HOST={api_host}"),
             s("--env"),
