@@ -39,6 +39,20 @@ pub struct Lease {
 }
 
 impl Lease {
+    /// A fresh lease of `port` for a TCP target on loopback, for unit tests.
+    #[cfg(test)]
+    pub(crate) fn for_test(session: &str, port: u16) -> Self {
+        Lease::new(
+            session,
+            port,
+            Endpoint::Tcp {
+                host: "127.0.0.1".into(),
+                port: 5901,
+            },
+            Timestamp::now(),
+        )
+    }
+
     /// A fresh lease with a random uid.
     pub fn new(session: &str, port: u16, target: Endpoint, now: Timestamp) -> Self {
         Lease {

@@ -725,17 +725,7 @@ async fn max_lifetime_ends_a_session_even_with_a_live_client() {
 async fn tls_serves_wss_with_a_self_signed_certificate() {
     let qemu = Qemu::tcp();
     let mut v = Vncd::new(3);
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
-    let cert = v.tmp.path().join("cert.pem");
-    let key = v.tmp.path().join("key.pem");
-    std::fs::write(&cert, ck.cert.pem()).unwrap();
-    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
-    v.extra.extend([
-        "--tls-cert".into(),
-        cert.display().to_string(),
-        "--tls-key".into(),
-        key.display().to_string(),
-    ]);
+    let (ck, _, _) = serve_tls(&mut v);
     v.start();
     v.add_session("vm1", qemu.port);
     let st = v.wait_ready("vm1");
@@ -1401,17 +1391,7 @@ async fn adopted_proxies_follow_changed_settings_one_at_a_time() {
 async fn a_renewed_tls_certificate_reaches_the_proxy_within_a_resync() {
     let qemu = Qemu::tcp();
     let mut v = Vncd::new(3);
-    let first = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
-    let cert = v.tmp.path().join("cert.pem");
-    let key = v.tmp.path().join("key.pem");
-    std::fs::write(&cert, first.cert.pem()).unwrap();
-    std::fs::write(&key, first.signing_key.serialize_pem()).unwrap();
-    v.extra.extend([
-        "--tls-cert".into(),
-        cert.display().to_string(),
-        "--tls-key".into(),
-        key.display().to_string(),
-    ]);
+    let (first, cert, key) = serve_tls(&mut v);
     v.start();
     v.add_session("vm1", qemu.port);
     let st = v.wait_ready("vm1");
@@ -1436,4 +1416,27 @@ async fn a_renewed_tls_certificate_reaches_the_proxy_within_a_resync() {
     );
     assert_eq!(renewed["url"], st["url"], "the same lease serves on");
     assert_eq!(wss_banner(&url, second.cert.der()).await, b"RFB 003.008\n");
+}
+
+/// A self-signed certificate for localhost in `v`'s temp dir, and the flags that make vncd
+/// serve it; returns the certificate and the two file paths.
+fn serve_tls(
+    v: &mut Vncd,
+) -> (
+    rcgen::CertifiedKey<rcgen::KeyPair>,
+    std::path::PathBuf,
+    std::path::PathBuf,
+) {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let cert = v.tmp.path().join("cert.pem");
+    let key = v.tmp.path().join("key.pem");
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    v.extra.extend([
+        "--tls-cert".into(),
+        cert.display().to_string(),
+        "--tls-key".into(),
+        key.display().to_string(),
+    ]);
+    (ck, cert, key)
 }

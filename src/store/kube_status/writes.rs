@@ -159,15 +159,7 @@ mod tests {
     use jiff::Timestamp;
 
     fn lease(session: &str, port: u16) -> Lease {
-        Lease::new(
-            session,
-            port,
-            Endpoint::Tcp {
-                host: "127.0.0.1".into(),
-                port: 5901,
-            },
-            Timestamp::now(),
-        )
+        Lease::for_test(session, port)
     }
 
     #[test]
