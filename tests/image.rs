@@ -316,6 +316,8 @@ async fn the_image_serves_sessions_as_the_chart_runs_it_and_a_new_container_serv
         "templates/serviceaccount.yaml",
         "templates/clusterrole.yaml",
         "templates/clusterrolebinding.yaml",
+        "templates/role.yaml",
+        "templates/rolebinding.yaml",
     ]);
     let out = c.kubectl_stdin(&["apply", "-f", "-"], rbac.as_bytes());
     assert!(

@@ -707,6 +707,8 @@ async fn the_charts_arguments_and_rbac_are_enough_to_serve_a_node() {
         "templates/serviceaccount.yaml",
         "templates/clusterrole.yaml",
         "templates/clusterrolebinding.yaml",
+        "templates/role.yaml",
+        "templates/rolebinding.yaml",
     ]);
     let out = c.kubectl_stdin(&["apply", "-f", "-"], rbac.as_bytes());
     assert!(
