@@ -285,7 +285,6 @@ async fn the_image_serves_sessions_as_the_chart_runs_it_and_a_new_container_serv
     c.create_namespace(ns);
     let base = common::pool_base(5);
     let http = common::free_port();
-    let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/vncd");
     let range = format!("portRange={base}-{}", base + 4);
     let http_port = format!("http.port={http}");
     // The test's VNC server listens where the kernel put it, outside the chart's default
@@ -304,28 +303,11 @@ async fn the_image_serves_sessions_as_the_chart_runs_it_and_a_new_container_serv
         "--set",
         &allow,
     ];
-    let render = |only: &[&str]| {
-        let mut args = vec!["template", "vncd", chart, "--namespace", ns];
-        args.extend(values);
-        for o in only {
-            args.extend(["--show-only", o]);
-        }
-        c.helm(&args)
-    };
-    let rbac = render(&[
-        "templates/serviceaccount.yaml",
-        "templates/clusterrole.yaml",
-        "templates/clusterrolebinding.yaml",
-        "templates/role.yaml",
-        "templates/rolebinding.yaml",
-    ]);
-    let out = c.kubectl_stdin(&["apply", "-f", "-"], rbac.as_bytes());
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let ds: DaemonSet = serde_saphyr::from_str(&render(&["templates/daemonset.yaml"])).unwrap();
+    // The chart's own ServiceAccount and RBAC, applied for real.
+    c.apply_chart_rbac(ns, &values);
+    let ds: DaemonSet =
+        serde_saphyr::from_str(&c.render_chart(ns, &values, &["templates/daemonset.yaml"]))
+            .unwrap();
     let pod_spec = ds.spec.unwrap().template.spec.unwrap();
     assert_eq!(
         pod_spec.host_network,

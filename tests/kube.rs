@@ -674,7 +674,6 @@ async fn the_charts_arguments_and_rbac_are_enough_to_serve_a_node() {
     let qemu = Qemu::tcp();
     let node = "node-chart";
     let mut v = KubeVncd::new(node, Some(ns), ns, 5);
-    let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/vncd");
     let range = format!("portRange={}-{}", v.range.0, v.range.1);
     let http = format!("http.port={}", v.http);
     // The test's VNC server listens where the kernel put it, outside the chart's default
@@ -694,28 +693,8 @@ async fn the_charts_arguments_and_rbac_are_enough_to_serve_a_node() {
         "--set",
         &allow,
     ];
-    let render = |only: &[&str]| {
-        let mut args = vec!["template", "vncd", chart, "--namespace", ns];
-        args.extend(values);
-        for o in only {
-            args.extend(["--show-only", o]);
-        }
-        c.helm(&args)
-    };
     // The chart's own ServiceAccount and RBAC, applied for real.
-    let rbac = render(&[
-        "templates/serviceaccount.yaml",
-        "templates/clusterrole.yaml",
-        "templates/clusterrolebinding.yaml",
-        "templates/role.yaml",
-        "templates/rolebinding.yaml",
-    ]);
-    let out = c.kubectl_stdin(&["apply", "-f", "-"], rbac.as_bytes());
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    c.apply_chart_rbac(ns, &values);
     let kubeconfig = v.tmp.path().join("sa.kubeconfig");
     c.user_kubeconfig(
         &format!("system:serviceaccount:{ns}:vncd"),
@@ -728,7 +707,9 @@ async fn the_charts_arguments_and_rbac_are_enough_to_serve_a_node() {
 
     // The DaemonSet's container arguments, with the downward-API variables the kubelet
     // would expand. The chart binds --http on 0.0.0.0; tests stay on loopback.
-    let ds: DaemonSet = serde_saphyr::from_str(&render(&["templates/daemonset.yaml"])).unwrap();
+    let ds: DaemonSet =
+        serde_saphyr::from_str(&c.render_chart(ns, &values, &["templates/daemonset.yaml"]))
+            .unwrap();
     let container = &ds.spec.unwrap().template.spec.unwrap().containers[0];
     let state = v.tmp.path().join("state").display().to_string();
     let mut args: Vec<String> = container

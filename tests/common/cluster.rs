@@ -173,6 +173,40 @@ impl Cluster {
         self.kubectl_ok(&["create", "namespace", ns]);
     }
 
+    /// `helm template` of the project's chart into `ns` with `values` (`--set` pairs),
+    /// only the templates in `only`.
+    pub fn render_chart(&self, ns: &str, values: &[&str], only: &[&str]) -> String {
+        let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/vncd");
+        let mut args = vec!["template", "vncd", chart, "--namespace", ns];
+        args.extend(values);
+        for o in only {
+            args.extend(["--show-only", o]);
+        }
+        self.helm(&args)
+    }
+
+    /// Applies the chart's own ServiceAccount and RBAC (ClusterRole, Role and their
+    /// bindings), rendered with `values`, for real.
+    pub fn apply_chart_rbac(&self, ns: &str, values: &[&str]) {
+        let rbac = self.render_chart(
+            ns,
+            values,
+            &[
+                "templates/serviceaccount.yaml",
+                "templates/clusterrole.yaml",
+                "templates/clusterrolebinding.yaml",
+                "templates/role.yaml",
+                "templates/rolebinding.yaml",
+            ],
+        );
+        let out = self.kubectl_stdin(&["apply", "-f", "-"], rbac.as_bytes());
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// `helm ARGS`, which must succeed; returns stdout.
     pub fn helm(&self, args: &[&str]) -> String {
         let out = Command::new(self.dir.join("bin/helm"))
