@@ -74,6 +74,8 @@ pub struct KubeArgs {
     pub state_dir: PathBuf,
     #[command(flatten)]
     pub serve: ServeArgs,
+    #[command(flatten)]
+    pub console: super::kube_console::ConsoleRequestArgs,
 }
 
 /// Why `vncd kube` stopped serving.
@@ -228,6 +230,19 @@ async fn serve(args: KubeArgs, setup: Setup) -> anyhow::Result<ExitCode> {
         }
     }
     let watch_stats = source.stats();
+    // The VncConsoleRequest responder (issue #12): see cli/kube_console.rs.
+    let (_responder, _publisher, console_counts) = super::kube_console::start(
+        &args.console,
+        &super::kube_console::ConsoleWiring {
+            client: &c.client,
+            namespace: args.namespace.as_deref(),
+            node,
+            objects: &objects,
+            metered: &c.metered,
+            url: &setup.url,
+            state_dir: &args.state_dir,
+        },
+    )?;
     let (store, sink) = adapters(&c, &writer, objects, node, &setup.url, &events);
     info!(
         node = %node,
@@ -258,6 +273,11 @@ async fn serve(args: KubeArgs, setup: Setup) -> anyhow::Result<ExitCode> {
     let result = controller.run(shutdown).await;
     c.health.set_leader(false);
     log_totals(&writer, &events, &watch_stats);
+    info!(
+        answers = console_counts.answers.load(Ordering::Relaxed),
+        deletes = console_counts.deletes.load(Ordering::Relaxed),
+        "console requests"
+    );
     result?;
     match lost {
         Some(why) => {

@@ -1,4 +1,4 @@
-//! The command line: `vncd run | kube | get | status | cleanup | apply | delete | crd`.
+//! The command line: `vncd run | kube | get | status | cleanup | apply | delete | crd | url`.
 //!
 //! Every flag has a `VNCD_<FLAG>` environment fallback, so a systemd unit or a
 //! container can configure vncd without arguments.
@@ -7,9 +7,11 @@ mod apply;
 mod cleanup;
 mod get;
 mod kube;
+mod kube_console;
 mod libvirt;
 mod run;
 mod serve;
+mod url;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -59,8 +61,11 @@ pub enum Command {
     Apply(apply::ApplyArgs),
     /// Remove a session's manifest.
     Delete(apply::DeleteArgs),
-    /// Print the VncSession CustomResourceDefinition as YAML.
-    Crd,
+    /// Print the VncSession CustomResourceDefinition as YAML (or another of vncd's CRDs).
+    Crd(CrdArgs),
+    /// Print a fresh single-use console URL of a session (Kubernetes: through a
+    /// VncConsoleRequest, with your own kubeconfig and RBAC).
+    Url(url::UrlArgs),
     /// Run one websocket -> VNC proxy (the builtin backend; started by `vncd run`).
     Proxy(crate::proxy::ProxyArgs),
     /// Print a shell completion script, e.g. `vncd completions bash > /etc/bash_completion.d/vncd`.
@@ -133,7 +138,8 @@ pub fn main() -> ExitCode {
         Command::Cleanup(args) => cleanup::cleanup(args),
         Command::Apply(args) => apply::apply(args),
         Command::Delete(args) => apply::delete(args),
-        Command::Crd => print_crd(),
+        Command::Crd(args) => print_crd(&args),
+        Command::Url(args) => url::url(args),
         Command::Proxy(args) => run_proxy(args),
         Command::Completions { shell } => {
             use clap::CommandFactory;
@@ -152,9 +158,27 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn print_crd() -> anyhow::Result<ExitCode> {
+/// Which CRD `vncd crd` prints.
+#[derive(Debug, Args)]
+pub struct CrdArgs {
+    /// The CRD's name [default: vncsessions.vncd.io].
+    #[arg(value_parser = ["vncsessions.vncd.io", "vncconsolerequests.vncd.io"])]
+    pub name: Option<String>,
+    /// Print every CRD vncd uses, as one multi-document YAML stream.
+    #[arg(long, conflicts_with = "name")]
+    pub all: bool,
+}
+
+fn print_crd(args: &CrdArgs) -> anyhow::Result<ExitCode> {
     use ::kube::CustomResourceExt;
-    emit(&serde_saphyr::to_string(&crate::api::VncSession::crd())?);
+    let sessions = serde_saphyr::to_string(&crate::api::VncSession::crd())?;
+    let requests = serde_saphyr::to_string(&crate::k8s::console_request::VncConsoleRequest::crd())?;
+    let text = match (args.all, args.name.as_deref()) {
+        (true, _) => format!("{sessions}---\n{requests}"),
+        (false, Some("vncconsolerequests.vncd.io")) => requests,
+        _ => sessions,
+    };
+    emit(&text);
     Ok(ExitCode::SUCCESS)
 }
 

@@ -10,6 +10,8 @@
 //! that the CRD is installed ([`crd`]).
 
 pub mod call;
+pub mod console;
+pub mod console_request;
 pub mod crd;
 pub mod events;
 pub mod janitor;

@@ -102,9 +102,9 @@ fn tail(s: &str) -> String {
 }
 
 impl Cluster {
-    /// `vncd crd | kubectl apply -f -`, then waits until the CRD is Established.
+    /// `vncd crd --all | kubectl apply -f -`, then waits until the CRDs are Established.
     pub fn install_crd(&self) -> Result<(), String> {
-        let crd = Command::new(VNCD).arg("crd").output().unwrap();
+        let crd = Command::new(VNCD).args(["crd", "--all"]).output().unwrap();
         let applied = self.kubectl_stdin(&["apply", "-f", "-"], &crd.stdout);
         if !applied.status.success() {
             return Err(format!(
@@ -117,6 +117,7 @@ impl Cluster {
             "--for=condition=Established",
             "--timeout=60s",
             "crd/vncsessions.vncd.io",
+            "crd/vncconsolerequests.vncd.io",
         ]);
         if !ok.status.success() {
             return Err(format!(
@@ -194,6 +195,7 @@ impl Cluster {
             &[
                 "templates/serviceaccount.yaml",
                 "templates/clusterrole.yaml",
+                "templates/console-clusterrole.yaml",
                 "templates/clusterrolebinding.yaml",
                 "templates/role.yaml",
                 "templates/rolebinding.yaml",
