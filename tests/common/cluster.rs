@@ -242,6 +242,26 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// A kubeconfig for the ServiceAccount `sa` in `ns` (created if missing), with a
+    /// bearer token from the TokenRequest API, as a CI job or in-cluster client would use.
+    pub fn service_account_kubeconfig(&self, ns: &str, sa: &str, out: &Path) {
+        let _ = self.kubectl(&["create", "serviceaccount", sa, "-n", ns]);
+        let token = self.kubectl_ok(&["create", "token", sa, "-n", ns, "--duration", "1h"]);
+        let admin = Kubeconfig::read_from(&self.kubeconfig).unwrap();
+        let cluster = &admin.clusters[0];
+        let kc = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": cluster.name, "cluster": cluster.cluster}],
+            "users": [{"name": sa, "user": {"token": token.trim()}}],
+            "contexts": [{"name": sa, "context": {"cluster": cluster.name, "user": sa, "namespace": ns}}],
+            "current-context": sa,
+        });
+        std::fs::write(out, serde_json::to_vec_pretty(&kc).unwrap()).unwrap();
+    }
+}
+
 /// One `vncd kube` instance (started or not) with its own temp dir and port pool.
 pub struct KubeVncd {
     pub node: String,
