@@ -173,11 +173,6 @@ pub struct VncSessionStatus {
     /// the process is still the one vncd started (Kubernetes mode).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub process_start_time: Option<i64>,
-    /// The Secret holding the session's token and its full URL (Kubernetes mode). The
-    /// token stays out of status, so reading VncSessions never reveals a console; grant
-    /// `get` on the Secret to whoever may open it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub token_secret_ref: Option<SecretKeyRef>,
     /// Set when the session expired (Kubernetes mode): it stays down until its spec
     /// changes, even across vncd restarts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -187,14 +182,6 @@ pub struct VncSessionStatus {
     pub observed_generation: Option<i64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
-}
-
-/// A key of a Secret in the session's namespace.
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct SecretKeyRef {
-    pub name: String,
-    pub key: String,
 }
 
 /// Which spec generation expired, why and when.

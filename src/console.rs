@@ -153,11 +153,11 @@ impl Minter {
 pub struct Consoles(Arc<RwLock<BTreeMap<String, Lease>>>);
 
 impl Consoles {
-    /// Replaces the map with the leases whose proxies run (`process` set).
+    /// Replaces the map with `leases`: those whose proxies run, as the controller saw
+    /// them at the end of its pass.
     pub fn publish<'a>(&self, leases: impl IntoIterator<Item = &'a Lease>) {
         let map = leases
             .into_iter()
-            .filter(|l| l.process.is_some())
             .map(|l| (l.session.clone(), l.clone()))
             .collect();
         if let Ok(mut g) = self.0.write() {
@@ -187,7 +187,6 @@ impl Consoles {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lease::ProcRef;
     use crate::ticket::{MemoryNonces, NonceStore};
 
     fn minter() -> Minter {
@@ -255,16 +254,11 @@ mod tests {
     }
 
     #[test]
-    fn consoles_mint_only_for_leases_whose_proxy_runs() {
+    fn consoles_mint_only_for_published_leases() {
         let m = minter();
         let c = Consoles::default();
-        let mut up = Lease::for_test("up", 6100);
-        up.process = Some(ProcRef {
-            pid: 1,
-            start_time: 1,
-        });
-        let down = Lease::for_test("down", 6101);
-        c.publish([&up, &down]);
+        let up = Lease::for_test("up", 6100);
+        c.publish([&up]);
         assert!(c.mint(&m, "up", MintOptions::default()).is_ok());
         let e = c.mint(&m, "down", MintOptions::default()).unwrap_err();
         assert!(matches!(e, MintError::NotReady(_)), "{e}");

@@ -26,12 +26,11 @@ pub struct Lease {
     pub target: Endpoint,
     /// Unique per lease. The proxy carries it in its environment, which is how an
     /// orphan search tells our processes from everyone else's, even before the pid
-    /// is recorded here.
+    /// is recorded here. It is also half of the lease's ticket key (see
+    /// [`crate::ticket::MasterKey::lease_key`]): a new lease, or a retarget, gets a new
+    /// uid and so invalidates every console ticket minted before. State files from
+    /// before tickets carry a `token` here, which is ignored.
     pub uid: String,
-    /// The session's secret: the proxy refuses websocket clients that do not present it.
-    /// Kept only in files of mode 0600 (this lease file and the proxy's token file).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub token: Option<String>,
     /// The proxy process, once started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub process: Option<ProcRef>,
@@ -60,7 +59,6 @@ impl Lease {
             port,
             target,
             uid: random_hex(8),
-            token: Some(random_hex(16)),
             process: None,
             allocated_at: now,
         }
@@ -80,10 +78,10 @@ pub struct Expiry {
     pub at: Timestamp,
 }
 
-/// The system random number generator failed: no lease (and so no token) can be made.
+/// The system random number generator failed: no lease (and so no ticket key) can be made.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "the system random number generator failed ({0}); refusing to make a guessable session token"
+    "the system random number generator failed ({0}); refusing to make a guessable lease identity"
 )]
 pub struct RngError(getrandom::Error);
 

@@ -67,6 +67,12 @@ struct DirectionLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SessionReasonLabel {
+    session: String,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabel {
     kind: &'static str,
 }
@@ -232,12 +238,31 @@ impl Collector for ProxyStats {
         }
         let mut m = encoder.encode_descriptor(
             "vncd_proxy_refused_connections",
-            "Websocket upgrades the builtin proxy refused (wrong token, Origin or upgrade), per session.",
+            "Websocket upgrades the builtin proxy refused (bad ticket, Origin or upgrade), per session.",
             None,
             counter.metric_type(),
         )?;
         for (session, s) in &snaps {
             ConstCounter::new(s.refused).encode(m.encode_family(&label(session))?)?;
+        }
+        let mut m = encoder.encode_descriptor(
+            "vncd_proxy_ticket_refusals",
+            "Websocket upgrades the builtin proxy refused for their console ticket, per session and reason (invalid: missing, malformed or forged; expired; replayed: used before).",
+            None,
+            counter.metric_type(),
+        )?;
+        for (session, s) in &snaps {
+            for (reason, v) in [
+                ("invalid", s.ticket_invalid),
+                ("expired", s.ticket_expired),
+                ("replayed", s.ticket_replayed),
+            ] {
+                let l = SessionReasonLabel {
+                    session: session.clone(),
+                    reason,
+                };
+                ConstCounter::new(v).encode(m.encode_family(&l)?)?;
+            }
         }
         let mut m = encoder.encode_descriptor(
             "vncd_proxy_bytes",
@@ -651,6 +676,9 @@ mod tests {
             connections: 3,
             active: 1,
             refused: 2,
+            ticket_invalid: 0,
+            ticket_expired: 0,
+            ticket_replayed: 1,
             bytes_to_target: 10,
             bytes_to_client: 1000,
         };
@@ -686,6 +714,14 @@ mod tests {
             ("vncd_proxy_connections_total{session=\"vm1\"}", 3.0),
             ("vncd_proxy_active_connections{session=\"vm1\"}", 1.0),
             ("vncd_proxy_refused_connections_total{session=\"vm1\"}", 2.0),
+            (
+                "vncd_proxy_ticket_refusals_total{session=\"vm1\",reason=\"replayed\"}",
+                1.0,
+            ),
+            (
+                "vncd_proxy_ticket_refusals_total{session=\"vm1\",reason=\"invalid\"}",
+                0.0,
+            ),
             (
                 "vncd_proxy_bytes_total{session=\"vm1\",direction=\"to_vnc\"}",
                 10.0,

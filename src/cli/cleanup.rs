@@ -126,6 +126,7 @@ pub fn cleanup(args: CleanupArgs) -> anyhow::Result<ExitCode> {
         Box::new(Websockify {
             program: "websockify".into(),
             tls: None,
+            plugin_dir: None,
         }),
         "127.0.0.1".parse()?,
         None,
@@ -243,15 +244,6 @@ async fn pass(
     anyhow::bail!("the leases kept changing underneath cleanup; try again")
 }
 
-/// The token a running proxy was started with, from its token file (either format).
-fn read_token(dir: &StateDir, session: &str) -> Option<String> {
-    let text =
-        std::fs::read_to_string(dir.root().join("tokens").join(format!("{session}.token"))).ok()?;
-    let line = text.lines().next()?.trim();
-    let token = line.split_once(": ").map_or(line, |(t, _)| t);
-    (!token.is_empty()).then(|| token.to_owned())
-}
-
 /// Rebuilds a corrupt state file from the proxies that prove they are ours.
 /// The revision a rebuilt state file starts at: one past the corrupt file's, if its
 /// `"revision"` can still be read; otherwise the current Unix time in seconds, which is
@@ -304,7 +296,6 @@ fn rebuild(dir: &StateDir, owner: &str) -> anyhow::Result<()> {
             port,
             target,
             uid: m.lease.clone(),
-            token: read_token(dir, &m.session),
             process: Some(m.process),
             allocated_at: Timestamp::now(),
         };

@@ -21,6 +21,7 @@ use tracing::{error, info};
 use super::runtime;
 use super::serve::{ServeArgs, seconds, shutdown_signal};
 use crate::api::VncSession;
+use crate::console::{Consoles, Minter};
 use crate::controller::Controller;
 use crate::http::{AppState, Health};
 use crate::k8s::call::Metered;
@@ -123,12 +124,17 @@ pub fn kube(args: KubeArgs) -> anyhow::Result<ExitCode> {
     let log_dir = args.state_dir.join("logs");
     std::fs::create_dir_all(&log_dir)
         .with_context(|| format!("cannot create proxy log directory {}", log_dir.display()))?;
+    // In a DaemonSet the state dir is the pod's emptyDir: the key lives exactly as long
+    // as the proxies it serves, and a restarted container finds it again.
+    let minter = args.serve.minter(&args.state_dir)?;
     let plan = Setup {
         config: args.serve.loop_config()?,
         // Every instance for this node marks its proxies alike, so a successor adopts them.
         supervisor: args
             .serve
-            .supervisor(format!("kube:{node}"), Path::new(&log_dir))?,
+            .supervisor(format!("kube:{node}"), Path::new(&log_dir), &minter)?,
+        minter,
+        consoles: Consoles::default(),
         url: args.serve.url_style(),
         policy: args.serve.target_policy(TargetPolicy::only(Vec::new())),
         lease: LeaseConfig {
@@ -145,6 +151,10 @@ pub fn kube(args: KubeArgs) -> anyhow::Result<ExitCode> {
 struct Setup {
     config: crate::controller::LoopConfig,
     supervisor: crate::supervisor::Supervisor,
+    /// Mints console URLs (the VncConsoleRequest responder uses it).
+    minter: Minter,
+    /// The consoles that are up, published by the controller after each pass.
+    consoles: Consoles,
     url: crate::status::UrlStyle,
     lease: LeaseConfig,
     /// VncSession creators are tenants: with no --allow-target rule, no target is allowed.
@@ -262,6 +272,7 @@ async fn serve(args: KubeArgs, setup: Setup) -> anyhow::Result<ExitCode> {
         setup.config,
     )
     .with_metrics(c.metrics)
+    .with_consoles(setup.consoles.clone())
     .with_pass_clock(c.health.passes.clone());
     let mut lost = None;
     let shutdown = async {
@@ -354,11 +365,10 @@ impl Drop for AbortOnDrop {
 
 /// The exit log: what this instance wrote and what its watch delivered.
 fn log_totals(writer: &Writer, events: &Events, watch_stats: &crate::source::kube::WatchStats) {
-    let (status_writes, finalizer_writes, secret_writes, conflicts) = writer.counts().summary();
+    let (status_writes, finalizer_writes, conflicts) = writer.counts().summary();
     info!(
         status_writes,
         finalizer_writes,
-        secret_writes,
         conflicts,
         events = events.published(),
         watch_events = watch_stats.events.load(Ordering::Relaxed),

@@ -10,6 +10,7 @@ use tracing::info;
 
 use super::serve::{ServeArgs, seconds, shutdown_signal};
 use super::{SessionsArgs, StateArgs, runtime};
+use crate::console::Consoles;
 use crate::controller::Controller;
 use crate::http::{AppState, Health};
 use crate::metrics::Metrics;
@@ -81,9 +82,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("cannot write {}", state.controller_lock().display()))?;
 
     let config = args.serve.loop_config()?;
+    let minter = args.serve.minter(state.root())?;
+    let consoles = Consoles::default();
     let supervisor = args
         .serve
-        .supervisor(owner.clone(), &state.root().join("logs"))?;
+        .supervisor(owner.clone(), &state.root().join("logs"), &minter)?;
     let url = args.serve.url_style();
     let pool = args.serve.pool.clone();
     record_config(&args, &state, &supervisor, &url)?;
@@ -130,6 +133,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             config,
         )
         .with_metrics(metrics)
+        .with_consoles(consoles)
         .with_synced(health.synced.clone())
         .with_pass_clock(health.passes.clone());
         controller.run(shutdown_signal()).await?;

@@ -10,12 +10,17 @@ use clap::{Args, ValueEnum};
 use tracing::info;
 
 use super::PoolArgs;
+use crate::console::Minter;
 use crate::controller::LoopConfig;
 use crate::reconcile::Limits;
 use crate::source::policy::TargetPolicy;
 use crate::status::UrlStyle;
 use crate::supervisor::builtin::Builtin;
-use crate::supervisor::websockify::Websockify;
+use crate::supervisor::websockify::{Websockify, install_plugin};
+use crate::ticket::MasterKey;
+
+/// The master key's file name in the state directory.
+pub const TICKET_KEY_FILE: &str = "ticket.key";
 use crate::supervisor::{Backend, ProxyUser, Supervisor, Tls};
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -91,6 +96,23 @@ pub struct ServeArgs {
     /// unix-socket VNC target give a GROUP that may connect to it (e.g. `nobody:kvm`).
     #[arg(long, env = "VNCD_PROXY_USER", value_name = "USER[:GROUP]")]
     pub proxy_user: Option<String>,
+    /// Seconds a console ticket (the credential in a URL from `vncd url`, `vncd apply
+    /// --wait`, the HTTP API or a VncConsoleRequest) stays valid while unused. A ticket
+    /// opens one connection; that connection then lasts past the TTL.
+    #[arg(long, env = "VNCD_TICKET_TTL", value_name = "SECONDS", value_parser = ticket_ttl, default_value = "60")]
+    pub ticket_ttl: Duration,
+}
+
+/// `--ticket-ttl`: whole seconds from 1 to [`crate::console::MAX_TTL`].
+fn ticket_ttl(v: &str) -> Result<Duration, String> {
+    let d = seconds(v)?;
+    if d < Duration::from_secs(1) || d > crate::console::MAX_TTL {
+        return Err(format!(
+            "{v}: a ticket TTL must be between 1 and {} seconds",
+            crate::console::MAX_TTL.as_secs()
+        ));
+    }
+    Ok(d)
 }
 
 /// Parses a flag given in seconds (`2`, `0.5`): clap's value parser, so a bad value is
@@ -187,8 +209,21 @@ impl ServeArgs {
         }))
     }
 
-    /// The supervisor: proxies marked with `owner`, logging under `log_dir`.
-    pub fn supervisor(&self, owner: String, log_dir: &Path) -> anyhow::Result<Supervisor> {
+    /// The ticket minter, with the master key `STATE_DIR/ticket.key` (created 0600 on the
+    /// first start; a key others could read or write is refused with how to fix it).
+    pub fn minter(&self, state_dir: &Path) -> anyhow::Result<Minter> {
+        let master = MasterKey::load_or_create(&state_dir.join(TICKET_KEY_FILE))?;
+        Ok(Minter::new(master, self.url_style(), self.ticket_ttl))
+    }
+
+    /// The supervisor: proxies marked with `owner`, logging under `log_dir` (in the
+    /// state directory), admitting clients with tickets from `minter`.
+    pub fn supervisor(
+        &self,
+        owner: String,
+        log_dir: &Path,
+        minter: &Minter,
+    ) -> anyhow::Result<Supervisor> {
         let tls = self.tls()?;
         let backend: Box<dyn Backend> = match self.backend {
             BackendKind::Builtin => Box::new(Builtin::beside(
@@ -211,7 +246,16 @@ impl ServeArgs {
                          the directories under --web; upgrade it or use --backend builtin"
                     );
                 }
-                Box::new(Websockify { program, tls })
+                let state = log_dir.parent().unwrap_or(log_dir);
+                let plugin = state.join("websockify");
+                let plugin_dir = install_plugin(&plugin).with_context(|| {
+                    format!("cannot install the ticket plugin in {}", plugin.display())
+                })?;
+                Box::new(Websockify {
+                    program,
+                    tls,
+                    plugin_dir: Some(plugin_dir),
+                })
             }
         };
         let web = match &self.web {
@@ -231,6 +275,7 @@ impl ServeArgs {
             log_dir.to_owned(),
             self.stop_grace,
         );
+        supervisor.issue_tickets(minter.clone());
         // Orphaned proxy children (and, as PID 1 in a container, every orphan) come to
         // vncd and are reaped; the proxies' own exit statuses stay the supervisor's.
         supervisor.reap_orphans();

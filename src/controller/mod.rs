@@ -27,6 +27,7 @@ use tokio::sync::mpsc;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::health::{PassClock, Synced};
+use crate::console::Consoles;
 use crate::metrics::Metrics;
 use crate::reconcile::{self, Limits};
 use crate::source::{Snapshot, Source};
@@ -59,6 +60,8 @@ pub struct Controller<S, L, R> {
     supervisor: Supervisor,
     statuses: StatusBuilder,
     metrics: Metrics,
+    /// The consoles that are up, for whoever mints tickets (HTTP API, VncConsoleRequests).
+    consoles: Consoles,
     /// Set after the first full pass, for a readiness probe.
     synced: Option<Synced>,
     /// Ticked after every pass, for a liveness probe that catches a hung loop.
@@ -97,6 +100,7 @@ impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
             supervisor,
             statuses,
             metrics: Metrics::default(),
+            consoles: Consoles::default(),
             synced: None,
             passes: None,
             config,
@@ -110,6 +114,12 @@ impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
     /// Feeds `metrics` (and the view `/v1/*` serves) after every pass.
     pub fn with_metrics(mut self, metrics: Metrics) -> Self {
         self.metrics = metrics;
+        self
+    }
+
+    /// Publishes the leases whose proxies run to `consoles` after every pass.
+    pub fn with_consoles(mut self, consoles: Consoles) -> Self {
+        self.consoles = consoles;
         self
     }
 

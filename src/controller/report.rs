@@ -58,6 +58,9 @@ impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
                     && !acted.stopped.contains(session))
         };
         let live = leases.keys().filter(|s| alive(s)).count();
+        // Consoles can be opened (tickets minted) for exactly the proxies alive now.
+        self.consoles
+            .publish(leases.values().filter(|l| alive(&l.session)));
         self.metrics.set_proxy_stats(
             leases
                 .values()

@@ -7,7 +7,6 @@
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
-use super::{split_key, token};
 use crate::api::VncSessionStatus;
 use crate::lease::{Lease, ProcRef};
 use crate::session::Endpoint;
@@ -21,12 +20,9 @@ pub fn put_lease_fields(
     url: &UrlStyle,
 ) {
     status.port = lease.map(|l| i32::from(l.port));
-    // The token stays out of status (see `k8s::token`): the URL here is the bare one,
-    // and the Secret named by `tokenSecretRef` holds the URL with the token.
+    // The bare URL: it opens nothing without a ticket, which only a VncConsoleRequest
+    // (RBAC-checked by the API server) obtains.
     status.url = lease.map(|l| url.url(l.port, None));
-    status.token_secret_ref = lease
-        .filter(|l| l.token.is_some())
-        .map(|l| token::secret_ref(split_key(&l.session).map_or(l.session.as_str(), |(_, n)| n)));
     status.target = lease.map(|l| l.target.to_string());
     // The API stores whole seconds; writing more would make every comparison differ.
     status.allocated_at = lease.map(|l| Time(whole_seconds(l.allocated_at)));
@@ -62,8 +58,6 @@ pub fn lease_from_status(key: &str, status: &VncSessionStatus, node: &str) -> Op
         port,
         target,
         uid: status.lease_uid.clone()?,
-        // The token lives in a Secret; `load` fills it in.
-        token: None,
         process,
         allocated_at: status.allocated_at.as_ref()?.0,
     })
@@ -102,12 +96,7 @@ mod tests {
         assert_eq!(st.node.as_deref(), Some("n1"));
         assert_eq!(st.target.as_deref(), Some("127.0.0.1:5901"));
         assert_eq!(st.process_start_time, Some(12345));
-        // Everything but the token, which the Secret holds (`load` adds it).
-        let without_token = Lease {
-            token: None,
-            ..l.clone()
-        };
-        assert_eq!(lease_from_status("ns/vm1", &st, "n1"), Some(without_token));
+        assert_eq!(lease_from_status("ns/vm1", &st, "n1"), Some(l.clone()));
         // Another node's lease is not ours to adopt.
         assert_eq!(lease_from_status("ns/vm1", &st, "n2"), None);
         // Without a process the lease still stands (the proxy is found by its uid).
@@ -170,20 +159,5 @@ mod tests {
                 "{broken:?}"
             );
         }
-    }
-
-    #[test]
-    fn status_names_the_token_secret_but_never_holds_the_token() {
-        let l = lease("ns/vm1", 6100);
-        let token = l.token.clone().unwrap();
-        let mut st = VncSessionStatus::default();
-        put_lease_fields(&mut st, Some(&l), "n1", &url());
-        let json = serde_json::to_string(&st).unwrap();
-        assert!(!json.contains(&token), "{json}");
-        let r = st.token_secret_ref.unwrap();
-        assert_eq!(
-            (r.name.as_str(), r.key.as_str()),
-            ("vm1-vncd-token", "token")
-        );
     }
 }

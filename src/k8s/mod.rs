@@ -5,7 +5,7 @@
 //! [`crate::controller::Controller`]. This module holds what they have in common: the
 //! session key for namespaced objects, the cache of what the API server last told us
 //! ([`objects`]), event publishing ([`events`]), the per-node writer lease
-//! ([`node_lease`]), session tokens in Secrets ([`token`]), the mapping of a lease to and from
+//! ([`node_lease`]), the mapping of a lease to and from
 //! status fields ([`lease_fields`]), API call metering and timeouts ([`call`]) and the check
 //! that the CRD is installed ([`crd`]).
 
@@ -18,7 +18,6 @@ pub mod janitor;
 pub mod lease_fields;
 pub mod node_lease;
 pub mod objects;
-pub mod token;
 pub mod writer;
 
 use k8s_openapi::api::core::v1::ObjectReference;

@@ -11,8 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Secret;
-use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
+use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
 use serde_json::json;
 
@@ -26,19 +25,16 @@ use crate::api::{API_VERSION, KIND, VncSession, VncSessionStatus};
 pub struct WriteCounts {
     pub status: AtomicU64,
     pub finalizer: AtomicU64,
-    /// Token Secrets written or deleted.
-    pub secret: AtomicU64,
     /// Writes the API server refused with 409 (a newer object exists).
     pub conflicts: AtomicU64,
 }
 
 impl WriteCounts {
-    /// Status, finalizer and Secret writes, and conflicts.
-    pub fn summary(&self) -> (u64, u64, u64, u64) {
+    /// Status and finalizer writes, and conflicts.
+    pub fn summary(&self) -> (u64, u64, u64) {
         (
             self.status.load(Ordering::Relaxed),
             self.finalizer.load(Ordering::Relaxed),
-            self.secret.load(Ordering::Relaxed),
             self.conflicts.load(Ordering::Relaxed),
         )
     }
@@ -166,64 +162,6 @@ impl Writer {
             .await;
         self.note(&r);
         r
-    }
-
-    /// Creates or replaces a session's token Secret (server-side apply, field manager
-    /// `vncd`).
-    pub async fn apply_secret(&self, secret: &Secret) -> Result<Secret, kube::Error> {
-        self.counts.secret.fetch_add(1, Ordering::Relaxed);
-        let ns = secret.metadata.namespace.as_deref().unwrap_or_default();
-        let name = secret.metadata.name.as_deref().unwrap_or_default();
-        let api = Api::<Secret>::namespaced(self.client.clone(), ns);
-        let params = PatchParams::apply(FIELD_MANAGER).force();
-        self.metered
-            .call(
-                "apply",
-                "Secret",
-                name,
-                api.patch(name, &params, &Patch::Apply(secret)),
-            )
-            .await
-    }
-
-    /// Reads a token Secret; None if it does not exist.
-    pub async fn get_secret(
-        &self,
-        namespace: &str,
-        name: &str,
-    ) -> Result<Option<Secret>, kube::Error> {
-        let api = Api::<Secret>::namespaced(self.client.clone(), namespace);
-        self.metered
-            .call("get", "Secret", name, api.get_opt(name))
-            .await
-    }
-
-    /// Deletes a token Secret if it is still at `resource_version` (so a Secret rewritten
-    /// for a newer lease meanwhile survives). A Secret already gone is not an error.
-    pub async fn delete_secret(
-        &self,
-        namespace: &str,
-        name: &str,
-        resource_version: &str,
-    ) -> Result<(), kube::Error> {
-        self.counts.secret.fetch_add(1, Ordering::Relaxed);
-        let params = DeleteParams {
-            preconditions: Some(Preconditions {
-                resource_version: Some(resource_version.to_owned()),
-                uid: None,
-            }),
-            ..DeleteParams::default()
-        };
-        let api = Api::<Secret>::namespaced(self.client.clone(), namespace);
-        match self
-            .metered
-            .call("delete", "Secret", name, api.delete(name, &params))
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(e) if super::is_not_found(&e) => Ok(()),
-            Err(e) => Err(e),
-        }
     }
 
     /// Reads one object; None if it is gone.

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 /// Flags of `vncd proxy`: one websocket -> VNC proxy process for one console session.
 ///
 /// Every flag can also come from an environment variable (`VNCD_PROXY_...`); the command line wins.
-/// The session token is never a flag: argv is world-readable, so it is read from `--token-file`.
+/// The ticket key is never a flag: argv is world-readable, so it is read from `--key-file`.
 #[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
 pub struct ProxyArgs {
     /// Address to listen on (IP:PORT, e.g. 127.0.0.1:6080). Bound by this very process before it
@@ -31,18 +31,25 @@ pub struct ProxyArgs {
     pub unix_target: Option<PathBuf>,
 
     /// Serve static files (noVNC's vnc.html and friends) from DIR for plain GET/HEAD requests.
-    /// Static files are served WITHOUT the session token, so that the page can load; only the
-    /// websocket (the console itself) is guarded by the token.
+    /// Static files are served WITHOUT a ticket, so that the page can load; only the
+    /// websocket (the console itself) is guarded by the ticket.
     #[arg(long, env = "VNCD_PROXY_WEB", value_name = "DIR")]
     pub web: Option<PathBuf>,
 
-    /// File holding the session's secret token (surrounding whitespace is ignored). When given,
-    /// every websocket upgrade must carry it as `?token=...` (on `/` or `/websockify`) or as
-    /// the last path segment (`/TOKEN`, `/websockify/TOKEN`), or it is refused with HTTP 403
-    /// before the VNC target is contacted. The file is read once, at start. `-` reads the
-    /// token from standard input (how vncd passes it to a proxy run as `--proxy-user`).
-    #[arg(long, env = "VNCD_PROXY_TOKEN_FILE", value_name = "FILE")]
-    pub token_file: Option<PathBuf>,
+    /// File holding the lease's ticket key (64 hex digits; surrounding whitespace is
+    /// ignored). When given, every websocket upgrade must carry a console ticket minted
+    /// with it (`vncd url`), as `?token=...` (on `/` or `/websockify`) or as the last path
+    /// segment (`/TICKET`, `/websockify/TICKET`): unexpired and not used before, or it is
+    /// refused with HTTP 403 before the VNC target is contacted. The file is read once, at
+    /// start. `-` reads the key from standard input (how vncd passes it to a proxy run as
+    /// `--proxy-user`).
+    #[arg(long, env = "VNCD_PROXY_KEY_FILE", value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
+
+    /// Directory recording used tickets, one file each, so a ticket opens one connection
+    /// even across a restart of this lease's proxy [default: in memory].
+    #[arg(long, env = "VNCD_PROXY_NONCE_DIR", value_name = "DIR", requires = "key_file")]
+    pub nonce_dir: Option<PathBuf>,
 
     /// Allowed value of the Origin header of websocket upgrades (e.g. https://console.example).
     /// Repeatable. When any is given, an upgrade with a missing or unlisted Origin gets HTTP 403.

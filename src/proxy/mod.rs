@@ -49,7 +49,7 @@ pub use args::ProxyArgs;
 
 use bridge::End;
 use http::HeadError;
-use token::{Token, TokenFileError};
+use token::{KeyFileError, Tickets};
 
 /// Time a new connection has to send its first request head (and finish TLS).
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
@@ -73,10 +73,10 @@ Content-Length: 21\r\nConnection: close\r\nRetry-After: 5\r\n\r\ntoo many connec
 pub enum ProxyError {
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: io::Error },
-    #[error("cannot read token file {}: {source}", path.display())]
-    TokenFile { path: PathBuf, source: io::Error },
-    #[error("token file {} is empty", path.display())]
-    EmptyToken { path: PathBuf },
+    #[error("cannot read ticket key file {}: {source}", path.display())]
+    KeyFile { path: PathBuf, source: io::Error },
+    #[error("ticket key file {} does not hold a key (64 hex digits)", path.display())]
+    BadKey { path: PathBuf },
     #[error("cannot use web directory {}: {source}", path.display())]
     WebDir { path: PathBuf, source: io::Error },
     #[error("cannot load TLS certificate {}: {detail}", path.display())]
@@ -119,7 +119,7 @@ impl fmt::Display for Target {
 /// What every connection needs, loaded once at start.
 struct Shared {
     target: Target,
-    token: Option<Token>,
+    tickets: Option<Tickets>,
     origins: Vec<String>,
     /// Canonical web root.
     web: Option<PathBuf>,
@@ -140,15 +140,17 @@ impl Shared {
             // clap makes one of them required; an empty target would fail every session.
             (None, None) => Target::Tcp(String::new()),
         };
-        let token = match &args.token_file {
+        let tickets = match &args.key_file {
             None => None,
-            Some(path) => Some(Token::from_file(path).map_err(|e| match e {
-                TokenFileError::Io(source) => ProxyError::TokenFile {
-                    path: path.clone(),
-                    source,
+            Some(path) => Some(Tickets::load(path, args.nonce_dir.as_deref()).map_err(
+                |e| match e {
+                    KeyFileError::Io(source) => ProxyError::KeyFile {
+                        path: path.clone(),
+                        source,
+                    },
+                    KeyFileError::Malformed => ProxyError::BadKey { path: path.clone() },
                 },
-                TokenFileError::Empty => ProxyError::EmptyToken { path: path.clone() },
-            })?),
+            )?),
         };
         let web = match &args.web {
             None => None,
@@ -160,7 +162,7 @@ impl Shared {
         };
         Ok(Self {
             target,
-            token,
+            tickets,
             origins: args.origins.clone(),
             web,
             tls,
@@ -203,7 +205,7 @@ pub async fn run(args: ProxyArgs) -> Result<(), ProxyError> {
         listen = %local,
         target = %shared.target,
         tls = shared.tls.is_some(),
-        token = shared.token.is_some(),
+        tickets = shared.tickets.is_some(),
         web = shared.web.is_some(),
         "proxy listening"
     );
@@ -563,6 +565,24 @@ async fn serve<S>(
     }
 }
 
+/// Uses up the ticket of an accepted upgrade: the last check, so only an upgrade that
+/// would otherwise succeed spends it. A replay (also of a ticket whose first connection
+/// is still open) is refused here.
+fn use_ticket(shared: &Shared, accept: upgrade::Accept) -> Result<upgrade::Accept, upgrade::Reject> {
+    match (&shared.tickets, &accept.ticket) {
+        (Some(t), Some(v)) => match t.consume(v) {
+            Ok(()) => Ok(accept),
+            Err(e) => {
+                if let crate::ticket::TicketError::NonceStore { .. } = e {
+                    warn!(error = %e, "cannot record a ticket's use; refusing it");
+                }
+                Err(upgrade::ticket_rejected(&e))
+            }
+        },
+        _ => Ok(accept),
+    }
+}
+
 /// A connected target of either kind.
 enum TargetStream {
     Tcp(TcpStream),
@@ -597,10 +617,15 @@ async fn websocket<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let accept = match upgrade::check(&req, shared.token.as_ref(), &shared.origins) {
+    let accept = match upgrade::check(&req, shared.tickets.as_ref(), &shared.origins)
+        .and_then(|a| use_ticket(shared, a))
+    {
         Ok(a) => a,
         Err(r) => {
             shared.counters.refused();
+            if let Some(reason) = r.ticket {
+                shared.counters.ticket_refused(reason);
+            }
             let _ = http::write_plain(&mut stream, r.status, r.message, r.extra, false).await;
             let _ = stream.shutdown().await;
             summary.outcome = format!("{} {}", r.status, r.message);

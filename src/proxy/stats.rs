@@ -34,8 +34,12 @@ pub struct Counters {
     /// (and reached the target) count: a client that merely holds a TCP connection open,
     /// or keeps failing the token check, is not activity (see [`authenticated_clients`]).
     active: AtomicU64,
-    /// Websocket upgrades refused (bad token, Origin, malformed upgrade).
+    /// Websocket upgrades refused (bad ticket, Origin, malformed upgrade).
     refused: AtomicU64,
+    /// Of those, refused for their ticket: missing, malformed or forged; expired; used.
+    ticket_invalid: AtomicU64,
+    ticket_expired: AtomicU64,
+    ticket_replayed: AtomicU64,
     to_target: AtomicU64,
     to_client: AtomicU64,
     changed: Notify,
@@ -58,6 +62,16 @@ impl Counters {
         self.changed.notify_one();
     }
 
+    /// A refusal for the ticket (counted in [`Counters::refused`] as well).
+    pub fn ticket_refused(&self, reason: TicketRefusal) {
+        let c = match reason {
+            TicketRefusal::Invalid => &self.ticket_invalid,
+            TicketRefusal::Expired => &self.ticket_expired,
+            TicketRefusal::Replayed => &self.ticket_replayed,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn to_target(&self, n: usize) {
         self.to_target.fetch_add(n as u64, Ordering::Relaxed);
     }
@@ -72,6 +86,9 @@ impl Counters {
             connections: self.connections.load(Ordering::Relaxed),
             active: self.active.load(Ordering::Relaxed),
             refused: self.refused.load(Ordering::Relaxed),
+            ticket_invalid: self.ticket_invalid.load(Ordering::Relaxed),
+            ticket_expired: self.ticket_expired.load(Ordering::Relaxed),
+            ticket_replayed: self.ticket_replayed.load(Ordering::Relaxed),
             bytes_to_target: self.to_target.load(Ordering::Relaxed),
             bytes_to_client: self.to_client.load(Ordering::Relaxed),
         }
@@ -86,8 +103,34 @@ pub struct Snapshot {
     pub connections: u64,
     pub active: u64,
     pub refused: u64,
+    #[serde(default)]
+    pub ticket_invalid: u64,
+    #[serde(default)]
+    pub ticket_expired: u64,
+    #[serde(default)]
+    pub ticket_replayed: u64,
     pub bytes_to_target: u64,
     pub bytes_to_client: u64,
+}
+
+/// Why a ticket was refused, as counted: the label of `vncd_proxy_ticket_refusals_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TicketRefusal {
+    /// Missing, malformed, or its signature does not verify (forged, or for another lease).
+    Invalid,
+    Expired,
+    /// Used before.
+    Replayed,
+}
+
+impl TicketRefusal {
+    pub fn label(self) -> &'static str {
+        match self {
+            TicketRefusal::Invalid => "invalid",
+            TicketRefusal::Expired => "expired",
+            TicketRefusal::Replayed => "replayed",
+        }
+    }
 }
 
 impl Snapshot {

@@ -1,68 +1,74 @@
-//! The session token: loading it, finding it in a websocket request, comparing it in constant
-//! time, and keeping it out of logs.
+//! The console ticket of a websocket request: the lease key it is checked with, finding
+//! it in the request, consuming it once, and keeping it out of logs.
+//!
+//! The checks themselves are [`crate::ticket`]'s; this module adds what a proxy process
+//! needs around them: where its key comes from and where used tickets are recorded.
 
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-/// The secret a websocket upgrade must present. Its `Debug` never shows the value.
-#[derive(Clone)]
-pub struct Token(Vec<u8>);
+use crate::ticket::{self, DirNonces, LeaseKey, MemoryNonces, NonceStore, TicketError, Verified};
 
-impl fmt::Debug for Token {
+/// What a websocket upgrade must present: a ticket minted for this proxy's lease, not
+/// used before. Its `Debug` never shows the key.
+pub struct Tickets {
+    key: LeaseKey,
+    nonces: Box<dyn NonceStore>,
+}
+
+impl fmt::Debug for Tickets {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Token(<redacted>)")
+        f.write_str("Tickets(<key redacted>)")
     }
 }
 
-/// Why a token file cannot be used.
+/// Why a key file cannot be used.
 #[derive(Debug)]
-pub enum TokenFileError {
+pub enum KeyFileError {
     Io(std::io::Error),
-    Empty,
+    /// Not 64 hex digits.
+    Malformed,
 }
 
-impl Token {
-    /// Read the token from a file; surrounding ASCII whitespace (a trailing newline) is ignored.
-    /// `-` reads standard input instead: vncd's supervisor hands a proxy that runs as
-    /// another user (`--proxy-user`) its token file as stdin, already open, so the file
-    /// itself stays readable by root only.
-    pub fn from_file(path: &Path) -> Result<Self, TokenFileError> {
+impl Tickets {
+    /// Reads the lease key (64 hex digits; surrounding whitespace is ignored) from `path`,
+    /// or from standard input for `-`: vncd's supervisor hands a proxy that runs as another
+    /// user (`--proxy-user`) its key file as stdin, already open, so the file itself stays
+    /// readable by root only. Used tickets are recorded in `nonce_dir` (shared with a
+    /// restarted proxy of the same lease), or in memory without one.
+    pub fn load(path: &Path, nonce_dir: Option<&Path>) -> Result<Self, KeyFileError> {
         let raw = if path == Path::new("-") {
             use std::io::Read;
             let mut raw = Vec::new();
             std::io::stdin()
                 .lock()
-                .take(64 * 1024)
+                .take(4096)
                 .read_to_end(&mut raw)
-                .map_err(TokenFileError::Io)?;
+                .map_err(KeyFileError::Io)?;
             raw
         } else {
-            std::fs::read(path).map_err(TokenFileError::Io)?
+            std::fs::read(path).map_err(KeyFileError::Io)?
         };
-        Self::from_bytes(&raw).ok_or(TokenFileError::Empty)
+        let text = std::str::from_utf8(raw.trim_ascii()).map_err(|_| KeyFileError::Malformed)?;
+        let key = LeaseKey::from_hex(text).ok_or(KeyFileError::Malformed)?;
+        let nonces: Box<dyn NonceStore> = match nonce_dir {
+            Some(d) => Box::new(DirNonces::new(PathBuf::from(d))),
+            None => Box::new(MemoryNonces::new()),
+        };
+        Ok(Tickets { key, nonces })
     }
 
-    /// The token made of `raw` without surrounding ASCII whitespace; `None` if nothing is left.
-    pub fn from_bytes(raw: &[u8]) -> Option<Self> {
-        let t = raw.trim_ascii();
-        (!t.is_empty()).then(|| Self(t.to_vec()))
+    /// Checks format, signature and expiry of a presented ticket, without using it up:
+    /// the upgrade may still be refused for another reason.
+    pub fn verify(&self, presented: &[u8]) -> Result<Verified, TicketError> {
+        let text = std::str::from_utf8(presented).map_err(|_| TicketError::Malformed)?;
+        ticket::verify(&self.key, text, ticket::unix_now())
     }
 
-    /// Constant-time comparison with what a client presented. The time taken depends only on
-    /// the length of the expected token, never on where the first difference is.
-    pub fn matches(&self, presented: &[u8]) -> bool {
-        ct_eq(&self.0, presented)
+    /// Uses up a verified ticket: the first call succeeds, every later one is a replay.
+    pub fn consume(&self, ticket: &Verified) -> Result<(), TicketError> {
+        self.nonces.consume(ticket)
     }
-}
-
-/// Compare `expected` and `given` in time that depends only on `expected.len()`.
-pub fn ct_eq(expected: &[u8], given: &[u8]) -> bool {
-    let mut diff = u8::from(expected.len() != given.len());
-    for (i, e) in expected.iter().enumerate() {
-        // A missing byte differs from any byte: `!e` never equals `e`.
-        diff |= e ^ given.get(i).copied().unwrap_or(!e);
-    }
-    std::hint::black_box(diff) == 0
 }
 
 /// Where a websocket request may be served from, and the token it carries.
@@ -162,17 +168,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn constant_time_compare() {
-        let t = Token::from_bytes(b"  s3cret\n").expect("token");
-        assert!(t.matches(b"s3cret"));
-        assert!(!t.matches(b"s3cre"));
-        assert!(!t.matches(b"s3cret!"));
-        assert!(!t.matches(b"S3cret"));
-        assert!(!t.matches(b""));
-        assert!(Token::from_bytes(b" \n\t").is_none());
-        assert!(ct_eq(b"", b""));
-        assert!(!ct_eq(b"a", b""));
-        assert_eq!(format!("{t:?}"), "Token(<redacted>)");
+    fn a_key_file_holds_64_hex_digits_and_tickets_are_used_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("k");
+        let key = LeaseKey::from_bytes([9; 32]);
+        std::fs::write(&f, format!("{}\n", key.to_hex())).unwrap();
+        let t = Tickets::load(&f, Some(&dir.path().join("n"))).unwrap();
+        assert_eq!(format!("{t:?}"), "Tickets(<key redacted>)");
+        let minted = ticket::mint(&key, std::time::Duration::from_secs(60), ticket::unix_now())
+            .unwrap();
+        let v = t.verify(minted.text.as_bytes()).unwrap();
+        t.consume(&v).unwrap();
+        assert!(matches!(t.consume(&v), Err(TicketError::Replayed)));
+        // A restarted proxy of the same lease shares the directory: still a replay.
+        let again = Tickets::load(&f, Some(&dir.path().join("n"))).unwrap();
+        assert!(matches!(again.consume(&v), Err(TicketError::Replayed)));
+        assert!(t.verify(b"").is_err());
+        assert!(t.verify(&[0xff, 0xfe]).is_err());
+        for bad in ["", "abc", &"g".repeat(64)] {
+            std::fs::write(&f, bad).unwrap();
+            assert!(matches!(
+                Tickets::load(&f, None),
+                Err(KeyFileError::Malformed)
+            ));
+        }
+        assert!(matches!(
+            Tickets::load(&dir.path().join("missing"), None),
+            Err(KeyFileError::Io(_))
+        ));
     }
 
     #[test]

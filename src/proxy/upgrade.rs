@@ -3,7 +3,9 @@
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 use super::http::Request;
-use super::token::{Token, ws_path};
+use super::stats::TicketRefusal;
+use super::token::{Tickets, ws_path};
+use crate::ticket::{TicketError, Verified};
 
 /// An accepted upgrade.
 #[derive(Debug, PartialEq, Eq)]
@@ -12,6 +14,9 @@ pub struct Accept {
     pub response: String,
     /// The subprotocol answered, if any (`binary`).
     pub protocol: Option<&'static str>,
+    /// The ticket that authorized it, still to be used up (only once every other check
+    /// passed, so a malformed upgrade does not waste a good ticket).
+    pub ticket: Option<Verified>,
 }
 
 /// A refused upgrade: the status and a short reason for the response body.
@@ -21,6 +26,8 @@ pub struct Reject {
     pub message: &'static str,
     /// Extra raw header lines, each ending in CRLF.
     pub extra: &'static str,
+    /// Refused for its ticket, and why (for the counters).
+    pub ticket: Option<TicketRefusal>,
 }
 
 const fn reject(status: u16, message: &'static str) -> Reject {
@@ -28,21 +35,48 @@ const fn reject(status: u16, message: &'static str) -> Reject {
         status,
         message,
         extra: "",
+        ticket: None,
     }
 }
 
-/// Check an upgrade request against the token and the Origin allowlist, then the websocket
-/// rules. Authorization (token, Origin) is checked first, so a refused client learns nothing.
-pub fn check(req: &Request, token: Option<&Token>, origins: &[String]) -> Result<Accept, Reject> {
+/// The 403 for a ticket refused with `e`. The message is fixed text: it never carries
+/// the ticket, and it tells a client whose ticket was good that it needs a fresh URL.
+pub fn ticket_rejected(e: &TicketError) -> Reject {
+    let (message, why) = match e {
+        TicketError::Expired => (
+            "console ticket expired: ask for a new URL",
+            TicketRefusal::Expired,
+        ),
+        TicketError::Replayed => (
+            "console ticket already used: ask for a new URL",
+            TicketRefusal::Replayed,
+        ),
+        _ => ("missing or invalid console ticket", TicketRefusal::Invalid),
+    };
+    Reject {
+        ticket: Some(why),
+        ..reject(403, message)
+    }
+}
+
+/// Check an upgrade request against the ticket and the Origin allowlist, then the websocket
+/// rules. Authorization (ticket, Origin) is checked first, so a refused client learns nothing.
+/// The ticket is verified here but not used up: see [`Accept::ticket`].
+pub fn check(
+    req: &Request,
+    tickets: Option<&Tickets>,
+    origins: &[String],
+) -> Result<Accept, Reject> {
     let Some(endpoint) = ws_path(req.path(), req.query()) else {
         return Err(reject(404, "no websocket endpoint here"));
     };
-    if let Some(expected) = token {
-        let presented = endpoint.token(req.query()).unwrap_or_default();
-        if !expected.matches(&presented) {
-            return Err(reject(403, "missing or wrong token"));
+    let ticket = match tickets {
+        Some(t) => {
+            let presented = endpoint.token(req.query()).unwrap_or_default();
+            Some(t.verify(&presented).map_err(|e| ticket_rejected(&e))?)
         }
-    }
+        None => None,
+    };
     if !origin_allowed(req.header("origin"), origins) {
         return Err(reject(403, "origin not allowed"));
     }
@@ -51,9 +85,8 @@ pub fn check(req: &Request, token: Option<&Token>, origins: &[String]) -> Result
     }
     if req.header("sec-websocket-version").map(str::trim) != Some("13") {
         return Err(Reject {
-            status: 426,
-            message: "only websocket version 13 is supported",
             extra: "Sec-WebSocket-Version: 13\r\n",
+            ..reject(426, "only websocket version 13 is supported")
         });
     }
     if !req.header_has("connection", "upgrade") {
@@ -84,7 +117,11 @@ pub fn check(req: &Request, token: Option<&Token>, origins: &[String]) -> Result
         response.push_str("\r\n");
     }
     response.push_str("\r\n");
-    Ok(Accept { response, protocol })
+    Ok(Accept {
+        response,
+        protocol,
+        ticket,
+    })
 }
 
 /// RFC 6455 4.1: the key is 16 random bytes, base64-encoded: 22 alphabet characters and

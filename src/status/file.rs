@@ -1,5 +1,6 @@
 //! The standalone status sink: `sessions.json` in the state directory, read by
-//! `vncd get` and `vncd apply --wait`. Mode 0600: the URLs in it carry session tokens.
+//! `vncd get` and `vncd apply --wait`. Mode 0600, as before tickets, though its URLs carry no
+//! credential now (a console needs a ticket from `vncd url`).
 
 use std::path::{Path, PathBuf};
 

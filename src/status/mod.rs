@@ -183,7 +183,7 @@ impl StatusBuilder {
         obj.status = Some(VncSessionStatus {
             phase: Some(report.phase),
             port: lease.map(|l| i32::from(l.port)),
-            url: lease.map(|l| self.url.url(l.port, l.token.as_deref())),
+            url: lease.map(|l| self.url.url(l.port, None)),
             pid: lease.and_then(|l| l.process).map(|p| p.pid),
             target: lease.map(|l| l.target.to_string()),
             reason: Some(report.reason.to_owned()),

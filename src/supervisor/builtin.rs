@@ -52,7 +52,12 @@ impl Backend for Builtin {
     }
 
     fn settings(&self) -> String {
-        format!("{:?} {:?} {:?}", self.program, self.tls, self.origins)
+        // `tickets v1`: proxies from before console tickets (which took a fixed token)
+        // carry another digest and are replaced.
+        format!(
+            "{:?} {:?} {:?} tickets v1",
+            self.program, self.tls, self.origins
+        )
     }
 
     fn tls(&self) -> Option<&Tls> {
@@ -73,8 +78,11 @@ impl Backend for Builtin {
         if let Some(web) = &spec.web {
             args.extend(["--web".to_owned(), web.display().to_string()]);
         }
-        if let Some(file) = &spec.token_file {
-            args.extend(["--token-file".to_owned(), file.display().to_string()]);
+        if let Some(file) = &spec.key_file {
+            args.extend(["--key-file".to_owned(), file.display().to_string()]);
+        }
+        if let Some(dir) = &spec.nonces {
+            args.extend(["--nonce-dir".to_owned(), dir.display().to_string()]);
         }
         if let Some(tls) = &self.tls {
             args.extend([
@@ -93,15 +101,15 @@ impl Backend for Builtin {
         }
     }
 
-    fn token_file(&self, spec: &ProxySpec) -> Option<String> {
-        spec.token.as_ref().map(|t| format!("{t}\n"))
+    fn key_file(&self, spec: &ProxySpec) -> Option<String> {
+        spec.key.as_ref().map(|k| format!("{}\n", k.to_hex()))
     }
 
     fn stats_args(&self, path: &Path) -> Option<Vec<String>> {
         Some(vec!["--stats-file".to_owned(), path.display().to_string()])
     }
 
-    fn token_on_stdin(&self) -> bool {
+    fn key_on_stdin(&self) -> bool {
         true
     }
 }
@@ -129,8 +137,9 @@ mod tests {
                 path: "/run/vm1.sock".into(),
             },
             web: None,
-            token: Some("t0k".into()),
-            token_file: Some("/s/tokens/vm1.token".into()),
+            key: Some(crate::ticket::LeaseKey::from_bytes([0xab; 32])),
+            key_file: Some("/s/keys/vm1.key".into()),
+            nonces: None,
         };
         assert_eq!(
             b.command(&spec).args,
@@ -140,8 +149,8 @@ mod tests {
                 "127.0.0.1:6100",
                 "--unix-target",
                 "/run/vm1.sock",
-                "--token-file",
-                "/s/tokens/vm1.token",
+                "--key-file",
+                "/s/keys/vm1.key",
                 "--tls-cert",
                 "/c.pem",
                 "--tls-key",
@@ -150,7 +159,7 @@ mod tests {
                 "https://ui.example"
             ]
         );
-        assert_eq!(b.token_file(&spec).as_deref(), Some("t0k\n"));
+        assert_eq!(b.key_file(&spec), Some(format!("{}\n", "ab".repeat(32))));
         assert_eq!(
             b.stats_args(Path::new("/s/stats/vm1.json")).unwrap(),
             ["--stats-file", "/s/stats/vm1.json"]
@@ -179,8 +188,9 @@ mod tests {
                 port: 5901,
             },
             web: None,
-            token: None,
-            token_file: None,
+            key: None,
+            key_file: None,
+            nonces: None,
         };
         assert_eq!(
             b.command(&spec).args,

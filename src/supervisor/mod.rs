@@ -26,9 +26,11 @@ use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 use tokio::sync::mpsc;
 
+use crate::console::Minter;
 use crate::lease::{Lease, ProcRef};
 use crate::reconcile::ProxyState;
 use crate::session::Endpoint;
+use crate::ticket::LeaseKey;
 
 /// Environment variables that mark a proxy as ours.
 pub mod marker {
@@ -51,10 +53,16 @@ pub struct ProxySpec {
     pub port: u16,
     pub target: Endpoint,
     pub web: Option<PathBuf>,
-    /// The session token, if the lease has one.
-    pub token: Option<String>,
-    /// Where the backend's token file was written (see [`Backend::token_file`]).
-    pub token_file: Option<PathBuf>,
+    /// The lease's ticket key (see [`crate::ticket`]); `None` only when the supervisor
+    /// was given no [`Minter`], and then the proxy admits every client.
+    pub key: Option<LeaseKey>,
+    /// Where the backend's key file was written (see [`Backend::key_file`]), `-` for
+    /// standard input.
+    pub key_file: Option<PathBuf>,
+    /// The directory that records used tickets (see [`crate::ticket::DirNonces`]): on
+    /// disk, so a ticket stays used across websockify's forks and across a restart of
+    /// the lease's proxy.
+    pub nonces: Option<PathBuf>,
 }
 
 /// TLS material the proxies serve with.
@@ -76,18 +84,22 @@ pub struct CommandLine {
 pub trait Backend: Send + Sync + std::fmt::Debug {
     fn name(&self) -> &'static str;
     fn command(&self, spec: &ProxySpec) -> CommandLine;
-    /// The content of the token file this backend reads (it differs per backend), or
-    /// `None` when the session has no token. Written with mode 0600 before the spawn.
-    fn token_file(&self, spec: &ProxySpec) -> Option<String>;
+    /// The content of the key file this backend reads (it differs per backend), or
+    /// `None` when the session has no key. Written with mode 0600 before the spawn.
+    fn key_file(&self, spec: &ProxySpec) -> Option<String>;
+    /// Extra environment for the proxy (e.g. where Python finds the ticket plugin).
+    fn env(&self) -> Vec<(&'static str, String)> {
+        Vec::new()
+    }
     /// Extra arguments that make the proxy keep per-session counters in `path` (see
     /// `proxy::stats`), or `None` if this backend cannot.
     fn stats_args(&self, _path: &Path) -> Option<Vec<String>> {
         None
     }
-    /// Whether the proxy can take its token file as standard input (`--token-file -`).
+    /// Whether the proxy can take its key file as standard input (`--key-file -`).
     /// With `--proxy-user`, such a backend never needs to open the file itself, so it
     /// can stay readable by root only; other backends get the file chowned to them.
-    fn token_on_stdin(&self) -> bool {
+    fn key_on_stdin(&self) -> bool {
         false
     }
     /// The backend's security-relevant settings as text (program, TLS files, origins...),
@@ -154,8 +166,8 @@ pub enum SpawnError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot write token file {}: {source}", path.display())]
-    Token {
+    #[error("cannot write ticket key file {}: {source}", path.display())]
+    Key {
         path: PathBuf,
         #[source]
         source: std::io::Error,
@@ -178,7 +190,7 @@ impl SpawnError {
         match self {
             SpawnError::Log { .. } => "log",
             SpawnError::Exec { .. } => "exec",
-            SpawnError::Token { .. } => "token",
+            SpawnError::Key { .. } => "key",
             SpawnError::Vanished { .. } => "vanished",
             SpawnError::ProxyUser { .. } => "proxy_user",
         }
@@ -207,6 +219,9 @@ pub struct Supervisor {
     /// reaper runs yet.
     reap: bool,
     reaper: std::sync::OnceLock<()>,
+    /// Derives each lease's ticket key; `None` (tests, `vncd cleanup`) starts proxies
+    /// that admit every client.
+    tickets: Option<Minter>,
 }
 
 /// A proxy's log is cut back to nothing once it passes this size: at every start, and
@@ -239,7 +254,14 @@ impl Supervisor {
             logs_checked: Default::default(),
             reap: false,
             reaper: std::sync::OnceLock::new(),
+            tickets: None,
         }
+    }
+
+    /// Gives every proxy started from now on its lease's ticket key, so it admits only
+    /// clients with a ticket minted by `minter`.
+    pub fn issue_tickets(&mut self, minter: Minter) {
+        self.tickets = Some(minter);
     }
 
     /// Makes vncd a child subreaper and reaps the orphans that come to it (see
@@ -401,10 +423,12 @@ impl Supervisor {
             port: lease.port,
             target: lease.target.clone(),
             web: self.web.clone(),
-            token: lease.token.clone(),
-            token_file: None,
+            key: self.tickets.as_ref().map(|m| m.lease_key(lease)),
+            key_file: None,
+            nonces: None,
         };
-        let stdin = self.token_input(lease, &mut spec)?;
+        self.nonce_dir(lease, &mut spec)?;
+        let stdin = self.key_input(lease, &mut spec)?;
         if let Some(u) = &self.proxy_user {
             self.prepare_for(u)?;
         }
@@ -438,31 +462,31 @@ impl Supervisor {
         })
     }
 
-    /// Writes the session's token file (0600) and decides how the proxy gets it: as its
+    /// Writes the session's key file (0600) and decides how the proxy gets it: as its
     /// open standard input, or by path (chowned to `--proxy-user` for a backend that
     /// re-reads it). Returns the proxy's standard input.
-    fn token_input(&self, lease: &Lease, spec: &mut ProxySpec) -> Result<Stdio, SpawnError> {
-        let Some(content) = self.backend.token_file(spec) else {
+    fn key_input(&self, lease: &Lease, spec: &mut ProxySpec) -> Result<Stdio, SpawnError> {
+        let Some(content) = self.backend.key_file(spec) else {
             return Ok(Stdio::null());
         };
-        let path = self.token_dir().join(format!("{}.token", lease.session));
-        let token_err = |source| SpawnError::Token {
+        let path = self.key_path(&lease.session);
+        let token_err = |source| SpawnError::Key {
             path: path.clone(),
             source,
         };
         write_private(&path, content.as_bytes()).map_err(token_err)?;
         match &self.proxy_user {
             // The proxy gets the open file, never the path: only root can read it.
-            Some(_) if self.backend.token_on_stdin() => {
-                spec.token_file = Some(PathBuf::from("-"));
+            Some(_) if self.backend.key_on_stdin() => {
+                spec.key_file = Some(PathBuf::from("-"));
                 return Ok(Stdio::from(open_nofollow(&path).map_err(token_err)?));
             }
             // websockify re-reads the file by path: it must own it (still 0600) and
-            // reach it (search permission on tokens/ and, in Kubernetes mode, on the
+            // reach it (search permission on keys/ and, in Kubernetes mode, on the
             // namespace directory below it).
             Some(u) => {
                 u.give(&path).map_err(token_err)?;
-                let tokens = self.token_dir();
+                let tokens = self.key_dir();
                 for dir in path.ancestors().skip(1) {
                     if !dir.starts_with(&tokens) {
                         break;
@@ -472,8 +496,41 @@ impl Supervisor {
             }
             None => {}
         }
-        spec.token_file = Some(path.clone());
+        spec.key_file = Some(path.clone());
         Ok(Stdio::null())
+    }
+
+    /// The directory where the proxy records used tickets (`STATE/nonces/NAME/`, 0700,
+    /// the proxy user's). It is kept while the lease lives, so a proxy restarted after a
+    /// crash still refuses the tickets its predecessor accepted; [`Self::forget`] removes
+    /// it at release.
+    fn nonce_dir(&self, lease: &Lease, spec: &mut ProxySpec) -> Result<(), SpawnError> {
+        use std::os::unix::fs::DirBuilderExt;
+        if spec.key.is_none() {
+            return Ok(());
+        }
+        let root = self.log_dir.with_file_name("nonces");
+        let dir = root.join(&lease.session);
+        let err = |source| SpawnError::Key {
+            path: dir.clone(),
+            source,
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(err)?;
+        if let Some(u) = &self.proxy_user {
+            u.give(&dir).map_err(err)?;
+            for d in dir.ancestors().skip(1) {
+                if !d.starts_with(&root) {
+                    break;
+                }
+                add_search_permission(d).map_err(err)?;
+            }
+        }
+        spec.nonces = Some(dir);
+        Ok(())
     }
 
     /// The backend's arguments for per-session counters, with their directory prepared.
@@ -525,6 +582,7 @@ impl Supervisor {
             .env(marker::PORT, lease.port.to_string())
             .env(marker::TARGET, lease.target.to_string())
             .env(marker::CONFIG, self.config_digest())
+            .envs(self.backend.env())
             .stdin(stdin)
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log2))
@@ -610,8 +668,8 @@ impl Supervisor {
                 .and_then(|()| user.give(&stats))
                 .map_err(err(&stats))?;
         }
-        if !self.backend.token_on_stdin() {
-            let tokens = self.token_dir();
+        if !self.backend.key_on_stdin() {
+            let tokens = self.key_dir();
             private_dir(&tokens)
                 .and_then(|()| add_search_permission(&tokens))
                 .map_err(err(&tokens))?;
@@ -619,9 +677,14 @@ impl Supervisor {
         Ok(())
     }
 
-    /// Token files live beside the logs, in a directory only we can read.
-    fn token_dir(&self) -> PathBuf {
-        self.log_dir.with_file_name("tokens")
+    /// Key files live beside the logs, in a directory only we can read.
+    fn key_dir(&self) -> PathBuf {
+        self.log_dir.with_file_name("keys")
+    }
+
+    /// `STATE/keys/NAME.key`.
+    fn key_path(&self, session: &str) -> PathBuf {
+        self.key_dir().join(format!("{session}.key"))
     }
 
     /// Where the proxy of `session` keeps its counters (`STATE/stats/NAME.json`, beside
@@ -634,36 +697,21 @@ impl Supervisor {
         self.backend.stats_args(&path).map(|_| path)
     }
 
-    /// Forgets a released session's counters file.
+    /// Forgets a released session's counters, ticket key and used-ticket records.
     pub fn forget(&self, session: &str) {
         if let Some(path) = self.stats_file(session) {
             let _ = std::fs::remove_file(path);
         }
+        let _ = std::fs::remove_file(self.key_path(session));
+        let _ = std::fs::remove_dir_all(self.log_dir.with_file_name("nonces").join(session));
     }
 
     /// The last non-empty line a proxy wrote to its log, for failure messages (which go
-    /// to statuses, Kubernetes Events and vncd's own log), with tokens redacted: websockify
-    /// logs request lines, `GET /websockify?token=...` included, and names unknown
-    /// (often mistyped) tokens.
+    /// to statuses, Kubernetes Events and vncd's own log), with tickets redacted:
+    /// websockify logs request lines, `GET /websockify?token=...` included.
     pub fn last_log_line(&self, session: &str) -> Option<String> {
         let line = last_line(&self.log_dir.join(format!("{session}.log")))?;
-        let token = self.current_token(session);
-        Some(redact::tokens(&line, token.as_deref()))
-    }
-
-    /// The token in `session`'s token file (either backend's format), if any.
-    fn current_token(&self, session: &str) -> Option<String> {
-        use std::io::Read;
-        let path = self.token_dir().join(format!("{session}.token"));
-        let mut text = String::new();
-        open_nofollow(&path)
-            .ok()?
-            .take(4096)
-            .read_to_string(&mut text)
-            .ok()?;
-        // builtin: `TOKEN\n`; websockify: `TOKEN: HOST:PORT\n`.
-        let token = text.split([':', '\n', ' ']).next()?.trim();
-        (!token.is_empty()).then(|| token.to_owned())
+        Some(redact::tokens(&line, None))
     }
 }
 

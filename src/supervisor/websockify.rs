@@ -7,13 +7,40 @@ use std::sync::{Mutex, OnceLock};
 use super::{Backend, CommandLine, ProxySpec, Tls};
 use crate::session::Endpoint;
 
-/// Runs websockify. With a token, the target comes from its TokenFile plugin (one
-/// entry: this session's token), so a client without the token is refused before
-/// websockify connects anywhere.
+/// Runs websockify. With a ticket key, the target comes from vncd's ticket plugin
+/// (`contrib/websockify/vncd_ticket.py`, installed by [`install_plugin`]), which admits a
+/// client only with a valid, unused ticket, before websockify connects anywhere.
 #[derive(Clone, Debug)]
 pub struct Websockify {
     pub program: PathBuf,
     pub tls: Option<Tls>,
+    /// The directory holding `vncd_ticket.py`, put on the proxies' `PYTHONPATH`.
+    pub plugin_dir: Option<PathBuf>,
+}
+
+/// The ticket plugin, compiled into vncd so the binary and the plugin always agree on
+/// the ticket format (tests/ticket_plugin.rs checks both against the same vectors).
+pub const PLUGIN_SOURCE: &str = include_str!("../../contrib/websockify/vncd_ticket.py");
+
+/// The plugin's module name, as websockify's `--token-plugin` names its class.
+pub const PLUGIN_CLASS: &str = "vncd_ticket.VncdTicket";
+
+/// Writes the plugin to `dir/vncd_ticket.py` (dir 0755, file 0644: the proxies, maybe
+/// another user, must read it; only vncd's user can change it), replacing whatever is
+/// there, and returns `dir`.
+pub fn install_plugin(dir: &Path) -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+    let tmp = dir.join(".vncd_ticket.py.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::fs::write(&tmp, PLUGIN_SOURCE)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))?;
+    std::fs::rename(&tmp, dir.join("vncd_ticket.py"))?;
+    Ok(dir.to_owned())
 }
 
 impl Backend for Websockify {
@@ -22,7 +49,16 @@ impl Backend for Websockify {
     }
 
     fn settings(&self) -> String {
-        format!("{:?} {:?}", self.program, self.tls)
+        // `tickets v1`: websockify started before console tickets (TokenFile plugin,
+        // fixed token) carries another digest and is replaced.
+        format!("{:?} {:?} tickets v1", self.program, self.tls)
+    }
+
+    fn env(&self) -> Vec<(&'static str, String)> {
+        self.plugin_dir
+            .iter()
+            .map(|d| ("PYTHONPATH", d.display().to_string()))
+            .collect()
     }
 
     fn tls(&self) -> Option<&Tls> {
@@ -53,11 +89,11 @@ impl Backend for Websockify {
             std::net::IpAddr::V6(a) => format!("[{a}]:{}", spec.port),
             std::net::IpAddr::V4(a) => format!("{a}:{}", spec.port),
         };
-        match (&spec.token_file, &spec.target) {
+        match (&spec.key_file, &spec.target) {
             (Some(file), _) => {
                 args.extend([
                     "--token-plugin".to_owned(),
-                    "TokenFile".to_owned(),
+                    PLUGIN_CLASS.to_owned(),
                     "--token-source".to_owned(),
                     file.display().to_string(),
                 ]);
@@ -78,13 +114,13 @@ impl Backend for Websockify {
         }
     }
 
-    fn token_file(&self, spec: &ProxySpec) -> Option<String> {
-        let token = spec.token.as_ref()?;
-        let target = match &spec.target {
-            Endpoint::Tcp { host, port } => format!("{host}:{port}"),
-            Endpoint::Unix { path } => format!("unix_socket:{path}"),
-        };
-        Some(format!("{token}: {target}\n"))
+    fn key_file(&self, spec: &ProxySpec) -> Option<String> {
+        crate::ticket::websockify_key_file(
+            &spec.session,
+            spec.key.as_ref()?,
+            &spec.target,
+            spec.nonces.as_deref()?,
+        )
     }
 }
 
@@ -119,15 +155,16 @@ pub fn supports_file_only(program: &Path) -> bool {
 mod tests {
     use super::*;
 
-    fn spec(target: Endpoint, web: Option<&str>, token: Option<&str>) -> ProxySpec {
+    fn spec(target: Endpoint, web: Option<&str>, key: Option<u8>) -> ProxySpec {
         ProxySpec {
             session: "vm1".into(),
             listen: "0.0.0.0".parse().unwrap(),
             port: 6100,
             target,
             web: web.map(PathBuf::from),
-            token: token.map(str::to_owned),
-            token_file: token.map(|_| PathBuf::from("/s/tokens/vm1.token")),
+            key: key.map(|b| crate::ticket::LeaseKey::from_bytes([b; 32])),
+            key_file: key.map(|_| PathBuf::from("/s/keys/vm1.key")),
+            nonces: key.map(|_| PathBuf::from("/s/nonces/vm1")),
         }
     }
 
@@ -137,6 +174,7 @@ mod tests {
         let w = Websockify {
             program: "/nonexistent/websockify".into(),
             tls: None,
+            plugin_dir: None,
         };
         let tcp = Endpoint::Tcp {
             host: "127.0.0.1".into(),
@@ -174,6 +212,7 @@ mod tests {
         let w = Websockify {
             program: fake,
             tls: None,
+            plugin_dir: None,
         };
         let tcp = Endpoint::Tcp {
             host: "127.0.0.1".into(),
@@ -196,18 +235,19 @@ mod tests {
     }
 
     #[test]
-    fn a_token_routes_through_the_token_file_plugin() {
+    fn a_key_routes_through_the_ticket_plugin() {
         let w = Websockify {
             program: "websockify".into(),
             tls: Some(Tls {
                 cert: "/c".into(),
                 key: "/k".into(),
             }),
+            plugin_dir: Some("/s/websockify".into()),
         };
         let unix = Endpoint::Unix {
             path: "/run/vm.sock".into(),
         };
-        let s = spec(unix, None, Some("abc"));
+        let s = spec(unix, None, Some(0xab));
         assert_eq!(
             w.command(&s).args,
             [
@@ -217,23 +257,28 @@ mod tests {
                 "/k",
                 "--ssl-only",
                 "--token-plugin",
-                "TokenFile",
+                "vncd_ticket.VncdTicket",
                 "--token-source",
-                "/s/tokens/vm1.token",
+                "/s/keys/vm1.key",
                 "0.0.0.0:6100"
             ]
         );
+        let key = "ab".repeat(32);
         assert_eq!(
-            w.token_file(&s).as_deref(),
-            Some("abc: unix_socket:/run/vm.sock\n")
+            w.key_file(&s),
+            Some(format!(
+                "vncd-lease-key v1\nsession vm1\nkey {key}\nunix /run/vm.sock\nnonces /s/nonces/vm1\n"
+            ))
         );
+        assert_eq!(w.env(), [("PYTHONPATH", "/s/websockify".to_owned())]);
         let tcp = Endpoint::Tcp {
             host: "10.0.0.5".into(),
             port: 5901,
         };
-        assert_eq!(
-            w.token_file(&spec(tcp, None, Some("t"))).as_deref(),
-            Some("t: 10.0.0.5:5901\n")
+        assert!(
+            w.key_file(&spec(tcp, None, Some(1)))
+                .unwrap()
+                .contains("\nhost 10.0.0.5\nport 5901\n")
         );
     }
 }

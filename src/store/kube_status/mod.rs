@@ -35,7 +35,6 @@ use crate::api::{Phase, VncSession};
 use crate::k8s::events::{Events, Reason};
 use crate::k8s::lease_fields::{lease_from_status, put_lease_fields, whole_seconds};
 use crate::k8s::objects::{Known, Objects};
-use crate::k8s::token::{self, TokenSecret};
 use crate::k8s::writer::{Backoff, Writer};
 use crate::k8s::{is_conflict, is_not_found, key_of, node_selector, split_key};
 use crate::lease::{Expiry, Lease};
@@ -138,64 +137,9 @@ impl KubeStatusStore {
 
     async fn perform(&self, write: &Write) -> Result<(), Failure> {
         match write {
-            Write::Lease {
-                lease,
-                new,
-                secret,
-                expiry,
-            } => self.put(lease, *new, *secret, expiry).await,
+            Write::Lease { lease, new, expiry } => self.put(lease, *new, expiry).await,
             Write::Release { lease, expiry } => self.release(lease, expiry).await,
             Write::Expiry { key, expiry } => self.set_expiry(key, expiry).await,
-        }
-    }
-
-    /// Writes the token Secret of `lease`, before its lease reaches status, so that a
-    /// status naming a Secret always names one that exists.
-    async fn write_secret(&self, known: &Known, lease: &Lease) -> Result<(), Failure> {
-        let Some(token) = lease.token.as_deref() else {
-            return Ok(());
-        };
-        let url = self.url.url(lease.port, Some(token));
-        let secret = TokenSecret {
-            namespace: &known.namespace,
-            session: &known.name,
-            session_uid: &known.uid,
-            node: &self.node,
-            lease_uid: &lease.uid,
-            token,
-            url: &url,
-        }
-        .object();
-        self.writer
-            .apply_secret(&secret)
-            .await
-            .map(drop)
-            .map_err(|e| {
-                Failure::api(
-                    &lease.session,
-                    format!("write token Secret {}", token::secret_name(&known.name)),
-                    e,
-                )
-            })
-    }
-
-    /// Deletes the token Secret of `lease`, unless it was rewritten for another lease
-    /// since. A Secret left behind holds a dead token and goes with its VncSession.
-    async fn delete_secret(&self, lease: &Lease) {
-        let Some((ns, name)) = split_key(&lease.session) else {
-            return;
-        };
-        let secret_name = token::secret_name(name);
-        let result = match self.writer.get_secret(ns, &secret_name).await {
-            Ok(Some(secret)) if token::lease_uid_of(&secret) == Some(lease.uid.as_str()) => {
-                let rv = secret.metadata.resource_version.unwrap_or_default();
-                self.writer.delete_secret(ns, &secret_name, &rv).await
-            }
-            Ok(_) => Ok(()),
-            Err(e) => Err(e),
-        };
-        if let Err(e) = result {
-            warn!(session = %lease.session, secret = %secret_name, error = %e, "cannot delete the token Secret; it holds a dead token and goes with its VncSession");
         }
     }
 
@@ -225,16 +169,12 @@ impl KubeStatusStore {
         &self,
         lease: &Lease,
         new: bool,
-        secret: bool,
         expiry: &ExpiryOp,
     ) -> Result<(), Failure> {
         let key = &lease.session;
         let Some(known) = self.objects.get(key) else {
             return Err(Failure::Stale(format!("{key} is no longer known")));
         };
-        if secret {
-            self.write_secret(&known, lease).await?;
-        }
         let mut status = known.status.clone();
         put_lease_fields(&mut status, Some(lease), &self.node, &self.url);
         expiry.apply(&mut status);
@@ -408,7 +348,6 @@ impl KubeStatusStore {
     }
 
     async fn released(&self, lease: &Lease, known: Option<&Known>) -> Result<(), Failure> {
-        self.delete_secret(lease).await;
         if let Some(k) = known {
             self.events.emit(
                 Reason::Released,
@@ -417,59 +356,6 @@ impl KubeStatusStore {
             );
         }
         Ok(())
-    }
-}
-
-impl KubeStatusStore {
-    /// Gives each lease read from status its token, from memory when this vncd wrote it,
-    /// else from its Secret. A lease whose Secret is gone or was written for another
-    /// lease is dropped: vncd never serves a console without its token, so the proxy is
-    /// replaced (as an orphan) under a new lease and a new Secret.
-    async fn with_tokens(&mut self, found: Vec<Lease>) -> Result<Vec<Lease>, StoreError> {
-        let known = &self.set.leases;
-        let writer = &self.writer;
-        let results: Vec<(Lease, Result<Option<String>, kube::Error>)> = stream::iter(found)
-            .map(|mut l| async move {
-                if let Some(mine) = known.get(&l.session).filter(|m| m.uid == l.uid) {
-                    l.token.clone_from(&mine.token);
-                }
-                if l.token.is_some() {
-                    return (l, Ok(None));
-                }
-                let Some((ns, name)) = split_key(&l.session) else {
-                    return (l, Ok(None));
-                };
-                let got = writer.get_secret(ns, &token::secret_name(name)).await;
-                let token = got.map(|s| s.and_then(|s| token::token_for_lease(&s, &l.uid)));
-                (l, token)
-            })
-            .buffer_unordered(PARALLEL_WRITES)
-            .collect()
-            .await;
-        let mut out = Vec::with_capacity(results.len());
-        for (mut l, token) in results {
-            match token {
-                Ok(t) => {
-                    if t.is_some() {
-                        l.token = t;
-                    }
-                    if l.token.is_some() {
-                        out.push(l);
-                    } else {
-                        warn!(session = %l.session, port = l.port, secret = %token::secret_name(split_key(&l.session).map_or("", |(_, n)| n)), "the token Secret of this lease is missing or belongs to another lease; its proxy will be replaced under a new token");
-                    }
-                }
-                Err(e) => {
-                    self.backoff.fail();
-                    return Err(StoreError::Api {
-                        object: l.session.clone(),
-                        action: "read the token Secret".into(),
-                        source: e,
-                    });
-                }
-            }
-        }
-        Ok(out)
     }
 }
 
@@ -515,7 +401,7 @@ impl LeaseStore for KubeStatusStore {
                 );
             }
         }
-        let mut found = self.with_tokens(found).await?;
+        let mut found = found;
         // Oldest lease first, so of two objects claiming one port the first keeps it.
         found.sort_by(|a, b| (a.allocated_at, &a.session).cmp(&(b.allocated_at, &b.session)));
         // Leases of objects that left this node's list while we held them: keep them

@@ -44,8 +44,6 @@ pub enum Write {
         lease: Lease,
         /// The lease is new (not a retarget of an existing one).
         new: bool,
-        /// The lease carries a token not yet in its Secret.
-        secret: bool,
         expiry: ExpiryOp,
     },
     /// Clear a lease.
@@ -89,17 +87,13 @@ pub fn plan_writes(
                         && p.port == lease.port
                         && p.target == lease.target
                         && p.allocated_at == lease.allocated_at
-                        && p.token == lease.token
                 });
                 if record_only {
                     continue;
                 }
-                let secret = lease.token.is_some()
-                    && prev.is_none_or(|p| p.uid != lease.uid || p.token != lease.token);
                 let write = Write::Lease {
                     lease: lease.clone(),
                     new: prev.is_none(),
-                    secret,
                     expiry: ExpiryOp::Keep,
                 };
                 (&lease.session, write)
@@ -187,12 +181,11 @@ mod tests {
                 Write::Lease {
                     lease: fresh,
                     new: true,
-                    secret: true,
                     expiry: ExpiryOp::Keep,
                 }
             )]
         );
-        // A retarget keeps the lease's token: no new Secret.
+        // A retarget is a write of the changed lease, not a new one.
         let w = plan_writes(&current, &[LeaseChange::Put(retargeted.clone())]);
         assert_eq!(
             w,
@@ -201,7 +194,6 @@ mod tests {
                 Write::Lease {
                     lease: retargeted,
                     new: false,
-                    secret: false,
                     expiry: ExpiryOp::Keep,
                 }
             )]
@@ -254,7 +246,6 @@ mod tests {
                     Write::Lease {
                         lease: fresh,
                         new: true,
-                        secret: true,
                         expiry: ExpiryOp::Clear,
                     }
                 ),
