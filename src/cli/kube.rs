@@ -241,7 +241,7 @@ async fn serve(args: KubeArgs, setup: Setup) -> anyhow::Result<ExitCode> {
     }
     let watch_stats = source.stats();
     // The VncConsoleRequest responder (issue #12): see cli/kube_console.rs.
-    let (_responder, _publisher, console_counts) = super::kube_console::start(
+    let (_responder, console_counts) = super::kube_console::start(
         &args.console,
         &super::kube_console::ConsoleWiring {
             client: &c.client,
@@ -249,10 +249,10 @@ async fn serve(args: KubeArgs, setup: Setup) -> anyhow::Result<ExitCode> {
             node,
             objects: &objects,
             metered: &c.metered,
-            url: &setup.url,
-            state_dir: &args.state_dir,
+            minter: &setup.minter,
+            consoles: &setup.consoles,
         },
-    )?;
+    );
     let (store, sink) = adapters(&c, &writer, objects, node, &setup.url, &events);
     info!(
         node = %node,

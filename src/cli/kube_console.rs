@@ -1,7 +1,6 @@
 //! `vncd kube`'s VncConsoleRequest responder: its flags and how it is started. Kept out
 //! of `kube.rs` so that the controller's wiring and this one change independently.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,67 +36,31 @@ pub struct ConsoleWiring<'a> {
     pub client: &'a kube::Client,
     pub namespace: Option<&'a str>,
     pub node: &'a str,
+    /// This node's sessions as the API server last showed them.
     pub objects: &'a Objects,
     pub metered: &'a Metered,
-    pub url: &'a crate::status::UrlStyle,
-    pub state_dir: &'a Path,
+    /// Mints with the node's master key and `--ticket-ttl`.
+    pub minter: &'a Minter,
+    /// The consoles that are up, as the controller published them after its last pass.
+    pub consoles: &'a Consoles,
 }
 
 /// Starts the responder; it stops when the returned guard is dropped.
-///
-/// STAND-IN until main's `vncd kube` has them (issue #12 wiring by the other branch):
-/// the master key (`MasterKey::load_or_create(STATE_DIR/ticket.key)`), `--ticket-ttl`
-/// and the controller publishing [`Consoles`] after each pass. Here the key is loaded the
-/// same way, the TTL is the 60 s default, and `Consoles` is published from the lease store's
-/// view of this node's Ready sessions. Replace all three with main's when merging.
 pub fn start(
     args: &ConsoleRequestArgs,
     w: &ConsoleWiring<'_>,
-) -> anyhow::Result<(AbortOnDrop, AbortOnDrop, Arc<ResponderCounts>)> {
-    let key_path = w.state_dir.join("ticket.key");
-    let master = crate::ticket::MasterKey::load_or_create(&key_path)?;
-    let minter = Minter::new(master, w.url.clone(), Duration::from_secs(60));
-    let consoles = Consoles::default();
-    let publisher = AbortOnDrop(tokio::spawn(publish_from_objects(
-        w.objects.clone(),
-        w.node.to_owned(),
-        consoles.clone(),
-    )));
-    // END STAND-IN
+) -> (AbortOnDrop, Arc<ResponderCounts>) {
     let counts = Arc::new(ResponderCounts::default());
     let responder = Responder {
         client: w.client.clone(),
         namespace: w.namespace.map(str::to_owned),
         node: w.node.to_owned(),
-        minter,
-        consoles,
+        minter: w.minter.clone(),
+        consoles: w.consoles.clone(),
         objects: w.objects.clone(),
         metered: w.metered.clone(),
         retention: args.retention(),
         counts: counts.clone(),
     };
-    Ok((
-        AbortOnDrop(tokio::spawn(responder.run())),
-        publisher,
-        counts,
-    ))
-}
-
-/// STAND-IN (see [`start`]): publishes the leases of this node's sessions whose status
-/// says Ready, as the lease store last committed them.
-async fn publish_from_objects(objects: Objects, node: String, consoles: Consoles) {
-    loop {
-        let leases: Vec<_> = objects
-            .all()
-            .into_iter()
-            .filter(|k| {
-                k.watched
-                    && k.node_name.as_deref() == Some(node.as_str())
-                    && k.status.phase == Some(crate::api::Phase::Ready)
-            })
-            .filter_map(|k| objects.lease(&k.key()))
-            .collect();
-        consoles.publish(leases.iter());
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    (AbortOnDrop(tokio::spawn(responder.run())), counts)
 }

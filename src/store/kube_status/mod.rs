@@ -165,12 +165,7 @@ impl KubeStatusStore {
         }
     }
 
-    async fn put(
-        &self,
-        lease: &Lease,
-        new: bool,
-        expiry: &ExpiryOp,
-    ) -> Result<(), Failure> {
+    async fn put(&self, lease: &Lease, new: bool, expiry: &ExpiryOp) -> Result<(), Failure> {
         let key = &lease.session;
         let Some(known) = self.objects.get(key) else {
             return Err(Failure::Stale(format!("{key} is no longer known")));
