@@ -21,14 +21,36 @@ use vncd::api::{Phase, Target, VncSession, VncSessionSpec};
 use vncd::k8s::console_request::{VncConsoleRequest, VncConsoleRequestSpec};
 use vncd::ticket::{self, MasterKey};
 
-/// A namespace, a QEMU VNC server and a running `vncd kube` for `node` (watching every
-/// namespace when `namespace` is None), with answered requests kept 1 s past expiry.
+/// A QEMU VNC server and a running `vncd kube` for `node` (watching every namespace when
+/// `namespace` is None), with answered requests kept 1 s past expiry, as the admin.
 fn start(namespace: Option<&str>, lease_ns: &str, node: &str) -> (Qemu, KubeVncd) {
     let qemu = Qemu::tcp();
     let mut v = KubeVncd::new(node, namespace, lease_ns, 4);
     v.extra
         .extend(["--console-request-grace".into(), "1".into()]);
     v.start();
+    (qemu, v)
+}
+
+/// [`start`], but vncd runs as the chart's ServiceAccount with the chart's RBAC (release
+/// namespace `ns`), so the chart's rules are all the responder gets.
+fn start_as_chart(ns: &str, node: &str) -> (Qemu, KubeVncd) {
+    let c = cluster();
+    c.apply_chart_rbac(ns, &[]);
+    let qemu = Qemu::tcp();
+    let mut v = KubeVncd::new(node, Some(ns), ns, 4);
+    v.extra
+        .extend(["--console-request-grace".into(), "1".into()]);
+    let kubeconfig = v.tmp.path().join("sa.kubeconfig");
+    c.user_kubeconfig(
+        &format!("system:serviceaccount:{ns}:vncd"),
+        &[
+            "system:serviceaccounts",
+            &format!("system:serviceaccounts:{ns}"),
+        ],
+        &kubeconfig,
+    );
+    v.start_with(v.args(), &kubeconfig, &[]);
     (qemu, v)
 }
 
@@ -147,7 +169,7 @@ async fn users_bound_to_vncd_console_get_urls_others_are_forbidden_and_requests_
     let ns = "console-rbac";
     let node = "node-console-rbac";
     c.create_namespace(ns);
-    let (qemu, v) = start(Some(ns), ns, node);
+    let (qemu, v) = start_as_chart(ns, node);
     let client = c.client().await;
     let api: Api<VncSession> = Api::namespaced(client.clone(), ns);
     session(&api, "vm1", node, Target::tcp("127.0.0.1", qemu.port)).await;
@@ -156,7 +178,6 @@ async fn users_bound_to_vncd_console_get_urls_others_are_forbidden_and_requests_
     let vm1 = wait_phase(&api, "vm1", Phase::Ready, &v).await;
     wait_phase(&api, "vm-bad", Phase::Failed, &v).await;
 
-    c.apply_chart_rbac(ns, &[]);
     let dir = tempfile::tempdir().unwrap();
     let alice = dir.path().join("alice.kubeconfig");
     let bob = dir.path().join("bob.kubeconfig");
@@ -239,8 +260,12 @@ async fn users_bound_to_vncd_console_get_urls_others_are_forbidden_and_requests_
         assert!(!log.contains(t.as_str()), "vncd logged a ticket:\n{log}");
     }
 
+    assert!(
+        !log.contains("Forbidden") && !log.contains("forbidden"),
+        "the chart's RBAC refused vncd something:\n{log}"
+    );
     // vncd's own ServiceAccount (the chart's ClusterRole) may do what the responder does,
-    // and no longer touches Secrets.
+    // and no more: no creating requests, no Secrets.
     let sa = format!("--as=system:serviceaccount:{ns}:vncd");
     for (verb, resource, allowed) in [
         ("list", "vncconsolerequests.vncd.io", "yes"),
