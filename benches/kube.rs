@@ -4,6 +4,7 @@
 //! cargo bench --bench kube                 # both parts
 //! cargo bench --bench kube -- ready        # 200 sessions to Ready (real proxies + QEMU)
 //! cargo bench --bench kube -- scale        # 20 instances, 1,000 sessions
+//! cargo bench --bench kube -- console      # console URLs through VncConsoleRequests
 //! ```
 //!
 //! 1. **ready**: one `vncd kube`, 200 VncSessions created at once against one QEMU VNC
@@ -17,6 +18,12 @@
 //!    each instance's watch delivered only its own node's 50 objects (each instance logs
 //!    what its watch delivered when it stops). The proxies are real `vncd proxy`
 //!    processes (about 0.5 MiB each), a thousand of them.
+//! 3. **console**: one `vncd kube` serving one Ready session; 200 console URLs asked for one
+//!    after another through VncConsoleRequests (create, then watch until `status.url`),
+//!    timed from the create to the answer (p50, p99), then 20 through the `vncd url --kube`
+//!    process (its whole run: kubeconfig, create, watch). Counts vncd's API writes per
+//!    console opened from `apiserver_request_total` (status applies and deletes of
+//!    vncconsolerequests; the user's create is not vncd's), once every request is collected.
 #![allow(clippy::unwrap_used, dead_code)]
 
 #[path = "../tests/common/cluster.rs"]
@@ -40,11 +47,12 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     // `cargo test --all-targets` runs bench targets too; only `cargo bench` measures.
     if !args.iter().any(|a| a == "--bench") {
-        println!("kube benchmark: run it with `cargo bench --bench kube [-- ready|scale]`");
+        println!("kube benchmark: run it with `cargo bench --bench kube [-- ready|scale|console]`");
         return;
     }
+    let parts = ["ready", "scale", "console"];
     let want =
-        |p: &str| !args.iter().any(|a| a == "ready" || a == "scale") || args.iter().any(|a| a == p);
+        |p: &str| !args.iter().any(|a| parts.contains(&a.as_str())) || args.iter().any(|a| a == p);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -59,6 +67,9 @@ fn main() {
         }
         if want("scale") {
             scale(c, 20, 50).await;
+        }
+        if want("console") {
+            console(c, 200, 20).await;
         }
     });
 }
@@ -482,4 +493,144 @@ async fn scale(c: &Cluster, nodes: usize, per_node: usize) {
         );
     }
     println!("every instance received only its own {per_node} objects: {all_own}");
+}
+
+/// Console URLs through VncConsoleRequests: `api_n` asked through the API one after
+/// another, then `cli_n` through `vncd url --kube`; latencies and vncd's writes per console.
+async fn console(c: &Cluster, api_n: usize, cli_n: usize) {
+    use vncd::k8s::console_request::{VncConsoleRequest, VncConsoleRequestSpec};
+    let ns = "bench-console";
+    let node = "node-bench-console";
+    c.create_namespace(ns);
+    let qemu = Qemu::tcp();
+    let mut v = KubeVncd::new(node, Some(ns), ns, 4);
+    v.extra
+        .extend(["--console-request-grace".into(), "1".into()]);
+    v.start();
+    wait_probe(&v).await;
+    let client = c.client().await;
+    let sessions: Api<VncSession> = Api::namespaced(client.clone(), ns);
+    sessions
+        .create(
+            &PostParams::default(),
+            &session(node, qemu.port, true, "vm1"),
+        )
+        .await
+        .unwrap();
+    let t = Instant::now();
+    while sessions
+        .get("vm1")
+        .await
+        .unwrap()
+        .status
+        .and_then(|s| s.phase)
+        != Some(Phase::Ready)
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "vm1 never Ready:\n{}",
+            v.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let api: Api<VncConsoleRequest> = Api::namespaced(client.clone(), ns);
+    let before = requests(c);
+    let mut lat = Vec::new();
+    for _ in 0..api_n {
+        let mut r = VncConsoleRequest::new(
+            "",
+            VncConsoleRequestSpec {
+                session: "vm1".into(),
+                ttl_seconds: Some(1),
+                view_only: None,
+            },
+        );
+        r.metadata.name = None;
+        r.metadata.generate_name = Some("vm1-".into());
+        let t = Instant::now();
+        let created = api.create(&PostParams::default(), &r).await.unwrap();
+        let name = created.name_any();
+        let params = kube::api::WatchParams::default()
+            .fields(&format!("metadata.name={name}"))
+            .timeout(30);
+        let rv = created.resource_version().unwrap();
+        let mut events = api.watch(&params, &rv).await.unwrap().boxed();
+        loop {
+            match events.next().await {
+                Some(Ok(kube::api::WatchEvent::Modified(o)))
+                    if o.status.as_ref().and_then(|s| s.url.as_ref()).is_some() =>
+                {
+                    break;
+                }
+                Some(_) => {}
+                None => panic!("no answer to {name} within 30 s:\n{}", v.log()),
+            }
+        }
+        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    lat.sort_by(f64::total_cmp);
+    let mut cli = Vec::new();
+    for _ in 0..cli_n {
+        let t = Instant::now();
+        let out = std::process::Command::new(cluster::VNCD)
+            .args(["url", "--kube", "-n", ns, "vm1", "--ttl", "1"])
+            .env("KUBECONFIG", &c.kubeconfig)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        cli.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    cli.sort_by(f64::total_cmp);
+    // Every request is collected 1 s after its 1 s ticket expired.
+    let t = Instant::now();
+    while !api
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .is_empty()
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "requests not collected"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let after = requests(c);
+    let n = (api_n + cli_n) as f64;
+    let on = |f: fn(&str, &str) -> bool| {
+        delta(&before, &after, |r, s, v, _| {
+            r == "vncconsolerequests" && f(s, v)
+        })
+    };
+    let status = on(|s, v| s == "status" && is_write(v));
+    let deletes = on(|s, v| s.is_empty() && v == "DELETE");
+    let other = on(|s, v| s.is_empty() && is_write(v));
+    let creates = on(|_, v| v == "CREATE");
+    let conflicts = delta(&before, &after, |r, _, _, c| {
+        r == "vncconsolerequests" && c == "409"
+    });
+    println!(
+        "console: {api_n} URLs through the API: create -> status.url p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        pct(&lat, 0.5),
+        pct(&lat, 0.99),
+        lat.last().copied().unwrap_or(f64::NAN)
+    );
+    println!(
+        "console: {cli_n} runs of `vncd url --kube`: p50 {:.1} ms, p99 {:.1} ms",
+        pct(&cli, 0.5),
+        pct(&cli, 0.99)
+    );
+    println!(
+        "console: vncd writes per console {:.2} ({:.2} status applies + {:.2} deletes; other writes {other}); user creates per console {:.2}; 409s {conflicts}",
+        (status + deletes + other) / n,
+        status / n,
+        deletes / n,
+        creates / n
+    );
+    drop(v);
 }
