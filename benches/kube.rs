@@ -609,11 +609,14 @@ async fn console(c: &Cluster, api_n: usize, cli_n: usize) {
     };
     let status = on(|s, v| s == "status" && is_write(v));
     let deletes = on(|s, v| s.is_empty() && v == "DELETE");
-    let other = on(|s, v| s.is_empty() && is_write(v));
-    let creates = on(|_, v| v == "CREATE");
+    // abs(): a sum of nothing is -0.0.
+    let other = on(|s, v| s.is_empty() && is_write(v)).abs();
+    // The API server counts a create as verb POST.
+    let creates = on(|s, v| s.is_empty() && v == "POST");
     let conflicts = delta(&before, &after, |r, _, _, c| {
         r == "vncconsolerequests" && c == "409"
-    });
+    })
+    .abs();
     println!(
         "console: {api_n} URLs through the API: create -> status.url p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
         pct(&lat, 0.5),
