@@ -1,4 +1,4 @@
-//! The command line: `vncd run | kube | get | status | cleanup | apply | delete | crd`.
+//! The command line: `vncd run | kube | get | status | cleanup | apply | delete | url | crd`.
 //!
 //! Every flag has a `VNCD_<FLAG>` environment fallback, so a systemd unit or a
 //! container can configure vncd without arguments.
@@ -10,6 +10,7 @@ mod kube;
 mod libvirt;
 mod run;
 mod serve;
+mod url;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -59,6 +60,9 @@ pub enum Command {
     Apply(apply::ApplyArgs),
     /// Remove a session's manifest.
     Delete(apply::DeleteArgs),
+    /// Print a fresh console URL for a session: its ticket opens one connection, within
+    /// --ticket-ttl (60 s) unless --ttl says otherwise.
+    Url(url::UrlArgs),
     /// Print the VncSession CustomResourceDefinition as YAML.
     Crd,
     /// Run one websocket -> VNC proxy (the builtin backend; started by `vncd run`).
@@ -133,6 +137,7 @@ pub fn main() -> ExitCode {
         Command::Cleanup(args) => cleanup::cleanup(args),
         Command::Apply(args) => apply::apply(args),
         Command::Delete(args) => apply::delete(args),
+        Command::Url(args) => url::url(args),
         Command::Crd => print_crd(),
         Command::Proxy(args) => run_proxy(args),
         Command::Completions { shell } => {

@@ -1,0 +1,96 @@
+//! `vncd url NAME`: a fresh console URL (the base URL plus a single-use ticket).
+//!
+//! Standalone it reads the state directory: the lease (`leases.json`), how URLs are
+//! written (`config.json`) and the master key (`ticket.key`, 0600). Only the state
+//! directory's owner can read the key, so only that user (or whoever may run this as that
+//! user) can mint: the same people who could read the old per-lease tokens.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+
+use super::StateArgs;
+use super::serve::TICKET_KEY_FILE;
+use crate::console::{ConsoleUrl, Minter, MintError, MintOptions};
+use crate::runconfig::Recorded;
+use crate::store::file::{StateDir, read_state};
+use crate::ticket::MasterKey;
+
+#[derive(Debug, Args)]
+pub struct UrlArgs {
+    /// The session.
+    pub name: String,
+    #[command(flatten)]
+    pub state: StateArgs,
+    /// Seconds the ticket stays valid while unused [default: the running vncd's
+    /// --ticket-ttl, 60].
+    #[arg(long, value_name = "SECONDS", value_parser = super::serve::seconds)]
+    pub ttl: Option<Duration>,
+    /// A console without keyboard and mouse input (not supported yet: refused).
+    #[arg(long)]
+    pub view_only: bool,
+    /// Print `{"url": ..., "expiresAt": ...}` instead of the bare URL.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn url(args: UrlArgs) -> anyhow::Result<ExitCode> {
+    let opts = MintOptions {
+        ttl: args.ttl,
+        view_only: args.view_only,
+    };
+    match mint_standalone(&args.state.state_dir, &args.name, opts) {
+        Ok(u) => {
+            print_url(&u, args.json);
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("vncd: {}", super::error_chain(&e));
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+/// Prints a minted URL: the bare URL (for scripts and `xdg-open`), or JSON.
+pub(crate) fn print_url(u: &ConsoleUrl, json: bool) {
+    if json {
+        let v = serde_json::json!({"url": u.url, "expiresAt": u.expires_at_rfc3339()});
+        super::emit(&format!("{v}\n"));
+    } else {
+        super::emit(&format!("{}\n", u.url));
+    }
+}
+
+/// Mints a URL for `name` from the state directory of a standalone vncd.
+pub(crate) fn mint_standalone(
+    state_dir: &Path,
+    name: &str,
+    opts: MintOptions,
+) -> anyhow::Result<ConsoleUrl> {
+    let recorded = Recorded::load(state_dir)?;
+    let config = recorded.config().with_context(|| {
+        format!(
+            "no `vncd run` has recorded its settings in {} yet (config.json), so the URL \
+             cannot be written",
+            state_dir.display()
+        )
+    })?;
+    let set = read_state(&StateDir::new(state_dir).leases())?;
+    let lease = set
+        .leases
+        .get(name)
+        .ok_or_else(|| MintError::Unknown(name.to_owned()))?;
+    if lease.process.is_none() {
+        return Err(MintError::NotReady(name.to_owned()).into());
+    }
+    let master = MasterKey::load(&state_dir.join(TICKET_KEY_FILE))?;
+    let minter = Minter::new(
+        master,
+        config.url_style(),
+        Duration::from_secs(config.ticket_ttl_seconds),
+    );
+    Ok(minter.mint(lease, opts, crate::ticket::unix_now())?)
+}
