@@ -75,6 +75,12 @@ fn record_config(
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    // A bad token file is the caller's mistake: say so before touching any state.
+    let bearer = args
+        .http_token_file
+        .as_deref()
+        .map(BearerToken::load)
+        .transpose()?;
     let state = args.state.dir();
     state.create()?;
     let owner = std::fs::canonicalize(state.root())
@@ -94,14 +100,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let config = args.serve.loop_config()?;
     let minter = args.serve.minter(state.root())?;
     let consoles = Consoles::default();
-    let console_api = match &args.http_token_file {
-        Some(path) => Some(ConsoleApi {
-            minter: minter.clone(),
-            consoles: consoles.clone(),
-            token: std::sync::Arc::new(BearerToken::load(path)?),
-        }),
-        None => None,
-    };
+    let console_api = bearer.map(|token| ConsoleApi {
+        minter: minter.clone(),
+        consoles: consoles.clone(),
+        token: std::sync::Arc::new(token),
+    });
     let supervisor = args
         .serve
         .supervisor(owner.clone(), &state.root().join("logs"), &minter)?;

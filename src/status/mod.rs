@@ -191,7 +191,10 @@ impl StatusBuilder {
             allocated_at: lease.map(|l| Time(l.allocated_at)),
             observed_generation: generation,
             conditions: vec![cond],
-            // Lease identity fields are for stores that keep leases in the status.
+            // Which lease this is: not a secret (tickets need the master key too), and it
+            // tells a reader whether a console URL minted earlier is still for this lease.
+            lease_uid: lease.map(|l| l.uid.clone()),
+            // The other lease identity fields are for stores that keep leases in the status.
             ..VncSessionStatus::default()
         });
         obj
