@@ -1032,7 +1032,7 @@ async fn websockify_log_lines_reach_statuses_without_tokens_and_list_no_director
         .await
         .unwrap();
         let mut out = Vec::new();
-        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+        let _ = tokio::time::timeout(Duration::from_millis(500), s.read_to_end(&mut out)).await;
         String::from_utf8_lossy(&out).into_owned()
     };
     // --file-only: no directory listing, where this websockify knows the option (0.11+);
