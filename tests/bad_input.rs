@@ -1634,11 +1634,9 @@ async fn bad_http_requests_get_errors_and_the_proxy_keeps_serving() {
         let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
             .unwrap();
-        s.write_all(&upgrade(
-            &tok("/websockify"),
-            "Sec-WebSocket-Protocol: binary\r\n",
-            &[],
-        ))
+        // An accepted upgrade spends its ticket: a fresh one each time.
+        let fresh = format!("/websockify?token={}", ticket_of(v.url("good")));
+        s.write_all(&upgrade(&fresh, "Sec-WebSocket-Protocol: binary\r\n", &[]))
         .await
         .unwrap();
         let mut head = vec![0u8; 512];
