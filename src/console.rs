@@ -114,6 +114,13 @@ impl Minter {
         }
     }
 
+    /// A short, one-way identifier of the master key (not the key: HMAC output). A proxy
+    /// started under another key cannot be served by this vncd's tickets, so the
+    /// supervisor puts this in the settings digest and replaces such proxies.
+    pub fn key_id(&self) -> String {
+        self.master.lease_key("", "vncd key id v1").to_hex()[..16].to_owned()
+    }
+
     /// The key a lease's proxy verifies tickets with (written to its 0600 key file).
     pub fn lease_key(&self, lease: &Lease) -> ticket::LeaseKey {
         self.master.lease_key(&lease.session, &lease.uid)

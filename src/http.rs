@@ -10,10 +10,13 @@
 //!   as serving.
 //! - `/metrics`: Prometheus text format (see [`crate::metrics`]).
 //! - `/v1/status`: the seed's system status, as `vncd status --json` prints it.
-//! - `/v1/sessions`: the seed's `{name: {url, ws_port, vnc_port, pid}}`; URLs without tokens.
+//! - `/v1/sessions`: the seed's `{name: {url, ws_port, vnc_port, pid}}`; URLs without tickets.
+//! - `POST /v1/sessions/NAME/url`: a fresh console URL with a ticket, for callers with the
+//!   bearer token of `--http-token-file` (see [`console`]); absent without that flag.
 //!
-//! Only GET and HEAD are served (405 otherwise); unknown paths get 404 with the list of
-//! endpoints. Nothing here logs a request, so nothing here can log a token.
+//! Apart from that route only GET and HEAD are served (405 otherwise); unknown paths get
+//! 404 with the list of endpoints. Nothing here logs a request, so nothing here can log a
+//! token or a ticket.
 //!
 //! The server is hyper's, driven here rather than by `axum::serve`, which sets no limits:
 //! a request head must arrive within [`HEADER_TIMEOUT`] (also the most an idle keep-alive
@@ -32,6 +35,8 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get};
+
+pub mod console;
 
 use crate::health::{PassClock, Synced};
 use crate::metrics::Metrics;
@@ -104,6 +109,8 @@ pub struct AppState {
     /// Kubernetes mode only with `--http-api`, since the API server already holds that
     /// state behind RBAC and the chart binds `--http` on the host's addresses.
     pub v1: bool,
+    /// Mint console URLs at `POST /v1/sessions/NAME/url` (404 without).
+    pub console: Option<console::ConsoleApi>,
 }
 
 async fn healthz(State(state): State<AppState>) -> Response {
@@ -120,7 +127,8 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, &'static str) {
     }
 }
 
-const ENDPOINTS: &str = "/healthz /readyz /metrics /v1/status /v1/sessions";
+const ENDPOINTS: &str =
+    "/healthz /readyz /metrics /v1/status /v1/sessions POST:/v1/sessions/NAME/url";
 
 fn plain(status: StatusCode, body: String) -> Response {
     (
@@ -218,6 +226,18 @@ async fn method_not_allowed() -> Response {
         .into_response()
 }
 
+async fn post_only() -> Response {
+    (
+        StatusCode::METHOD_NOT_ALLOWED,
+        [
+            (header::ALLOW, "POST"),
+            (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
+        ],
+        "method not allowed: only POST mints a URL\n",
+    )
+        .into_response()
+}
+
 /// GET (and HEAD) only, with a clear 405 for anything else.
 fn read_only<H, T>(handler: H) -> MethodRouter<AppState>
 where
@@ -235,6 +255,10 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", read_only(metrics))
         .route("/v1/status", read_only(v1_status))
         .route("/v1/sessions", read_only(v1_sessions))
+        .route(
+            "/v1/sessions/{name}/url",
+            axum::routing::post(console::mint_url).fallback(post_only),
+        )
         .fallback(not_found)
         .with_state(state)
 }
@@ -425,6 +449,7 @@ mod tests {
                 tls: false,
             }),
             v1: true,
+            console: None,
         };
         let addr = serve("127.0.0.1:0".parse().unwrap(), router(state.clone()))
             .await
@@ -449,7 +474,6 @@ mod tests {
             pid: 77,
             start_time: 1,
         });
-        let token = lease.token.clone().unwrap();
         let leases = BTreeMap::from([("vm1".to_owned(), lease.clone())]);
         metrics.set_view(View {
             synced: true,
@@ -472,7 +496,10 @@ mod tests {
             v,
             serde_json::json!({"vm1": {"url": "ws://127.0.0.1:6100/", "ws_port": 6100, "vnc_port": 5901, "pid": 77}})
         );
-        assert!(!body.contains(&token));
+        assert!(!body.contains("token"), "{body}");
+        // Without --http-token-file there is no minting route.
+        let (st, _) = request(addr, "POST", "/v1/sessions/vm1/url").await;
+        assert!(st.contains("404"), "{st}");
 
         // Bad requests: clear 4xx.
         let (st, body) = request(addr, "POST", "/metrics").await;

@@ -18,7 +18,8 @@
 //!   flags and their defaults apply as before.
 //!
 //! The record stays when vncd stops, so the readers work on a stopped controller too.
-//! It holds no secret (tokens live in 0600 files of their own), hence mode 0644.
+//! It holds no secret (the ticket master key lives in a 0600 file of its own), hence
+//! mode 0644.
 
 use std::fmt::Display;
 use std::net::IpAddr;
@@ -57,6 +58,30 @@ pub struct RunConfig {
     /// `--libvirt URI`, if the controller also serves libvirt domains.
     #[serde(default)]
     pub libvirt: Option<String>,
+    /// URLs open noVNC's page (`--web`), not a bare websocket.
+    #[serde(default)]
+    pub web: bool,
+    /// URLs are https/wss (`--tls-cert`).
+    #[serde(default)]
+    pub tls: bool,
+    /// `--ticket-ttl` in seconds: how long `vncd url`'s tickets stay valid by default.
+    #[serde(default = "default_ticket_ttl")]
+    pub ticket_ttl_seconds: u64,
+}
+
+fn default_ticket_ttl() -> u64 {
+    crate::ticket::DEFAULT_TTL.as_secs()
+}
+
+impl RunConfig {
+    /// How the recorded controller writes console URLs.
+    pub fn url_style(&self) -> crate::status::UrlStyle {
+        crate::status::UrlStyle {
+            public_host: self.public_host.clone(),
+            web: self.web,
+            tls: self.tls,
+        }
+    }
 }
 
 /// Why the record could not be used.
@@ -339,6 +364,9 @@ mod tests {
             listen_address: "127.0.0.1".parse().unwrap(),
             public_host: "console.example.test".into(),
             libvirt: None,
+            web: false,
+            tls: false,
+            ticket_ttl_seconds: 60,
         }
     }
 

@@ -603,11 +603,7 @@ async fn bad_manifests_get_clear_errors_and_disturb_nothing() {
     });
     std::fs::remove_file(&odd).unwrap();
     // The good session still serves its console.
-    let url = v.item("good").unwrap()["status"]["url"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    assert_eq!(rfb_banner(&url).await, b"RFB 003.008\n");
+    assert_eq!(rfb_banner(&v.url("good")).await, b"RFB 003.008\n");
     print_table("Manifests", &rows);
     assert!(rows.len() >= 30);
 }
@@ -1208,11 +1204,7 @@ async fn bad_command_lines_exit_non_zero_with_a_message_and_write_nothing() {
             got: format!("exit {code}: {}", first_error_line(&err)),
         });
     }
-    let url = v.item("good").unwrap()["status"]["url"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    assert_eq!(rfb_banner(&url).await, b"RFB 003.008\n");
+    assert_eq!(rfb_banner(&v.url("good")).await, b"RFB 003.008\n");
     for r in &mut rows {
         r.input = r
             .input
@@ -1343,13 +1335,17 @@ async fn bad_http_requests_get_errors_and_the_proxy_keeps_serving() {
     v.add_session("good", qemu.port);
     let good = Good::of(&v);
     let port = good.port.as_u64().unwrap() as u16;
-    let url = v.item("good").unwrap()["status"]["url"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let token = url.split("token%3D").nth(1).unwrap().to_owned();
-    let ws_url = format!("ws://127.0.0.1:{port}/websockify?token={token}");
-    let mut watcher = Watcher::connect(&ws_url).await;
+    // A fresh console URL (a ticket) for each real connection; the malformed upgrades
+    // below share one that is never spent, since only an accepted upgrade uses it up.
+    let ticket_of = |url: String| url.split("token%3D").nth(1).unwrap().to_owned();
+    let ws_url = |v: &Vncd| {
+        format!(
+            "ws://127.0.0.1:{port}/websockify?token={}",
+            ticket_of(v.url("good"))
+        )
+    };
+    let mut watcher = Watcher::connect(&ws_url(&v)).await;
+    let token = ticket_of(v.url("good"));
     let tok = |path: &str| format!("{path}?token={token}");
 
     let mut big_header = b"GET / HTTP/1.1\r\nX-Pad: ".to_vec();
@@ -1410,12 +1406,12 @@ async fn bad_http_requests_get_errors_and_the_proxy_keeps_serving() {
             "HTTP/1.1 400 ",
         ),
         (
-            "upgrade without a token".into(),
+            "upgrade without a ticket".into(),
             upgrade("/websockify", "", &[]),
             "HTTP/1.1 403 ",
         ),
         (
-            "upgrade with a wrong token".into(),
+            "upgrade with a wrong ticket".into(),
             upgrade(
                 "/websockify?token=00000000000000000000000000000000",
                 "",
@@ -1424,7 +1420,7 @@ async fn bad_http_requests_get_errors_and_the_proxy_keeps_serving() {
             "HTTP/1.1 403 ",
         ),
         (
-            "upgrade with the token as a path segment, wrong".into(),
+            "upgrade with the ticket as a path segment, wrong".into(),
             upgrade("/websockify/deadbeef", "", &[]),
             "HTTP/1.1 403 ",
         ),
@@ -1638,11 +1634,9 @@ async fn bad_http_requests_get_errors_and_the_proxy_keeps_serving() {
         let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
             .unwrap();
-        s.write_all(&upgrade(
-            &tok("/websockify"),
-            "Sec-WebSocket-Protocol: binary\r\n",
-            &[],
-        ))
+        // An accepted upgrade spends its ticket: a fresh one each time.
+        let fresh = format!("/websockify?token={}", ticket_of(v.url("good")));
+        s.write_all(&upgrade(&fresh, "Sec-WebSocket-Protocol: binary\r\n", &[]))
         .await
         .unwrap();
         let mut head = vec![0u8; 512];
@@ -1687,7 +1681,7 @@ async fn bad_http_requests_get_errors_and_the_proxy_keeps_serving() {
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     watcher.alive("slowloris in progress").await;
-    assert_eq!(try_banner(&ws_url).await.unwrap(), b"RFB 003.008\n");
+    assert_eq!(try_banner(&ws_url(&v)).await.unwrap(), b"RFB 003.008\n");
     let mut answers = std::collections::BTreeMap::new();
     for t in slow {
         let resp = t.await.unwrap();
@@ -1715,7 +1709,7 @@ async fn bad_http_requests_get_errors_and_the_proxy_keeps_serving() {
     });
 
     // Still serving, files included.
-    assert_eq!(try_banner(&ws_url).await.unwrap(), b"RFB 003.008\n");
+    assert_eq!(try_banner(&ws_url(&v)).await.unwrap(), b"RFB 003.008\n");
     let page = raw(port, b"GET /vnc.html HTTP/1.1\r\nConnection: close\r\n\r\n").await;
     assert!(
         page.starts_with("HTTP/1.1 200 ") && page.ends_with("<html>noVNC</html>"),

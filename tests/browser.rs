@@ -37,17 +37,18 @@ fn require_browser() {
 }
 
 #[test]
-fn novnc_in_chromium_connects_through_the_session_url_and_a_wrong_token_does_not() {
+fn novnc_in_chromium_opens_a_url_from_vncd_url_once_and_a_wrong_ticket_never() {
     require_browser();
     let qemu = Qemu::tcp();
     let mut v = Vncd::new(3);
     v.extra.extend(["--web".into(), "/usr/share/novnc".into()]);
     v.start();
     v.add_session("vm1", qemu.port);
-    let st = v.wait_ready("vm1");
-    let url = st["url"].as_str().unwrap().to_owned();
+    v.wait_ready("vm1");
+    // The URL `vncd url` prints, as a user would paste it into the browser.
+    let url = v.url("vm1");
     assert!(
-        url.contains("/vnc.html?path=websockify%3Ftoken%3D"),
+        url.contains("/vnc.html?path=websockify%3Ftoken%3Dv1."),
         "{url}"
     );
 
@@ -64,7 +65,15 @@ fn novnc_in_chromium_connects_through_the_session_url_and_a_wrong_token_does_not
     let out = run_console(&wrong, &["--expect-refused"]);
     assert!(
         out.status.success(),
-        "noVNC connected with a wrong token:\n{}{}",
+        "noVNC connected with a wrong ticket:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The ticket was used up by the first page: opening the same URL again is refused.
+    let out = run_console(&url, &["--expect-refused"]);
+    assert!(
+        out.status.success(),
+        "noVNC connected twice with one ticket:\n{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );

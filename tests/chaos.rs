@@ -15,7 +15,7 @@
 //!   proxy of a lease (or in its process group), and every lease has exactly one;
 //! - every remaining manifest is Ready (`vncd get -o json`) with the lease's port, pid,
 //!   token and target, and a sample of them serves the real RFB banner;
-//! - sessions the cycle did not touch kept their pid, port and token (consoles survive);
+//! - sessions the cycle did not touch kept their pid, port and lease (consoles survive);
 //! - a corrupt state file is refused (run, cleanup, status) and never rewritten, and
 //!   `vncd cleanup --once --rebuild-state` recovers it without disturbing live consoles.
 //!
@@ -214,7 +214,6 @@ struct LeaseView {
     session: String,
     port: u16,
     uid: String,
-    token: String,
     pid: Option<i64>,
     target: String,
 }
@@ -246,7 +245,6 @@ fn read_leases(path: &Path) -> Result<Option<Vec<LeaseView>>, String> {
                     .and_then(|p| u16::try_from(p).ok())
                     .ok_or("lease without port")?,
                 uid: l["uid"].as_str().unwrap_or_default().into(),
-                token: l["token"].as_str().unwrap_or_default().into(),
                 pid: l["process"]["pid"].as_i64(),
                 target,
             })
@@ -281,11 +279,9 @@ fn lease_set_problems(leases: &[LeaseView], range: (u16, u16)) -> Vec<String> {
     out
 }
 
-fn token_of(url: &str) -> String {
-    url.split("token=")
-        .nth(1)
-        .map(|t| t.chars().take_while(char::is_ascii_hexdigit).collect())
-        .unwrap_or_default()
+/// The lease a status reports (`leaseUid`): what a console URL is minted for.
+fn lease_of(status: &Value) -> String {
+    status["leaseUid"].as_str().unwrap_or_default().to_owned()
 }
 
 /// True if `pid` is alive and carries this owner's marker with this lease uid.
@@ -333,7 +329,7 @@ struct SamplerStats {
     ready_in_current_leases: u64,
     ready_released_since: u64,
     ready_while_corrupted: u64,
-    /// token -> (session, port, uid) of every lease ever seen in leases.json.
+    /// lease uid -> (session, port, uid) of every lease ever seen in leases.json.
     history: HashMap<String, (String, u16, String)>,
     violations: Vec<String>,
 }
@@ -350,12 +346,12 @@ impl SamplerStats {
 /// Reads sessions.json and then leases.json, again and again, while the chaos runs.
 ///
 /// "No lease reported that was not persisted" is checked soundly without knowing when
-/// sessions.json was written: a Ready item (session, port, token, pid) in sessions.json
+/// sessions.json was written: a Ready item (session, port, lease uid, pid) in sessions.json
 /// must be either in the leases.json read right after it, or a lease seen in an earlier
 /// read that has since been released. vncd releases a lease only once its proxy is gone,
 /// so if the lease is missing while the proxy carrying that very lease uid still runs,
 /// the status reported something leases.json does not hold: a violation. A Ready item
-/// whose token was never seen in any read of leases.json is a violation too: a Ready
+/// whose lease uid was never seen in any read of leases.json is a violation too: a Ready
 /// lease stays in the file at least from its commit until its proxy has started,
 /// listened, been observed and later stopped, which is far longer than the sampling gap.
 struct Sampler {
@@ -395,7 +391,7 @@ impl Sampler {
         std::fs::write(tmp.path(), bytes).unwrap();
         let mut st = self.stats.lock().unwrap();
         for l in read_leases(tmp.path()).ok().flatten().unwrap_or_default() {
-            st.history.insert(l.token, (l.session, l.port, l.uid));
+            st.history.insert(l.uid.clone(), (l.session, l.port, l.uid));
         }
     }
 
@@ -458,7 +454,7 @@ fn sample(
         }
         for l in leases {
             st.history
-                .insert(l.token.clone(), (l.session.clone(), l.port, l.uid.clone()));
+                .insert(l.uid.clone(), (l.session.clone(), l.port, l.uid.clone()));
         }
     }
     let Some(sessions) = sessions else { return };
@@ -471,7 +467,7 @@ fn sample(
         st.ready_checked += 1;
         let name = item["metadata"]["name"].as_str().unwrap_or_default();
         let port = status["port"].as_u64().unwrap_or(0) as u16;
-        let token = token_of(status["url"].as_str().unwrap_or_default());
+        let token = lease_of(status);
         let pid = status["pid"].as_i64().unwrap_or(0);
         if let Some(other) = ready_ports.insert(port, name.to_owned()) {
             st.violation(format!(
@@ -481,7 +477,7 @@ fn sample(
         if current.as_ref().is_some_and(|leases| {
             leases
                 .iter()
-                .any(|l| l.session == name && l.port == port && l.token == token)
+                .any(|l| l.session == name && l.port == port && l.uid == token)
         }) {
             st.ready_in_current_leases += 1;
             continue;
@@ -557,7 +553,7 @@ struct Figures {
     proxies_sigkilled: u64,
     proxies_sigkilled_while_vncd_down: u64,
     orphans_planted: u64,
-    /// Killed proxies checked to be back on the same lease (port, token) with a new pid.
+    /// Killed proxies checked to be back on the same lease (port, lease) with a new pid.
     same_lease_restarts: u64,
     foreign_listeners: u64,
     ports_stolen: u64,
@@ -598,7 +594,7 @@ struct Chaos {
     /// Sessions whose port was taken by a foreign listener while their proxy was down:
     /// they must end up on another port.
     stolen: BTreeMap<String, u16>,
-    /// session -> (port, pid, token) at the last convergence.
+    /// session -> (port, pid, lease uid) at the last convergence.
     baseline: BTreeMap<String, (u16, i64, String)>,
     /// Sessions this cycle changed on purpose (they may change pid or port).
     touched: BTreeSet<String>,
@@ -1168,9 +1164,9 @@ impl Chaos {
             }
             let port = st["port"].as_u64().unwrap_or(0) as u16;
             let pid = st["pid"].as_i64().unwrap_or(0);
-            let token = token_of(st["url"].as_str().unwrap_or_default());
+            let token = lease_of(&st);
             let target = format!("127.0.0.1:{}", self.qemu[self.live[name]].port);
-            if port != lease.port || Some(pid) != lease.pid || token != lease.token {
+            if port != lease.port || Some(pid) != lease.pid || token != lease.uid {
                 return Err(format!(
                     "{name}: status port {port} pid {pid} differs from its lease {lease:?}"
                 ));
@@ -1237,7 +1233,7 @@ impl Chaos {
         self.figures.convergence_checks += 1;
         self.figures.orphan_scans += 1;
         self.figures.sessions_verified_ready += snap.len() as u64;
-        // Sessions nobody touched kept their console: same pid, port and token.
+        // Sessions nobody touched kept their console: same pid, port and lease.
         for (name, before) in &self.baseline {
             if self.touched.contains(name) {
                 continue;
@@ -1246,7 +1242,7 @@ impl Chaos {
                 self.figures.stability_checks += 1;
                 assert_eq!(
                     now, before,
-                    "{name} was not touched by the test but its (port, pid, token) changed after {after}"
+                    "{name} was not touched by the test but its (port, pid, lease) changed after {after}"
                 );
             }
         }
@@ -1275,7 +1271,7 @@ impl Chaos {
             "vncd status: {s}"
         );
         self.figures.status_checks += 1;
-        for dir in [self.v.state.clone(), self.v.state.join("tokens")] {
+        for dir in [self.v.state.clone(), self.v.state.join("keys")] {
             for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
                 let n = e.file_name().to_string_lossy().into_owned();
                 let writer = n
@@ -1292,8 +1288,9 @@ impl Chaos {
         self.touched.clear();
     }
 
-    fn banner(&mut self, name: &str, (port, _, token): &(u16, i64, String)) {
-        let url = format!("ws://127.0.0.1:{port}/?token={token}");
+    fn banner(&mut self, name: &str, (port, _, _): &(u16, i64, String)) {
+        let url = self.v.url(name);
+        assert!(url.starts_with(&format!("ws://127.0.0.1:{port}/")), "{url}");
         let got = self.rt.block_on(try_banner(&url));
         assert_eq!(
             got.as_deref().map_err(String::as_str),
@@ -1401,7 +1398,7 @@ fn vncd_keeps_its_invariants_under_chaos() {
                 let n = 1 + c.rng.below(c.sessions / 4 + 1);
                 let killed = c.kill_proxies(n);
                 c.converge("SIGKILL of proxies");
-                // Each came back on its own lease: same port and token, a new pid.
+                // Each came back on its own lease: same port and lease, a new pid.
                 for (session, port) in killed {
                     let (now_port, now_pid, now_token) = &c.baseline[&session];
                     assert_eq!(
@@ -1528,7 +1525,7 @@ async fn a_manifest_rewritten_just_before_a_restart_keeps_its_console_and_lease(
     v.add_session("down", qemu.port);
     let live = v.wait_ready("live");
     let down = v.wait_ready("down");
-    let mut client = Client::connect(live["url"].as_str().unwrap()).await;
+    let mut client = Client::connect(&v.console_url(&live)).await;
     assert_eq!(client.read(12).await, b"RFB 003.008\n");
     v.kill9();
     // "down" loses its proxy while vncd is away: it must come back on the same lease.
@@ -1547,9 +1544,9 @@ async fn a_manifest_rewritten_just_before_a_restart_keeps_its_console_and_lease(
         (s["phase"] == "Ready" && s["pid"] != down["pid"]).then_some(s)
     });
     assert_eq!(
-        (&back["port"], &back["url"]),
-        (&down["port"], &down["url"]),
-        "down got a new lease: its console URL changed"
+        (&back["port"], &back["leaseUid"]),
+        (&down["port"], &down["leaseUid"]),
+        "down got a new lease: its console URLs stopped working"
     );
     let now = v.wait_ready("live");
     assert_eq!(now["pid"], live["pid"], "live's proxy was restarted");

@@ -16,11 +16,16 @@ use serde_json::Value;
 
 /// One HTTP/1.1 request to loopback: (status, body), or None if nothing listens yet.
 fn http(port: u16, method: &str, path: &str) -> Option<(u16, String)> {
+    http_with(port, method, path, "")
+}
+
+/// Like [`http`], with extra header lines (each ending in CRLF).
+fn http_with(port: u16, method: &str, path: &str, headers: &str) -> Option<(u16, String)> {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{headers}Content-Length: 0\r\nConnection: close\r\n\r\n"
     )
     .ok()?;
     let mut out = String::new();
@@ -130,9 +135,10 @@ async fn http_endpoints_follow_a_session_from_creation_to_deletion() {
     assert_eq!(s["vnc_port"], qemu.port, "{sessions}");
     assert_eq!(s["pid"], pid, "{sessions}");
     assert_eq!(s["url"], format!("ws://127.0.0.1:{ws_port}/"), "{sessions}");
-    let token_url = status["url"].as_str().unwrap().to_owned();
-    let token = token_url.rsplit_once("token=").unwrap().1;
-    assert!(!get(port, "/v1/sessions").1.contains(token));
+    assert_eq!(status["url"], format!("ws://127.0.0.1:{ws_port}/"));
+    let token_url = v.url("vm1");
+    let token = token_url.rsplit_once("token=").unwrap().1.to_owned();
+    assert!(!get(port, "/v1/sessions").1.contains(&token));
     assert_eq!(
         wait_metric(port, "vncd_pool_leased_ports", |v| v == 1.0),
         1.0
@@ -164,17 +170,26 @@ async fn http_endpoints_follow_a_session_from_creation_to_deletion() {
         drop(c);
         wait_metric(port, active, |v| v == 0.0);
         assert_eq!(metric(port, conns), Some(1.0));
-        // A refused upgrade (no token) is counted too, and never reaches the VNC server.
+        // A refused upgrade (no ticket; a used one) is counted too, by reason, and never
+        // reaches the VNC server.
         assert!(
             try_banner(&format!("ws://127.0.0.1:{ws_port}/"))
                 .await
                 .is_err()
         );
+        assert!(try_banner(&token_url).await.is_err());
         wait_metric(
             port,
             "vncd_proxy_refused_connections_total{session=\"vm1\"}",
-            |v| v >= 1.0,
+            |v| v >= 2.0,
         );
+        for reason in ["invalid", "replayed"] {
+            wait_metric(
+                port,
+                &format!("vncd_proxy_ticket_refusals_total{{session=\"vm1\",reason=\"{reason}\"}}"),
+                |v| v == 1.0,
+            );
+        }
         assert_eq!(metric(port, conns), Some(1.0));
     }
 
@@ -221,8 +236,8 @@ async fn http_endpoints_follow_a_session_from_creation_to_deletion() {
     let (status, body) = get(port, "/v2/whatever");
     assert_eq!(status, 404, "{body}");
     assert!(body.contains("/metrics"), "{body}");
-    // vncd's log never carries a token.
-    assert!(!v.log().contains(token), "token in the vncd log");
+    // vncd's log never carries a ticket.
+    assert!(!v.log().contains(&token), "ticket in the vncd log");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -385,7 +400,7 @@ async fn malformed_requests_to_the_api_get_an_error_and_disturb_nothing() {
     assert!(before["pid"].is_i64(), "{before}");
     assert_eq!(after["pid"], before["pid"], "the proxy was not disturbed");
     assert_eq!(
-        rfb_banner(after["url"].as_str().unwrap()).await,
+        rfb_banner(&v.console_url(&after)).await,
         b"RFB 003.008\n"
     );
     assert!(!v.log().contains("panicked"), "vncd panicked:\n{}", v.log());
@@ -497,4 +512,66 @@ async fn slowloris_and_idle_floods_cannot_keep_the_api_from_answering() {
     wait_for("/healthz after the flood", Duration::from_secs(5), || {
         (http(port, "GET", "/healthz")?.0 == 200).then_some(())
     });
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_url_endpoint_mints_tickets_only_for_the_bearer_of_the_token_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let qemu = Qemu::tcp();
+    let mut v = Vncd::new(3);
+    let http_port = pool_base(1);
+    let token_file = v.tmp.path().join("http-token");
+    std::fs::write(&token_file, "correct-horse-battery-staple-0123\n").unwrap();
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    v.extra = vec![
+        "--http".into(),
+        format!("127.0.0.1:{http_port}"),
+        "--http-token-file".into(),
+        token_file.display().to_string(),
+    ];
+    v.start();
+    wait_ready_http(http_port);
+    v.add_session("vm1", qemu.port);
+    v.wait_ready("vm1");
+    let path = "/v1/sessions/vm1/url";
+    let auth = "Authorization: Bearer correct-horse-battery-staple-0123\r\n";
+    // 401 without the token or with a wrong one; the answer says nothing about sessions.
+    for headers in ["", "Authorization: Bearer wrong-wrong-wrong-wrong\r\n"] {
+        let (status, body) = http_with(http_port, "POST", path, headers).unwrap();
+        assert_eq!(status, 401, "{headers:?}: {body}");
+        assert!(!body.contains("vm1"), "{body}");
+    }
+    // 404 for an unknown session, with the token.
+    let (status, body) = http_with(http_port, "POST", "/v1/sessions/nope/url", auth).unwrap();
+    assert_eq!(status, 404, "{body}");
+    // 200: a URL whose ticket opens the console once.
+    let (status, body) = http_with(http_port, "POST", path, auth).unwrap();
+    assert_eq!(status, 200, "{body}");
+    let j: Value = serde_json::from_str(&body).unwrap();
+    let url = j["url"].as_str().unwrap();
+    assert!(url.contains("?token=v1."), "{j}");
+    let expires: jiff::Timestamp = j["expiresAt"].as_str().unwrap().parse().unwrap();
+    let left = expires.as_second() - jiff::Timestamp::now().as_second();
+    assert!((55..=61).contains(&left), "default TTL 60 s: {j}");
+    assert_eq!(try_banner(url).await.unwrap(), b"RFB 003.008\n");
+    assert!(try_banner(url).await.is_err(), "the ticket opened twice");
+    // GET is not how to mint.
+    assert_eq!(http_with(http_port, "GET", path, auth).unwrap().0, 405);
+    // A token file others can read is refused at start, naming the file and the fix.
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut args = vec!["run".to_owned()];
+    args.extend(v.base_args());
+    args.extend([
+        "--http".into(),
+        format!("127.0.0.1:{}", pool_base(1)),
+        "--http-token-file".into(),
+        token_file.display().to_string(),
+        "--lock-timeout".into(),
+        "0.2".into(),
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = v.cmd(&args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("chmod 600"), "{err}");
 }

@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use cluster::cluster;
 use common::{Qemu, rfb_banner};
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::{Container, Secret};
+use k8s_openapi::api::core::v1::Container;
 use kube::api::{ListParams, PostParams};
 use kube::{Api, ResourceExt};
 use vncd::api::{Phase, Target, VncSession, VncSessionSpec};
@@ -231,17 +231,20 @@ async fn wait_ready(api: &Api<VncSession>, n: usize, what: &str, logs: impl Fn()
     }
 }
 
-/// Each session's port and console URL (with its token, from the session's Secret).
-async fn urls(client: &kube::Client, api: &Api<VncSession>) -> BTreeMap<String, (i64, String)> {
+/// Each session's port and a console URL with a fresh ticket, minted with the master key
+/// the container created in its state volume (`state`), as that vncd would mint it.
+async fn urls(api: &Api<VncSession>, state: &Path) -> BTreeMap<String, (i64, String)> {
+    let master = vncd::ticket::MasterKey::load(&state.join("ticket.key")).unwrap();
     let mut out = BTreeMap::new();
     for o in api.list(&ListParams::default()).await.unwrap().items {
         let st = o.status.clone().unwrap();
-        let r = st.token_secret_ref.clone().unwrap();
-        let secret = Api::<Secret>::namespaced(client.clone(), &o.namespace().unwrap())
-            .get(&r.name)
-            .await
+        let key = master.lease_key(
+            &format!("{}/{}", o.namespace().unwrap(), o.name_any()),
+            st.lease_uid.as_deref().unwrap(),
+        );
+        let t = vncd::ticket::mint(&key, Duration::from_secs(60), vncd::ticket::unix_now())
             .unwrap();
-        let url = String::from_utf8(secret.data.unwrap()["url"].0.clone()).unwrap();
+        let url = format!("{}?token={}", st.url.unwrap(), t.text);
         out.insert(o.name_any(), (i64::from(st.port.unwrap()), url));
     }
     out
@@ -452,7 +455,7 @@ async fn the_image_serves_sessions_as_the_chart_runs_it_and_a_new_container_serv
 
     let first = start_pod(&mut podman, "vncd-aaaaa");
     wait_ready(&api, 2, "first container", || podman.logs(&first)).await;
-    let before = urls(&client, &api).await;
+    let before = urls(&api, &tmp.path().join("vncd-aaaaa-state")).await;
     for (name, (port, url)) in &before {
         assert!(
             (i64::from(base)..=i64::from(base) + 4).contains(port),
@@ -537,13 +540,24 @@ async fn the_image_serves_sessions_as_the_chart_runs_it_and_a_new_container_serv
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    // A new pod serves the same sessions again: same ports, same URLs (tokens from the
-    // Secrets), after taking over the node lease the dead pod held.
+    // A new pod serves the same sessions again on the same ports, after taking over the
+    // node lease the dead pod held. Its emptyDir is new, so is its ticket key: consoles
+    // need fresh URLs, minted with it.
     let second = start_pod(&mut podman, "vncd-bbbbb");
+    let second_state = tmp.path().join("vncd-bbbbb-state");
     let deadline = Instant::now() + Duration::from_secs(120);
-    for (name, (port, url)) in &before {
+    for (name, (port, _)) in &before {
         loop {
-            match common::try_banner(url).await {
+            let fresh = if second_state.join("ticket.key").exists() {
+                urls(&api, &second_state).await.remove(name)
+            } else {
+                None
+            };
+            let got = match &fresh {
+                Some((_, url)) => common::try_banner(url).await,
+                None => Err("no key or lease yet".into()),
+            };
+            match got {
                 Ok(b) if b == b"RFB 003.008\n" => break,
                 other => {
                     assert!(
@@ -557,10 +571,13 @@ async fn the_image_serves_sessions_as_the_chart_runs_it_and_a_new_container_serv
         }
     }
     wait_ready(&api, 2, "second container", || podman.logs(&second)).await;
+    let ports = |m: &BTreeMap<String, (i64, String)>| {
+        m.iter().map(|(n, (p, _))| (n.clone(), *p)).collect::<Vec<_>>()
+    };
     assert_eq!(
-        urls(&client, &api).await,
-        before,
-        "same ports and URLs after the new pod"
+        ports(&urls(&api, &second_state).await),
+        ports(&before),
+        "same ports after the new pod"
     );
     let log = podman.logs(&second);
     assert!(

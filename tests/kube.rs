@@ -132,33 +132,26 @@ async fn wait_events(client: &kube::Client, ns: &str, reason: &str, n: usize) {
     }
 }
 
-/// The console URL with its token, from the Secret the status names: the only place
-/// Kubernetes mode keeps a token.
-async fn console_url(client: &kube::Client, o: &VncSession) -> String {
+/// A console URL for `o`, with a ticket minted from the master key in `v`'s state dir, as
+/// the instance serving it would mint one: its status's base URL plus the ticket of its
+/// lease (`leaseUid`). (tests/kube_console.rs gets URLs the users' way, through
+/// VncConsoleRequests and RBAC.)
+fn console_url(v: &KubeVncd, o: &VncSession) -> String {
     let st = status(o);
-    let r = st
-        .token_secret_ref
-        .clone()
-        .unwrap_or_else(|| panic!("{} names no token Secret: {st:?}", o.name_any()));
-    let ns = o.namespace().unwrap();
-    let secret = Api::<Secret>::namespaced(client.clone(), &ns)
-        .get(&r.name)
-        .await
-        .unwrap_or_else(|e| panic!("token Secret {ns}/{} of {}: {e}", r.name, o.name_any()));
-    let data = secret.data.unwrap_or_default();
-    let token = String::from_utf8(data[&r.key].0.clone()).unwrap();
-    let url = String::from_utf8(data["url"].0.clone()).unwrap();
-    assert!(
-        url.contains(&format!("token={token}")),
-        "the Secret's url carries its token: {url}"
-    );
-    url
+    let key = vncd::ticket::MasterKey::load(&v.state.join("ticket.key"))
+        .unwrap()
+        .lease_key(
+            &format!("{}/{}", o.namespace().unwrap(), o.name_any()),
+            st.lease_uid.as_deref().expect("a lease"),
+        );
+    let t = vncd::ticket::mint(&key, Duration::from_secs(60), vncd::ticket::unix_now()).unwrap();
+    format!("{}?token={}", st.url.unwrap(), t.text)
 }
 
-/// Token Secrets vncd wrote in `ns`.
+/// Secrets in `ns`: vncd writes none (console tickets need no stored secret).
 async fn token_secrets(client: &kube::Client, ns: &str) -> Vec<String> {
     Api::<Secret>::namespaced(client.clone(), ns)
-        .list(&ListParams::default().labels("app.kubernetes.io/managed-by=vncd"))
+        .list(&ListParams::default())
         .await
         .unwrap()
         .items
@@ -231,7 +224,7 @@ async fn fifty_sessions_become_ready_on_unique_ports_serve_rfb_and_are_cleaned_u
             st.target.as_deref(),
             Some(format!("127.0.0.1:{}", qemu.port).as_str())
         );
-        // Status carries the bare URL; the token is only in the Secret.
+        // Status carries the bare URL; a console needs a ticket.
         assert_eq!(st.url, Some(format!("ws://127.0.0.1:{}/", port_of(o))));
         assert_eq!(st.observed_generation, o.metadata.generation);
         assert!(
@@ -243,19 +236,19 @@ async fn fifty_sessions_become_ready_on_unique_ports_serve_rfb_and_are_cleaned_u
         assert!(pid_alive(i64::from(pid)));
         pids.push(pid);
         assert_eq!(
-            rfb_banner(&console_url(&client, o).await).await,
+            rfb_banner(&console_url(&v, o)).await,
             b"RFB 003.008\n",
             "{}",
             o.name_any()
         );
     }
-    // Without the token (the URL status shows) the proxy refuses the client.
+    // Without a ticket (the URL status shows) the proxy refuses the client.
     let bare = status(&items[0]).url.unwrap();
     assert!(
         try_banner(&bare).await.is_err(),
-        "a client without the token got through {bare}"
+        "a client without a ticket got through {bare}"
     );
-    assert_eq!(token_secrets(&client, ns).await.len(), 50);
+    assert_eq!(token_secrets(&client, ns).await, Vec::<String>::new());
     wait_events(&client, ns, "Allocated", 50).await;
     wait_events(&client, ns, "Ready", 50).await;
 
@@ -284,7 +277,7 @@ async fn fifty_sessions_become_ready_on_unique_ports_serve_rfb_and_are_cleaned_u
     assert_eq!(
         token_secrets(&client, ns).await,
         Vec::<String>::new(),
-        "token Secrets deleted with their leases"
+        "no Secrets"
     );
 }
 
@@ -302,7 +295,9 @@ async fn kill_9_and_restart_adopts_every_proxy_with_no_lease_lost_and_clients_co
         create(&api, &format!("vm{i}"), spec(Some("node-adopt"), qemu.port)).await;
     }
     let before = wait_ready(&api, 5, &[&v]).await;
-    let url0 = console_url(&kc, &before[0]).await;
+    let url0 = console_url(&v, &before[0]);
+    // Minted before the kill, used after the restart: the key survives in the state dir.
+    let unused = console_url(&v, &before[0]);
     let mut client = Client::connect(&url0).await;
     assert_eq!(client.read(12).await, b"RFB 003.008\n");
 
@@ -342,9 +337,10 @@ async fn kill_9_and_restart_adopts_every_proxy_with_no_lease_lost_and_clients_co
     // The client connected before the kill still talks to the VNC server.
     let (w, h) = client.handshake().await;
     assert!(w > 0 && h > 0);
-    // The token survived the restart: the Secret is unchanged and a new client gets in.
-    assert_eq!(console_url(&kc, &after[0]).await, url0);
-    assert_eq!(rfb_banner(&url0).await, b"RFB 003.008\n");
+    // A ticket minted before the kill opens the console after the restart, and the
+    // one already used stays used.
+    assert_eq!(rfb_banner(&unused).await, b"RFB 003.008\n");
+    assert!(try_banner(&url0).await.is_err(), "a used ticket opened again");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -363,6 +359,9 @@ async fn a_second_instance_for_the_node_stays_passive_and_takes_over_on_shutdown
     wait_probe(&a, "/readyz", 200).await;
 
     let mut b = KubeVncd::with_range(node, Some(ns), ns, a.range);
+    // The same emptyDir, as a restarted container of the pod would see it: the same
+    // ticket key, so the proxies it adopts keep their consoles.
+    b.state = a.state.clone();
     b.start();
     wait_probe(&b, "/healthz", 200).await;
     assert_eq!(b.probe("/readyz"), Some(503), "a standby is not ready");
@@ -417,7 +416,7 @@ async fn a_second_instance_for_the_node_stays_passive_and_takes_over_on_shutdown
     }
     assert_eq!(b.log_events("started proxy").len(), 1, "b started only vm3");
     assert_eq!(
-        rfb_banner(&console_url(&kc, &after[2]).await).await,
+        rfb_banner(&console_url(&b, &after[2])).await,
         b"RFB 003.008\n"
     );
 }
@@ -742,7 +741,7 @@ async fn the_charts_arguments_and_rbac_are_enough_to_serve_a_node() {
     create(&api, "vm1", spec(Some(node), qemu.port)).await;
     let items = wait_ready(&api, 1, &[&v]).await;
     assert_eq!(
-        rfb_banner(&console_url(&client, &items[0]).await).await,
+        rfb_banner(&console_url(&v, &items[0])).await,
         b"RFB 003.008\n"
     );
     wait_probe(&v, "/readyz", 200).await;
@@ -931,7 +930,7 @@ async fn an_expired_session_stays_down_across_restarts_until_its_spec_changes() 
     let items = wait_ready(&api, 1, &[&v]).await;
     assert_eq!(status(&items[0]).expired, None);
     assert_eq!(
-        rfb_banner(&console_url(&kc, &items[0]).await).await,
+        rfb_banner(&console_url(&v, &items[0])).await,
         b"RFB 003.008\n"
     );
 }
@@ -1014,7 +1013,7 @@ async fn a_tenant_cannot_point_a_session_at_the_nodes_other_services() {
     // The good session's port never carried a refused target: its proxy is the only one.
     let good = items.iter().find(|o| o.name_any() == "good").unwrap();
     assert_eq!(
-        rfb_banner(&console_url(&c.client().await, good).await).await,
+        rfb_banner(&console_url(&v, good)).await,
         b"RFB 003.008\n"
     );
 

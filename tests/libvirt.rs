@@ -178,10 +178,6 @@ fn port_of(status: &Value) -> u16 {
     status["port"].as_u64().unwrap() as u16
 }
 
-fn url_of(status: &Value) -> String {
-    status["url"].as_str().unwrap().to_owned()
-}
-
 fn lease_ports(v: &Vncd) -> Vec<u16> {
     v.leases()["leases"]
         .as_array()
@@ -228,7 +224,7 @@ async fn a_running_domain_gets_a_console_and_loses_it_when_destroyed() {
     assert_eq!(st["target"], d.vnc());
     let port = port_of(&st);
     assert!((v.range.0..=v.range.1).contains(&port));
-    let mut c = Client::connect(st["url"].as_str().unwrap()).await;
+    let mut c = Client::connect(&v.console_url(&st)).await;
     assert_eq!(c.read(12).await, b"RFB 003.008\n");
     let (w, h) = c.handshake().await;
     assert!(w > 0 && h > 0, "ServerInit {w}x{h}");
@@ -282,7 +278,7 @@ async fn ten_domains_started_at_once_all_get_consoles_without_collisions() {
         let st = v.wait_status(&d.session(), "Ready", Duration::from_secs(90));
         assert_eq!(st["target"], d.vnc(), "{}", d.name);
         ports.push(port_of(&st));
-        urls.push(url_of(&st));
+        urls.push(v.console_url(&st));
     }
     eprintln!(
         "measured: 10 domains started in {} ms; all 10 consoles Ready {} ms after the last start returned",
@@ -338,7 +334,7 @@ async fn a_manifest_naming_a_domain_waits_while_it_is_stopped_and_is_served_whil
     let st = v.wait_ready("console");
     assert_eq!(port_of(&st), requested);
     assert_eq!(st["target"], d.vnc());
-    assert_eq!(rfb_banner(&url_of(&st)).await, b"RFB 003.008\n");
+    assert_eq!(rfb_banner(&v.console_url(&st)).await, b"RFB 003.008\n");
     // The manifest serves the domain: it gets no second session of its own.
     std::thread::sleep(Duration::from_millis(600));
     assert!(v.item(&d.session()).is_none(), "{:?}", v.items());
@@ -429,7 +425,7 @@ async fn vncd_rides_out_a_libvirtd_restart() {
         "{}",
         v.log()
     );
-    assert_eq!(rfb_banner(&url_of(&before)).await, b"RFB 003.008\n");
+    assert_eq!(rfb_banner(&v.console_url(&before)).await, b"RFB 003.008\n");
 
     let t0 = Instant::now();
     let out = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/libvirtd-up"))
@@ -455,7 +451,7 @@ async fn vncd_rides_out_a_libvirtd_restart() {
     );
     assert_ne!(port_of(&st_a), port_of(&st_b));
     assert_eq!(lease_ports(&v).len(), 2);
-    assert_eq!(rfb_banner(&url_of(&st_b)).await, b"RFB 003.008\n");
+    assert_eq!(rfb_banner(&v.console_url(&st_b)).await, b"RFB 003.008\n");
     // And it sees stops again.
     a.destroy();
     wait_for(
@@ -488,8 +484,8 @@ async fn ports_a_running_domain_holds_inside_the_pool_are_never_leased() {
     assert_eq!(dom["target"], format!("127.0.0.2:{inside}"));
     assert_ne!(port_of(&m), inside, "leased the domain's own VNC port");
     assert_ne!(port_of(&dom), inside, "leased the domain's own VNC port");
-    assert_eq!(rfb_banner(&url_of(&m)).await, b"RFB 003.008\n");
-    assert_eq!(rfb_banner(&url_of(&dom)).await, b"RFB 003.008\n");
+    assert_eq!(rfb_banner(&v.console_url(&m)).await, b"RFB 003.008\n");
+    assert_eq!(rfb_banner(&v.console_url(&dom)).await, b"RFB 003.008\n");
     let fix = format!(
         "set remote_display_port_max = {} in {}",
         inside - 1,
@@ -535,8 +531,8 @@ async fn a_session_whose_port_a_domain_took_while_its_proxy_was_down_moves() {
     assert_eq!(dom["target"], format!("127.0.0.1:{taken}"));
     assert_ne!(port_of(&dom), taken);
     assert_ne!(port_of(&dom), port_of(&m));
-    assert_eq!(rfb_banner(&url_of(&m)).await, b"RFB 003.008\n");
-    assert_eq!(rfb_banner(&url_of(&dom)).await, b"RFB 003.008\n");
+    assert_eq!(rfb_banner(&v.console_url(&m)).await, b"RFB 003.008\n");
+    assert_eq!(rfb_banner(&v.console_url(&dom)).await, b"RFB 003.008\n");
     let mut leased = lease_ports(&v);
     leased.sort_unstable();
     leased.dedup();

@@ -315,6 +315,19 @@ async fn http_get(port: u16, path: &str) -> String {
     .await
 }
 
+/// A lease key in `dir/key` (as vncd's supervisor writes it) and the key itself.
+fn key_file(dir: &Path) -> (PathBuf, vncd::ticket::LeaseKey) {
+    let key = vncd::ticket::LeaseKey::from_bytes([0x5a; 32]);
+    (write_file(dir, "key", &format!("{}\n", key.to_hex())), key)
+}
+
+/// A fresh ticket for `key`, valid for a minute.
+fn ticket(key: &vncd::ticket::LeaseKey) -> String {
+    vncd::ticket::mint(key, Duration::from_secs(60), vncd::ticket::unix_now())
+        .expect("mint")
+        .text
+}
+
 fn write_file(dir: &Path, name: &str, body: &str) -> PathBuf {
     let p = dir.join(name);
     if let Some(parent) = p.parent() {
@@ -381,17 +394,18 @@ async fn unix_socket_target() {
 }
 
 #[tokio::test]
-async fn token_refused_before_target_is_contacted() {
-    const TOKEN: &str = "s3cret-Token_42";
+async fn a_bad_ticket_is_refused_before_the_target_is_contacted() {
     let qemu = Qemu::tcp();
     let relay = CountingRelay::new(qemu.addr()).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let tf = write_file(dir.path(), "token", &format!("{TOKEN}\n"));
+    let (tf, key) = key_file(dir.path());
+    let good = ticket(&key);
+    let other = ticket(&vncd::ticket::LeaseKey::from_bytes([1; 32]));
     let relay_addr = relay.addr.to_string();
     let proxy = Proxy::start(&[
         "--target",
         &relay_addr,
-        "--token-file",
+        "--key-file",
         tf.to_str().expect("path"),
         "--refusal-log-interval",
         "1",
@@ -399,15 +413,15 @@ async fn token_refused_before_target_is_contacted() {
     .await;
 
     for path in [
-        "/",
-        "/websockify",
-        "/websockify?token=BADTOKEN1",
-        "/?token=s3cret-Token_4",
-        "/?token=s3cret-Token_42x",
-        "/BADTOKEN2",
-        "/websockify/BADTOKEN3",
+        "/".to_owned(),
+        "/websockify".to_owned(),
+        "/websockify?token=BADTOKEN1".to_owned(),
+        format!("/?token={}", &good[..good.len() - 1]),
+        format!("/?token={good}x"),
+        format!("/{other}"),
+        "/websockify/BADTOKEN3".to_owned(),
     ] {
-        let (status, _) = refused_status(request(&proxy.url(path), Some("binary"), None)).await;
+        let (status, _) = refused_status(request(&proxy.url(&path), Some("binary"), None)).await;
         assert_eq!(status, 403, "{path}");
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -418,10 +432,10 @@ async fn token_refused_before_target_is_contacted() {
     );
 
     for path in [
-        format!("/websockify?token={TOKEN}"),
-        format!("/?token={TOKEN}"),
-        format!("/{TOKEN}"),
-        format!("/websockify/{TOKEN}"),
+        format!("/websockify?token={good}"),
+        format!("/?token={}", ticket(&key)),
+        format!("/{}", ticket(&key)),
+        format!("/websockify/{}", ticket(&key)),
     ] {
         let mut rfb = Rfb::new(ws_connect(&proxy.url(&path)).await);
         assert_eq!(rfb.read(12).await, BANNER, "{path}");
@@ -434,7 +448,7 @@ async fn token_refused_before_target_is_contacted() {
     assert_eq!(summaries.len(), 1, "one summary line: {log}");
     assert!(
         summaries[0]
-            .contains("refused 7 connections in the last 1s: 403 missing or wrong token x7"),
+            .contains("refused 7 connections in the last 1s: 403 missing or invalid console ticket x7"),
         "{log}"
     );
     // Accepted sessions are still logged one by one, inside their connection's span.
@@ -445,7 +459,8 @@ async fn token_refused_before_target_is_contacted() {
     );
     assert_eq!(log.matches("connection closed").count(), 5, "{log}");
     assert!(log.contains("conn{n=9 peer=127.0.0.1:"), "{log}");
-    assert!(!log.contains(TOKEN), "token leaked into the log: {log}");
+    assert!(!log.contains(&good), "ticket leaked into the log: {log}");
+    assert!(!log.contains(&other), "ticket leaked into the log: {log}");
     assert!(
         !log.contains("BADTOKEN"),
         "presented token leaked into the log: {log}"
@@ -573,19 +588,19 @@ async fn static_files_and_traversal() {
     write_file(&web, "app/ui.js", "export const x = 1;");
     write_file(&web, "app/styles/base.css", "body{}");
     write_file(outer.path(), "secret.txt", "TOP-SECRET");
-    let tf = write_file(outer.path(), "token", "tok");
+    let (tf, _) = key_file(outer.path());
     let proxy = Proxy::start(&[
         "--target",
         &qemu.addr(),
         "--web",
         web.to_str().expect("path"),
-        "--token-file",
+        "--key-file",
         tf.to_str().expect("path"),
     ])
     .await;
     let p = proxy.port;
 
-    // Served without the token (the page must load before it knows the token).
+    // Served without a ticket (the page must load before it knows the ticket).
     let r = http_get(
         p,
         "/vnc.html?autoconnect=true&path=websockify%3Ftoken%3Dtok",
@@ -790,7 +805,7 @@ async fn bad_flags_and_unreadable_files_exit_nonzero() {
                 &listen,
                 "--target",
                 "h:1",
-                "--token-file",
+                "--key-file",
                 missing,
             ],
             missing,
@@ -801,10 +816,10 @@ async fn bad_flags_and_unreadable_files_exit_nonzero() {
                 &listen,
                 "--target",
                 "h:1",
-                "--token-file",
+                "--key-file",
                 empty.to_str().expect("path"),
             ],
-            "empty",
+            "does not hold a key",
         ),
         (
             vec!["--listen", &listen, "--target", "h:1", "--web", missing],
@@ -904,16 +919,15 @@ async fn raw_upgrade(port: u16, path: &str) -> TcpStream {
 
 #[tokio::test]
 async fn over_the_cap_unauthenticated_connections_make_room_and_authenticated_ones_get_503() {
-    const TOKEN: &str = "cap-Token-1";
     let qemu = Qemu::tcp();
     let dir = tempfile::tempdir().expect("tempdir");
-    let tf = write_file(dir.path(), "token", TOKEN);
+    let (tf, key) = key_file(dir.path());
     let sf = dir.path().join("stats.json");
     let qaddr = qemu.addr();
     let proxy = Proxy::start(&[
         "--target",
         &qaddr,
-        "--token-file",
+        "--key-file",
         tf.to_str().expect("path"),
         "--stats-file",
         sf.to_str().expect("path"),
@@ -921,7 +935,7 @@ async fn over_the_cap_unauthenticated_connections_make_room_and_authenticated_on
         "3",
     ])
     .await;
-    let url = proxy.url(&format!("/websockify?token={TOKEN}"));
+    let url = || proxy.url(&format!("/websockify?token={}", ticket(&key)));
     // Three silent sockets take every slot...
     let mut silent = Vec::new();
     for _ in 0..3 {
@@ -936,7 +950,7 @@ async fn over_the_cap_unauthenticated_connections_make_room_and_authenticated_on
     // one that has not passed the token check.
     let mut consoles = Vec::new();
     for _ in 0..3 {
-        let mut rfb = Rfb::new(ws_connect(&url).await);
+        let mut rfb = Rfb::new(ws_connect(&url()).await);
         assert_eq!(rfb.read(12).await, BANNER);
         consoles.push(rfb);
     }
@@ -948,7 +962,7 @@ async fn over_the_cap_unauthenticated_connections_make_room_and_authenticated_on
     }
     // Every slot holds an authenticated console: the next connection gets 503, whoever
     // it is, and the consoles are untouched.
-    let (status, body) = refused_status(request(&url, Some("binary"), None)).await;
+    let (status, body) = refused_status(request(&url(), Some("binary"), None)).await;
     assert_eq!(status, 503, "{body}");
     let resp = http_get(proxy.port, "/").await;
     assert!(resp.starts_with("HTTP/1.1 503 "), "{resp}");
@@ -964,7 +978,7 @@ async fn over_the_cap_unauthenticated_connections_make_room_and_authenticated_on
     drop(consoles.pop());
     wait_stats(&sf, "a console left", |s| s["active"] == 2).await;
     // A freed slot serves again.
-    let mut rfb = Rfb::new(ws_connect(&url).await);
+    let mut rfb = Rfb::new(ws_connect(&url()).await);
     assert_eq!(rfb.read(12).await, BANNER);
 }
 

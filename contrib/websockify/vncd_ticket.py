@@ -1,6 +1,6 @@
 """vncd console tickets for websockify (issue #12).
 
-GROUNDWORK: vncd does not start websockify with this plugin yet; see docs/TICKETS.md.
+vncd compiles this file in and writes it to STATE_DIR/websockify/ at start; see docs/TICKETS.md.
 
 A websockify token plugin that accepts a vncd console ticket instead of a fixed token:
 

@@ -26,7 +26,8 @@ pub struct ApplyArgs {
     pub state: StateArgs,
     #[command(flatten)]
     pub pool: PoolFlags,
-    /// Wait until the session is Ready and print its URL.
+    /// Wait until the session is Ready and print a fresh console URL (with a ticket, as
+    /// `vncd url` prints it).
     #[arg(long)]
     pub wait: bool,
     /// Seconds to wait with --wait.
@@ -138,7 +139,12 @@ pub fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
             if st.observed_generation == Some(parsed.session.generation())
                 && st.phase == Some(Phase::Ready)
             {
-                println!("{}", st.url.clone().unwrap_or_default());
+                let u = super::url::mint_standalone(
+                    &args.state.state_dir,
+                    &name,
+                    crate::console::MintOptions::default(),
+                )?;
+                super::url::print_url(&u, false);
                 return Ok(ExitCode::SUCCESS);
             }
         }

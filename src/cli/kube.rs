@@ -192,6 +192,8 @@ async fn connect(args: &KubeArgs, url: &crate::status::UrlStyle) -> anyhow::Resu
                 metrics: Some(metrics.clone()),
                 urls: Some(url.clone()),
                 v1: args.http_api,
+                // Kubernetes users get URLs through VncConsoleRequests (RBAC), not here.
+                console: None,
             },
         )
         .await?;

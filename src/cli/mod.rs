@@ -1,4 +1,4 @@
-//! The command line: `vncd run | kube | get | status | cleanup | apply | delete | crd | url`.
+//! The command line: `vncd run | kube | get | status | cleanup | apply | delete | url | crd`.
 //!
 //! Every flag has a `VNCD_<FLAG>` environment fallback, so a systemd unit or a
 //! container can configure vncd without arguments.
@@ -12,6 +12,7 @@ mod libvirt;
 mod run;
 mod serve;
 mod url;
+mod url_kube;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -61,11 +62,12 @@ pub enum Command {
     Apply(apply::ApplyArgs),
     /// Remove a session's manifest.
     Delete(apply::DeleteArgs),
+    /// Print a fresh console URL for a session: its ticket opens one connection, within
+    /// --ticket-ttl (60 s) unless --ttl says otherwise. With --kube, through a
+    /// VncConsoleRequest, with your own kubeconfig and RBAC.
+    Url(url::UrlArgs),
     /// Print the VncSession CustomResourceDefinition as YAML (or another of vncd's CRDs).
     Crd(CrdArgs),
-    /// Print a fresh single-use console URL of a session (Kubernetes: through a
-    /// VncConsoleRequest, with your own kubeconfig and RBAC).
-    Url(url::UrlArgs),
     /// Run one websocket -> VNC proxy (the builtin backend; started by `vncd run`).
     Proxy(crate::proxy::ProxyArgs),
     /// Print a shell completion script, e.g. `vncd completions bash > /etc/bash_completion.d/vncd`.
@@ -138,8 +140,8 @@ pub fn main() -> ExitCode {
         Command::Cleanup(args) => cleanup::cleanup(args),
         Command::Apply(args) => apply::apply(args),
         Command::Delete(args) => apply::delete(args),
-        Command::Crd(args) => print_crd(&args),
         Command::Url(args) => url::url(args),
+        Command::Crd(args) => print_crd(&args),
         Command::Proxy(args) => run_proxy(args),
         Command::Completions { shell } => {
             use clap::CommandFactory;

@@ -1,6 +1,7 @@
 //! `vncd run`: the standalone controller.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -11,6 +12,7 @@ use tracing::info;
 use super::serve::{ServeArgs, seconds, shutdown_signal};
 use super::{SessionsArgs, StateArgs, runtime};
 use crate::console::Consoles;
+use crate::http::console::{BearerToken, ConsoleApi};
 use crate::controller::Controller;
 use crate::http::{AppState, Health};
 use crate::metrics::Metrics;
@@ -38,6 +40,11 @@ pub struct RunArgs {
     /// (e.g. 127.0.0.1:9850) [default: off].
     #[arg(long, env = "VNCD_HTTP")]
     pub http: Option<SocketAddr>,
+    /// Also serve `POST /v1/sessions/NAME/url` on --http, which mints console URLs for
+    /// callers that send `Authorization: Bearer TOKEN`, TOKEN being this file's content
+    /// (mode 0600; e.g. `openssl rand -hex 32`) [default: the route does not exist].
+    #[arg(long, env = "VNCD_HTTP_TOKEN_FILE", value_name = "FILE", requires = "http")]
+    pub http_token_file: Option<PathBuf>,
 }
 
 /// Records what this controller really runs with, for `vncd status | get | cleanup`
@@ -59,12 +66,21 @@ fn record_config(
         listen_address: args.serve.listen_address,
         public_host: url.public_host.clone(),
         libvirt: args.libvirt.libvirt_uri.clone(),
+        web: url.web,
+        tls: url.tls,
+        ticket_ttl_seconds: args.serve.ticket_ttl.as_secs(),
     }
     .write(state.root())?;
     Ok(())
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    // A bad token file is the caller's mistake: say so before touching any state.
+    let bearer = args
+        .http_token_file
+        .as_deref()
+        .map(BearerToken::load)
+        .transpose()?;
     let state = args.state.dir();
     state.create()?;
     let owner = std::fs::canonicalize(state.root())
@@ -84,6 +100,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let config = args.serve.loop_config()?;
     let minter = args.serve.minter(state.root())?;
     let consoles = Consoles::default();
+    let console_api = bearer.map(|token| ConsoleApi {
+        minter: minter.clone(),
+        consoles: consoles.clone(),
+        token: std::sync::Arc::new(token),
+    });
     let supervisor = args
         .serve
         .supervisor(owner.clone(), &state.root().join("logs"), &minter)?;
@@ -111,6 +132,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                     metrics: Some(metrics.clone()),
                     urls: Some(url.clone()),
                     v1: true,
+                    console: console_api,
                 },
             )
             .await?;

@@ -1,207 +1,120 @@
-//! `vncd url --kube -n NS NAME`: a fresh console URL through a VncConsoleRequest.
+//! `vncd url NAME`: a fresh console URL (the base URL plus a single-use ticket).
 //!
-//! The user's own kubeconfig does the talking (client certificates, tokens, exec plugins:
-//! whatever kube-rs resolves from `KUBECONFIG` or `~/.kube/config`), so the API server
-//! authenticates them and RBAC decides; vncd never sees their credentials. The command
-//! creates the request, waits for the vncd serving the session to answer it, and prints
-//! the URL. It needs only `create`, `get` and `watch` on the requests (ClusterRole
-//! `vncd-console`).
+//! Standalone it reads the state directory: the lease (`leases.json`), how URLs are
+//! written (`config.json`) and the master key (`ticket.key`, 0600). Only the state
+//! directory's owner can read the key, so only that user (or whoever may run this as that
+//! user) can mint: the same people who could read the old per-lease tokens.
+//!
+//! With `--kube` it asks the cluster instead ([`super::url_kube`]): the user's own
+//! kubeconfig and RBAC decide, through a VncConsoleRequest.
 
+use std::path::Path;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use anyhow::Context;
 use clap::Args;
-use futures::StreamExt;
-use kube::api::{PostParams, WatchEvent, WatchParams};
-use kube::{Api, Client, ResourceExt};
 
-use super::serve::seconds;
-use crate::k8s::console_request::{
-    USER_ROLE, VncConsoleRequest, VncConsoleRequestSpec, VncConsoleRequestStatus,
-};
+use super::StateArgs;
+use super::serve::TICKET_KEY_FILE;
+use crate::console::{ConsoleUrl, MintError, MintOptions, Minter};
+use crate::runconfig::Recorded;
+use crate::store::file::{StateDir, read_state};
+use crate::ticket::MasterKey;
 
 #[derive(Debug, Args)]
 pub struct UrlArgs {
-    /// The session's name.
+    /// The session.
     pub name: String,
-    /// Ask the Kubernetes API (VncConsoleRequest) instead of a local vncd.
+    #[command(flatten)]
+    pub state: StateArgs,
+    /// Seconds the ticket stays valid while unused [default: the running vncd's
+    /// --ticket-ttl, 60].
+    #[arg(long, value_name = "SECONDS", value_parser = super::serve::seconds)]
+    pub ttl: Option<Duration>,
+    /// A console without keyboard and mouse input (not supported yet: refused).
+    #[arg(long)]
+    pub view_only: bool,
+    /// Print `{"url": ..., "expiresAt": ...}` instead of the bare URL.
+    #[arg(long)]
+    pub json: bool,
+    /// Kubernetes: ask the vncd serving the session through a VncConsoleRequest, with your
+    /// kubeconfig (KUBECONFIG or ~/.kube/config); needs the ClusterRole vncd-console.
     #[arg(long)]
     pub kube: bool,
-    /// The session's namespace [default: the kubeconfig context's namespace].
-    #[arg(short = 'n', long)]
+    /// With --kube: the session's namespace [default: the kubeconfig context's].
+    #[arg(short = 'n', long, requires = "kube")]
     pub namespace: Option<String>,
-    /// Seconds the URL's ticket stays valid [default: the serving vncd's --ticket-ttl].
-    #[arg(long, value_name = "SECONDS")]
-    pub ttl: Option<u32>,
-    /// Seconds to wait for vncd's answer.
-    #[arg(long, value_name = "SECONDS", value_parser = seconds, default_value = "30")]
+    /// With --kube: seconds to wait for vncd's answer.
+    #[arg(long, value_name = "SECONDS", value_parser = super::serve::seconds, default_value = "30", requires = "kube")]
     pub wait: Duration,
 }
 
-/// Why no URL was printed. Every message names the session and its namespace.
-#[derive(Debug, thiserror::Error)]
-pub enum UrlError {
-    #[error(
-        "only `vncd url --kube` exists so far: in standalone mode read the URL from `vncd get {0}`"
-    )]
-    StandaloneNotYet(String),
-    #[error(
-        "cannot configure a Kubernetes client (KUBECONFIG, ~/.kube/config or the in-cluster service account): {0}"
-    )]
-    Client(#[source] kube::Error),
-    #[error(
-        "Forbidden: you may not create vncconsolerequests (vncd.io) in namespace {namespace:?}, \
-         which opening the console of session {session:?} takes ({reason}). \
-         Opening consoles needs create, get and watch on vncconsolerequests in that namespace: \
-         ask your platform to bind the ClusterRole {role} to you there \
-         (e.g. `kubectl create rolebinding NAME --clusterrole={role} --user=YOU -n {namespace}`)",
-        role = USER_ROLE
-    )]
-    Forbidden {
-        namespace: String,
-        session: String,
-        reason: String,
-    },
-    #[error(
-        "the VncConsoleRequest CRD (vncconsolerequests.vncd.io) is not installed in this cluster; \
-         install it with the vncd chart or `vncd crd vncconsolerequests.vncd.io | kubectl apply -f -`"
-    )]
-    NoCrd,
-    #[error(
-        "cannot ask for a console URL of session {session:?} in namespace {namespace:?}: {source}"
-    )]
-    Api {
-        namespace: String,
-        session: String,
-        #[source]
-        source: kube::Error,
-    },
-    #[error(
-        "no console URL for session {session:?} in namespace {namespace:?}: {reason}: {message}"
-    )]
-    Refused {
-        namespace: String,
-        session: String,
-        reason: String,
-        message: String,
-    },
-    #[error(
-        "no vncd answered VncConsoleRequest {request:?} for session {session:?} in namespace \
-         {namespace:?} within {wait:?}: does the session exist there, with spec.nodeName set to \
-         a node whose vncd runs?"
-    )]
-    NoAnswer {
-        namespace: String,
-        session: String,
-        request: String,
-        wait: Duration,
-    },
-}
-
 pub fn url(args: UrlArgs) -> anyhow::Result<ExitCode> {
-    if !args.kube {
-        return Err(UrlError::StandaloneNotYet(args.name).into());
-    }
-    let url = super::runtime()?.block_on(ask(&args))?;
-    super::emit(&format!("{url}\n"));
-    Ok(ExitCode::SUCCESS)
-}
-
-/// Creates the request and waits for its answer; the URL, or why there is none.
-async fn ask(args: &UrlArgs) -> Result<String, UrlError> {
-    let client = Client::try_default().await.map_err(UrlError::Client)?;
-    let namespace = args
-        .namespace
-        .clone()
-        .unwrap_or_else(|| client.default_namespace().to_owned());
-    let session = args.name.clone();
-    let api: Api<VncConsoleRequest> = Api::namespaced(client, &namespace);
-    let mut req = VncConsoleRequest::new(
-        "",
-        VncConsoleRequestSpec {
-            session: session.clone(),
-            ttl_seconds: args.ttl.map(i64::from),
-            view_only: None,
-        },
-    );
-    req.metadata.name = None;
-    req.metadata.generate_name = Some(format!("{session}-"));
-    let api_err = |source: kube::Error| match crate::k8s::api_code(&source) {
-        Some(403) => UrlError::Forbidden {
-            namespace: namespace.clone(),
-            session: session.clone(),
-            reason: match &source {
-                kube::Error::Api(s) => s.message.clone(),
-                other => other.to_string(),
-            },
-        },
-        Some(404) => UrlError::NoCrd,
-        _ => UrlError::Api {
-            namespace: namespace.clone(),
-            session: session.clone(),
-            source,
-        },
+    let opts = MintOptions {
+        ttl: args.ttl,
+        view_only: args.view_only,
     };
-    let created = api
-        .create(&PostParams::default(), &req)
-        .await
-        .map_err(api_err)?;
-    let name = created.name_any();
-    let deadline = Instant::now() + args.wait;
-    let mut version = created.resource_version().unwrap_or_default();
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(UrlError::NoAnswer {
-                namespace,
-                session,
-                request: name,
-                wait: args.wait,
-            });
+    let minted = if args.kube {
+        super::url_kube::mint_kube(&super::url_kube::KubeAsk {
+            name: args.name.clone(),
+            namespace: args.namespace.clone(),
+            ttl: args.ttl,
+            view_only: args.view_only,
+            wait: args.wait,
+        })
+    } else {
+        mint_standalone(&args.state.state_dir, &args.name, opts)
+    };
+    match minted {
+        Ok(u) => {
+            print_url(&u, args.json);
+            Ok(ExitCode::SUCCESS)
         }
-        // A watch of this one object from the version we hold; `get` only after the watch
-        // ends early, so the usual case is one create and one watch.
-        let params = WatchParams::default()
-            .fields(&format!("metadata.name={name}"))
-            .timeout(u32::try_from(left.as_secs().max(1)).unwrap_or(u32::MAX));
-        let mut stream = api.watch(&params, &version).await.map_err(api_err)?.boxed();
-        while let Ok(Some(ev)) = tokio::time::timeout(left, stream.next()).await {
-            match ev {
-                Ok(WatchEvent::Added(o) | WatchEvent::Modified(o)) => {
-                    if let Some(answer) = answer_of(&o, &namespace, &session) {
-                        return answer;
-                    }
-                    version = o.resource_version().unwrap_or(version);
-                }
-                Ok(WatchEvent::Deleted(_)) => break,
-                // A bookmark or an expired version: re-read below.
-                Ok(_) | Err(_) => break,
-            }
+        Err(e) => {
+            eprintln!("vncd: {}", super::error_chain(&e));
+            Ok(ExitCode::from(1))
         }
-        let now = api.get(&name).await.map_err(api_err)?;
-        if let Some(answer) = answer_of(&now, &namespace, &session) {
-            return answer;
-        }
-        version = now.resource_version().unwrap_or_default();
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
-/// The URL or the refusal a request's status holds, if vncd has answered.
-fn answer_of(
-    req: &VncConsoleRequest,
-    namespace: &str,
-    session: &str,
-) -> Option<Result<String, UrlError>> {
-    let st: VncConsoleRequestStatus = req.status.clone()?;
-    if let Some(url) = st.url.clone() {
-        return Some(Ok(url));
+/// Prints a minted URL: the bare URL (for scripts and `xdg-open`), or JSON.
+pub(crate) fn print_url(u: &ConsoleUrl, json: bool) {
+    if json {
+        let v = serde_json::json!({"url": u.url, "expiresAt": u.expires_at_rfc3339()});
+        super::emit(&format!("{v}\n"));
+    } else {
+        super::emit(&format!("{}\n", u.url));
     }
-    let (reason, message) = st.failure()?;
-    Some(Err(UrlError::Refused {
-        namespace: namespace.to_owned(),
-        session: session.to_owned(),
-        reason: reason.to_owned(),
-        message: message.to_owned(),
-    }))
+}
+
+/// Mints a URL for `name` from the state directory of a standalone vncd.
+pub(crate) fn mint_standalone(
+    state_dir: &Path,
+    name: &str,
+    opts: MintOptions,
+) -> anyhow::Result<ConsoleUrl> {
+    let recorded = Recorded::load(state_dir)?;
+    let config = recorded.config().with_context(|| {
+        format!(
+            "no `vncd run` has recorded its settings in {} yet (config.json), so the URL \
+             cannot be written",
+            state_dir.display()
+        )
+    })?;
+    let set = read_state(&StateDir::new(state_dir).leases())?;
+    let lease = set
+        .leases
+        .get(name)
+        .ok_or_else(|| MintError::Unknown(name.to_owned()))?;
+    if lease.process.is_none() {
+        return Err(MintError::NotReady(name.to_owned()).into());
+    }
+    let master = MasterKey::load(&state_dir.join(TICKET_KEY_FILE))?;
+    let minter = Minter::new(
+        master,
+        config.url_style(),
+        Duration::from_secs(config.ticket_ttl_seconds),
+    );
+    Ok(minter.mint(lease, opts, crate::ticket::unix_now())?)
 }

@@ -267,6 +267,9 @@ mod tests {
                 connections: 2,
                 active: 1,
                 refused: 1,
+                ticket_invalid: 0,
+                ticket_expired: 0,
+                ticket_replayed: 0,
                 bytes_to_target: 3,
                 bytes_to_client: 12,
             }

@@ -173,6 +173,7 @@ mod tests {
         let f = dir.path().join("k");
         let key = LeaseKey::from_bytes([9; 32]);
         std::fs::write(&f, format!("{}\n", key.to_hex())).unwrap();
+        std::fs::create_dir(dir.path().join("n")).unwrap();
         let t = Tickets::load(&f, Some(&dir.path().join("n"))).unwrap();
         assert_eq!(format!("{t:?}"), "Tickets(<key redacted>)");
         let minted =

@@ -249,21 +249,48 @@ mod tests {
     }
 
     #[test]
-    fn token_is_required_when_configured() {
-        let t = Token::from_bytes(b"tok").expect("token");
+    fn a_valid_ticket_is_required_when_configured() {
+        use crate::ticket::{LeaseKey, mint, unix_now};
+        let dir = tempfile::tempdir().unwrap();
+        let key = LeaseKey::from_bytes([3; 32]);
+        std::fs::write(dir.path().join("k"), key.to_hex()).unwrap();
+        let t = Tickets::load(&dir.path().join("k"), None).unwrap();
         let t = Some(&t);
-        assert_eq!(status(check(&req("/", ""), t, &[])), 403);
-        assert_eq!(status(check(&req("/?token=bad", ""), t, &[])), 403);
-        assert_eq!(
-            status(check(&req("/websockify?token=tok", ""), t, &[])),
-            101
-        );
-        assert_eq!(status(check(&req("/?a=b&token=tok", ""), t, &[])), 101);
-        assert_eq!(status(check(&req("/tok", ""), t, &[])), 101);
-        assert_eq!(status(check(&req("/websockify/tok", ""), t, &[])), 101);
+        let now = unix_now();
+        let tok = mint(&key, std::time::Duration::from_secs(60), now)
+            .unwrap()
+            .text;
+        let old = mint(&key, std::time::Duration::from_secs(1), now - 10)
+            .unwrap()
+            .text;
+        let other = mint(
+            &LeaseKey::from_bytes([4; 32]),
+            std::time::Duration::from_secs(60),
+            now,
+        )
+        .unwrap()
+        .text;
+        let refused = |path: &str| check(&req(path, ""), t, &[]).expect_err("refused");
+        assert_eq!(refused("/").ticket, Some(TicketRefusal::Invalid));
+        assert_eq!(refused("/?token=bad").ticket, Some(TicketRefusal::Invalid));
+        let r = refused(&format!("/?token={other}"));
+        assert_eq!((r.status, r.ticket), (403, Some(TicketRefusal::Invalid)));
+        let r = refused(&format!("/?token={old}"));
+        assert_eq!((r.status, r.ticket), (403, Some(TicketRefusal::Expired)));
+        assert!(r.message.contains("expired"));
+        for ok in [
+            format!("/websockify?token={tok}"),
+            format!("/?a=b&token={tok}"),
+            format!("/{tok}"),
+            format!("/websockify/{tok}"),
+        ] {
+            let a = check(&req(&ok, ""), t, &[]).expect("accepted");
+            // Verified, not yet used up: that is the caller's last step.
+            assert_eq!(a.ticket.map(|v| v.expires_at), Some(now + 60), "{ok}");
+        }
         assert_eq!(status(check(&req("/websockify/bad", ""), t, &[])), 403);
-        assert_eq!(status(check(&req("/x/tok", ""), t, &[])), 404);
-        // The token is checked before anything else about the request.
+        assert_eq!(status(check(&req(&format!("/x/{tok}"), ""), t, &[])), 404);
+        // The ticket is checked before anything else about the request.
         assert_eq!(
             status(check(
                 &req("/", "Sec-WebSocket-Protocol: base64\r\n"),

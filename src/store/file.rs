@@ -60,14 +60,18 @@ impl StateDir {
         self.check()
     }
 
-    /// Refuses a state directory (or its `tokens/` and `logs/`) that anyone but vncd could
+    /// Refuses a state directory (or its `keys/`, `nonces/` and `logs/`) that anyone but vncd could
     /// write in: owned by another user, writable by group or others, a symlinked
     /// subdirectory, or under a parent that others can write (and is not sticky). Such a
     /// directory lets that user plant symlinks or swap files that vncd, often root, then
     /// writes through or trusts. The error says how to fix it.
     pub fn check(&self) -> Result<(), StateDirError> {
         check_trusted_dir("state directory", &self.root, true, true)?;
-        for (what, sub) in [("tokens directory", "tokens"), ("logs directory", "logs")] {
+        for (what, sub) in [
+            ("keys directory", "keys"),
+            ("nonces directory", "nonces"),
+            ("logs directory", "logs"),
+        ] {
             let dir = self.root.join(sub);
             if dir.exists() {
                 check_trusted_dir(what, &dir, false, false)?;

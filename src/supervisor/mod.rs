@@ -315,6 +315,9 @@ impl Supervisor {
             self.web,
             self.proxy_user.as_ref().map(ToString::to_string)
         );
+        if let Some(m) = &self.tickets {
+            text.push_str(&format!("\nticket key {}", m.key_id()));
+        }
         if let Some(tls) = self.backend.tls() {
             for f in [&tls.cert, &tls.key] {
                 let stamp = std::fs::metadata(f).map_or((0, 0, 0, 0), |m| {

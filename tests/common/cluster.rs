@@ -277,6 +277,8 @@ pub struct KubeVncd {
     /// test VNC servers listen, on ports the kernel picks).
     pub allow: Vec<String>,
     pub tmp: tempfile::TempDir,
+    /// `--state-dir` (the pod's emptyDir in a DaemonSet): where the ticket master key is.
+    pub state: PathBuf,
     child: Option<Child>,
 }
 
@@ -298,7 +300,9 @@ impl KubeVncd {
             crate::common::require("websockify");
         }
         let tmp = tempfile::tempdir().unwrap();
+        let state = tmp.path().join("state");
         KubeVncd {
+            state,
             node: node.into(),
             namespace: namespace.map(str::to_owned),
             lease_namespace: lease_namespace.into(),
@@ -333,7 +337,7 @@ impl KubeVncd {
             "--lease-duration".into(),
             "2".into(),
             "--state-dir".into(),
-            self.tmp.path().join("state").display().to_string(),
+            self.state.display().to_string(),
             "--port-range".into(),
             format!("{}-{}", self.range.0, self.range.1),
             "--listen-address".into(),

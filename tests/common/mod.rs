@@ -309,6 +309,33 @@ impl Vncd {
             .find(|i| i["metadata"]["name"] == name)
     }
 
+    /// A fresh console URL (`vncd url`, a single-use ticket) for the session `name`.
+    pub fn url(&self, name: &str) -> String {
+        let out = self.cmd(&["url", name, "--state-dir", self.state.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "vncd url {name} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    }
+
+    /// A fresh console URL for the session whose status is `status` (found by its port).
+    pub fn console_url(&self, status: &Value) -> String {
+        let port = &status["port"];
+        let leases = self.leases();
+        let name = leases["leases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| &l["port"] == port)
+            .unwrap_or_else(|| panic!("no lease on port {port}: {leases}"))["session"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        self.url(&name)
+    }
+
     /// Waits for `name` to be Ready and returns its status.
     pub fn wait_ready(&self, name: &str) -> Value {
         self.wait_status(name, "Ready", Duration::from_secs(20))

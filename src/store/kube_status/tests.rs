@@ -191,7 +191,7 @@ fn run<T>(f: impl std::future::Future<Output = T>) -> T {
 }
 
 #[test]
-fn a_new_lease_writes_its_secret_then_its_status_then_the_finalizer() {
+fn a_new_lease_writes_its_status_then_the_finalizer_and_no_secret() {
     run(async {
         let (mut store, mock, _) = Mock::store(Reply::Object, Duration::from_secs(5));
         let set = store
@@ -199,9 +199,9 @@ fn a_new_lease_writes_its_secret_then_its_status_then_the_finalizer() {
             .await
             .expect("the commit succeeds");
         assert!(set.leases.contains_key("ns/vm1"));
-        // The Secret first (a status never names a missing Secret), the finalizer last
-        // (a failed lease write leaves no finalizer to block a deletion).
-        assert_eq!(mock.order(), ["secret", "status", "finalizer"]);
+        // The finalizer last (a failed lease write leaves no finalizer to block a
+        // deletion), and no Secret: console tickets need no stored secret per session.
+        assert_eq!(mock.order(), ["status", "finalizer"]);
     });
 }
 
@@ -216,7 +216,7 @@ fn a_409_on_the_status_write_is_a_conflict_and_the_lease_is_not_kept() {
         assert!(matches!(err, StoreError::Conflict { .. }), "{err}");
         // Nothing of the refused write is kept, and the finalizer was never added.
         assert!(store.set.leases.is_empty());
-        assert_eq!(mock.order(), ["secret", "status"]);
+        assert_eq!(mock.order(), ["status"]);
         assert_eq!(
             metered
                 .metrics()
@@ -291,7 +291,7 @@ fn a_status_write_that_never_answers_fails_at_its_deadline() {
 }
 
 #[test]
-fn releasing_a_lease_clears_the_status_and_then_deletes_the_secret() {
+fn releasing_a_lease_clears_the_status_and_touches_no_secret() {
     run(async {
         let (mut store, mock, _) = Mock::store(Reply::Object, Duration::from_secs(5));
         store
@@ -307,6 +307,6 @@ fn releasing_a_lease_clears_the_status_and_then_deletes_the_secret() {
         assert!(set.leases.is_empty());
         let order = mock.order();
         assert_eq!(order.first(), Some(&"status"), "{order:?}");
-        assert!(order.contains(&"secret"), "{order:?}");
+        assert!(!order.contains(&"secret"), "{order:?}");
     });
 }
