@@ -222,6 +222,13 @@ async fn users_bound_to_vncd_console_get_urls_others_are_forbidden_and_requests_
         err.contains("\"vm1\"") && err.contains("\"console-rbac\""),
         "{err}"
     );
+    let out = vncd_url(&alice, ns, "vm1", &["--view-only"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("ViewOnlyUnsupported"),
+        "{}",
+        stderr(&out)
+    );
     let out = vncd_url(&alice, ns, "vm-bad", &[]);
     assert!(!out.status.success());
     let err = stderr(&out);
@@ -372,8 +379,14 @@ async fn a_console_url_opens_the_console_once() {
         try_banner(&url).await.is_err(),
         "a replayed URL reached the console"
     );
-    // A fresh URL opens it again.
-    let again = url_of(&vncd_url(&c.kubeconfig, ns, "vm1", &[]), "admin");
+    // A fresh URL opens it again (--json: the URL and its expiry, as standalone prints them).
+    let out = vncd_url(&c.kubeconfig, ns, "vm1", &["--json"]);
+    let json: serde_json::Value = serde_json::from_str(&url_of(&out, "admin --json")).unwrap();
+    let again = json["url"].as_str().unwrap().to_owned();
+    let expires = json["expiresAt"].as_str().unwrap();
+    let expires: jiff::Timestamp = expires.parse().unwrap();
+    let left = expires.as_second() - jiff::Timestamp::now().as_second();
+    assert!((50..=60).contains(&left), "expiresAt {left} s away");
     assert_ne!(again, url);
     assert_eq!(rfb_banner(&again).await, b"RFB 003.008\n");
     drop(v);
