@@ -108,9 +108,14 @@ impl Responder {
             while let Some(ev) = stream.next().await {
                 match ev {
                     Ok(_) => notify.notify_one(),
-                    Err(e) => {
-                        warn!(error = %e, "VncConsoleRequest watch failed; retrying with backoff")
-                    }
+                    // Sessions are served regardless; only console requests wait. After an
+                    // upgrade the usual cause is a CRD Helm did not install (it never
+                    // upgrades crds/).
+                    Err(e) => warn!(
+                        error = %e,
+                        "VncConsoleRequest watch failed; retrying with backoff (if the CRD is \
+                         missing: `vncd crd vncconsolerequests.vncd.io | kubectl apply -f -`)"
+                    ),
                 }
             }
         });
