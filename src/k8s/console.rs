@@ -165,27 +165,37 @@ impl Responder {
         let ns = req.namespace().unwrap_or_default();
         let name = req.name_any();
         let session = req.spec.session.as_str();
-        let status = match step {
+        let (status, expires_at) = match step {
             Step::Nothing => return false,
             Step::Delete => return self.delete(req).await,
-            Step::Refuse(f) => {
-                info!(namespace = %ns, request = %name, session, reason = f.reason, "refused a console request");
-                console_request::refused(&f, &self.node, now)
-            }
+            Step::Refuse(f) => (console_request::refused(&f, &self.node, now), None),
             Step::Mint { key, opts } => match self.consoles.mint(&self.minter, &key, opts) {
-                Ok(url) => {
-                    // The URL carries the ticket: never logged.
-                    info!(namespace = %ns, request = %name, session, expires_at = url.expires_at, "issued a console URL");
-                    console_request::issued(&url, &self.node, now)
-                }
+                Ok(url) => (
+                    console_request::issued(&url, &self.node, now),
+                    Some(url.expires_at),
+                ),
                 Err(e) => {
                     let f = console_request::failure_of(&e, &ns, session);
-                    info!(namespace = %ns, request = %name, session, reason = f.reason, "refused a console request");
-                    console_request::refused(&f, &self.node, now)
+                    (console_request::refused(&f, &self.node, now), None)
                 }
             },
         };
-        self.write_status(req, &status).await
+        match self.write_status(req, &status).await {
+            Written::Yes => {}
+            Written::Gone => return true,
+            Written::Retry => return false,
+        }
+        // Logged once written. The URL carries the ticket: never logged.
+        match (expires_at, status.failure()) {
+            (Some(expires_at), _) => {
+                info!(namespace = %ns, request = %name, session, expires_at, "issued a console URL");
+            }
+            (None, Some((reason, _))) => {
+                info!(namespace = %ns, request = %name, session, reason, "refused a console request");
+            }
+            (None, None) => {}
+        }
+        true
     }
 
     /// Server-side apply of the whole status, if the request is still the version we read
@@ -194,7 +204,7 @@ impl Responder {
         &self,
         req: &VncConsoleRequest,
         status: &VncConsoleRequestStatus,
-    ) -> bool {
+    ) -> Written {
         let ns = req.namespace().unwrap_or_default();
         let name = req.name_any();
         let body = status_apply_body(
@@ -216,14 +226,15 @@ impl Responder {
             )
             .await;
         match r {
-            Ok(_) => true,
-            Err(e) if super::is_conflict(&e) || super::is_not_found(&e) => {
-                debug!(namespace = %ns, request = %name, error = %e, "console request changed or went away before the answer");
-                super::is_not_found(&e)
+            Ok(_) => Written::Yes,
+            Err(e) if super::is_not_found(&e) => Written::Gone,
+            Err(e) if super::is_conflict(&e) => {
+                debug!(namespace = %ns, request = %name, "console request changed before the answer; looking again");
+                Written::Retry
             }
             Err(e) => {
                 warn!(namespace = %ns, request = %name, error = %e, "cannot answer a console request; retrying");
-                false
+                Written::Retry
             }
         }
     }
@@ -261,6 +272,15 @@ impl Responder {
             }
         }
     }
+}
+
+/// How a status write ended.
+enum Written {
+    Yes,
+    /// The request was deleted meanwhile: nothing left to do.
+    Gone,
+    /// A conflict or an API failure: look again on the next pass.
+    Retry,
 }
 
 /// The body of a status apply: identity, the resourceVersion precondition, the status.
