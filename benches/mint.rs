@@ -69,6 +69,10 @@ fn row(what: &str, s: &Stats, base: Option<&Stats>) {
 }
 
 fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("mint benchmark: run it with `cargo bench --bench mint`");
+        return;
+    }
     let n: usize = std::env::var("VNCD_BENCH_MINTS")
         .ok()
         .and_then(|v| v.parse().ok())
