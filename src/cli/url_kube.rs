@@ -198,3 +198,64 @@ fn answer_of(
         message: message.to_owned(),
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::k8s::console_request::{Failure, issued, refused};
+
+    fn req(status: Option<VncConsoleRequestStatus>) -> VncConsoleRequest {
+        let mut r = VncConsoleRequest::new(
+            "vm1-abcde",
+            VncConsoleRequestSpec {
+                session: "vm1".into(),
+                ttl_seconds: None,
+                view_only: None,
+            },
+        );
+        r.status = status;
+        r
+    }
+
+    #[test]
+    fn an_answer_is_a_url_with_its_expiry_or_a_refusal_naming_the_session() {
+        let now = jiff::Timestamp::from_second(1_800_000_000).unwrap();
+        assert!(answer_of(&req(None), "ns", "vm1").is_none());
+        let url = ConsoleUrl {
+            url: "ws://h:6100/?token=v1.x".into(),
+            expires_at: 1_800_000_060,
+        };
+        let got = answer_of(&req(Some(issued(&url, "n1", now))), "ns", "vm1")
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, url);
+        let f = Failure {
+            reason: "SessionNotReady",
+            message: "not now".into(),
+        };
+        let err = answer_of(&req(Some(refused(&f, "n1", now))), "ns", "vm1")
+            .unwrap()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("\"vm1\" in namespace \"ns\""), "{err}");
+        assert!(err.contains("SessionNotReady: not now"), "{err}");
+    }
+
+    #[test]
+    fn forbidden_says_what_is_missing() {
+        let e = UrlError::Forbidden {
+            namespace: "vms".into(),
+            session: "vm1".into(),
+            reason: "User \"bob\" cannot create resource".into(),
+        }
+        .to_string();
+        for needle in [
+            "Forbidden",
+            "create vncconsolerequests",
+            "\"vms\"",
+            "vncd-console",
+        ] {
+            assert!(e.contains(needle), "{needle:?} missing: {e}");
+        }
+    }
+}
