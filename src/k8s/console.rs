@@ -6,10 +6,10 @@
 //! request does not say which node serves its session, and a small object per console
 //! opened is cheap to fan out. Only the instance serving the session writes.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
@@ -120,42 +120,36 @@ impl Responder {
             }
         });
         let _watch = AbortOnDrop(watch);
-        let mut done = BTreeSet::new();
+        let mut memory = Memory::default();
         loop {
             tokio::select! {
                 () = changed.notified() => {}
                 () = tokio::time::sleep(TICK) => {}
             }
-            self.pass(&store, &mut done).await;
+            self.pass(&store, &mut memory).await;
         }
     }
 
-    /// One look at every request. `done` holds the versions (uid, resourceVersion) this
-    /// instance answered or deleted, so a request is not minted for twice while the watch
-    /// still shows the version it answered.
-    async fn pass(&self, store: &Store<VncConsoleRequest>, done: &mut BTreeSet<(String, String)>) {
+    /// One look at every request.
+    async fn pass(&self, store: &Store<VncConsoleRequest>, memory: &mut Memory) {
         let items = store.state();
-        let version = |r: &VncConsoleRequest| {
-            (
-                r.uid().unwrap_or_default(),
-                r.resource_version().unwrap_or_default(),
-            )
-        };
-        let current: BTreeSet<_> = items.iter().map(|r| version(r)).collect();
-        done.retain(|v| current.contains(v));
+        memory.keep_only(&items);
         let now = jiff::Timestamp::now();
         for req in items {
             let v = version(&req);
-            if done.contains(&v) {
+            if memory.done.contains(&v) {
                 continue;
             }
+            let seen_for = memory.seen_for(&v.0);
             let step =
-                console_request::step(&req, &self.node, now, self.retention, |k| self.here(k));
+                console_request::step(&req, &self.node, now, seen_for, self.retention, |k| {
+                    self.here(k)
+                });
             if matches!(step, Step::Nothing) {
                 continue;
             }
             if self.act(&req, step, now).await {
-                done.insert(v);
+                memory.done.insert(v);
             }
         }
     }
@@ -272,6 +266,39 @@ impl Responder {
             }
         }
     }
+}
+
+/// What the responder remembers between passes, for the requests the watch still holds.
+#[derive(Debug, Default)]
+struct Memory {
+    /// Versions (uid, resourceVersion) this instance answered or deleted, so a request is
+    /// not minted for twice while the watch still shows the version it answered.
+    done: BTreeSet<(String, String)>,
+    /// When this instance first saw each request (by uid), on its monotonic clock.
+    first_seen: BTreeMap<String, Instant>,
+}
+
+impl Memory {
+    fn keep_only(&mut self, items: &[Arc<VncConsoleRequest>]) {
+        let versions: BTreeSet<_> = items.iter().map(|r| version(r)).collect();
+        let uids: BTreeSet<&str> = versions.iter().map(|(u, _)| u.as_str()).collect();
+        self.done.retain(|v| versions.contains(v));
+        self.first_seen.retain(|uid, _| uids.contains(uid.as_str()));
+    }
+
+    fn seen_for(&mut self, uid: &str) -> Duration {
+        self.first_seen
+            .entry(uid.to_owned())
+            .or_insert_with(Instant::now)
+            .elapsed()
+    }
+}
+
+fn version(r: &VncConsoleRequest) -> (String, String) {
+    (
+        r.uid().unwrap_or_default(),
+        r.resource_version().unwrap_or_default(),
+    )
 }
 
 /// How a status write ended.

@@ -110,8 +110,11 @@ pub struct Retention {
     /// An issued request is deleted this long after its ticket expired; a refused one this
     /// long after the refusal (time enough for `vncd url` or `kubectl get` to read it).
     pub grace: Duration,
-    /// A request still unanswered this long after its creation is deleted, not answered:
-    /// whoever asked has given up (`vncd url` waits 30 s by default).
+    /// A request this instance has seen unanswered for this long is deleted, not answered:
+    /// whoever asked has given up (`vncd url` waits 30 s by default). Measured on this
+    /// instance's own clock from when it first saw the request, never against
+    /// `creationTimestamp`: a node clock minutes off the API server's must not make fresh
+    /// requests look stale.
     pub answer_window: Duration,
 }
 
@@ -178,8 +181,9 @@ pub fn mint_options(spec: &VncConsoleRequestSpec) -> MintOptions {
     }
 }
 
-/// Decides what the instance of `node` does with `req` at `now`; `here` tells what it knows
-/// of a session key.
+/// Decides what the instance of `node` does with `req` at `now` (this node's clock, the
+/// one the answer's times were written with), having seen it for `seen_for`; `here` tells
+/// what it knows of a session key.
 ///
 /// Only the instance of the session's node answers or refuses (others ignore the request);
 /// an answered request is deleted by the node that answered it, even if its session has
@@ -188,6 +192,7 @@ pub fn step(
     req: &VncConsoleRequest,
     node: &str,
     now: Timestamp,
+    seen_for: Duration,
     retention: Retention,
     here: impl Fn(&str) -> Here,
 ) -> Step {
@@ -208,8 +213,7 @@ pub fn step(
     if where_ == Here::Elsewhere {
         return Step::Nothing;
     }
-    let created = req.metadata.creation_timestamp.as_ref().map(|t| t.0);
-    if created.is_some_and(|c| now.duration_since(c).unsigned_abs() > retention.answer_window) {
+    if seen_for > retention.answer_window {
         return Step::Delete;
     }
     match where_ {
@@ -315,6 +319,10 @@ mod tests {
         Timestamp::from_second(1_800_000_000 + s).unwrap()
     }
 
+    fn secs(s: u64) -> Duration {
+        Duration::from_secs(s)
+    }
+
     fn req(ns: &str, session: &str) -> VncConsoleRequest {
         let mut r = VncConsoleRequest::new(
             "vm1-abcde",
@@ -344,7 +352,7 @@ mod tests {
     fn the_instance_serving_the_session_mints_and_every_other_ignores() {
         let r = req("ns", "vm1");
         let served = only("ns/vm1", Here::Served);
-        match step(&r, NODE, t(1), Retention::default(), &served) {
+        match step(&r, NODE, t(1), secs(1), Retention::default(), &served) {
             Step::Mint { key, opts } => {
                 assert_eq!(key, "ns/vm1");
                 assert_eq!(opts, MintOptions::default());
@@ -353,7 +361,7 @@ mod tests {
         }
         let elsewhere = |_: &str| Here::Elsewhere;
         assert_eq!(
-            step(&r, NODE, t(1), Retention::default(), elsewhere),
+            step(&r, NODE, t(1), secs(1), Retention::default(), elsewhere),
             Step::Nothing
         );
     }
@@ -365,7 +373,7 @@ mod tests {
         for (ns, session) in [("b", "vm1"), ("b", "a/vm1"), ("b", "../a/vm1")] {
             let r = req(ns, session);
             assert_eq!(
-                step(&r, NODE, t(1), Retention::default(), &served),
+                step(&r, NODE, t(1), secs(1), Retention::default(), &served),
                 Step::Nothing,
                 "{ns}: {session}"
             );
@@ -384,7 +392,7 @@ mod tests {
                 phase: Some(Phase::Pending),
             },
         );
-        match step(&r, NODE, t(1), Retention::default(), pending) {
+        match step(&r, NODE, t(1), secs(1), Retention::default(), pending) {
             Step::Refuse(f) => {
                 assert_eq!(f.reason, "SessionNotReady");
                 assert!(
@@ -405,7 +413,7 @@ mod tests {
             },
         );
         assert_eq!(
-            step(&r, NODE, t(1), Retention::default(), lagging),
+            step(&r, NODE, t(1), secs(1), Retention::default(), lagging),
             Step::Nothing
         );
     }
@@ -468,10 +476,13 @@ mod tests {
         let mut r = req("ns", "vm1");
         r.status = Some(issued(&url(1_800_000_030), NODE, t(0)));
         // Kept until expiry + grace, even though the session is gone meanwhile.
-        assert_eq!(step(&r, NODE, t(89), ret, gone), Step::Nothing);
-        assert_eq!(step(&r, NODE, t(90), ret, gone), Step::Delete);
+        assert_eq!(step(&r, NODE, t(89), secs(89), ret, gone), Step::Nothing);
+        assert_eq!(step(&r, NODE, t(90), secs(90), ret, gone), Step::Delete);
         // Another node's answer is that node's to delete.
-        assert_eq!(step(&r, "n2", t(1000), ret, gone), Step::Nothing);
+        assert_eq!(
+            step(&r, "n2", t(1000), secs(1000), ret, gone),
+            Step::Nothing
+        );
         // A refusal is kept for the grace after it was written.
         r.status = Some(refused(
             &Failure {
@@ -481,11 +492,11 @@ mod tests {
             NODE,
             t(10),
         ));
-        assert_eq!(step(&r, NODE, t(69), ret, gone), Step::Nothing);
-        assert_eq!(step(&r, NODE, t(70), ret, gone), Step::Delete);
+        assert_eq!(step(&r, NODE, t(69), secs(69), ret, gone), Step::Nothing);
+        assert_eq!(step(&r, NODE, t(70), secs(70), ret, gone), Step::Delete);
         // An answer is never minted again.
         let served = only("ns/vm1", Here::Served);
-        assert_eq!(step(&r, NODE, t(11), ret, served), Step::Nothing);
+        assert_eq!(step(&r, NODE, t(11), secs(11), ret, served), Step::Nothing);
     }
 
     #[test]
@@ -494,10 +505,19 @@ mod tests {
         let r = req("ns", "vm1");
         let served = only("ns/vm1", Here::Served);
         assert!(matches!(
-            step(&r, NODE, t(120), ret, &served),
+            step(&r, NODE, t(120), secs(120), ret, &served),
             Step::Mint { .. }
         ));
-        assert_eq!(step(&r, NODE, t(121), ret, &served), Step::Delete);
+        assert_eq!(
+            step(&r, NODE, t(121), secs(121), ret, &served),
+            Step::Delete
+        );
+        // A node clock an hour ahead of the API server's changes nothing: the window runs
+        // from when this instance first saw the request.
+        assert!(matches!(
+            step(&r, NODE, t(3600), secs(1), ret, &served),
+            Step::Mint { .. }
+        ));
         let waiting = only(
             "ns/vm1",
             Here::Assigned {
@@ -505,9 +525,14 @@ mod tests {
                 phase: Some(Phase::Ready),
             },
         );
-        assert_eq!(step(&r, NODE, t(121), ret, waiting), Step::Delete);
         assert_eq!(
-            step(&r, NODE, t(1000), ret, |_: &str| Here::Elsewhere),
+            step(&r, NODE, t(121), secs(121), ret, waiting),
+            Step::Delete
+        );
+        assert_eq!(
+            step(&r, NODE, t(1000), secs(1000), ret, |_: &str| {
+                Here::Elsewhere
+            }),
             Step::Nothing
         );
     }
