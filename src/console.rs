@@ -141,12 +141,11 @@ impl Minter {
         if ttl < Duration::from_secs(1) || ttl > MAX_TTL {
             return Err(MintError::Ttl(ttl));
         }
-        let t = ticket::mint(&self.lease_key(lease), ttl, now).map_err(|source| {
-            MintError::Ticket {
+        let t =
+            ticket::mint(&self.lease_key(lease), ttl, now).map_err(|source| MintError::Ticket {
                 session: lease.session.clone(),
                 source,
-            }
-        })?;
+            })?;
         Ok(ConsoleUrl {
             url: self.urls.url(lease.port, Some(&t.text)),
             expires_at: t.expires_at,
@@ -203,7 +202,11 @@ mod tests {
             web: false,
             tls: false,
         };
-        Minter::new(MasterKey::from_bytes([7; 32]), urls, Duration::from_secs(60))
+        Minter::new(
+            MasterKey::from_bytes([7; 32]),
+            urls,
+            Duration::from_secs(60),
+        )
     }
 
     fn ticket_of(url: &str) -> &str {

@@ -14,7 +14,7 @@ use clap::Args;
 
 use super::StateArgs;
 use super::serve::TICKET_KEY_FILE;
-use crate::console::{ConsoleUrl, Minter, MintError, MintOptions};
+use crate::console::{ConsoleUrl, MintError, MintOptions, Minter};
 use crate::runconfig::Recorded;
 use crate::store::file::{StateDir, read_state};
 use crate::ticket::MasterKey;

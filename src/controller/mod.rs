@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
-use crate::health::{PassClock, Synced};
 use crate::console::Consoles;
+use crate::health::{PassClock, Synced};
 use crate::metrics::Metrics;
 use crate::reconcile::{self, Limits};
 use crate::source::{Snapshot, Source};

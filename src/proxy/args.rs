@@ -48,7 +48,12 @@ pub struct ProxyArgs {
 
     /// Directory recording used tickets, one file each, so a ticket opens one connection
     /// even across a restart of this lease's proxy [default: in memory].
-    #[arg(long, env = "VNCD_PROXY_NONCE_DIR", value_name = "DIR", requires = "key_file")]
+    #[arg(
+        long,
+        env = "VNCD_PROXY_NONCE_DIR",
+        value_name = "DIR",
+        requires = "key_file"
+    )]
     pub nonce_dir: Option<PathBuf>,
 
     /// Allowed value of the Origin header of websocket upgrades (e.g. https://console.example).

@@ -568,7 +568,10 @@ async fn serve<S>(
 /// Uses up the ticket of an accepted upgrade: the last check, so only an upgrade that
 /// would otherwise succeed spends it. A replay (also of a ticket whose first connection
 /// is still open) is refused here.
-fn use_ticket(shared: &Shared, accept: upgrade::Accept) -> Result<upgrade::Accept, upgrade::Reject> {
+fn use_ticket(
+    shared: &Shared,
+    accept: upgrade::Accept,
+) -> Result<upgrade::Accept, upgrade::Reject> {
     match (&shared.tickets, &accept.ticket) {
         (Some(t), Some(v)) => match t.consume(v) {
             Ok(()) => Ok(accept),

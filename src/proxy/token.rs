@@ -176,8 +176,8 @@ mod tests {
         std::fs::create_dir(dir.path().join("n")).unwrap();
         let t = Tickets::load(&f, Some(&dir.path().join("n"))).unwrap();
         assert_eq!(format!("{t:?}"), "Tickets(<key redacted>)");
-        let minted = ticket::mint(&key, std::time::Duration::from_secs(60), ticket::unix_now())
-            .unwrap();
+        let minted =
+            ticket::mint(&key, std::time::Duration::from_secs(60), ticket::unix_now()).unwrap();
         let v = t.verify(minted.text.as_bytes()).unwrap();
         t.consume(&v).unwrap();
         assert!(matches!(t.consume(&v), Err(TicketError::Replayed)));

@@ -165,12 +165,7 @@ impl KubeStatusStore {
         }
     }
 
-    async fn put(
-        &self,
-        lease: &Lease,
-        new: bool,
-        expiry: &ExpiryOp,
-    ) -> Result<(), Failure> {
+    async fn put(&self, lease: &Lease, new: bool, expiry: &ExpiryOp) -> Result<(), Failure> {
         let key = &lease.session;
         let Some(known) = self.objects.get(key) else {
             return Err(Failure::Stale(format!("{key} is no longer known")));
@@ -401,7 +396,6 @@ impl LeaseStore for KubeStatusStore {
                 );
             }
         }
-        let mut found = found;
         // Oldest lease first, so of two objects claiming one port the first keeps it.
         found.sort_by(|a, b| (a.allocated_at, &a.session).cmp(&(b.allocated_at, &b.session)));
         // Leases of objects that left this node's list while we held them: keep them
