@@ -497,8 +497,11 @@ async fn apply_wait_prints_the_url_and_delete_wait_returns_after_release() {
         stdout.contains(&format!("ws://127.0.0.1:{}/", v.range.1)),
         "{stdout}"
     );
+    // A fresh console URL with its ticket, which opens the console once.
     let url = stdout.lines().last().unwrap().trim().to_owned();
+    assert!(url.contains("?token=v1."), "{url}");
     assert_eq!(rfb_banner(&url).await, b"RFB 003.008\n");
+    assert!(try_banner(&url).await.is_err(), "the ticket of apply --wait opened twice");
     let pid = pid_of(&v.item("vm9").unwrap()["status"]);
     let out = v.cmd(&[
         "delete",
