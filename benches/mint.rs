@@ -143,13 +143,23 @@ fn main() {
         assert!(http(http_port, post).contains("token=v1."));
     });
 
-    println!("\nMinting a console URL (standalone), {n} samples per way ({} in process)\n", n * 10);
+    println!(
+        "\nMinting a console URL (standalone), {n} samples per way ({} in process)\n",
+        n * 10
+    );
     println!("| way | p50 | p99 | p50 vs the alternative |");
     println!("| --- | --- | --- | --- |");
     row("`Minter::mint` in process", &in_process, None);
-    row("`vncd get vm1 -o json` (before tickets: read the URL)", &cli_get, None);
+    row(
+        "`vncd get vm1 -o json` (before tickets: read the URL)",
+        &cli_get,
+        None,
+    );
     row("`vncd url vm1` (mint)", &cli_url, Some(&cli_get));
     row("`GET /v1/sessions`", &http_get, None);
-    row("`POST /v1/sessions/vm1/url` (mint)", &http_post, Some(&http_get));
-
+    row(
+        "`POST /v1/sessions/vm1/url` (mint)",
+        &http_post,
+        Some(&http_get),
+    );
 }

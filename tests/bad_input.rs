@@ -1637,8 +1637,8 @@ async fn bad_http_requests_get_errors_and_the_proxy_keeps_serving() {
         // An accepted upgrade spends its ticket: a fresh one each time.
         let fresh = format!("/websockify?token={}", ticket_of(v.url("good")));
         s.write_all(&upgrade(&fresh, "Sec-WebSocket-Protocol: binary\r\n", &[]))
-        .await
-        .unwrap();
+            .await
+            .unwrap();
         let mut head = vec![0u8; 512];
         let n = s.read(&mut head).await.unwrap();
         assert!(String::from_utf8_lossy(&head[..n]).starts_with("HTTP/1.1 101 "));

@@ -399,10 +399,7 @@ async fn malformed_requests_to_the_api_get_an_error_and_disturb_nothing() {
     let after = v.wait_ready("vm1");
     assert!(before["pid"].is_i64(), "{before}");
     assert_eq!(after["pid"], before["pid"], "the proxy was not disturbed");
-    assert_eq!(
-        rfb_banner(&v.console_url(&after)).await,
-        b"RFB 003.008\n"
-    );
+    assert_eq!(rfb_banner(&v.console_url(&after)).await, b"RFB 003.008\n");
     assert!(!v.log().contains("panicked"), "vncd panicked:\n{}", v.log());
 }
 

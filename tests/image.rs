@@ -242,8 +242,8 @@ async fn urls(api: &Api<VncSession>, state: &Path) -> BTreeMap<String, (i64, Str
             &format!("{}/{}", o.namespace().unwrap(), o.name_any()),
             st.lease_uid.as_deref().unwrap(),
         );
-        let t = vncd::ticket::mint(&key, Duration::from_secs(60), vncd::ticket::unix_now())
-            .unwrap();
+        let t =
+            vncd::ticket::mint(&key, Duration::from_secs(60), vncd::ticket::unix_now()).unwrap();
         let url = format!("{}?token={}", st.url.unwrap(), t.text);
         out.insert(o.name_any(), (i64::from(st.port.unwrap()), url));
     }
@@ -572,7 +572,9 @@ async fn the_image_serves_sessions_as_the_chart_runs_it_and_a_new_container_serv
     }
     wait_ready(&api, 2, "second container", || podman.logs(&second)).await;
     let ports = |m: &BTreeMap<String, (i64, String)>| {
-        m.iter().map(|(n, (p, _))| (n.clone(), *p)).collect::<Vec<_>>()
+        m.iter()
+            .map(|(n, (p, _))| (n.clone(), *p))
+            .collect::<Vec<_>>()
     };
     assert_eq!(
         ports(&urls(&api, &second_state).await),

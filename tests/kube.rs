@@ -340,7 +340,10 @@ async fn kill_9_and_restart_adopts_every_proxy_with_no_lease_lost_and_clients_co
     // A ticket minted before the kill opens the console after the restart, and the
     // one already used stays used.
     assert_eq!(rfb_banner(&unused).await, b"RFB 003.008\n");
-    assert!(try_banner(&url0).await.is_err(), "a used ticket opened again");
+    assert!(
+        try_banner(&url0).await.is_err(),
+        "a used ticket opened again"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1012,10 +1015,7 @@ async fn a_tenant_cannot_point_a_session_at_the_nodes_other_services() {
     }
     // The good session's port never carried a refused target: its proxy is the only one.
     let good = items.iter().find(|o| o.name_any() == "good").unwrap();
-    assert_eq!(
-        rfb_banner(&console_url(&v, good)).await,
-        b"RFB 003.008\n"
-    );
+    assert_eq!(rfb_banner(&console_url(&v, good)).await, b"RFB 003.008\n");
 
     // Retargeting a served session at the kubelet takes its port and proxy away.
     let pid = status(good).pid.unwrap();

@@ -447,8 +447,9 @@ async fn a_bad_ticket_is_refused_before_the_target_is_contacted() {
     let summaries: Vec<&str> = log.lines().filter(|l| l.contains("refused ")).collect();
     assert_eq!(summaries.len(), 1, "one summary line: {log}");
     assert!(
-        summaries[0]
-            .contains("refused 7 connections in the last 1s: 403 missing or invalid console ticket x7"),
+        summaries[0].contains(
+            "refused 7 connections in the last 1s: 403 missing or invalid console ticket x7"
+        ),
         "{log}"
     );
     // Accepted sessions are still logged one by one, inside their connection's span.

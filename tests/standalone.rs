@@ -497,8 +497,11 @@ async fn apply_wait_prints_the_url_and_delete_wait_returns_after_release() {
         stdout.contains(&format!("ws://127.0.0.1:{}/", v.range.1)),
         "{stdout}"
     );
+    // A fresh console URL with its ticket, which opens the console once.
     let url = stdout.lines().last().unwrap().trim().to_owned();
+    assert!(url.contains("?token=v1."), "{url}");
     assert_eq!(rfb_banner(&url).await, b"RFB 003.008\n");
+    assert!(try_banner(&url).await.is_err(), "the ticket of apply --wait opened twice");
     let pid = pid_of(&v.item("vm9").unwrap()["status"]);
     let out = v.cmd(&[
         "delete",
@@ -659,7 +662,13 @@ async fn a_console_ticket_opens_one_connection_and_nothing_else_does() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = v.cmd(&["url", "vm1", "--view-only", "--state-dir", v.state.to_str().unwrap()]);
+    let out = v.cmd(&[
+        "url",
+        "vm1",
+        "--view-only",
+        "--state-dir",
+        v.state.to_str().unwrap(),
+    ]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("not supported yet"));
 }
 
@@ -681,11 +690,26 @@ async fn an_expired_ticket_is_refused_but_a_connection_opened_before_stays_up() 
     assert!(got.is_err(), "an expired ticket was let through: {got:?}");
     // The connection opened in time still works: the VNC handshake completes now.
     let (w, h) = open.handshake().await;
-    assert!(w > 0 && h > 0, "ServerInit {w}x{h} after the ticket expired");
+    assert!(
+        w > 0 && h > 0,
+        "ServerInit {w}x{h} after the ticket expired"
+    );
     // A longer TTL asked for explicitly is honoured.
-    let out = v.cmd(&["url", "vm1", "--ttl", "30", "--json", "--state-dir", v.state.to_str().unwrap()]);
+    let out = v.cmd(&[
+        "url",
+        "vm1",
+        "--ttl",
+        "30",
+        "--json",
+        "--state-dir",
+        v.state.to_str().unwrap(),
+    ]);
     let j: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let expires = j["expiresAt"].as_str().unwrap().parse::<jiff::Timestamp>().unwrap();
+    let expires = j["expiresAt"]
+        .as_str()
+        .unwrap()
+        .parse::<jiff::Timestamp>()
+        .unwrap();
     let left = expires.as_second() - jiff::Timestamp::now().as_second();
     assert!((28..=31).contains(&left), "{j}");
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -951,11 +975,7 @@ async fn proxy_user_case(backend: &str) {
         assert!(!nobody_can_read(&p), "the proxy user can read {f}");
     }
     let token_file = v.state.join("keys/vm1.key");
-    assert_eq!(
-        nobody_can_read(&token_file),
-        !builtin,
-        "{backend} key file"
-    );
+    assert_eq!(nobody_can_read(&token_file), !builtin, "{backend} key file");
     // Neither can read the master key, from which every lease key derives.
     assert!(!nobody_can_read(&v.state.join("ticket.key")));
     let mode = std::fs::metadata(&token_file).unwrap().permissions().mode() & 0o777;
@@ -1072,7 +1092,11 @@ async fn websockify_log_lines_reach_statuses_without_tokens_and_list_no_director
             },
         );
         let log = std::fs::read_to_string(&log_path).unwrap();
-        let last = log.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or_default();
+        let last = log
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or_default();
         quoted |= last.contains(&token);
         tickets.push(token);
         let pid = pid_of(&st);

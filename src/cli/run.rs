@@ -12,8 +12,8 @@ use tracing::info;
 use super::serve::{ServeArgs, seconds, shutdown_signal};
 use super::{SessionsArgs, StateArgs, runtime};
 use crate::console::Consoles;
-use crate::http::console::{BearerToken, ConsoleApi};
 use crate::controller::Controller;
+use crate::http::console::{BearerToken, ConsoleApi};
 use crate::http::{AppState, Health};
 use crate::metrics::Metrics;
 use crate::source::dir::DirSource;
@@ -43,7 +43,12 @@ pub struct RunArgs {
     /// Also serve `POST /v1/sessions/NAME/url` on --http, which mints console URLs for
     /// callers that send `Authorization: Bearer TOKEN`, TOKEN being this file's content
     /// (mode 0600; e.g. `openssl rand -hex 32`) [default: the route does not exist].
-    #[arg(long, env = "VNCD_HTTP_TOKEN_FILE", value_name = "FILE", requires = "http")]
+    #[arg(
+        long,
+        env = "VNCD_HTTP_TOKEN_FILE",
+        value_name = "FILE",
+        requires = "http"
+    )]
     pub http_token_file: Option<PathBuf>,
 }
 

@@ -119,7 +119,12 @@ fn error(status: StatusCode, message: &str) -> Response {
 /// `?ttl=SECONDS`, the only query parameter.
 fn options(uri: &Uri) -> Result<MintOptions, String> {
     let mut opts = MintOptions::default();
-    for kv in uri.query().unwrap_or_default().split('&').filter(|s| !s.is_empty()) {
+    for kv in uri
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .filter(|s| !s.is_empty())
+    {
         match kv.split_once('=') {
             Some(("ttl", v)) => {
                 let secs: u64 = v
@@ -169,10 +174,7 @@ pub(super) async fn mint_url(
             if known {
                 error(StatusCode::CONFLICT, &e.to_string())
             } else {
-                error(
-                    StatusCode::NOT_FOUND,
-                    &MintError::Unknown(name).to_string(),
-                )
+                error(StatusCode::NOT_FOUND, &MintError::Unknown(name).to_string())
             }
         }
         Err(e @ (MintError::Ttl(_) | MintError::ViewOnlyUnsupported)) => {

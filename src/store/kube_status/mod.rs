@@ -396,7 +396,6 @@ impl LeaseStore for KubeStatusStore {
                 );
             }
         }
-        let mut found = found;
         // Oldest lease first, so of two objects claiming one port the first keeps it.
         found.sort_by(|a, b| (a.allocated_at, &a.session).cmp(&(b.allocated_at, &b.session)));
         // Leases of objects that left this node's list while we held them: keep them
