@@ -133,11 +133,11 @@ fn main() {
         let out = v.cmd(&["url", "vm1", "--state-dir", &state]);
         assert!(out.status.success());
     });
-    let get = format!("GET /v1/sessions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let get = "GET /v1/sessions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
     let post = "POST /v1/sessions/vm1/url HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \
                 bench-token-0123456789abcdef\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
     let http_get = measure(n, || {
-        http(http_port, &get);
+        http(http_port, get);
     });
     let http_post = measure(n, || {
         assert!(http(http_port, post).contains("token=v1."));

@@ -1164,7 +1164,7 @@ impl Chaos {
             }
             let port = st["port"].as_u64().unwrap_or(0) as u16;
             let pid = st["pid"].as_i64().unwrap_or(0);
-            let token = lease_of(&st);
+            let token = lease_of(st);
             let target = format!("127.0.0.1:{}", self.qemu[self.live[name]].port);
             if port != lease.port || Some(pid) != lease.pid || token != lease.uid {
                 return Err(format!(

@@ -501,7 +501,10 @@ async fn apply_wait_prints_the_url_and_delete_wait_returns_after_release() {
     let url = stdout.lines().last().unwrap().trim().to_owned();
     assert!(url.contains("?token=v1."), "{url}");
     assert_eq!(rfb_banner(&url).await, b"RFB 003.008\n");
-    assert!(try_banner(&url).await.is_err(), "the ticket of apply --wait opened twice");
+    assert!(
+        try_banner(&url).await.is_err(),
+        "the ticket of apply --wait opened twice"
+    );
     let pid = pid_of(&v.item("vm9").unwrap()["status"]);
     let out = v.cmd(&[
         "delete",
