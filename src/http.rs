@@ -214,28 +214,25 @@ async fn not_found() -> Response {
     )
 }
 
-async fn method_not_allowed() -> Response {
+/// 405 naming the methods `allow`ed.
+fn not_allowed(allow: &'static str, why: &'static str) -> Response {
     (
         StatusCode::METHOD_NOT_ALLOWED,
         [
-            (header::ALLOW, "GET, HEAD"),
+            (header::ALLOW, allow),
             (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
         ],
-        "method not allowed: only GET and HEAD\n",
+        why,
     )
         .into_response()
 }
 
+async fn method_not_allowed() -> Response {
+    not_allowed("GET, HEAD", "method not allowed: only GET and HEAD\n")
+}
+
 async fn post_only() -> Response {
-    (
-        StatusCode::METHOD_NOT_ALLOWED,
-        [
-            (header::ALLOW, "POST"),
-            (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
-        ],
-        "method not allowed: only POST mints a URL\n",
-    )
-        .into_response()
+    not_allowed("POST", "method not allowed: only POST mints a URL\n")
 }
 
 /// GET (and HEAD) only, with a clear 405 for anything else.

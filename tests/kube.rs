@@ -698,14 +698,7 @@ async fn the_charts_arguments_and_rbac_are_enough_to_serve_a_node() {
     // The chart's own ServiceAccount and RBAC, applied for real.
     c.apply_chart_rbac(ns, &values);
     let kubeconfig = v.tmp.path().join("sa.kubeconfig");
-    c.user_kubeconfig(
-        &format!("system:serviceaccount:{ns}:vncd"),
-        &[
-            "system:serviceaccounts",
-            &format!("system:serviceaccounts:{ns}"),
-        ],
-        &kubeconfig,
-    );
+    c.service_account_cert_kubeconfig(ns, "vncd", &kubeconfig);
 
     // The DaemonSet's container arguments, with the downward-API variables the kubelet
     // would expand. The chart binds --http on 0.0.0.0; tests stay on loopback.

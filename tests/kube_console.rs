@@ -42,14 +42,7 @@ fn start_as_chart(ns: &str, node: &str) -> (Qemu, KubeVncd) {
     v.extra
         .extend(["--console-request-grace".into(), "1".into()]);
     let kubeconfig = v.tmp.path().join("sa.kubeconfig");
-    c.user_kubeconfig(
-        &format!("system:serviceaccount:{ns}:vncd"),
-        &[
-            "system:serviceaccounts",
-            &format!("system:serviceaccounts:{ns}"),
-        ],
-        &kubeconfig,
-    );
+    c.service_account_cert_kubeconfig(ns, "vncd", &kubeconfig);
     v.start_with(v.args(), &kubeconfig, &[]);
     (qemu, v)
 }

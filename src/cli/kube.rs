@@ -285,13 +285,17 @@ async fn serve(args: KubeArgs, setup: Setup) -> anyhow::Result<ExitCode> {
     };
     let result = controller.run(shutdown).await;
     c.health.set_leader(false);
-    log_totals(&writer, &events, &watch_stats);
-    info!(
-        answers = console_counts.answers.load(Ordering::Relaxed),
-        deletes = console_counts.deletes.load(Ordering::Relaxed),
-        "console requests"
-    );
+    log_totals(&writer, &events, &watch_stats, &console_counts);
     result?;
+    hand_over(lost, held).await
+}
+
+/// After the controller stopped: an error if the node lease was lost (another instance may
+/// serve the node already), else the lease is released so a successor takes over at once.
+async fn hand_over(
+    lost: Option<String>,
+    held: crate::k8s::node_lease::HeldLease,
+) -> anyhow::Result<ExitCode> {
     match lost {
         Some(why) => {
             error!(reason = %why, "lost the node lease");
@@ -365,13 +369,21 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// The exit log: what this instance wrote and what its watch delivered.
-fn log_totals(writer: &Writer, events: &Events, watch_stats: &crate::source::kube::WatchStats) {
+/// The exit log: what this instance wrote, what its watch delivered and how many console
+/// requests it answered and collected.
+fn log_totals(
+    writer: &Writer,
+    events: &Events,
+    watch_stats: &crate::source::kube::WatchStats,
+    consoles: &crate::k8s::console::ResponderCounts,
+) {
     let (status_writes, finalizer_writes, conflicts) = writer.counts().summary();
     info!(
         status_writes,
         finalizer_writes,
         conflicts,
+        console_answers = consoles.answers.load(Ordering::Relaxed),
+        console_deletes = consoles.deletes.load(Ordering::Relaxed),
         events = events.published(),
         watch_events = watch_stats.events.load(Ordering::Relaxed),
         watch_objects = watch_stats.distinct.load(Ordering::Relaxed),

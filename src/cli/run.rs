@@ -79,13 +79,11 @@ fn record_config(
     Ok(())
 }
 
-pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    // A bad token file is the caller's mistake: say so before touching any state.
-    let bearer = args
-        .http_token_file
-        .as_deref()
-        .map(BearerToken::load)
-        .transpose()?;
+/// The state directory, created and checked, with the proxies' owner marker (its
+/// canonical path) and the controller lock that makes this the only `vncd run` on it.
+fn claim_state(
+    args: &RunArgs,
+) -> anyhow::Result<(crate::store::file::StateDir, String, LockGuard)> {
     let state = args.state.dir();
     state.create()?;
     let owner = std::fs::canonicalize(state.root())
@@ -97,11 +95,21 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         })?
         .display()
         .to_string();
-    let lock_timeout = args.lock_timeout;
-    let mut lock = LockGuard::acquire(&state.controller_lock(), lock_timeout)?;
+    let mut lock = LockGuard::acquire(&state.controller_lock(), args.lock_timeout)?;
     lock.record_pid()
         .with_context(|| format!("cannot write {}", state.controller_lock().display()))?;
+    Ok((state, owner, lock))
+}
 
+pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    // A bad token file is the caller's mistake: say so before touching any state.
+    let bearer = args
+        .http_token_file
+        .as_deref()
+        .map(BearerToken::load)
+        .transpose()?;
+    let (state, owner, lock) = claim_state(&args)?;
+    let lock_timeout = args.lock_timeout;
     let config = args.serve.loop_config()?;
     let minter = args.serve.minter(state.root())?;
     let consoles = Consoles::default();

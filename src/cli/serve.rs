@@ -218,6 +218,31 @@ impl ServeArgs {
 
     /// The supervisor: proxies marked with `owner`, logging under `log_dir` (in the
     /// state directory), admitting clients with tickets from `minter`.
+    /// The websockify backend, with vncd's ticket plugin written to `STATE/websockify/`.
+    fn websockify(&self, tls: Option<Tls>, log_dir: &Path) -> anyhow::Result<Websockify> {
+        anyhow::ensure!(
+            self.origins.is_empty(),
+            "--origin needs the builtin backend; websockify has no Origin allowlist"
+        );
+        let program = resolve_program(&self.websockify)?;
+        if self.web.is_some() && !crate::supervisor::websockify::supports_file_only(&program) {
+            tracing::warn!(
+                websockify = %program.display(),
+                "this websockify has no --file-only (it is older than 0.11): it lists \
+                 the directories under --web; upgrade it or use --backend builtin"
+            );
+        }
+        let state = log_dir.parent().unwrap_or(log_dir);
+        let plugin = state.join("websockify");
+        let plugin_dir = install_plugin(&plugin)
+            .with_context(|| format!("cannot install the ticket plugin in {}", plugin.display()))?;
+        Ok(Websockify {
+            program,
+            tls,
+            plugin_dir: Some(plugin_dir),
+        })
+    }
+
     pub fn supervisor(
         &self,
         owner: String,
@@ -231,32 +256,7 @@ impl ServeArgs {
                 tls,
                 self.origins.clone(),
             )),
-            BackendKind::Websockify => {
-                anyhow::ensure!(
-                    self.origins.is_empty(),
-                    "--origin needs the builtin backend; websockify has no Origin allowlist"
-                );
-                let program = resolve_program(&self.websockify)?;
-                if self.web.is_some()
-                    && !crate::supervisor::websockify::supports_file_only(&program)
-                {
-                    tracing::warn!(
-                        websockify = %program.display(),
-                        "this websockify has no --file-only (it is older than 0.11): it lists \
-                         the directories under --web; upgrade it or use --backend builtin"
-                    );
-                }
-                let state = log_dir.parent().unwrap_or(log_dir);
-                let plugin = state.join("websockify");
-                let plugin_dir = install_plugin(&plugin).with_context(|| {
-                    format!("cannot install the ticket plugin in {}", plugin.display())
-                })?;
-                Box::new(Websockify {
-                    program,
-                    tls,
-                    plugin_dir: Some(plugin_dir),
-                })
-            }
+            BackendKind::Websockify => Box::new(self.websockify(tls, log_dir)?),
         };
         let web = match &self.web {
             Some(web) => {
@@ -265,7 +265,7 @@ impl ServeArgs {
             }
             None => None,
         };
-        // Fail at start, not at the first lease, if no token can be made.
+        // Fail at start, not at the first lease, if no lease id or key can be made.
         crate::lease::check_rng()?;
         let mut supervisor = Supervisor::new(
             owner,

@@ -245,6 +245,20 @@ impl Cluster {
 impl Cluster {
     /// A kubeconfig for the ServiceAccount `sa` in `ns` (created if missing), with a
     /// bearer token from the TokenRequest API, as a CI job or in-cluster client would use.
+    /// A client-certificate kubeconfig that authenticates as ServiceAccount `ns/sa` (the
+    /// user name and groups the API server gives that ServiceAccount), written to `out`:
+    /// how a pod running as it reaches the API, without minting a token.
+    pub fn service_account_cert_kubeconfig(&self, ns: &str, sa: &str, out: &Path) {
+        self.user_kubeconfig(
+            &format!("system:serviceaccount:{ns}:{sa}"),
+            &[
+                "system:serviceaccounts",
+                &format!("system:serviceaccounts:{ns}"),
+            ],
+            out,
+        );
+    }
+
     pub fn service_account_kubeconfig(&self, ns: &str, sa: &str, out: &Path) {
         let _ = self.kubectl(&["create", "serviceaccount", sa, "-n", ns]);
         let token = self.kubectl_ok(&["create", "token", sa, "-n", ns, "--duration", "1h"]);
