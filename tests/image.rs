@@ -507,13 +507,41 @@ async fn the_image_serves_sessions_as_the_chart_runs_it_and_a_new_container_serv
         s("127.0.0.1:1"),
         s("--target"),
         s("127.0.0.1:1"),
-        s("--token-file"),
+        s("--key-file"),
         s("/var/run/secrets/kubernetes.io/serviceaccount/token"),
     ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        !out.status.success() && err.contains("cannot read token file"),
+        !out.status.success() && err.contains("cannot read ticket key file"),
         "the proxy user could read the ServiceAccount token: {err}"
+    );
+    // Nor the node's ticket master key, from which every console's key derives.
+    let state_mount = container
+        .volume_mounts
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .find(|m| !m.mount_path.contains("serviceaccount"))
+        .expect("the state volume")
+        .mount_path;
+    let master = format!("{state_mount}/ticket.key");
+    let out = podman.run(&[
+        s("exec"),
+        s("--user"),
+        s("65534:65534"),
+        first.clone(),
+        s("/usr/bin/vncd-proxy"),
+        s("--listen"),
+        s("127.0.0.1:1"),
+        s("--target"),
+        s("127.0.0.1:1"),
+        s("--key-file"),
+        master.clone(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("cannot read ticket key file"),
+        "the proxy user could read the master key {master}: {err}"
     );
     let top = podman.ok(&[s("top"), first.clone(), s("user"), s("args")]);
     let proxies: Vec<&str> = top.lines().filter(|l| l.contains("vncd-proxy")).collect();
