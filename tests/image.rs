@@ -495,27 +495,10 @@ async fn the_image_serves_sessions_as_the_chart_runs_it_and_a_new_container_serv
         "vncd's capability bounding set: {}",
         field("CapBnd:")
     );
-    // A proxy's user cannot read the ServiceAccount token (vncd, root, read it to get
-    // this far): vncd-proxy, run as that user in the container, fails to load it.
-    let out = podman.run(&[
-        s("exec"),
-        s("--user"),
-        s("65534:65534"),
-        first.clone(),
-        s("/usr/bin/vncd-proxy"),
-        s("--listen"),
-        s("127.0.0.1:1"),
-        s("--target"),
-        s("127.0.0.1:1"),
-        s("--key-file"),
-        s("/var/run/secrets/kubernetes.io/serviceaccount/token"),
-    ]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("cannot read ticket key file"),
-        "the proxy user could read the ServiceAccount token: {err}"
-    );
-    // Nor the node's ticket master key, from which every console's key derives.
+    // What a proxy's user cannot read, shown by vncd-proxy run as that user in the
+    // container failing to load it as its key file: the ServiceAccount token (vncd, root,
+    // read it to get this far) and the node's ticket master key, from which every
+    // console's key derives.
     let state_mount = container
         .volume_mounts
         .clone()
@@ -524,25 +507,29 @@ async fn the_image_serves_sessions_as_the_chart_runs_it_and_a_new_container_serv
         .find(|m| !m.mount_path.contains("serviceaccount"))
         .expect("the state volume")
         .mount_path;
-    let master = format!("{state_mount}/ticket.key");
-    let out = podman.run(&[
-        s("exec"),
-        s("--user"),
-        s("65534:65534"),
-        first.clone(),
-        s("/usr/bin/vncd-proxy"),
-        s("--listen"),
-        s("127.0.0.1:1"),
-        s("--target"),
-        s("127.0.0.1:1"),
-        s("--key-file"),
-        master.clone(),
-    ]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("cannot read ticket key file"),
-        "the proxy user could read the master key {master}: {err}"
-    );
+    for secret in [
+        "/var/run/secrets/kubernetes.io/serviceaccount/token".to_owned(),
+        format!("{state_mount}/ticket.key"),
+    ] {
+        let out = podman.run(&[
+            s("exec"),
+            s("--user"),
+            s("65534:65534"),
+            first.clone(),
+            s("/usr/bin/vncd-proxy"),
+            s("--listen"),
+            s("127.0.0.1:1"),
+            s("--target"),
+            s("127.0.0.1:1"),
+            s("--key-file"),
+            secret.clone(),
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("cannot read ticket key file"),
+            "the proxy user could read {secret}: {err}"
+        );
+    }
     let top = podman.ok(&[s("top"), first.clone(), s("user"), s("args")]);
     let proxies: Vec<&str> = top.lines().filter(|l| l.contains("vncd-proxy")).collect();
     assert_eq!(proxies.len(), 2, "{top}");

@@ -59,8 +59,7 @@ pub fn url(args: UrlArgs) -> anyhow::Result<ExitCode> {
         super::url_kube::mint_kube(&super::url_kube::KubeAsk {
             name: args.name.clone(),
             namespace: args.namespace.clone(),
-            ttl: args.ttl,
-            view_only: args.view_only,
+            opts,
             wait: args.wait,
         })
     } else {

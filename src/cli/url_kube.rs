@@ -24,9 +24,8 @@ pub struct KubeAsk {
     pub name: String,
     /// None: the kubeconfig context's namespace.
     pub namespace: Option<String>,
-    /// None: the serving vncd's --ticket-ttl.
-    pub ttl: Option<Duration>,
-    pub view_only: bool,
+    /// TTL (None: the serving vncd's --ticket-ttl) and view-only, as standalone.
+    pub opts: crate::console::MintOptions,
     /// How long to wait for vncd's answer.
     pub wait: Duration,
 }
@@ -106,10 +105,10 @@ async fn ask_api(args: &KubeAsk) -> Result<ConsoleUrl, UrlError> {
         VncConsoleRequestSpec {
             session: session.clone(),
             // Whole seconds, rounded up: a fraction never shortens what was asked for.
-            ttl_seconds: args.ttl.map(|d| {
+            ttl_seconds: args.opts.ttl.map(|d| {
                 i64::try_from(d.as_secs() + u64::from(d.subsec_nanos() > 0)).unwrap_or(i64::MAX)
             }),
-            view_only: args.view_only.then_some(true),
+            view_only: args.opts.view_only.then_some(true),
         },
     );
     req.metadata.name = None;

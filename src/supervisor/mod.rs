@@ -487,16 +487,7 @@ impl Supervisor {
             // websockify re-reads the file by path: it must own it (still 0600) and
             // reach it (search permission on keys/ and, in Kubernetes mode, on the
             // namespace directory below it).
-            Some(u) => {
-                u.give(&path).map_err(token_err)?;
-                let tokens = self.key_dir();
-                for dir in path.ancestors().skip(1) {
-                    if !dir.starts_with(&tokens) {
-                        break;
-                    }
-                    add_search_permission(dir).map_err(token_err)?;
-                }
-            }
+            Some(u) => hand_to(u, &path, &self.key_dir()).map_err(token_err)?,
             None => {}
         }
         spec.key_file = Some(path.clone());
@@ -524,13 +515,7 @@ impl Supervisor {
             .create(&dir)
             .map_err(err)?;
         if let Some(u) = &self.proxy_user {
-            u.give(&dir).map_err(err)?;
-            for d in dir.ancestors().skip(1) {
-                if !d.starts_with(&root) {
-                    break;
-                }
-                add_search_permission(d).map_err(err)?;
-            }
+            hand_to(u, &dir, &root).map_err(err)?;
         }
         spec.nonces = Some(dir);
         Ok(())
@@ -714,7 +699,7 @@ impl Supervisor {
     /// websockify logs request lines, `GET /websockify?token=...` included.
     pub fn last_log_line(&self, session: &str) -> Option<String> {
         let line = last_line(&self.log_dir.join(format!("{session}.log")))?;
-        Some(redact::tokens(&line, None))
+        Some(redact::tokens(&line))
     }
 }
 
@@ -996,6 +981,20 @@ fn truncate_if_over(path: &Path, max: u64) -> std::io::Result<()> {
             "[vncd: log truncated, it grew past {max} bytes at {}]",
             jiff::Timestamp::now()
         )?;
+    }
+    Ok(())
+}
+
+/// Gives `path` (a key file, a nonce directory) to the proxy user and makes it reachable:
+/// search permission on every directory between it and `root` (`keys/` or `nonces/`, and
+/// in Kubernetes mode the namespace directory below).
+fn hand_to(user: &ProxyUser, path: &Path, root: &Path) -> std::io::Result<()> {
+    user.give(path)?;
+    for dir in path.ancestors().skip(1) {
+        if !dir.starts_with(root) {
+            break;
+        }
+        add_search_permission(dir)?;
     }
     Ok(())
 }
