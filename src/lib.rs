@@ -27,4 +27,5 @@ pub mod source;
 pub mod status;
 pub mod store;
 pub mod supervisor;
+pub mod task;
 pub mod ticket;

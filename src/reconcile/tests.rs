@@ -142,7 +142,7 @@ impl Sim {
 
     fn apply(&mut self, action: &Action) {
         match action {
-            Action::Lease { session, port } => {
+            Action::Lease(LeaseOp::Lease { session, port }) => {
                 assert!(
                     !self.leases.contains_key(session),
                     "double lease for {session}"
@@ -162,7 +162,7 @@ impl Sim {
                 let lease = Lease::new(session, *port, target, at);
                 self.leases.insert(session.clone(), lease);
             }
-            Action::Release { session, port } => {
+            Action::Lease(LeaseOp::Release { session, port }) => {
                 assert!(
                     !self.procs.contains_key(session),
                     "released {session} with a live proxy"
@@ -173,11 +173,11 @@ impl Sim {
                     .expect("release of a missing lease");
                 assert_eq!(l.port, *port);
             }
-            Action::Retarget { session, target } => {
+            Action::Lease(LeaseOp::Retarget { session, target }) => {
                 assert!(!self.procs.contains_key(session));
                 self.leases.get_mut(session).expect("lease").target = target.clone();
             }
-            Action::Record { session, process } => {
+            Action::Lease(LeaseOp::Record { session, process }) => {
                 assert_eq!(self.procs[session].0, *process);
                 self.leases.get_mut(session).expect("lease").process = Some(*process);
             }
@@ -204,33 +204,33 @@ impl Sim {
                 self.procs.insert(session.clone(), (p, false, self.now));
                 self.leases.get_mut(session).expect("lease").process = Some(p);
             }
-            Action::Stop {
+            Action::Stop(StopOp::Session {
                 session, process, ..
-            } => {
+            }) => {
                 let (p, ..) = self.procs.remove(session).expect("stop of a missing proxy");
                 assert_eq!(p, *process, "stopped a process that is not the session's");
             }
-            Action::Expire {
+            Action::Lease(LeaseOp::Expire {
                 session,
                 generation,
                 reason,
                 message,
-            } => {
+            }) => {
                 let expiry = crate::lease::Expiry {
                     generation: *generation,
-                    reason: (*reason).to_owned(),
+                    reason: reason.as_str().to_owned(),
                     message: message.clone(),
                     at: Timestamp::UNIX_EPOCH,
                 };
                 self.expired.insert(session.clone(), expiry);
             }
-            Action::Unexpire { session } => {
+            Action::Lease(LeaseOp::Unexpire { session }) => {
                 assert!(
                     self.expired.remove(session).is_some(),
                     "unexpire of {session} that never expired"
                 );
             }
-            Action::KillOrphan { process } => {
+            Action::Stop(StopOp::Orphan { process }) => {
                 let before = self.orphans.len();
                 self.orphans.retain(|o| o != process);
                 assert_eq!(
@@ -278,10 +278,10 @@ fn a_new_session_is_leased_then_started_then_ready() {
     let p = sim.step();
     assert_eq!(
         p.actions,
-        vec![Action::Lease {
+        vec![Action::Lease(LeaseOp::Lease {
             session: "a".into(),
             port: 6100
-        }]
+        })]
     );
     assert_eq!(p.reports["a"].phase, Phase::Pending);
     let p = sim.step();
@@ -293,7 +293,7 @@ fn a_new_session_is_leased_then_started_then_ready() {
     );
     let p = sim.step();
     assert!(p.actions.is_empty());
-    assert_eq!(p.reports["a"].reason, reason::STARTING);
+    assert_eq!(p.reports["a"].reason, Reason::Starting);
     let p = sim.step();
     assert_eq!(p.reports["a"].phase, Phase::Ready);
     assert!(!p.busy);
@@ -308,19 +308,19 @@ fn removal_stops_the_proxy_before_releasing_the_port() {
     let p = sim.step();
     assert!(matches!(
         p.actions[..],
-        [Action::Stop {
+        [Action::Stop(StopOp::Session {
             why: StopReason::Removed,
             ..
-        }]
+        })]
     ));
     assert_eq!(p.reports["a"].phase, Phase::Terminating);
     let p = sim.step();
     assert_eq!(
         p.actions,
-        vec![Action::Release {
+        vec![Action::Lease(LeaseOp::Release {
             session: "a".into(),
             port: 6100
-        }]
+        })]
     );
     assert!(sim.leases.is_empty());
 }
@@ -332,7 +332,7 @@ fn exhaustion_is_reported_and_heals_when_a_port_frees() {
         sim.desired.insert(n.into(), desired(n, 5901, None));
     }
     let p = sim.converge();
-    assert_eq!(p.reports["c"].reason, reason::POOL_EXHAUSTED);
+    assert_eq!(p.reports["c"].reason, Reason::PoolExhausted);
     assert_eq!(p.reports["a"].phase, Phase::Ready);
     sim.desired.remove("a");
     let p = sim.converge();
@@ -362,7 +362,7 @@ fn a_crashed_proxy_restarts_on_the_same_port_with_backoff() {
     sim.procs.clear();
     let p = sim.plan();
     assert!(p.actions.is_empty(), "{p:?}");
-    assert_eq!(p.reports["a"].reason, reason::RESTARTING);
+    assert_eq!(p.reports["a"].reason, Reason::Restarting);
     sim.converge();
     assert_eq!(sim.leases["a"].port, port);
 }
@@ -404,12 +404,12 @@ fn a_lease_whose_port_was_taken_while_down_moves() {
     let p = sim.step();
     assert_eq!(
         p.actions,
-        vec![Action::Release {
+        vec![Action::Lease(LeaseOp::Release {
             session: "a".into(),
             port: 6100
-        }]
+        })]
     );
-    assert_eq!(p.reports["a"].reason, reason::PORT_IN_USE);
+    assert_eq!(p.reports["a"].reason, Reason::PortInUse);
     sim.converge();
     assert_eq!(sim.leases["a"].port, 6101);
 }
@@ -424,7 +424,7 @@ fn requested_ports_are_honoured_and_conflicts_reported() {
     sim.desired.insert("c".into(), desired("c", 5903, None));
     let p = sim.converge();
     assert_eq!(sim.leases["a"].port, 6103);
-    assert_eq!(p.reports["b"].reason, reason::PORT_CONFLICT);
+    assert_eq!(p.reports["b"].reason, Reason::PortConflict);
     assert_ne!(sim.leases["c"].port, 6103);
 }
 
@@ -438,10 +438,10 @@ fn a_target_change_restarts_on_the_same_port() {
     let p = sim.step();
     assert!(matches!(
         p.actions[..],
-        [Action::Stop {
+        [Action::Stop(StopOp::Session {
             why: StopReason::SpecChanged,
             ..
-        }]
+        })]
     ));
     sim.converge();
     assert_eq!(sim.leases["a"].port, 6100);
@@ -467,10 +467,10 @@ fn adoption_records_the_running_process_without_restarting_it() {
     let p = sim.step();
     assert_eq!(
         p.actions,
-        vec![Action::Record {
+        vec![Action::Lease(LeaseOp::Record {
             session: "a".into(),
             process: proc_before
-        }]
+        })]
     );
     assert_eq!(p.reports["a"].phase, Phase::Ready);
 }
@@ -485,10 +485,10 @@ fn a_proxy_that_never_listens_is_stopped_after_the_timeout() {
     let plan = sim.plan();
     assert!(matches!(
         plan.actions[..],
-        [Action::Stop {
+        [Action::Stop(StopOp::Session {
             why: StopReason::NotListening,
             ..
-        }]
+        })]
     ));
     assert_eq!(plan.reports["a"].phase, Phase::Failed);
 }
@@ -533,10 +533,10 @@ fn starts_are_bounded_and_the_rest_queue() {
         .filter(|a| matches!(a, Action::Start { .. }))
         .count();
     assert_eq!(starts, 3);
-    assert_eq!(p.reports["e"].reason, reason::QUEUED);
+    assert_eq!(p.reports["e"].reason, Reason::Queued);
     let p = sim.step(); // the first three are still starting: no slot
     assert!(!p.actions.iter().any(|a| matches!(a, Action::Start { .. })));
-    assert_eq!(p.reports["d"].reason, reason::QUEUED);
+    assert_eq!(p.reports["d"].reason, Reason::Queued);
     let p = sim.step(); // they listen now; the other two may start
     let starts = p
         .actions
@@ -561,14 +561,14 @@ fn max_lifetime_expires_the_session_until_its_spec_changes() {
     assert!(sim.procs.is_empty(), "the proxy is gone");
     let p = sim.converge();
     assert_eq!(p.reports["a"].phase, Phase::Expired);
-    assert_eq!(p.reports["a"].reason, reason::MAX_LIFETIME);
+    assert_eq!(p.reports["a"].reason, Reason::MaxLifetime);
     // Still present, same spec: stays expired. A new spec starts it again.
     d.generation = 2;
     sim.desired.insert("a".into(), d);
     let p = sim.step();
-    assert!(p.actions.contains(&Action::Unexpire {
+    assert!(p.actions.contains(&Action::Lease(LeaseOp::Unexpire {
         session: "a".into()
-    }));
+    })));
     let p = sim.converge();
     assert_eq!(p.reports["a"].phase, Phase::Ready);
 }
@@ -585,14 +585,14 @@ fn idle_timeout_expires_only_an_idle_session() {
     sim.idle.insert("a".into(), 30_000);
     let p = sim.step();
     assert!(
-        matches!(&p.actions[0], Action::Expire { reason: r, .. } if *r == reason::IDLE_TIMEOUT)
+        matches!(&p.actions[0], Action::Lease(LeaseOp::Expire { reason: r, .. }) if *r == Reason::IdleTimeout)
     );
     assert!(matches!(
         p.actions[1],
-        Action::Stop {
+        Action::Stop(StopOp::Session {
             why: StopReason::Expired,
             ..
-        }
+        })
     ));
     sim.idle.clear();
     sim.converge();
@@ -609,7 +609,7 @@ fn orphans_are_killed() {
     let o = sim.spawn();
     sim.orphans.push(o);
     let p = sim.step();
-    assert_eq!(p.actions, vec![Action::KillOrphan { process: o }]);
+    assert_eq!(p.actions, vec![Action::Stop(StopOp::Orphan { process: o })]);
 }
 
 #[derive(Clone, Debug)]
@@ -707,9 +707,9 @@ proptest! {
                     prop_assert_eq!(sim.leases[n].port, p);
                 }
             } else {
-                let ok = r.reason == reason::POOL_EXHAUSTED || r.reason == reason::PORT_CONFLICT;
+                let ok = r.reason == Reason::PoolExhausted || r.reason == Reason::PortConflict;
                 prop_assert!(ok, "{} unleased for {:?}", n, r);
-                if r.reason == reason::POOL_EXHAUSTED && d.requested_port.is_none() {
+                if r.reason == Reason::PoolExhausted && d.requested_port.is_none() {
                     prop_assert!(leased == sim.limits.max_sessions || leased == sim.limits.range.len());
                 }
             }
@@ -739,10 +739,10 @@ fn proxies_started_under_other_settings_are_replaced_one_at_a_time() {
             .filter(|a| {
                 matches!(
                     a,
-                    Action::Stop {
+                    Action::Stop(StopOp::Session {
                         why: StopReason::ConfigChanged,
                         ..
-                    }
+                    })
                 )
             })
             .count();
