@@ -97,8 +97,11 @@ pub struct Inputs<'a> {
     pub limits: Limits,
     /// A monotonic clock, for backoff.
     pub now_ms: u64,
-    /// The wall clock, for lease ages.
+    /// The wall clock, for lease ages across a reboot.
     pub wall_now: jiff::Timestamp,
+    /// The boot clock, for lease ages within one boot (see [`crate::clock`]): stepping the
+    /// wall clock back does not extend `maxLifetimeSeconds`.
+    pub boot_now: Option<crate::clock::BootInstant>,
 }
 
 /// Why a proxy is stopped.
@@ -468,12 +471,13 @@ fn stay_expired(
 /// Whether a leased session has reached its maximum lifetime or idle timeout.
 fn expiry_due(input: &Inputs<'_>, want: &Desired, lease: &Lease) -> Option<(Reason, String)> {
     if let Some(max) = want.max_lifetime_ms {
-        let age_ms = input
-            .wall_now
-            .duration_since(lease.allocated_at)
-            .as_millis()
-            .max(0);
-        if u128::try_from(age_ms).unwrap_or(0) >= u128::from(max) {
+        let age_ms = crate::clock::lease_age_ms(
+            lease.allocated_at,
+            lease.allocated_boot.as_ref(),
+            input.wall_now,
+            input.boot_now.as_ref(),
+        );
+        if age_ms >= max {
             return Some((
                 Reason::MaxLifetime,
                 format!("expired: reached its maximum lifetime of {} s", max / 1000),

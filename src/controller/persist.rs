@@ -133,6 +133,7 @@ impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
             LeaseOp::Retarget { session, target } => leased(session).map(|l| {
                 LeaseChange::Put(Lease {
                     allocated_at: l.allocated_at,
+                    allocated_boot: l.allocated_boot.clone(),
                     ..Lease::new(session, l.port, target.clone(), Timestamp::now())
                 })
             }),

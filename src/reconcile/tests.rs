@@ -52,8 +52,18 @@ struct Sim {
     /// Sessions whose running proxy was started under other settings.
     stale: BTreeSet<String>,
     now: u64,
+    /// How far the simulated wall clock is stepped from the boot clock (`now`).
+    wall_step_ms: i64,
     next_pid: i32,
     limits: Limits,
+}
+
+/// The simulated boot clock at `ms`.
+fn boot_at(ms: u64) -> crate::clock::BootInstant {
+    crate::clock::BootInstant {
+        boot_id: "sim".into(),
+        uptime_ms: ms,
+    }
 }
 
 impl Sim {
@@ -70,6 +80,7 @@ impl Sim {
             idle: BTreeMap::new(),
             stale: BTreeSet::new(),
             now: 1_000_000,
+            wall_step_ms: 0,
             next_pid: 100,
             limits: limits(max),
         }
@@ -116,8 +127,14 @@ impl Sim {
             stale: &self.stale,
             limits: self.limits,
             now_ms: self.now,
-            wall_now: Timestamp::from_millisecond(i64::try_from(self.now).unwrap()).unwrap(),
+            wall_now: self.wall(),
+            boot_now: Some(boot_at(self.now)),
         })
+    }
+
+    /// The simulated wall clock: the boot clock plus any step.
+    fn wall(&self) -> Timestamp {
+        Timestamp::from_millisecond(i64::try_from(self.now).unwrap() + self.wall_step_ms).unwrap()
     }
 
     /// One pass: plan, apply, advance time. Returns the number of actions.
@@ -158,8 +175,7 @@ impl Sim {
                     return;
                 }
                 let target = self.desired[session].target.clone();
-                let at = Timestamp::from_millisecond(i64::try_from(self.now).unwrap()).unwrap();
-                let lease = Lease::new(session, *port, target, at);
+                let lease = Lease::at(session, *port, target, self.wall(), Some(boot_at(self.now)));
                 self.leases.insert(session.clone(), lease);
             }
             Action::Lease(LeaseOp::Release { session, port }) => {
@@ -515,6 +531,7 @@ fn protected_sessions_keep_their_lease_and_proxy() {
         limits: sim.limits,
         now_ms: 0,
         wall_now: Timestamp::UNIX_EPOCH,
+        boot_now: None,
     });
     assert!(p.actions.is_empty(), "{p:?}");
 }
@@ -571,6 +588,32 @@ fn max_lifetime_expires_the_session_until_its_spec_changes() {
     })));
     let p = sim.converge();
     assert_eq!(p.reports["a"].phase, Phase::Ready);
+}
+
+#[test]
+fn a_wall_clock_stepped_back_does_not_extend_the_lifetime() {
+    // The same session twice: once with a steady wall clock, once with the wall clock
+    // stepped back a day right after its lease. Both expire on the same pass.
+    let mut passes = Vec::new();
+    for step_back in [false, true] {
+        let mut sim = Sim::new(5);
+        sim.now = 1_000_000_000;
+        let mut d = desired("a", 5901, None);
+        d.max_lifetime_ms = Some(20_000);
+        sim.desired.insert("a".into(), d);
+        sim.converge();
+        if step_back {
+            sim.wall_step_ms = -86_400_000;
+        }
+        let mut n = 0;
+        while !sim.expired.contains_key("a") {
+            sim.step();
+            n += 1;
+            assert!(n < 100, "never expired (wall clock stepped back: {step_back})");
+        }
+        passes.push(n);
+    }
+    assert_eq!(passes[0], passes[1], "a stepped wall clock changed the lifetime");
 }
 
 #[test]
