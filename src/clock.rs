@@ -111,7 +111,10 @@ mod tests {
         let later = t0 + jiff::SignedDuration::from_secs(90);
         let then = at("b1", 10_000);
         let rebooted = at("b2", 5_000);
-        assert_eq!(lease_age_ms(t0, Some(&then), later, Some(&rebooted)), 90_000);
+        assert_eq!(
+            lease_age_ms(t0, Some(&then), later, Some(&rebooted)),
+            90_000
+        );
         assert_eq!(lease_age_ms(t0, None, later, Some(&rebooted)), 90_000);
         assert_eq!(lease_age_ms(t0, Some(&then), later, None), 90_000);
         // A wall clock before the allocation is age zero, not negative.

@@ -609,11 +609,17 @@ fn a_wall_clock_stepped_back_does_not_extend_the_lifetime() {
         while !sim.expired.contains_key("a") {
             sim.step();
             n += 1;
-            assert!(n < 100, "never expired (wall clock stepped back: {step_back})");
+            assert!(
+                n < 100,
+                "never expired (wall clock stepped back: {step_back})"
+            );
         }
         passes.push(n);
     }
-    assert_eq!(passes[0], passes[1], "a stepped wall clock changed the lifetime");
+    assert_eq!(
+        passes[0], passes[1],
+        "a stepped wall clock changed the lifetime"
+    );
 }
 
 #[test]
