@@ -50,6 +50,7 @@ impl Seen {
             restarts: &memory.restarts,
             expired: &self.expired,
             idle_ms: &self.idle_ms,
+            clients: &self.obs.clients,
             stale: &self.obs.stale,
             limits,
             now_ms: self.now_ms,

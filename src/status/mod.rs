@@ -235,6 +235,9 @@ pub struct SystemStatus {
     pub total_ports: usize,
     /// Leases whose port is inside the pool.
     pub allocated_ports: usize,
+    /// Leases whose port lies outside the pool (an earlier `--port-range`): they still
+    /// serve, and move into the pool once no console is open on them.
+    pub outside_pool: usize,
     /// Leases with a live proxy.
     pub active_processes: usize,
     /// Leases without a live proxy.
@@ -255,6 +258,7 @@ impl SystemStatus {
         SystemStatus {
             total_ports: range.len(),
             allocated_ports: leases.values().filter(|l| range.contains(l.port)).count(),
+            outside_pool: leases.values().filter(|l| !range.contains(l.port)).count(),
             active_processes: live_proxies,
             dead_proxies: leases.len().saturating_sub(live_proxies),
             orphan_processes: orphans,
@@ -292,6 +296,7 @@ impl SystemStatus {
                 "allocated_ports": self.allocated_ports,
                 "free_ports": self.free_ports(),
                 "utilization_percent": self.utilization_percent(),
+                "outside_pool_leases": self.outside_pool,
             },
             "active_processes": self.active_processes,
             "dead_proxies": self.dead_proxies,
@@ -408,6 +413,7 @@ mod tests {
                     "allocated_ports": 2,
                     "free_ports": 8,
                     "utilization_percent": 20.0,
+                    "outside_pool_leases": 1,
                 },
                 "active_processes": 2,
                 "dead_proxies": 1,
