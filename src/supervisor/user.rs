@@ -3,8 +3,8 @@
 //! vncd itself may need root (ports below 1024, libvirt, a state directory under /var/lib),
 //! but a proxy parses HTTP and websocket frames from anyone who can reach its port: it is
 //! the part most exposed to attack. Run as an unprivileged user, a compromised proxy
-//! cannot read vncd's state files (leases.json and sessions.json hold every session's
-//! token and are 0600 root), signal vncd or other processes, or write outside its own
+//! cannot read vncd's state files (ticket.key, the master key every lease key derives from,
+//! and leases.json and sessions.json, all 0600 root), signal vncd or other processes, or write outside its own
 //! stats directory. The switch is std's `CommandExt::uid`/`gid` (no `unsafe`); when vncd
 //! is root, std also drops the supplementary groups and the kernel every capability. A
 //! non-root vncd with CAP_SETUID and CAP_SETGID can switch too, but std then keeps vncd's
