@@ -31,6 +31,12 @@ pub enum KeyFileError {
 }
 
 impl Tickets {
+    /// Tickets of the lease whose key is `key`, used ones recorded in `nonces` (the relay
+    /// holds keys in memory, as the controller declared them).
+    pub fn new(key: LeaseKey, nonces: Box<dyn NonceStore>) -> Self {
+        Tickets { key, nonces }
+    }
+
     /// Reads the lease key (64 hex digits; surrounding whitespace is ignored) from `path`,
     /// or from standard input for `-`: vncd's supervisor hands a proxy that runs as another
     /// user (`--proxy-user`) its key file as stdin, already open, so the file itself stays
