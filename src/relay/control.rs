@@ -288,6 +288,15 @@ pub(crate) async fn serve_peer(relay: super::Relay, stream: UnixStream, peers: P
             ),
         });
         let _ = w.write_all(&line(&msg)).await;
+        let _ = w.shutdown().await;
+        // Read what the peer sent before closing: closing a unix socket with unread data
+        // resets the peer's connection, and it would never read the refusal.
+        let mut r = r;
+        let mut sink = [0u8; 4096];
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+            while matches!(r.read(&mut sink).await, Ok(n) if n > 0) {}
+        })
+        .await;
         return;
     }
     let span = tracing::info_span!("control", uid = ?uid, pid = ?pid);
