@@ -554,3 +554,64 @@ async fn a_flood_from_eight_addresses_does_not_keep_a_slow_client_out() {
         "a slow client got in {got_in} of 8 times during a flood of {flood_count} connections: {failures:?}"
     );
 }
+
+fn ticket_v2(k: &LeaseKey, lease_uid: &str) -> String {
+    vncd::ticket::mint_v2(
+        k,
+        lease_uid,
+        vncd::ticket::Grant::default(),
+        Duration::from_secs(60),
+        unix_now(),
+    )
+    .unwrap()
+    .text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_routes_a_v2_ticket_to_the_session_of_its_lease() {
+    let qemu = Qemu::tcp();
+    let tmp = tempfile::tempdir().unwrap();
+    let gw = free_port();
+    let relay = RelayProc::start(tmp.path(), &["--gateway", &format!("127.0.0.1:{gw}")]);
+    let (ka, kb) = (key(30), key(31));
+    let (pa, pb) = (free_port(), free_port());
+    let mut c = relay.client().await;
+    c.declare(
+        1,
+        vec![
+            spec("vm-a", pa, TargetSpec::Tcp(qemu.addr()), &ka),
+            spec("vm-b", pb, dead_target(), &kb),
+        ],
+    )
+    .await
+    .unwrap();
+    let r = wait_report(&mut c, "vm-a ready", |r| ready(r, "vm-a")).await;
+    assert_eq!(r.gateway, Some(format!("127.0.0.1:{gw}")));
+
+    // A v2 ticket names its lease: the gateway routes it to vm-a and checks it there.
+    let t = ticket_v2(&ka, "lease-vm-a");
+    assert_eq!(try_banner(&url(gw, &t)).await.unwrap(), b"RFB 003.008\n");
+    // Used once, whichever port it came through.
+    assert!(try_banner(&url(gw, &t)).await.unwrap_err().contains("403"));
+    assert!(try_banner(&url(pa, &t)).await.unwrap_err().contains("403"));
+    // A v2 ticket for a lease this relay does not serve, one whose MAC is of another
+    // lease's key, and a v1 ticket (which names no lease): refused.
+    for bad in [
+        ticket_v2(&ka, "lease-unknown"),
+        ticket_v2(&kb, "lease-vm-a"),
+        ticket(&ka),
+    ] {
+        let e = try_banner(&url(gw, &bad)).await.unwrap_err();
+        assert!(e.contains("403"), "{e}");
+    }
+    // On a session port, a v2 ticket must name that port's lease.
+    let e = try_banner(&url(pb, &ticket_v2(&ka, "lease-vm-a")))
+        .await
+        .unwrap_err();
+    assert!(e.contains("403"), "{e}");
+    // And v1 stays valid on session ports.
+    assert_eq!(
+        try_banner(&url(pa, &ticket(&ka))).await.unwrap(),
+        b"RFB 003.008\n"
+    );
+}

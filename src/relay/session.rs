@@ -189,8 +189,9 @@ fn console_for(
     limit: &Arc<Limit>,
     ping_every: Duration,
 ) -> Console {
-    let tickets = Tickets::new(
+    let tickets = Tickets::for_lease(
         spec.lease_key.0.clone(),
+        &spec.lease_uid,
         Box::new(DirNonces::new(nonce_dir.to_owned())),
     );
     Console::new(

@@ -141,7 +141,10 @@ pub enum DeclError {
         uid: String,
         other: String,
     },
-    #[error("session {name:?}: the lease uid must be 1-128 characters of A-Z a-z 0-9 _ -")]
+    #[error(
+        "session {name:?}: the lease uid must be 1-{} characters of 0-9 a-z - (as v2 tickets carry it)",
+        crate::ticket::MAX_LEASE_UID_LEN
+    )]
     BadLeaseUid { name: String },
     #[error("session {name:?}: target {target:?}: {why}")]
     BadTarget {
