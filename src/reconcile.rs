@@ -90,6 +90,11 @@ pub struct Inputs<'a> {
     pub expired: &'a BTreeMap<String, Expiry>,
     /// How long each session's port has had no client, for sessions with a live proxy.
     pub idle_ms: &'a BTreeMap<String, u64>,
+    /// What the data plane knows of each serving session's target: `None` reachable,
+    /// `Some(why)` unreachable; a missing entry is unknown (a backend that does not probe).
+    /// An unreachable target keeps its port and listener but is not Ready: Ready means a
+    /// console can open.
+    pub targets: &'a BTreeMap<String, Option<String>>,
     /// Open consoles (connected clients) per session with a live proxy. A lease outside the
     /// pool moves in only while this is zero, so no open console is cut for a repack.
     pub clients: &'a BTreeMap<String, usize>,
@@ -220,11 +225,13 @@ pub enum Reason {
     ConfigChanged,
     /// The lease's port lies outside the pool (an earlier `--port-range`).
     OutsidePool,
+    /// The proxy listens, but the VNC server behind it does not answer (the relay's probe).
+    TargetUnreachable,
 }
 
 impl Reason {
     /// Every reason, for parsing and for metrics that list them.
-    pub const ALL: [Reason; 15] = [
+    pub const ALL: [Reason; 16] = [
         Reason::Allocating,
         Reason::Starting,
         Reason::Queued,
@@ -240,6 +247,7 @@ impl Reason {
         Reason::MaxLifetime,
         Reason::ConfigChanged,
         Reason::OutsidePool,
+        Reason::TargetUnreachable,
     ];
 
     /// The reports of a session that waits for a port: each start of such a wait counts
@@ -268,6 +276,7 @@ impl Reason {
             Reason::MaxLifetime => "MaxLifetime",
             Reason::ConfigChanged => "ConfigChanged",
             Reason::OutsidePool => "OutsidePool",
+            Reason::TargetUnreachable => "TargetUnreachable",
         }
     }
 
@@ -289,6 +298,9 @@ pub struct Report {
     pub phase: Phase,
     pub reason: Reason,
     pub message: String,
+    /// The target as the data plane last saw it, for the `TargetReachable` condition:
+    /// `None` unknown, `Some(None)` reachable, `Some(Some(why))` unreachable.
+    pub target: Option<Option<String>>,
 }
 
 impl Report {
@@ -297,6 +309,7 @@ impl Report {
             phase,
             reason,
             message: message.into(),
+            target: None,
         }
     }
 }
@@ -798,11 +811,26 @@ fn running(
         }));
     }
     if listening {
-        return Report::new(
-            Phase::Ready,
-            Reason::Ready,
-            format!("proxy pid {} serves port {}", process.pid, lease.port),
-        );
+        let target = input.targets.get(name).cloned();
+        if let Some(Some(why)) = &target {
+            // The port stays leased and served; only Ready waits for the target.
+            let message = format!(
+                "port {} is served, but its VNC server {} does not answer: {why}",
+                lease.port, lease.target
+            );
+            return Report {
+                target,
+                ..Report::new(Phase::Pending, Reason::TargetUnreachable, message)
+            };
+        }
+        return Report {
+            target,
+            ..Report::new(
+                Phase::Ready,
+                Reason::Ready,
+                format!("proxy pid {} serves port {}", process.pid, lease.port),
+            )
+        };
     }
     out.busy = true;
     if age_ms > input.limits.start_timeout_ms {

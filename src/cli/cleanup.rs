@@ -200,6 +200,7 @@ async fn pass(
             idle_ms: &BTreeMap::new(),
             // With --repack, as if no console were open: leases outside the pool move now.
             clients: if repack { &no_clients } else { &obs.clients },
+            targets: &obs.targets,
             // Cleanup replaces nothing: `vncd run` judges its own settings.
             stale: &BTreeSet::new(),
             wall_now: Timestamp::now(),

@@ -53,6 +53,8 @@ struct Sim {
     stale: BTreeSet<String>,
     /// Open consoles per session.
     clients: BTreeMap<String, usize>,
+    /// Targets the data plane reports unreachable (`Some(why)`) or reachable (`None`).
+    targets: BTreeMap<String, Option<String>>,
     now: u64,
     /// How far the simulated wall clock is stepped from the boot clock (`now`).
     wall_step_ms: i64,
@@ -82,6 +84,7 @@ impl Sim {
             idle: BTreeMap::new(),
             stale: BTreeSet::new(),
             now: 1_000_000,
+            targets: BTreeMap::new(),
             clients: BTreeMap::new(),
             wall_step_ms: 0,
             next_pid: 100,
@@ -128,6 +131,7 @@ impl Sim {
             expired: &self.expired,
             idle_ms: &self.idle,
             clients: &self.clients,
+            targets: &self.targets,
             stale: &self.stale,
             limits: self.limits,
             now_ms: self.now,
@@ -532,6 +536,7 @@ fn protected_sessions_keep_their_lease_and_proxy() {
         expired: &BTreeMap::new(),
         idle_ms: &BTreeMap::new(),
         clients: &BTreeMap::new(),
+        targets: &BTreeMap::new(),
         stale: &BTreeSet::new(),
         limits: sim.limits,
         now_ms: 0,
@@ -935,4 +940,29 @@ fn leases_outside_a_full_pool_keep_serving_and_pool_exhausted_is_for_the_unlease
             .count(),
         1
     );
+}
+
+#[test]
+fn an_unreachable_target_keeps_its_port_but_is_not_ready() {
+    let mut sim = Sim::new(5);
+    sim.desired.insert("a".into(), desired("a", 5901, None));
+    sim.converge();
+    let port = sim.leases["a"].port;
+    sim.targets
+        .insert("a".into(), Some("connection refused".into()));
+    let p = sim.plan();
+    assert!(p.actions.is_empty(), "the listener must stay: {p:?}");
+    assert_eq!(p.reports["a"].phase, Phase::Pending);
+    assert_eq!(p.reports["a"].reason, Reason::TargetUnreachable);
+    assert!(p.reports["a"].message.contains("connection refused"));
+    assert_eq!(
+        p.reports["a"].target,
+        Some(Some("connection refused".into()))
+    );
+    // The VNC server comes up: Ready, on the same port.
+    sim.targets.insert("a".into(), None);
+    let p = sim.converge();
+    assert_eq!(p.reports["a"].phase, Phase::Ready);
+    assert_eq!(p.reports["a"].target, Some(None));
+    assert_eq!(sim.leases["a"].port, port);
 }

@@ -151,7 +151,9 @@ impl StatusBuilder {
             .iter()
             .filter_map(|i| i.metadata.name.clone())
             .collect();
-        self.transitions.retain(|k, _| live.contains(k));
+        // Keys are a session's name, or `NAME\0TYPE` for its other conditions.
+        self.transitions
+            .retain(|k, _| live.contains(k.split('\0').next().unwrap_or(k)));
         items.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
         items
     }
@@ -180,6 +182,26 @@ impl StatusBuilder {
         }
         let ready = report.phase == Phase::Ready;
         let cond = self.condition(name, ready, report.reason.as_str(), &message, generation);
+        let mut conditions = vec![cond];
+        if let Some(target) = &report.target {
+            // What the data plane's probe says of the VNC server: Ready needs it reachable.
+            let reachable = target.is_none();
+            let mut c = self.condition(
+                &format!("{name}\0TargetReachable"),
+                reachable,
+                if reachable {
+                    "TargetReachable"
+                } else {
+                    "TargetUnreachable"
+                },
+                target
+                    .as_deref()
+                    .unwrap_or("the VNC server answers with its RFB banner"),
+                generation,
+            );
+            c.type_ = "TargetReachable".into();
+            conditions.push(c);
+        }
         obj.status = Some(VncSessionStatus {
             phase: Some(report.phase),
             port: lease.map(|l| i32::from(l.port)),
@@ -190,7 +212,7 @@ impl StatusBuilder {
             message: Some(message),
             allocated_at: lease.map(|l| Time(l.allocated_at)),
             observed_generation: generation,
-            conditions: vec![cond],
+            conditions,
             // Which lease this is: not a secret (tickets need the master key too), and it
             // tells a reader whether a console URL minted earlier is still for this lease.
             lease_uid: lease.map(|l| l.uid.clone()),
