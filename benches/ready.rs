@@ -8,6 +8,10 @@
 //!   and the clock stops when no lease remains.
 //!
 //! Run: `cargo bench --bench ready` (needs websockify and QEMU; `scripts/install-deps`).
+//! `cargo bench --bench ready -- relay` runs only the relay comparison (issue 17): 800
+//! sessions at once with one relay (`vncd run --relay`) against 800 per-session proxies in
+//! the same run, and the relay's PSS growth per session against websockify's per-session
+//! PSS over 50 websockify processes.
 //! `VNCD_BENCH_LARGE` (default 800) sets the large builtin run; websockify's large run
 //! uses `VNCD_BENCH_LARGE_WEBSOCKIFY` (default 200: 800 websockify processes need ~16 GiB).
 #![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
@@ -54,19 +58,42 @@ fn proxies_pss_kib(v: &Vncd) -> u64 {
 struct VncdRun {
     ready: Duration,
     released: Duration,
-    pss_kib_per_session: u64,
+    pss_kib_per_session: f64,
 }
 
+/// PSS of the relay serving `v`'s state dir, in KiB.
+fn relay_pss_kib(v: &Vncd) -> u64 {
+    common::relay_pids(&v.owner())
+        .iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok())
+        .filter_map(|t| {
+            t.lines()
+                .find(|l| l.starts_with("Pss:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+/// `backend` is `builtin`, `websockify`, or `relay` (`--relay`: one relay process serves
+/// every session). For the relay, the PSS per session is its growth from an empty relay.
 fn vncd_run(qemu: &Qemu, backend: &str, n: usize) -> VncdRun {
     let mut v = Vncd::new(n as u16 + 10);
+    let relay = backend == "relay";
     v.extra.extend([
         "--backend".into(),
-        backend.into(),
+        if relay { "builtin" } else { backend }.into(),
         "--max-sessions".into(),
         n.to_string(),
     ]);
+    if relay {
+        v.extra.push("--relay".into());
+    }
     v.start();
     std::thread::sleep(Duration::from_millis(500));
+    let relay_empty = relay.then(|| relay_pss_kib(&v));
     let texts: Vec<(String, String)> = (0..n)
         .map(|i| {
             (
@@ -89,7 +116,10 @@ fn vncd_run(qemu: &Qemu, backend: &str, n: usize) -> VncdRun {
         std::thread::sleep(Duration::from_millis(20));
     }
     let ready = start.elapsed();
-    let pss_kib_per_session = proxies_pss_kib(&v) / n as u64;
+    let pss_kib_per_session = match relay_empty {
+        Some(empty) => relay_pss_kib(&v).saturating_sub(empty) as f64 / n as f64,
+        None => proxies_pss_kib(&v) as f64 / n as f64,
+    };
     let start = Instant::now();
     for (f, _) in &texts {
         std::fs::remove_file(v.sessions.join(f)).unwrap();
@@ -150,6 +180,10 @@ fn main() {
     let large = env_n("VNCD_BENCH_LARGE", 800);
     let large_ws = env_n("VNCD_BENCH_LARGE_WEBSOCKIFY", 200);
     let qemu = Qemu::tcp();
+    if std::env::args().any(|a| a == "relay") {
+        relay_comparison(&qemu, large);
+        return;
+    }
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!("sessions created at once until all Ready, {cores} cores, one QEMU VNC target");
     let seed = seed_run(&qemu, 100);
@@ -159,7 +193,7 @@ fn main() {
     );
     let line = |label: &str, r: &VncdRun| {
         println!(
-            "  {label}: ready {:.2} s ({:.3}x seed), released {:.2} s, proxy PSS {} KiB/session",
+            "  {label}: ready {:.2} s ({:.3}x seed), released {:.2} s, proxy PSS {:.0} KiB/session",
             r.ready.as_secs_f64(),
             r.ready.as_secs_f64() / seed.as_secs_f64(),
             r.released.as_secs_f64(),
@@ -173,7 +207,7 @@ fn main() {
     println!(
         "  builtin/websockify at 100: ready {:.3}x, PSS {:.3}x",
         bi.ready.as_secs_f64() / ws.ready.as_secs_f64(),
-        bi.pss_kib_per_session as f64 / ws.pss_kib_per_session.max(1) as f64
+        bi.pss_kib_per_session / ws.pss_kib_per_session.max(1.0)
     );
     let ws_l = vncd_run(&qemu, "websockify", large_ws);
     line(&format!("vncd websockify, {large_ws} at once"), &ws_l);
@@ -185,5 +219,30 @@ fn main() {
         per(&bi_l, large),
         per(&ws_l, large_ws),
         per(&bi_l, large) / per(&ws_l, large_ws)
+    );
+}
+
+/// The relay against the per-session builtin proxies and websockify, in one run.
+fn relay_comparison(qemu: &Qemu, n: usize) {
+    let cores = std::thread::available_parallelism().map_or(0, |c| c.get());
+    println!("relay comparison: {n} sessions at once until all Ready, {cores} cores");
+    let per_process = vncd_run(qemu, "builtin", n);
+    let relay = vncd_run(qemu, "relay", n);
+    let ws = vncd_run(qemu, "websockify", 50);
+    let show = |label: &str, r: &VncdRun| {
+        println!(
+            "  {label}: ready {:.2} s, released {:.2} s, PSS {:.1} KiB/session",
+            r.ready.as_secs_f64(),
+            r.released.as_secs_f64(),
+            r.pss_kib_per_session
+        );
+    };
+    show(&format!("per-session vncd-proxy, {n}"), &per_process);
+    show(&format!("one relay (--relay),    {n}"), &relay);
+    show("websockify,             50", &ws);
+    println!(
+        "  relay / per-process: ready {:.3}x; relay PSS growth per session / websockify PSS per session: 1/{:.0}",
+        relay.ready.as_secs_f64() / per_process.ready.as_secs_f64(),
+        ws.pss_kib_per_session / relay.pss_kib_per_session.max(0.001)
     );
 }
