@@ -685,8 +685,11 @@ impl Supervisor {
         self.backend.stats_args(&path).map(|_| path)
     }
 
-    /// Forgets a released session's counters, ticket key and used-ticket records.
+    /// Forgets a released session's counters, ticket key, used-ticket records and log.
+    /// The log goes too: it is kept for the last failure of a live lease, and one left
+    /// per released name would let session-name churn fill the disk.
     pub fn forget(&self, session: &str) {
+        let _ = std::fs::remove_file(self.log_dir.join(format!("{session}.log")));
         if let Some(path) = self.stats_file(session) {
             let _ = std::fs::remove_file(path);
         }
