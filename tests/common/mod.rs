@@ -410,6 +410,7 @@ pub fn pool_base(size: u16) -> u16 {
         "ready" => 5,
         "kube" => 6,
         "http" => 7,
+        "proxy_isolation" => 12,
         // Hashed bands start after the named ones, so they never meet one of those.
         other => {
             8 + other
