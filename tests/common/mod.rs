@@ -411,6 +411,7 @@ pub fn pool_base(size: u16) -> u16 {
         "kube" => 6,
         "http" => 7,
         "proxy_isolation" => 12,
+        "libvirt_feature" => 13,
         // Hashed bands start after the named ones, so they never meet one of those.
         other => {
             8 + other
