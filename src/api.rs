@@ -163,6 +163,14 @@ pub struct VncSessionStatus {
     /// When the port was leased.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allocated_at: Option<Time>,
+    /// The boot of the node when the port was leased (its `/proc/sys/kernel/random/boot_id`;
+    /// Kubernetes mode): with `allocatedUptimeMs`, the lease's age on a clock that cannot be
+    /// stepped back, so `maxLifetimeSeconds` holds whatever the wall clock does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocated_boot_id: Option<String>,
+    /// Milliseconds since that boot when the port was leased (Kubernetes mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocated_uptime_ms: Option<i64>,
     /// The node whose vncd holds the lease (Kubernetes mode).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,

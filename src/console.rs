@@ -16,7 +16,7 @@ use crate::ticket::{self, MasterKey, TicketError};
 
 /// The longest TTL anyone may ask for: a ticket is meant to be used at once, and a
 /// long one is a bearer credential by another name.
-pub const MAX_TTL: Duration = Duration::from_secs(3600);
+pub const MAX_TTL: Duration = crate::ticket::MAX_TTL;
 
 /// A freshly minted console URL.
 #[derive(Clone, PartialEq, Eq)]

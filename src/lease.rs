@@ -39,6 +39,11 @@ pub struct Lease {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub process: Option<ProcRef>,
     pub allocated_at: Timestamp,
+    /// When the port was leased on the boot clock, which cannot be stepped back (see
+    /// [`crate::clock`]): what `maxLifetimeSeconds` is measured on within one boot.
+    /// Missing in leases written by an older vncd; their age follows the wall clock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocated_boot: Option<crate::clock::BootInstant>,
 }
 
 impl Lease {
@@ -78,8 +83,22 @@ impl Lease {
         }
     }
 
-    /// A fresh lease with a random uid.
+    /// A fresh lease with a random uid, allocated now on the boot clock too.
     pub fn new(session: &str, port: u16, target: Endpoint, now: Timestamp) -> Self {
+        Lease {
+            allocated_boot: crate::clock::BootInstant::now(),
+            ..Self::at(session, port, target, now, None)
+        }
+    }
+
+    /// A fresh lease with a random uid, allocated at the given moments (no clock is read).
+    pub fn at(
+        session: &str,
+        port: u16,
+        target: Endpoint,
+        now: Timestamp,
+        boot: Option<crate::clock::BootInstant>,
+    ) -> Self {
         Lease {
             session: session.to_owned(),
             port,
@@ -87,6 +106,7 @@ impl Lease {
             uid: random_hex(8),
             process: None,
             allocated_at: now,
+            allocated_boot: boot,
         }
     }
 }

@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod cli;
+pub mod clock;
 pub mod console;
 pub mod controller;
 pub mod fsutil;
@@ -27,4 +28,5 @@ pub mod source;
 pub mod status;
 pub mod store;
 pub mod supervisor;
+pub mod task;
 pub mod ticket;

@@ -21,7 +21,7 @@ use prometheus_client::registry::Registry;
 
 use crate::api::Phase;
 use crate::proxy::stats::Snapshot;
-use crate::reconcile::reason;
+use crate::reconcile::Reason;
 use crate::status::{ActiveSession, SystemStatus};
 
 /// The `Content-Type` of `/metrics`.
@@ -40,9 +40,12 @@ pub const PHASES: [Phase; 5] = [
 pub const STORE_ERROR: &str = "StoreError";
 
 /// The `reason` values of `vncd_allocation_failures_total`: the plan's waits for a port
-/// ([`reason::WAITING_FOR_PORT`]) and [`STORE_ERROR`].
+/// ([`Reason::WAITING_FOR_PORT`]) and [`STORE_ERROR`].
 pub fn allocation_failure_reasons() -> impl Iterator<Item = &'static str> {
-    reason::WAITING_FOR_PORT.into_iter().chain([STORE_ERROR])
+    Reason::WAITING_FOR_PORT
+        .into_iter()
+        .map(Reason::as_str)
+        .chain([STORE_ERROR])
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

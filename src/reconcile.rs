@@ -97,8 +97,11 @@ pub struct Inputs<'a> {
     pub limits: Limits,
     /// A monotonic clock, for backoff.
     pub now_ms: u64,
-    /// The wall clock, for lease ages.
+    /// The wall clock, for lease ages across a reboot.
     pub wall_now: jiff::Timestamp,
+    /// The boot clock, for lease ages within one boot (see [`crate::clock`]): stepping the
+    /// wall clock back does not extend `maxLifetimeSeconds`.
+    pub boot_now: Option<crate::clock::BootInstant>,
 }
 
 /// Why a proxy is stopped.
@@ -116,85 +119,56 @@ pub enum StopReason {
     ConfigChanged,
 }
 
-/// One step towards the desired state.
+/// One step towards the desired state, tagged with the stage that carries it out: the
+/// lease store first, then stops, then starts ([`Plan::staged`] only partitions).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
-    /// Lease `port` for `session` (persisted before anything else happens).
+    /// A change to the lease store, persisted before anything acts on it.
+    Lease(LeaseOp),
+    /// A process of ours to end.
+    Stop(StopOp),
+    /// Start the proxy of a persisted lease.
+    Start { session: String },
+}
+
+/// A change to the lease store, carried out (and persisted) before anything acts on it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LeaseOp {
+    /// Lease `port` for `session`.
     Lease { session: String, port: u16 },
     /// Give back `session`'s port; its proxy is confirmed gone.
     Release { session: String, port: u16 },
-    /// Point the lease at a new target; its proxy is confirmed gone.
+    /// Point the lease at a new target (a new lease identity); its proxy is confirmed gone.
     Retarget { session: String, target: Endpoint },
     /// Persist the identity of the process found serving the lease (adoption).
     Record { session: String, process: ProcRef },
-    /// Start the proxy of a persisted lease.
-    Start { session: String },
-    /// Stop a proxy of ours.
-    Stop {
-        session: String,
-        process: ProcRef,
-        why: StopReason,
-    },
-    /// End a process of ours that no lease accounts for.
-    KillOrphan { process: ProcRef },
     /// Record that a session expired (its proxy is stopped and its port released next).
     Expire {
         session: String,
         generation: i64,
-        reason: &'static str,
+        reason: Reason,
         message: String,
     },
     /// Forget an expiry: the spec changed or the session is gone.
     Unexpire { session: String },
 }
 
-/// A change to the lease store, carried out (and persisted) before anything acts on it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum LeaseOp {
-    Lease {
-        session: String,
-        port: u16,
-    },
-    Release {
-        session: String,
-        port: u16,
-    },
-    Retarget {
-        session: String,
-        target: Endpoint,
-    },
-    Record {
-        session: String,
-        process: ProcRef,
-    },
-    Expire {
-        session: String,
-        generation: i64,
-        reason: &'static str,
-        message: String,
-    },
-    Unexpire {
-        session: String,
-    },
-}
-
 /// A process to end: a session's proxy, or an orphan of ours.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StopOp {
+    /// Stop a session's proxy.
     Session {
         session: String,
         process: ProcRef,
         why: StopReason,
     },
-    Orphan {
-        process: ProcRef,
-    },
+    /// End a process of ours that no lease accounts for.
+    Orphan { process: ProcRef },
 }
 
 /// A plan's actions by the stage that carries them out: persist the lease changes, then
-/// stop, then start. Built by one exhaustive match ([`Plan::staged`]), so a new kind of
-/// [`Action`] cannot be dropped by a stage that forgot it: it does not compile until it
-/// is given a stage.
+/// stop, then start. [`Plan::staged`] is one exhaustive match over [`Action`]'s three
+/// stages, so a new stage cannot be dropped silently: it does not compile until handled.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Staged {
     pub lease_ops: Vec<LeaseOp>,
@@ -209,42 +183,8 @@ impl Plan {
         let mut out = Staged::default();
         for action in self.actions.iter().cloned() {
             match action {
-                Action::Lease { session, port } => {
-                    out.lease_ops.push(LeaseOp::Lease { session, port });
-                }
-                Action::Release { session, port } => {
-                    out.lease_ops.push(LeaseOp::Release { session, port });
-                }
-                Action::Retarget { session, target } => {
-                    out.lease_ops.push(LeaseOp::Retarget { session, target });
-                }
-                Action::Record { session, process } => {
-                    out.lease_ops.push(LeaseOp::Record { session, process });
-                }
-                Action::Expire {
-                    session,
-                    generation,
-                    reason,
-                    message,
-                } => out.lease_ops.push(LeaseOp::Expire {
-                    session,
-                    generation,
-                    reason,
-                    message,
-                }),
-                Action::Unexpire { session } => {
-                    out.lease_ops.push(LeaseOp::Unexpire { session });
-                }
-                Action::Stop {
-                    session,
-                    process,
-                    why,
-                } => out.stops.push(StopOp::Session {
-                    session,
-                    process,
-                    why,
-                }),
-                Action::KillOrphan { process } => out.stops.push(StopOp::Orphan { process }),
+                Action::Lease(op) => out.lease_ops.push(op),
+                Action::Stop(op) => out.stops.push(op),
                 Action::Start { session } => out.starts.push(session),
             }
         }
@@ -252,38 +192,97 @@ impl Plan {
     }
 }
 
-/// Reasons reported in status, stable for machines to match on.
-pub mod reason {
-    pub const ALLOCATING: &str = "Allocating";
-    pub const STARTING: &str = "Starting";
-    pub const QUEUED: &str = "Queued";
-    pub const READY: &str = "ProxyReady";
-    pub const RESTARTING: &str = "Restarting";
-    pub const PROXY_FAILED: &str = "ProxyFailed";
-    pub const POOL_EXHAUSTED: &str = "PoolExhausted";
-    pub const PORT_CONFLICT: &str = "PortConflict";
-    pub const PORT_IN_USE: &str = "PortInUse";
-    pub const SPEC_CHANGED: &str = "SpecChanged";
-    pub const TERMINATING: &str = "Terminating";
-    pub const IDLE_TIMEOUT: &str = "IdleTimeout";
-    pub const MAX_LIFETIME: &str = "MaxLifetime";
-    pub const CONFIG_CHANGED: &str = "ConfigChanged";
+/// Why a session is in its phase: the `reason` of statuses, conditions, events and metrics.
+/// An enum inside vncd, so a misspelt reason does not compile; turned into its stable text
+/// ([`Reason::as_str`]) only where statuses and metrics are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Reason {
+    Allocating,
+    Starting,
+    Queued,
+    /// The proxy serves its port: the one reason of `Ready`.
+    Ready,
+    Restarting,
+    ProxyFailed,
+    PoolExhausted,
+    PortConflict,
+    PortInUse,
+    SpecChanged,
+    Terminating,
+    IdleTimeout,
+    MaxLifetime,
+    ConfigChanged,
+}
+
+impl Reason {
+    /// Every reason, for parsing and for metrics that list them.
+    pub const ALL: [Reason; 14] = [
+        Reason::Allocating,
+        Reason::Starting,
+        Reason::Queued,
+        Reason::Ready,
+        Reason::Restarting,
+        Reason::ProxyFailed,
+        Reason::PoolExhausted,
+        Reason::PortConflict,
+        Reason::PortInUse,
+        Reason::SpecChanged,
+        Reason::Terminating,
+        Reason::IdleTimeout,
+        Reason::MaxLifetime,
+        Reason::ConfigChanged,
+    ];
 
     /// The reports of a session that waits for a port: each start of such a wait counts
     /// as an allocation failure (the one list the controller and the metrics share).
-    pub const WAITING_FOR_PORT: [&str; 3] = [POOL_EXHAUSTED, PORT_CONFLICT, PORT_IN_USE];
+    pub const WAITING_FOR_PORT: [Reason; 3] = [
+        Reason::PoolExhausted,
+        Reason::PortConflict,
+        Reason::PortInUse,
+    ];
+
+    /// The stable text machines match on (statuses, `kubectl get`, metric labels).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Reason::Allocating => "Allocating",
+            Reason::Starting => "Starting",
+            Reason::Queued => "Queued",
+            Reason::Ready => "ProxyReady",
+            Reason::Restarting => "Restarting",
+            Reason::ProxyFailed => "ProxyFailed",
+            Reason::PoolExhausted => "PoolExhausted",
+            Reason::PortConflict => "PortConflict",
+            Reason::PortInUse => "PortInUse",
+            Reason::SpecChanged => "SpecChanged",
+            Reason::Terminating => "Terminating",
+            Reason::IdleTimeout => "IdleTimeout",
+            Reason::MaxLifetime => "MaxLifetime",
+            Reason::ConfigChanged => "ConfigChanged",
+        }
+    }
+
+    /// The reason a text names (a status read back, a persisted expiry), if any.
+    pub fn parse(text: &str) -> Option<Reason> {
+        Reason::ALL.into_iter().find(|r| r.as_str() == text)
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// What to tell the world about one desired session.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Report {
     pub phase: Phase,
-    pub reason: &'static str,
+    pub reason: Reason,
     pub message: String,
 }
 
 impl Report {
-    fn new(phase: Phase, reason: &'static str, message: impl Into<String>) -> Self {
+    fn new(phase: Phase, reason: Reason, message: impl Into<String>) -> Self {
         Report {
             phase,
             reason,
@@ -340,13 +339,14 @@ pub fn plan(input: &Inputs<'_>) -> Plan {
     release_undesired(input, &mut out);
     for name in input.expired.keys() {
         if !input.desired.contains_key(name) && !input.protected.contains(name) {
-            out.actions.push(Action::Unexpire {
+            out.actions.push(Action::Lease(LeaseOp::Unexpire {
                 session: name.clone(),
-            });
+            }));
         }
     }
     for process in input.orphans {
-        out.actions.push(Action::KillOrphan { process: *process });
+        out.actions
+            .push(Action::Stop(StopOp::Orphan { process: *process }));
     }
     out
 }
@@ -373,19 +373,19 @@ fn plan_desired(
         if exp.generation == want.generation {
             return stay_expired(name, exp, input, proxy_of(input, name), out);
         }
-        out.actions.push(Action::Unexpire {
+        out.actions.push(Action::Lease(LeaseOp::Unexpire {
             session: name.clone(),
-        });
+        }));
         out.busy = true;
     }
     match input.leases.get(name) {
         None => {
             let (report, port) = ports.allocate(input, want);
             if let Some(port) = port {
-                out.actions.push(Action::Lease {
+                out.actions.push(Action::Lease(LeaseOp::Lease {
                     session: name.clone(),
                     port,
-                });
+                }));
                 out.busy = true;
             }
             report
@@ -402,25 +402,25 @@ fn release_undesired(input: &Inputs<'_>, out: &mut Plan) {
         }
         match proxy_of(input, name) {
             ProxyState::Running { process, .. } => {
-                out.actions.push(Action::Stop {
+                out.actions.push(Action::Stop(StopOp::Session {
                     session: name.clone(),
                     process,
                     why: StopReason::Removed,
-                });
+                }));
                 out.reports.insert(
                     name.clone(),
                     Report::new(
                         Phase::Terminating,
-                        reason::TERMINATING,
+                        Reason::Terminating,
                         "stopping the proxy",
                     ),
                 );
                 out.busy = true;
             }
-            ProxyState::Absent => out.actions.push(Action::Release {
+            ProxyState::Absent => out.actions.push(Action::Lease(LeaseOp::Release {
                 session: name.clone(),
                 port: lease.port,
-            }),
+            })),
         }
     }
 }
@@ -435,23 +435,23 @@ fn stay_expired(
 ) -> Report {
     match (input.leases.get(name), proxy) {
         (Some(_), ProxyState::Running { process, .. }) => {
-            out.actions.push(Action::Stop {
+            out.actions.push(Action::Stop(StopOp::Session {
                 session: name.to_owned(),
                 process,
                 why: StopReason::Expired,
-            });
+            }));
             out.busy = true;
         }
-        (Some(lease), ProxyState::Absent) => out.actions.push(Action::Release {
+        (Some(lease), ProxyState::Absent) => out.actions.push(Action::Lease(LeaseOp::Release {
             session: name.to_owned(),
             port: lease.port,
-        }),
+        })),
         (None, _) => {}
     }
-    let reason = if exp.reason == reason::MAX_LIFETIME {
-        reason::MAX_LIFETIME
+    let reason = if Reason::parse(&exp.reason) == Some(Reason::MaxLifetime) {
+        Reason::MaxLifetime
     } else {
-        reason::IDLE_TIMEOUT
+        Reason::IdleTimeout
     };
     let phase = if input.leases.contains_key(name) {
         Phase::Terminating
@@ -469,16 +469,17 @@ fn stay_expired(
 }
 
 /// Whether a leased session has reached its maximum lifetime or idle timeout.
-fn expiry_due(input: &Inputs<'_>, want: &Desired, lease: &Lease) -> Option<(&'static str, String)> {
+fn expiry_due(input: &Inputs<'_>, want: &Desired, lease: &Lease) -> Option<(Reason, String)> {
     if let Some(max) = want.max_lifetime_ms {
-        let age_ms = input
-            .wall_now
-            .duration_since(lease.allocated_at)
-            .as_millis()
-            .max(0);
-        if u128::try_from(age_ms).unwrap_or(0) >= u128::from(max) {
+        let age_ms = crate::clock::lease_age_ms(
+            lease.allocated_at,
+            lease.allocated_boot.as_ref(),
+            input.wall_now,
+            input.boot_now.as_ref(),
+        );
+        if age_ms >= max {
             return Some((
-                reason::MAX_LIFETIME,
+                Reason::MaxLifetime,
                 format!("expired: reached its maximum lifetime of {} s", max / 1000),
             ));
         }
@@ -487,7 +488,7 @@ fn expiry_due(input: &Inputs<'_>, want: &Desired, lease: &Lease) -> Option<(&'st
         && *idle >= limit
     {
         return Some((
-            reason::IDLE_TIMEOUT,
+            Reason::IdleTimeout,
             format!(
                 "expired: no client for {} s (idleTimeoutSeconds {})",
                 idle / 1000,
@@ -533,7 +534,7 @@ impl<'a> Allocator<'a> {
         let pending = |reason, msg: String| (Report::new(Phase::Pending, reason, msg), None);
         if self.leases >= input.limits.max_sessions {
             return pending(
-                reason::POOL_EXHAUSTED,
+                Reason::PoolExhausted,
                 format!(
                     "all {} sessions allowed by --max-sessions are in use; waiting for a port",
                     input.limits.max_sessions
@@ -549,7 +550,7 @@ impl<'a> Allocator<'a> {
                 Some(p) => p,
                 None => {
                     return pending(
-                        reason::POOL_EXHAUSTED,
+                        Reason::PoolExhausted,
                         format!("no free port in {}; waiting for one", input.limits.range),
                     );
                 }
@@ -560,7 +561,7 @@ impl<'a> Allocator<'a> {
         (
             Report::new(
                 Phase::Pending,
-                reason::ALLOCATING,
+                Reason::Allocating,
                 format!("leasing port {port}"),
             ),
             Some(port),
@@ -568,22 +569,22 @@ impl<'a> Allocator<'a> {
     }
 
     /// A requested port, if it can be granted now; else why not.
-    fn requested(&mut self, input: &Inputs<'_>, p: u16) -> Result<u16, (&'static str, String)> {
+    fn requested(&mut self, input: &Inputs<'_>, p: u16) -> Result<u16, (Reason, String)> {
         if let Some(holder) = self.holder.get(&p) {
             return Err((
-                reason::PORT_CONFLICT,
+                Reason::PortConflict,
                 format!("requested port {p} is leased to session {holder:?}"),
             ));
         }
         if !self.granted.insert(p) {
             return Err((
-                reason::PORT_CONFLICT,
+                Reason::PortConflict,
                 format!("requested port {p} is also requested by another session"),
             ));
         }
         if input.busy.contains(&p) {
             return Err((
-                reason::PORT_IN_USE,
+                Reason::PortInUse,
                 format!("requested port {p} is in use by another program; retrying"),
             ));
         }
@@ -610,15 +611,15 @@ fn converge_leased(
     }
     match proxy {
         ProxyState::Running { process, .. } if wrong_port || wrong_target => {
-            out.actions.push(Action::Stop {
+            out.actions.push(Action::Stop(StopOp::Session {
                 session: name.clone(),
                 process,
                 why: StopReason::SpecChanged,
-            });
+            }));
             out.busy = true;
             Report::new(
                 Phase::Pending,
-                reason::SPEC_CHANGED,
+                Reason::SpecChanged,
                 "restarting the proxy for the new spec",
             )
         }
@@ -628,15 +629,15 @@ fn converge_leased(
             ..
         } if input.stale.contains(name.as_str()) && slots.replace => {
             slots.replace = false;
-            out.actions.push(Action::Stop {
+            out.actions.push(Action::Stop(StopOp::Session {
                 session: name.clone(),
                 process,
                 why: StopReason::ConfigChanged,
-            });
+            }));
             out.busy = true;
             Report::new(
                 Phase::Pending,
-                reason::CONFIG_CHANGED,
+                Reason::ConfigChanged,
                 "replacing the proxy: vncd's proxy settings changed (TLS files, origins, web directory, listen address or proxy user)",
             )
         }
@@ -659,26 +660,26 @@ fn expire(
     generation: i64,
     lease: &Lease,
     proxy: ProxyState,
-    why: &'static str,
+    why: Reason,
     message: String,
     out: &mut Plan,
 ) -> Report {
-    out.actions.push(Action::Expire {
+    out.actions.push(Action::Lease(LeaseOp::Expire {
         session: name.to_owned(),
         generation,
         reason: why,
         message: message.clone(),
-    });
+    }));
     match proxy {
-        ProxyState::Running { process, .. } => out.actions.push(Action::Stop {
+        ProxyState::Running { process, .. } => out.actions.push(Action::Stop(StopOp::Session {
             session: name.to_owned(),
             process,
             why: StopReason::Expired,
-        }),
-        ProxyState::Absent => out.actions.push(Action::Release {
+        })),
+        ProxyState::Absent => out.actions.push(Action::Lease(LeaseOp::Release {
             session: name.to_owned(),
             port: lease.port,
-        }),
+        })),
     }
     out.busy = true;
     // Expired is reported once the port is released; until then it is going away.
@@ -697,28 +698,28 @@ fn running(
     out: &mut Plan,
 ) -> Report {
     if lease.process != Some(process) {
-        out.actions.push(Action::Record {
+        out.actions.push(Action::Lease(LeaseOp::Record {
             session: name.to_owned(),
             process,
-        });
+        }));
     }
     if listening {
         return Report::new(
             Phase::Ready,
-            reason::READY,
+            Reason::Ready,
             format!("proxy pid {} serves port {}", process.pid, lease.port),
         );
     }
     out.busy = true;
     if age_ms > input.limits.start_timeout_ms {
-        out.actions.push(Action::Stop {
+        out.actions.push(Action::Stop(StopOp::Session {
             session: name.to_owned(),
             process,
             why: StopReason::NotListening,
-        });
+        }));
         return Report::new(
             Phase::Failed,
-            reason::PROXY_FAILED,
+            Reason::ProxyFailed,
             format!(
                 "proxy pid {} did not listen on port {} within {} ms",
                 process.pid, lease.port, input.limits.start_timeout_ms
@@ -727,7 +728,7 @@ fn running(
     }
     Report::new(
         Phase::Pending,
-        reason::STARTING,
+        Reason::Starting,
         format!(
             "waiting for proxy pid {} to listen on port {}",
             process.pid, lease.port
@@ -739,23 +740,23 @@ fn running(
 fn move_lease(want: &Desired, lease: &Lease, wrong_port: bool, out: &mut Plan) -> Report {
     out.busy = true;
     if wrong_port {
-        out.actions.push(Action::Release {
+        out.actions.push(Action::Lease(LeaseOp::Release {
             session: want.name.clone(),
             port: lease.port,
-        });
+        }));
         return Report::new(
             Phase::Pending,
-            reason::SPEC_CHANGED,
+            Reason::SpecChanged,
             "moving to the requested port",
         );
     }
-    out.actions.push(Action::Retarget {
+    out.actions.push(Action::Lease(LeaseOp::Retarget {
         session: want.name.clone(),
         target: want.target.clone(),
-    });
+    }));
     Report::new(
         Phase::Pending,
-        reason::SPEC_CHANGED,
+        Reason::SpecChanged,
         "restarting the proxy for the new target",
     )
 }
@@ -767,17 +768,17 @@ fn port_taken(want: &Desired, lease: &Lease, out: &mut Plan) -> Report {
     if want.requested_port.is_some() {
         return Report::new(
             Phase::Pending,
-            reason::PORT_IN_USE,
+            Reason::PortInUse,
             format!("port {} is in use by another program; retrying", lease.port),
         );
     }
-    out.actions.push(Action::Release {
+    out.actions.push(Action::Lease(LeaseOp::Release {
         session: want.name.clone(),
         port: lease.port,
-    });
+    }));
     Report::new(
         Phase::Pending,
-        reason::PORT_IN_USE,
+        Reason::PortInUse,
         format!(
             "port {} was taken by another program; leasing another",
             lease.port
@@ -799,16 +800,16 @@ fn start_or_wait(
         let wait = restart.next_start_ms() - input.now_ms;
         let why = restart.last_error.as_deref().unwrap_or("the proxy exited");
         let (phase, reason) = if restart.starts >= 2 {
-            (Phase::Failed, reason::PROXY_FAILED)
+            (Phase::Failed, Reason::ProxyFailed)
         } else {
-            (Phase::Pending, reason::RESTARTING)
+            (Phase::Pending, Reason::Restarting)
         };
         return Report::new(phase, reason, format!("{why}; restarting in {wait} ms"));
     }
     if slots.starting >= input.limits.max_starting {
         return Report::new(
             Phase::Pending,
-            reason::QUEUED,
+            Reason::Queued,
             format!(
                 "waiting for a start slot ({} proxies are starting)",
                 slots.starting
@@ -821,9 +822,9 @@ fn start_or_wait(
         session: name.to_owned(),
     });
     let (verb, reason) = if restart.starts == 0 {
-        ("starting", reason::STARTING)
+        ("starting", Reason::Starting)
     } else {
-        ("restarting", reason::RESTARTING)
+        ("restarting", Reason::Restarting)
     };
     Report::new(
         Phase::Pending,

@@ -29,7 +29,9 @@ fn libvirt_flags_without_the_feature_say_how_to_get_it_and_touch_nothing() {
         }
         cmd.output().unwrap()
     };
-    let cases: [(&[&str], Option<(&str, &str)>, &str); 3] = [
+    // (arguments, environment, the flag the refusal names)
+    type Case<'a> = (&'a [&'a str], Option<(&'a str, &'a str)>, &'a str);
+    let cases: [Case; 3] = [
         (
             &["--libvirt", "qemu:///system"],
             None,

@@ -2,9 +2,8 @@
 //! code: first the plugin alone in python3 (known-answer vectors, tampering, expiry,
 //! replays, key file checks, one nonce directory shared with the Rust `DirNonces`), then a
 //! real websockify loading it in front of a real QEMU VNC server, with tickets minted by
-//! `vncd::ticket::mint`.
-//!
-//! Groundwork for issue #12: vncd itself does not use tickets yet.
+//! `vncd::ticket::mint`, as vncd's websockify backend runs it (token plugin plus the
+//! auth plugin that spends a ticket only for an upgrade websockify completes).
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -170,8 +169,15 @@ fn the_plugin_checks_tickets_exactly_as_the_rust_code_does() {
         calls.push(lookup(&src, t));
         calls.push(lookup(&src, t));
         if v["valid_now"].as_bool().unwrap() {
-            expect.push(("accept", json!(["127.0.0.1", "5901"]), t.to_owned()));
-            expect.push(("ticket already used", Value::Null, t.to_owned()));
+            // Valid a minute before its expiry, but that expiry is years away: refused on
+            // the real clock, twice, because a refused ticket is never spent.
+            let exp = v["expires_at"].as_u64().unwrap();
+            calls.push(
+                json!({"op": "verify", "key": v["lease_key_hex"], "token": t, "now": exp - 60}),
+            );
+            expect.push(("beyond the longest ticket TTL", Value::Null, t.to_owned()));
+            expect.push(("beyond the longest ticket TTL", Value::Null, t.to_owned()));
+            expect.push(("verify", json!(exp), t.to_owned()));
         } else {
             expect.push(("ticket expired", Value::Null, t.to_owned()));
             expect.push(("ticket expired", Value::Null, t.to_owned()));
@@ -181,6 +187,7 @@ fn the_plugin_checks_tickets_exactly_as_the_rust_code_does() {
     for (r, (what, value, t)) in results.iter().zip(&expect) {
         match *what {
             "lease_key" | "accept" => assert_eq!(ok(r), value, "{what}"),
+            "verify" => assert_eq!(&ok(r)[1], value, "{what}"),
             why => refused(r, why, t),
         }
     }
@@ -376,6 +383,8 @@ fn websockify(key_file: &Path, log: &Path) -> (Group, u16) {
                 "vncd_ticket.VncdTicket",
                 "--token-source",
                 &key_file.display().to_string(),
+                "--auth-plugin",
+                "vncd_ticket.VncdSpend",
                 &format!("127.0.0.1:{port}"),
             ])
             .env("PYTHONPATH", PLUGIN_DIR)
@@ -499,4 +508,91 @@ async fn real_websockify_reaches_a_unix_socket_target() {
         b"RFB 003.008\n"
     );
     assert!(common::try_banner(&url(port, Some(&t))).await.is_err());
+}
+
+/// Sends a raw upgrade request whose `Sec-WebSocket-Version` is `version` and returns the
+/// status line of the answer.
+fn raw_upgrade(port: u16, ticket: &str, version: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "GET /websockify?token={ticket} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\
+         Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: {version}\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    .unwrap();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    String::from_utf8_lossy(&buf)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_websockify_spends_a_ticket_only_for_an_upgrade_it_completes() {
+    common::require("websockify");
+    let tmp = tempfile::tempdir().unwrap();
+    let qemu = common::Qemu::tcp();
+    let key = MasterKey::from_bytes([9; 32]).lease_key("vm1", "9999888877776666");
+    let src = key_file(tmp.path(), "vm1", &key, &tcp(qemu.port));
+    let log = tmp.path().join("websockify.log");
+    let (_ws, port) = websockify(&src, &log);
+    let good = ticket::mint(&key, DEFAULT_TTL, unix_now()).unwrap().text;
+
+    // A good ticket on an upgrade websockify refuses (a websocket version it does not
+    // speak): refused, and the ticket is not used up.
+    let status = raw_upgrade(port, &good, "99");
+    assert!(
+        !status.contains(" 101 "),
+        "a bad upgrade was switched: {status:?}"
+    );
+    assert!(
+        fs::read_dir(tmp.path().join("vm1.nonces"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "the bad upgrade spent the ticket"
+    );
+    // The same ticket then opens the console, once.
+    assert_eq!(
+        common::rfb_banner(&url(port, Some(&good))).await,
+        b"RFB 003.008\n"
+    );
+    assert!(common::try_banner(&url(port, Some(&good))).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_websockify_refuses_a_ticket_that_lives_for_years() {
+    common::require("websockify");
+    let tmp = tempfile::tempdir().unwrap();
+    let qemu = common::Qemu::tcp();
+    let key = MasterKey::from_bytes([3; 32]).lease_key("vm1", "1212343456567878");
+    let src = key_file(tmp.path(), "vm1", &key, &tcp(qemu.port));
+    let log = tmp.path().join("websockify.log");
+    let (_ws, port) = websockify(&src, &log);
+    let ten_years = Duration::from_secs(10 * 365 * 24 * 3600);
+    let forever = ticket::mint(&key, ten_years, unix_now()).unwrap().text;
+    assert!(matches!(
+        ticket::verify(&key, &forever, unix_now()),
+        Err(TicketError::TooFarAhead)
+    ));
+    let r = common::try_banner(&url(port, Some(&forever))).await;
+    assert!(r.is_err(), "a ten-year ticket opened the console: {r:?}");
+    let text = fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("beyond the longest ticket TTL"),
+        "log lacks the reason:\n{text}"
+    );
+    // Within the longest TTL it works.
+    let hour = ticket::mint(&key, ticket::MAX_TTL, unix_now())
+        .unwrap()
+        .text;
+    assert_eq!(
+        common::rfb_banner(&url(port, Some(&hour))).await,
+        b"RFB 003.008\n"
+    );
 }

@@ -30,6 +30,19 @@ clock is read again after recording so a replay that stalled past the pruning is
 The key file is read again for every connection, so vncd can replace it (a new lease key
 after a retarget) without restarting websockify.
 
+Every ticket's expiry must lie within MAX_TTL_SECS + MAX_CLOCK_SKEW_SECS of now, as in
+src/ticket/format.rs: no vncd mints longer ones, and a ticket of years would keep its
+used-ticket record from ever being pruned.
+
+Single use, spent last. websockify calls the token plugin's lookup() *before* it checks the
+websocket handshake (Upgrade, Sec-WebSocket-Version, -Key, -Protocol), so spending the ticket
+there would let a malformed upgrade waste a good ticket. vncd therefore also passes
+`--auth-plugin vncd_ticket.VncdSpend`: lookup() only verifies and remembers the ticket for
+this connection, and VncdSpend.authenticate(), which websockify calls next with the request
+headers, applies the same handshake checks as websockify's own accept() and only then spends
+it. What can still fail after that is the socket itself. Without the auth plugin (an older
+command line) lookup() spends at once, as before.
+
 Refusals raise TicketRefused rather than returning None: on None websockify logs
 "Token '<the ticket>' not found", while an exception makes it log only our message
 ("handler exception: vncd ticket refused ..."), which never contains the ticket. Either
@@ -43,6 +56,7 @@ import hmac
 import os
 import re
 import stat
+import threading
 import time
 
 VERSION = "v1"
@@ -53,6 +67,8 @@ NONCE_B64_LEN = 22
 MAC_B64_LEN = 43
 MAX_TICKET_LEN = 3 + 20 + 1 + NONCE_B64_LEN + 1 + MAC_B64_LEN
 PRUNE_GRACE_SECS = 60
+MAX_TTL_SECS = 3600
+MAX_CLOCK_SKEW_SECS = 30
 MAX_KEY_FILE = 64 * 1024
 U64_MAX = 2 ** 64 - 1
 
@@ -79,6 +95,11 @@ class BadSignature(TicketError):
 class Expired(TicketError):
     def __init__(self):
         super().__init__("ticket expired")
+
+
+class TooFarAhead(TicketError):
+    def __init__(self):
+        super().__init__("ticket expiry lies beyond the longest ticket TTL")
 
 
 class Replayed(TicketError):
@@ -126,8 +147,8 @@ def _decimal(text):
 def verify(key, text, now):
     """Check `text` against the 32-byte lease `key` at unix time `now`.
 
-    Returns (nonce bytes, expiry); raises Malformed, BadSignature or Expired. The MAC is
-    checked before the expiry, so Expired is only said of an authentic ticket."""
+    Returns (nonce bytes, expiry); raises Malformed, BadSignature, Expired or TooFarAhead.
+    The MAC is checked before the expiry, so Expired is only said of an authentic ticket."""
     if not isinstance(text, str) or len(text) > MAX_TICKET_LEN:
         raise Malformed()
     signed, dot, mac_b64 = text.rpartition(".")
@@ -145,6 +166,8 @@ def verify(key, text, now):
         raise BadSignature()
     if now >= expires_at:
         raise Expired()
+    if expires_at > now + MAX_TTL_SECS + MAX_CLOCK_SKEW_SECS:
+        raise TooFarAhead()
     return nonce, expires_at
 
 
@@ -273,6 +296,15 @@ def check(keyfile, ticket, clock=time.time):
     consume(keyfile.nonces, nonce, expires_at, clock)
 
 
+# Set once VncdSpend is constructed (websockify builds its plugins at start, before it
+# forks per connection): lookup() then leaves the spending to VncdSpend.authenticate().
+_SPEND_IN_AUTH = [False]
+# The ticket lookup() verified for the connection being handled, spent by authenticate().
+# websockify handles one connection per forked process (or per thread), so a thread-local
+# holds exactly that connection's ticket.
+_PENDING = threading.local()
+
+
 class VncdTicket(object):
     """The websockify token plugin: `--token-plugin vncd_ticket.VncdTicket
     --token-source KEYFILE`. websockify constructs it once with the source string and
@@ -284,12 +316,69 @@ class VncdTicket(object):
     def lookup(self, token):
         """The target as websockify wants it: (host, port), or ("unix_socket", path).
         Any failure raises TicketRefused (see the module docs for why not None)."""
+        _PENDING.ticket = None
         try:
             keyfile = load_key_file(self.source)
         except KeyFileError as err:
             raise TicketRefused("vncd ticket refused: %s" % err)
         try:
-            check(keyfile, token)
+            if _SPEND_IN_AUTH[0]:
+                nonce, expires_at = verify(keyfile.key, token, int(time.time()))
+                _PENDING.ticket = (keyfile, nonce, expires_at)
+            else:
+                check(keyfile, token)
         except TicketError as err:
             raise TicketRefused("vncd ticket refused (session %s): %s" % (keyfile.session, err))
         return keyfile.target
+
+
+def _auth_error(code, message):
+    """websockify's AuthenticationError (it answers with `code` and closes), or a plain
+    exception where websockify is not importable (the plugin's own tests)."""
+    try:
+        from websockify.auth_plugins import AuthenticationError
+    except ImportError:
+        return TicketRefused(message)
+    return AuthenticationError(log_msg=message, response_code=code, response_msg=message)
+
+
+def upgrade_problem(headers):
+    """Why websockify's accept() would refuse these upgrade headers, or None. The same
+    checks in the same order (websockify/websocket.py, WebSocket.accept), so a ticket is
+    spent only for an upgrade that websockify then completes."""
+    if (headers.get("upgrade", "") or "").lower() != "websocket":
+        return "missing or incorrect upgrade header"
+    if headers.get("Sec-WebSocket-Version") not in ("7", "8", "13"):
+        return "missing or unsupported Sec-WebSocket-Version"
+    if headers.get("Sec-WebSocket-Key") is None:
+        return "missing Sec-WebSocket-Key"
+    protocols = (headers.get("Sec-WebSocket-Protocol", "") or "").split(",")
+    chosen = "binary" if "binary" in protocols else ""
+    if chosen not in protocols:
+        return "no acceptable Sec-WebSocket-Protocol"
+    return None
+
+
+class VncdSpend(object):
+    """The websockify auth plugin: `--auth-plugin vncd_ticket.VncdSpend`. Spends the ticket
+    that VncdTicket.lookup() verified, once the upgrade headers pass websockify's checks."""
+
+    def __init__(self, src=None):
+        self.source = src
+        _SPEND_IN_AUTH[0] = True
+
+    def authenticate(self, headers, target_host, target_port):
+        pending = getattr(_PENDING, "ticket", None)
+        _PENDING.ticket = None
+        if pending is None:
+            # lookup() refused (it raised) or never ran: nothing may pass.
+            raise _auth_error(403, "vncd ticket refused: no verified ticket for this upgrade")
+        keyfile, nonce, expires_at = pending
+        problem = upgrade_problem(headers)
+        if problem is not None:
+            raise _auth_error(400, "bad websocket upgrade (ticket not used): %s" % problem)
+        try:
+            consume(keyfile.nonces, nonce, expires_at)
+        except TicketError as err:
+            raise _auth_error(
+                403, "vncd ticket refused (session %s): %s" % (keyfile.session, err))

@@ -189,6 +189,7 @@ async fn pass(
             // Cleanup replaces nothing: `vncd run` judges its own settings.
             stale: &BTreeSet::new(),
             wall_now: Timestamp::now(),
+            boot_now: crate::clock::BootInstant::now(),
             limits: Limits {
                 range: eff.range,
                 max_sessions: eff.max_sessions,
@@ -312,6 +313,7 @@ fn rebuild(dir: &StateDir, owner: &str) -> anyhow::Result<()> {
             uid: m.lease.clone(),
             process: Some(m.process),
             allocated_at: Timestamp::now(),
+            allocated_boot: crate::clock::BootInstant::now(),
         };
         info!(session = %m.session, port, pid = m.process.pid, "rebuilt lease from running proxy");
         set.leases.insert(m.session, lease);

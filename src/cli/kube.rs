@@ -210,7 +210,7 @@ async fn connect(args: &KubeArgs, url: &crate::status::UrlStyle) -> anyhow::Resu
 
 async fn serve(args: KubeArgs, setup: Setup) -> anyhow::Result<ExitCode> {
     let (stop_tx, stop) = watch::channel(false);
-    tokio::spawn(async move {
+    crate::task::spawn(tracing::info_span!("signals"), async move {
         shutdown_signal().await;
         let _ = stop_tx.send(true);
     });
@@ -351,13 +351,16 @@ fn start_janitor(args: &KubeArgs, c: &Connected, lease: &LeaseConfig) -> Option<
         lease_duration: lease.duration,
     };
     let writer = Writer::new(c.client.clone(), c.metered.clone());
-    Some(AbortOnDrop(tokio::spawn(janitor::run(
-        c.client.clone(),
-        c.api.clone(),
-        cfg,
-        writer,
-        c.metered.clone(),
-    ))))
+    Some(AbortOnDrop(crate::task::spawn(
+        tracing::info_span!("janitor"),
+        janitor::run(
+            c.client.clone(),
+            c.api.clone(),
+            cfg,
+            writer,
+            c.metered.clone(),
+        ),
+    )))
 }
 
 /// A background task that ends with its owner.

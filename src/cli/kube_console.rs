@@ -62,5 +62,9 @@ pub fn start(
         retention: args.retention(),
         counts: counts.clone(),
     };
-    (AbortOnDrop(tokio::spawn(responder.run())), counts)
+    let span = tracing::info_span!("console_requests");
+    (
+        AbortOnDrop(crate::task::spawn(span, responder.run())),
+        counts,
+    )
 }

@@ -34,7 +34,7 @@ pub(super) struct Memory {
     last_active: BTreeMap<String, Instant>,
     /// The allocation-failure reason each waiting session was last counted under, so a
     /// session waiting for many passes counts once.
-    pub alloc_waiting: BTreeMap<String, &'static str>,
+    pub alloc_waiting: BTreeMap<String, reconcile::Reason>,
     /// The lease store has been refusing commits (unwritable, corrupt): since when, how
     /// often, and when that was last logged as an error.
     store_failing: Option<StoreFailing>,
@@ -133,7 +133,7 @@ impl Memory {
     pub fn count_waiting(
         &mut self,
         reports: &BTreeMap<String, reconcile::Report>,
-    ) -> Vec<&'static str> {
+    ) -> Vec<reconcile::Reason> {
         let (waiting, new) = waiting_for_ports(&self.alloc_waiting, reports);
         self.alloc_waiting = waiting;
         new
@@ -183,13 +183,13 @@ impl Memory {
 /// The sessions whose report is an allocation failure, and the failures that are new
 /// since `before` (a session that starts waiting, or waits for another reason now).
 fn waiting_for_ports(
-    before: &BTreeMap<String, &'static str>,
+    before: &BTreeMap<String, reconcile::Reason>,
     reports: &BTreeMap<String, reconcile::Report>,
-) -> (BTreeMap<String, &'static str>, Vec<&'static str>) {
+) -> (BTreeMap<String, reconcile::Reason>, Vec<reconcile::Reason>) {
     let mut waiting = BTreeMap::new();
     let mut new = Vec::new();
     for (name, r) in reports {
-        let Some(reason) = reconcile::reason::WAITING_FOR_PORT
+        let Some(reason) = reconcile::Reason::WAITING_FOR_PORT
             .iter()
             .find(|f| **f == r.reason)
         else {
@@ -207,17 +207,17 @@ fn waiting_for_ports(
 mod tests {
     use super::*;
     use crate::api::Phase;
-    use crate::reconcile::{Report, reason};
+    use crate::reconcile::{Reason, Report};
     use crate::session::{Desired, Endpoint};
 
-    fn reports(of: &[(&str, &'static str)]) -> BTreeMap<String, Report> {
+    fn reports(of: &[(&str, Reason)]) -> BTreeMap<String, Report> {
         of.iter()
             .map(|(name, reason)| {
                 (
                     (*name).to_owned(),
                     Report {
                         phase: Phase::Pending,
-                        reason,
+                        reason: *reason,
                         message: String::new(),
                     },
                 )
@@ -228,25 +228,25 @@ mod tests {
     #[test]
     fn a_wait_for_a_port_counts_once_not_once_per_pass() {
         let pass1 = reports(&[
-            ("a", reason::POOL_EXHAUSTED),
-            ("b", reason::ALLOCATING),
-            ("c", reason::READY),
+            ("a", Reason::PoolExhausted),
+            ("b", Reason::Allocating),
+            ("c", Reason::Ready),
         ]);
         let (w, new) = waiting_for_ports(&BTreeMap::new(), &pass1);
-        assert_eq!(new, [reason::POOL_EXHAUSTED]);
+        assert_eq!(new, [Reason::PoolExhausted]);
         // Still waiting, for the same reason: nothing new.
         let (w, new) = waiting_for_ports(&w, &pass1);
         assert!(new.is_empty());
         // Another reason counts; so does a second session starting to wait.
-        let pass3 = reports(&[("a", reason::PORT_IN_USE), ("b", reason::POOL_EXHAUSTED)]);
+        let pass3 = reports(&[("a", Reason::PortInUse), ("b", Reason::PoolExhausted)]);
         let (w, mut new) = waiting_for_ports(&w, &pass3);
         new.sort_unstable();
-        assert_eq!(new, [reason::POOL_EXHAUSTED, reason::PORT_IN_USE]);
+        assert_eq!(new, [Reason::PoolExhausted, Reason::PortInUse]);
         // Served, then waiting again: a new wait.
-        let (w, new) = waiting_for_ports(&w, &reports(&[("a", reason::STARTING)]));
+        let (w, new) = waiting_for_ports(&w, &reports(&[("a", Reason::Starting)]));
         assert!(new.is_empty() && w.is_empty());
-        let (_, new) = waiting_for_ports(&w, &reports(&[("a", reason::PORT_CONFLICT)]));
-        assert_eq!(new, [reason::PORT_CONFLICT]);
+        let (_, new) = waiting_for_ports(&w, &reports(&[("a", Reason::PortConflict)]));
+        assert_eq!(new, [Reason::PortConflict]);
     }
 
     #[test]

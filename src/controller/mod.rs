@@ -231,10 +231,14 @@ impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
         let plan =
             reconcile::plan(&seen.inputs(snapshot, &self.leases, &self.memory, self.config.limits));
         for reason in self.memory.count_waiting(&plan.reports) {
-            self.metrics.allocation_failed(reason);
+            self.metrics.allocation_failed(reason.as_str());
         }
         let staged = plan.staged();
-        let persisted = match self.persist(snapshot, &staged.lease_ops).await {
+        let persisted = match self
+            .persist(snapshot, &staged.lease_ops)
+            .instrument(info_span!("persist", ops = staged.lease_ops.len()))
+            .await
+        {
             persist::Persisted::Retry => return true,
             persist::Persisted::Failed => {
                 self.act_while_store_fails(&staged).await;
@@ -242,9 +246,17 @@ impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
             }
             persist::Persisted::Done { changed } => changed,
         };
-        let acted = self.act(&staged, seen.now_ms).await;
+        let acted = self
+            .act(&staged, seen.now_ms)
+            .instrument(info_span!(
+                "act",
+                stops = staged.stops.len(),
+                starts = staged.starts.len()
+            ))
+            .await;
         let report_started = Instant::now();
         self.report(snapshot, &seen.obs, &plan.reports, &acted)
+            .instrument(info_span!("report", sessions = plan.reports.len()))
             .await;
         debug!(
             elapsed_ms = started.elapsed().as_millis() as u64,

@@ -54,6 +54,7 @@ impl Seen {
             limits,
             now_ms: self.now_ms,
             wall_now: Timestamp::now(),
+            boot_now: crate::clock::BootInstant::now(),
         }
     }
 }

@@ -10,7 +10,7 @@ use super::Controller;
 use crate::lease::{Expiry, Lease};
 use crate::metrics;
 use crate::net::can_bind;
-use crate::reconcile::{LeaseOp, reason};
+use crate::reconcile::{LeaseOp, Reason};
 use crate::source::{Snapshot, Source};
 use crate::status::StatusSink;
 use crate::store::{LeaseChange, LeaseStore, StoreError};
@@ -37,15 +37,34 @@ pub(super) enum Commit {
     Failed,
 }
 
+/// What one lease operation asks of the store.
+#[derive(Debug)]
+enum Change {
+    Write(LeaseChange),
+    /// Nothing: the session or lease it names is gone since the plan.
+    Nothing,
+    /// A new lease's port failed its bind probe: skipped for a while, the session waits.
+    PortBusy,
+}
+
+impl From<Option<LeaseChange>> for Change {
+    fn from(c: Option<LeaseChange>) -> Self {
+        c.map_or(Change::Nothing, Change::Write)
+    }
+}
+
 impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
     pub(super) async fn persist(&mut self, snapshot: &Snapshot, ops: &[LeaseOp]) -> Persisted {
         let mut probe_failed = false;
         let mut changes: Vec<LeaseChange> = ops
             .iter()
-            .filter_map(|op| {
-                let change = self.change_for(snapshot, op);
-                probe_failed |= change.is_err();
-                change.ok().flatten()
+            .filter_map(|op| match self.change_for(snapshot, op) {
+                Change::Write(c) => Some(c),
+                Change::Nothing => None,
+                Change::PortBusy => {
+                    probe_failed = true;
+                    None
+                }
             })
             .collect();
         changes.extend(self.unpersisted_expiries(&changes));
@@ -84,20 +103,19 @@ impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
         Persisted::Done { changed: true }
     }
 
-    /// The store change one lease operation makes; `Err` when a new lease's port failed
-    /// its bind probe (the port is skipped for a while and the session waits).
-    fn change_for(&mut self, snapshot: &Snapshot, op: &LeaseOp) -> Result<Option<LeaseChange>, ()> {
+    /// The store change one lease operation makes.
+    fn change_for(&mut self, snapshot: &Snapshot, op: &LeaseOp) -> Change {
         let leased = |s: &str| self.leases.leases.get(s).cloned();
-        Ok(match op {
+        Change::from(match op {
             LeaseOp::Lease { session, port } => {
                 if !can_bind(self.supervisor.listen_address(), *port) {
                     info!(port, session = %session, "port is in use by another program; skipping it for now");
                     self.memory.busy_ports.insert(*port, Instant::now());
-                    self.metrics.allocation_failed(reason::PORT_IN_USE);
+                    self.metrics.allocation_failed(Reason::PortInUse.as_str());
                     self.memory
                         .alloc_waiting
-                        .insert(session.clone(), reason::PORT_IN_USE);
-                    return Err(());
+                        .insert(session.clone(), Reason::PortInUse);
+                    return Change::PortBusy;
                 }
                 snapshot.desired.get(session).map(|want| {
                     LeaseChange::Put(
@@ -114,6 +132,7 @@ impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
                 let instance = snapshot.desired.get(session).and_then(|w| w.instance.as_deref());
                 LeaseChange::Put(Lease {
                     allocated_at: l.allocated_at,
+                    allocated_boot: l.allocated_boot.clone(),
                     ..Lease::new(session, l.port, target.clone(), Timestamp::now())
                         .for_instance(instance)
                 })
@@ -124,12 +143,12 @@ impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
                 reason,
                 message,
             } => {
-                info!(session = %session, reason, "session expired");
+                info!(session = %session, reason = %reason, "session expired");
                 Some(LeaseChange::Expire(
                     session.clone(),
                     Expiry {
                         generation: *generation,
-                        reason: (*reason).to_owned(),
+                        reason: reason.as_str().to_owned(),
                         message: message.clone(),
                         at: Timestamp::now(),
                     },

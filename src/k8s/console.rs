@@ -103,7 +103,7 @@ impl Responder {
             .default_backoff()
             .modify(|o: &mut VncConsoleRequest| o.metadata.managed_fields = None)
             .reflect(writer);
-        let watch = tokio::spawn(async move {
+        let watch = crate::task::spawn(tracing::info_span!("console_requests_watch"), async move {
             futures::pin_mut!(stream);
             while let Some(ev) = stream.next().await {
                 match ev {

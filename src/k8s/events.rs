@@ -78,7 +78,7 @@ impl Events {
         );
         let published = Arc::new(AtomicU64::new(0));
         let count = published.clone();
-        tokio::spawn(async move {
+        crate::task::spawn(tracing::info_span!("events"), async move {
             while let Some(item) = rx.recv().await {
                 let ev = Event {
                     type_: item.reason.event_type(),

@@ -8,6 +8,7 @@ use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::api::VncSessionStatus;
+use crate::clock::BootInstant;
 use crate::lease::{Lease, ProcRef};
 use crate::session::Endpoint;
 use crate::status::UrlStyle;
@@ -27,6 +28,9 @@ pub fn put_lease_fields(
     // The API stores whole seconds; writing more would make every comparison differ.
     status.allocated_at = lease.map(|l| Time(whole_seconds(l.allocated_at)));
     status.lease_uid = lease.map(|l| l.uid.clone());
+    let boot = lease.and_then(|l| l.allocated_boot.as_ref());
+    status.allocated_boot_id = boot.map(|b| b.boot_id.clone());
+    status.allocated_uptime_ms = boot.map(|b| i64::try_from(b.uptime_ms).unwrap_or(i64::MAX));
     status.node = lease.map(|_| node.to_owned());
     status.pid = lease.and_then(|l| l.process).map(|p| p.pid);
     status.process_start_time = lease
@@ -60,6 +64,13 @@ pub fn lease_from_status(key: &str, status: &VncSessionStatus, node: &str) -> Op
         uid: status.lease_uid.clone()?,
         process,
         allocated_at: status.allocated_at.as_ref()?.0,
+        allocated_boot: match (&status.allocated_boot_id, status.allocated_uptime_ms) {
+            (Some(boot_id), Some(ms)) => Some(BootInstant {
+                boot_id: boot_id.clone(),
+                uptime_ms: u64::try_from(ms).ok()?,
+            }),
+            _ => None,
+        },
     })
 }
 

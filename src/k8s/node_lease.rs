@@ -133,6 +133,15 @@ pub struct NodeLease {
     observed: Option<(String, Instant)>,
 }
 
+/// What one look at the node Lease found.
+#[derive(Debug)]
+pub enum Acquired {
+    /// It is ours now (taken or renewed).
+    Held(Box<Lease>),
+    /// Someone else holds it: their identity (or what raced us).
+    HeldBy(String),
+}
+
 impl NodeLease {
     /// Every call is bounded by `metered`'s deadline, or by what is left of the renew
     /// deadline while renewing, whichever is shorter.
@@ -179,9 +188,8 @@ impl NodeLease {
         }
     }
 
-    /// One look at the Lease: takes or renews it if we may. Returns the held Lease, or
-    /// the current holder's identity.
-    pub async fn try_acquire(&mut self) -> Result<Result<Lease, String>, LeaseError> {
+    /// One look at the Lease: takes or renews it if we may.
+    pub async fn try_acquire(&mut self) -> Result<Acquired, LeaseError> {
         let name = self.cfg.name();
         let current = match self
             .metered
@@ -202,8 +210,10 @@ impl NodeLease {
             };
             let create = self.api.create(&POST, &lease);
             return match self.metered.call("create", "Lease", &name, create).await {
-                Ok(l) => Ok(Ok(l)),
-                Err(e) if is_conflict(&e) => Ok(Err("another instance (just created)".into())),
+                Ok(l) => Ok(Acquired::Held(Box::new(l))),
+                Err(e) if is_conflict(&e) => {
+                    Ok(Acquired::HeldBy("another instance (just created)".into()))
+                }
                 Err(e) => Err(self.err(e)),
             };
         };
@@ -221,14 +231,16 @@ impl NodeLease {
         };
         let spec = current.spec.clone().unwrap_or_default();
         match decide(&spec, &self.cfg.identity, unchanged_for, self.cfg.duration) {
-            Decision::Wait { holder } => Ok(Err(holder)),
+            Decision::Wait { holder } => Ok(Acquired::HeldBy(holder)),
             Decision::Take | Decision::Renew => {
                 let mut next = current.clone();
                 next.spec = Some(self.spec_now(Some(&spec)));
                 let replace = self.api.replace(&name, &POST, &next);
                 match self.metered.call("replace", "Lease", &name, replace).await {
-                    Ok(l) => Ok(Ok(l)),
-                    Err(e) if is_conflict(&e) => Ok(Err("another instance (raced us)".into())),
+                    Ok(l) => Ok(Acquired::Held(Box::new(l))),
+                    Err(e) if is_conflict(&e) => {
+                        Ok(Acquired::HeldBy("another instance (raced us)".into()))
+                    }
                     Err(e) => Err(self.err(e)),
                 }
             }
@@ -241,11 +253,11 @@ impl NodeLease {
         let mut last_holder = String::new();
         loop {
             match self.try_acquire().await {
-                Ok(Ok(lease)) => {
+                Ok(Acquired::Held(lease)) => {
                     info!(lease = %self.cfg.name(), namespace = %self.cfg.namespace, identity = %self.cfg.identity, "holding the node lease");
-                    return HeldLease::start(self, lease);
+                    return HeldLease::start(self, *lease);
                 }
-                Ok(Err(holder)) => {
+                Ok(Acquired::HeldBy(holder)) => {
                     if holder != last_holder {
                         info!(lease = %self.cfg.name(), holder = %holder, "another vncd serves this node; waiting passively");
                         last_holder = holder;
@@ -322,7 +334,8 @@ impl HeldLease {
     fn start(contender: NodeLease, mut lease: Lease) -> HeldLease {
         let (lost_tx, lost) = watch::channel(None);
         let (stop, mut stop_rx) = oneshot::channel::<oneshot::Sender<()>>();
-        tokio::spawn(async move {
+        let span = tracing::info_span!("node_lease", lease = %contender.cfg.name());
+        crate::task::spawn(span, async move {
             let mut last_ok = Instant::now();
             loop {
                 tokio::select! {

@@ -53,8 +53,18 @@ struct Sim {
     /// Sessions whose running proxy was started under other settings.
     stale: BTreeSet<String>,
     now: u64,
+    /// How far the simulated wall clock is stepped from the boot clock (`now`).
+    wall_step_ms: i64,
     next_pid: i32,
     limits: Limits,
+}
+
+/// The simulated boot clock at `ms`.
+fn boot_at(ms: u64) -> crate::clock::BootInstant {
+    crate::clock::BootInstant {
+        boot_id: "sim".into(),
+        uptime_ms: ms,
+    }
 }
 
 impl Sim {
@@ -71,6 +81,7 @@ impl Sim {
             idle: BTreeMap::new(),
             stale: BTreeSet::new(),
             now: 1_000_000,
+            wall_step_ms: 0,
             next_pid: 100,
             limits: limits(max),
         }
@@ -117,8 +128,14 @@ impl Sim {
             stale: &self.stale,
             limits: self.limits,
             now_ms: self.now,
-            wall_now: Timestamp::from_millisecond(i64::try_from(self.now).unwrap()).unwrap(),
+            wall_now: self.wall(),
+            boot_now: Some(boot_at(self.now)),
         })
+    }
+
+    /// The simulated wall clock: the boot clock plus any step.
+    fn wall(&self) -> Timestamp {
+        Timestamp::from_millisecond(i64::try_from(self.now).unwrap() + self.wall_step_ms).unwrap()
     }
 
     /// One pass: plan, apply, advance time. Returns the number of actions.
@@ -143,7 +160,7 @@ impl Sim {
 
     fn apply(&mut self, action: &Action) {
         match action {
-            Action::Lease { session, port } => {
+            Action::Lease(LeaseOp::Lease { session, port }) => {
                 assert!(
                     !self.leases.contains_key(session),
                     "double lease for {session}"
@@ -159,12 +176,12 @@ impl Sim {
                     return;
                 }
                 let target = self.desired[session].target.clone();
-                let at = Timestamp::from_millisecond(i64::try_from(self.now).unwrap()).unwrap();
                 let instance = self.desired[session].instance.as_deref();
-                let lease = Lease::new(session, *port, target, at).for_instance(instance);
+                let lease = Lease::at(session, *port, target, self.wall(), Some(boot_at(self.now)))
+                    .for_instance(instance);
                 self.leases.insert(session.clone(), lease);
             }
-            Action::Release { session, port } => {
+            Action::Lease(LeaseOp::Release { session, port }) => {
                 assert!(
                     !self.procs.contains_key(session),
                     "released {session} with a live proxy"
@@ -175,18 +192,19 @@ impl Sim {
                     .expect("release of a missing lease");
                 assert_eq!(l.port, *port);
             }
-            Action::Retarget { session, target } => {
+            Action::Lease(LeaseOp::Retarget { session, target }) => {
                 assert!(!self.procs.contains_key(session));
                 let instance = self.desired[session].instance.as_deref();
                 let l = self.leases.get_mut(session).expect("lease");
                 // As the controller does: a new uid (for the instance) on the same port.
                 *l = Lease {
                     allocated_at: l.allocated_at,
-                    ..Lease::new(session, l.port, target.clone(), l.allocated_at)
+                    allocated_boot: l.allocated_boot.clone(),
+                    ..Lease::at(session, l.port, target.clone(), l.allocated_at, None)
                         .for_instance(instance)
                 };
             }
-            Action::Record { session, process } => {
+            Action::Lease(LeaseOp::Record { session, process }) => {
                 assert_eq!(self.procs[session].0, *process);
                 self.leases.get_mut(session).expect("lease").process = Some(*process);
             }
@@ -213,33 +231,33 @@ impl Sim {
                 self.procs.insert(session.clone(), (p, false, self.now));
                 self.leases.get_mut(session).expect("lease").process = Some(p);
             }
-            Action::Stop {
+            Action::Stop(StopOp::Session {
                 session, process, ..
-            } => {
+            }) => {
                 let (p, ..) = self.procs.remove(session).expect("stop of a missing proxy");
                 assert_eq!(p, *process, "stopped a process that is not the session's");
             }
-            Action::Expire {
+            Action::Lease(LeaseOp::Expire {
                 session,
                 generation,
                 reason,
                 message,
-            } => {
+            }) => {
                 let expiry = crate::lease::Expiry {
                     generation: *generation,
-                    reason: (*reason).to_owned(),
+                    reason: reason.as_str().to_owned(),
                     message: message.clone(),
                     at: Timestamp::UNIX_EPOCH,
                 };
                 self.expired.insert(session.clone(), expiry);
             }
-            Action::Unexpire { session } => {
+            Action::Lease(LeaseOp::Unexpire { session }) => {
                 assert!(
                     self.expired.remove(session).is_some(),
                     "unexpire of {session} that never expired"
                 );
             }
-            Action::KillOrphan { process } => {
+            Action::Stop(StopOp::Orphan { process }) => {
                 let before = self.orphans.len();
                 self.orphans.retain(|o| o != process);
                 assert_eq!(
@@ -287,10 +305,10 @@ fn a_new_session_is_leased_then_started_then_ready() {
     let p = sim.step();
     assert_eq!(
         p.actions,
-        vec![Action::Lease {
+        vec![Action::Lease(LeaseOp::Lease {
             session: "a".into(),
             port: 6100
-        }]
+        })]
     );
     assert_eq!(p.reports["a"].phase, Phase::Pending);
     let p = sim.step();
@@ -302,7 +320,7 @@ fn a_new_session_is_leased_then_started_then_ready() {
     );
     let p = sim.step();
     assert!(p.actions.is_empty());
-    assert_eq!(p.reports["a"].reason, reason::STARTING);
+    assert_eq!(p.reports["a"].reason, Reason::Starting);
     let p = sim.step();
     assert_eq!(p.reports["a"].phase, Phase::Ready);
     assert!(!p.busy);
@@ -317,19 +335,19 @@ fn removal_stops_the_proxy_before_releasing_the_port() {
     let p = sim.step();
     assert!(matches!(
         p.actions[..],
-        [Action::Stop {
+        [Action::Stop(StopOp::Session {
             why: StopReason::Removed,
             ..
-        }]
+        })]
     ));
     assert_eq!(p.reports["a"].phase, Phase::Terminating);
     let p = sim.step();
     assert_eq!(
         p.actions,
-        vec![Action::Release {
+        vec![Action::Lease(LeaseOp::Release {
             session: "a".into(),
             port: 6100
-        }]
+        })]
     );
     assert!(sim.leases.is_empty());
 }
@@ -341,7 +359,7 @@ fn exhaustion_is_reported_and_heals_when_a_port_frees() {
         sim.desired.insert(n.into(), desired(n, 5901, None));
     }
     let p = sim.converge();
-    assert_eq!(p.reports["c"].reason, reason::POOL_EXHAUSTED);
+    assert_eq!(p.reports["c"].reason, Reason::PoolExhausted);
     assert_eq!(p.reports["a"].phase, Phase::Ready);
     sim.desired.remove("a");
     let p = sim.converge();
@@ -371,7 +389,7 @@ fn a_crashed_proxy_restarts_on_the_same_port_with_backoff() {
     sim.procs.clear();
     let p = sim.plan();
     assert!(p.actions.is_empty(), "{p:?}");
-    assert_eq!(p.reports["a"].reason, reason::RESTARTING);
+    assert_eq!(p.reports["a"].reason, Reason::Restarting);
     sim.converge();
     assert_eq!(sim.leases["a"].port, port);
 }
@@ -413,12 +431,12 @@ fn a_lease_whose_port_was_taken_while_down_moves() {
     let p = sim.step();
     assert_eq!(
         p.actions,
-        vec![Action::Release {
+        vec![Action::Lease(LeaseOp::Release {
             session: "a".into(),
             port: 6100
-        }]
+        })]
     );
-    assert_eq!(p.reports["a"].reason, reason::PORT_IN_USE);
+    assert_eq!(p.reports["a"].reason, Reason::PortInUse);
     sim.converge();
     assert_eq!(sim.leases["a"].port, 6101);
 }
@@ -433,7 +451,7 @@ fn requested_ports_are_honoured_and_conflicts_reported() {
     sim.desired.insert("c".into(), desired("c", 5903, None));
     let p = sim.converge();
     assert_eq!(sim.leases["a"].port, 6103);
-    assert_eq!(p.reports["b"].reason, reason::PORT_CONFLICT);
+    assert_eq!(p.reports["b"].reason, Reason::PortConflict);
     assert_ne!(sim.leases["c"].port, 6103);
 }
 
@@ -447,10 +465,10 @@ fn a_target_change_restarts_on_the_same_port() {
     let p = sim.step();
     assert!(matches!(
         p.actions[..],
-        [Action::Stop {
+        [Action::Stop(StopOp::Session {
             why: StopReason::SpecChanged,
             ..
-        }]
+        })]
     ));
     sim.converge();
     assert_eq!(sim.leases["a"].port, 6100);
@@ -479,10 +497,10 @@ fn another_instance_at_the_same_address_gets_a_new_lease_uid() {
     assert!(
         matches!(
             p.actions[..],
-            [Action::Stop {
+            [Action::Stop(StopOp::Session {
                 why: StopReason::SpecChanged,
                 ..
-            }]
+            })]
         ),
         "{:?}",
         p.actions
@@ -507,10 +525,10 @@ fn adoption_records_the_running_process_without_restarting_it() {
     let p = sim.step();
     assert_eq!(
         p.actions,
-        vec![Action::Record {
+        vec![Action::Lease(LeaseOp::Record {
             session: "a".into(),
             process: proc_before
-        }]
+        })]
     );
     assert_eq!(p.reports["a"].phase, Phase::Ready);
 }
@@ -525,10 +543,10 @@ fn a_proxy_that_never_listens_is_stopped_after_the_timeout() {
     let plan = sim.plan();
     assert!(matches!(
         plan.actions[..],
-        [Action::Stop {
+        [Action::Stop(StopOp::Session {
             why: StopReason::NotListening,
             ..
-        }]
+        })]
     ));
     assert_eq!(plan.reports["a"].phase, Phase::Failed);
 }
@@ -555,6 +573,7 @@ fn protected_sessions_keep_their_lease_and_proxy() {
         limits: sim.limits,
         now_ms: 0,
         wall_now: Timestamp::UNIX_EPOCH,
+        boot_now: None,
     });
     assert!(p.actions.is_empty(), "{p:?}");
 }
@@ -573,10 +592,10 @@ fn starts_are_bounded_and_the_rest_queue() {
         .filter(|a| matches!(a, Action::Start { .. }))
         .count();
     assert_eq!(starts, 3);
-    assert_eq!(p.reports["e"].reason, reason::QUEUED);
+    assert_eq!(p.reports["e"].reason, Reason::Queued);
     let p = sim.step(); // the first three are still starting: no slot
     assert!(!p.actions.iter().any(|a| matches!(a, Action::Start { .. })));
-    assert_eq!(p.reports["d"].reason, reason::QUEUED);
+    assert_eq!(p.reports["d"].reason, Reason::Queued);
     let p = sim.step(); // they listen now; the other two may start
     let starts = p
         .actions
@@ -601,16 +620,48 @@ fn max_lifetime_expires_the_session_until_its_spec_changes() {
     assert!(sim.procs.is_empty(), "the proxy is gone");
     let p = sim.converge();
     assert_eq!(p.reports["a"].phase, Phase::Expired);
-    assert_eq!(p.reports["a"].reason, reason::MAX_LIFETIME);
+    assert_eq!(p.reports["a"].reason, Reason::MaxLifetime);
     // Still present, same spec: stays expired. A new spec starts it again.
     d.generation = 2;
     sim.desired.insert("a".into(), d);
     let p = sim.step();
-    assert!(p.actions.contains(&Action::Unexpire {
+    assert!(p.actions.contains(&Action::Lease(LeaseOp::Unexpire {
         session: "a".into()
-    }));
+    })));
     let p = sim.converge();
     assert_eq!(p.reports["a"].phase, Phase::Ready);
+}
+
+#[test]
+fn a_wall_clock_stepped_back_does_not_extend_the_lifetime() {
+    // The same session twice: once with a steady wall clock, once with the wall clock
+    // stepped back a day right after its lease. Both expire on the same pass.
+    let mut passes = Vec::new();
+    for step_back in [false, true] {
+        let mut sim = Sim::new(5);
+        sim.now = 1_000_000_000;
+        let mut d = desired("a", 5901, None);
+        d.max_lifetime_ms = Some(20_000);
+        sim.desired.insert("a".into(), d);
+        sim.converge();
+        if step_back {
+            sim.wall_step_ms = -86_400_000;
+        }
+        let mut n = 0;
+        while !sim.expired.contains_key("a") {
+            sim.step();
+            n += 1;
+            assert!(
+                n < 100,
+                "never expired (wall clock stepped back: {step_back})"
+            );
+        }
+        passes.push(n);
+    }
+    assert_eq!(
+        passes[0], passes[1],
+        "a stepped wall clock changed the lifetime"
+    );
 }
 
 #[test]
@@ -625,14 +676,14 @@ fn idle_timeout_expires_only_an_idle_session() {
     sim.idle.insert("a".into(), 30_000);
     let p = sim.step();
     assert!(
-        matches!(&p.actions[0], Action::Expire { reason: r, .. } if *r == reason::IDLE_TIMEOUT)
+        matches!(&p.actions[0], Action::Lease(LeaseOp::Expire { reason: r, .. }) if *r == Reason::IdleTimeout)
     );
     assert!(matches!(
         p.actions[1],
-        Action::Stop {
+        Action::Stop(StopOp::Session {
             why: StopReason::Expired,
             ..
-        }
+        })
     ));
     sim.idle.clear();
     sim.converge();
@@ -649,7 +700,7 @@ fn orphans_are_killed() {
     let o = sim.spawn();
     sim.orphans.push(o);
     let p = sim.step();
-    assert_eq!(p.actions, vec![Action::KillOrphan { process: o }]);
+    assert_eq!(p.actions, vec![Action::Stop(StopOp::Orphan { process: o })]);
 }
 
 #[derive(Clone, Debug)]
@@ -747,9 +798,9 @@ proptest! {
                     prop_assert_eq!(sim.leases[n].port, p);
                 }
             } else {
-                let ok = r.reason == reason::POOL_EXHAUSTED || r.reason == reason::PORT_CONFLICT;
+                let ok = r.reason == Reason::PoolExhausted || r.reason == Reason::PortConflict;
                 prop_assert!(ok, "{} unleased for {:?}", n, r);
-                if r.reason == reason::POOL_EXHAUSTED && d.requested_port.is_none() {
+                if r.reason == Reason::PoolExhausted && d.requested_port.is_none() {
                     prop_assert!(leased == sim.limits.max_sessions || leased == sim.limits.range.len());
                 }
             }
@@ -779,10 +830,10 @@ fn proxies_started_under_other_settings_are_replaced_one_at_a_time() {
             .filter(|a| {
                 matches!(
                     a,
-                    Action::Stop {
+                    Action::Stop(StopOp::Session {
                         why: StopReason::ConfigChanged,
                         ..
-                    }
+                    })
                 )
             })
             .count();

@@ -37,8 +37,16 @@ type Claim<'a> = (&'a PathBuf, &'a Parsed, Option<String>);
 #[derive(Debug)]
 struct FileState {
     key: FileKey,
-    result: Result<Parsed, (Option<String>, String)>,
+    result: Result<Parsed, Unparsed>,
     last_good: Option<Parsed>,
+}
+
+/// A manifest file that did not parse: the session name it claims (when that much can be
+/// read, so the name stays protected), and the error, which names the file.
+#[derive(Debug)]
+struct Unparsed {
+    claims: Option<String>,
+    error: String,
 }
 
 /// The directory source. See the module docs.
@@ -195,11 +203,9 @@ impl DirSource {
             }
             return None;
         }
-        let result = read_manifest(&path, meta.size(), self.pool).map_err(|e| {
-            (
-                claimed_name(&path, meta.size()),
-                format!("{}: {e}", path.display()),
-            )
+        let result = read_manifest(&path, meta.size(), self.pool).map_err(|e| Unparsed {
+            claims: claimed_name(&path, meta.size()),
+            error: format!("{}: {e}", path.display()),
         });
         let last_good = match (&result, self.files.remove(&path)) {
             (Ok(p), _) => Some(p.clone()),
@@ -226,21 +232,22 @@ impl DirSource {
                     .entry(p.session.name().to_owned())
                     .or_default()
                     .push((path, p, None)),
-                (Err((_, err)), Some(good)) => {
-                    let note = format!("{err}; still serving the last valid version of this file");
+                (Err(Unparsed { error, .. }), Some(good)) => {
+                    let note =
+                        format!("{error}; still serving the last valid version of this file");
                     claims
                         .entry(good.session.name().to_owned())
                         .or_default()
                         .push((path, good, Some(note)));
                 }
-                (Err((name, err)), None) => {
+                (Err(Unparsed { claims, error }), None) => {
                     let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned());
-                    let name = name.clone().or(stem).unwrap_or_default();
+                    let name = claims.clone().or(stem).unwrap_or_default();
                     snap.protected.insert(name.clone());
                     snap.rejected.push(Rejected {
                         name,
                         origin: path.display().to_string(),
-                        error: err.clone(),
+                        error: error.clone(),
                     });
                 }
             }

@@ -68,38 +68,43 @@ impl KubeSource {
             .modify(|o: &mut VncSession| o.metadata.managed_fields = None)
             .reflect(writer);
         let (notify, counts, me) = (changed.clone(), stats.clone(), node.to_owned());
-        let task = tokio::spawn(async move {
-            let mut seen: BTreeSet<(String, String)> = BTreeSet::new();
-            futures::pin_mut!(stream);
-            while let Some(event) = stream.next().await {
-                match event {
-                    Ok(ev) => {
-                        let obj = match &ev {
-                            watcher::Event::Apply(o)
-                            | watcher::Event::InitApply(o)
-                            | watcher::Event::Delete(o) => Some(o),
-                            watcher::Event::Init | watcher::Event::InitDone => None,
-                        };
-                        if let Some(o) = obj {
-                            counts.events.fetch_add(1, Ordering::Relaxed);
-                            if o.spec.node_name.as_deref() != Some(me.as_str()) {
-                                counts.foreign.fetch_add(1, Ordering::Relaxed);
+        let task = crate::task::spawn(
+            tracing::info_span!("kube_source", node = %node),
+            async move {
+                let mut seen: BTreeSet<(String, String)> = BTreeSet::new();
+                futures::pin_mut!(stream);
+                while let Some(event) = stream.next().await {
+                    match event {
+                        Ok(ev) => {
+                            let obj = match &ev {
+                                watcher::Event::Apply(o)
+                                | watcher::Event::InitApply(o)
+                                | watcher::Event::Delete(o) => Some(o),
+                                watcher::Event::Init | watcher::Event::InitDone => None,
+                            };
+                            if let Some(o) = obj {
+                                counts.events.fetch_add(1, Ordering::Relaxed);
+                                if o.spec.node_name.as_deref() != Some(me.as_str()) {
+                                    counts.foreign.fetch_add(1, Ordering::Relaxed);
+                                }
+                                let id = (
+                                    o.metadata.namespace.clone().unwrap_or_default(),
+                                    o.metadata.name.clone().unwrap_or_default(),
+                                );
+                                if seen.insert(id) {
+                                    counts.distinct.fetch_add(1, Ordering::Relaxed);
+                                }
                             }
-                            let id = (
-                                o.metadata.namespace.clone().unwrap_or_default(),
-                                o.metadata.name.clone().unwrap_or_default(),
-                            );
-                            if seen.insert(id) {
-                                counts.distinct.fetch_add(1, Ordering::Relaxed);
-                            }
+                            debug!(event = %ev, "watch event");
+                            notify.notify_one();
                         }
-                        debug!(event = %ev, "watch event");
-                        notify.notify_one();
+                        Err(e) => {
+                            warn!(error = %e, "VncSession watch failed; retrying with backoff")
+                        }
                     }
-                    Err(e) => warn!(error = %e, "VncSession watch failed; retrying with backoff"),
                 }
-            }
-        });
+            },
+        );
         KubeSource {
             store,
             objects,

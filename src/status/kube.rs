@@ -34,7 +34,7 @@ use crate::k8s::objects::{Known, Objects};
 use crate::k8s::writer::{Backoff, Writer};
 use crate::k8s::{is_conflict, is_not_found, session_key};
 use crate::lease::Lease;
-use crate::reconcile::reason;
+use crate::reconcile::Reason as StatusReason;
 
 /// How long a change that keeps the phase must stand before it is written.
 ///
@@ -47,7 +47,11 @@ pub const SETTLE: Duration = Duration::from_secs(5);
 pub const PROGRESS_SETTLE: Duration = Duration::from_secs(120);
 /// Pending reasons that mean "on its way": not worth a write of their own when many
 /// sessions start at once. Problems (PortConflict, PortInUse, PoolExhausted, ...) are.
-pub const PROGRESS: [&str; 3] = [reason::ALLOCATING, reason::QUEUED, reason::STARTING];
+pub const PROGRESS: [StatusReason; 3] = [
+    StatusReason::Allocating,
+    StatusReason::Queued,
+    StatusReason::Starting,
+];
 /// Least time between two writes of one object that keep its phase.
 pub const MIN_GAP: Duration = Duration::from_secs(10);
 /// Writes in flight at once.
@@ -144,6 +148,7 @@ pub fn due(
         && want
             .reason
             .as_deref()
+            .and_then(StatusReason::parse)
             .is_some_and(|r| PROGRESS.contains(&r));
     let settle = if progress { PROGRESS_SETTLE } else { SETTLE };
     let settled = first_seen.is_some_and(|t| now.duration_since(t) >= settle);
@@ -173,8 +178,8 @@ pub fn transition_events(
     }
     let conflict = |r: &Option<String>| {
         matches!(
-            r.as_deref(),
-            Some(reason::PORT_CONFLICT | reason::PORT_IN_USE)
+            r.as_deref().and_then(StatusReason::parse),
+            Some(StatusReason::PortConflict | StatusReason::PortInUse)
         )
     };
     if conflict(&want.reason) && want.reason != have.reason {
@@ -386,7 +391,8 @@ mod tests {
         }
     }
 
-    fn report(phase: Phase, why: &str, ready: bool, at: Timestamp) -> VncSessionStatus {
+    fn report(phase: Phase, why: StatusReason, ready: bool, at: Timestamp) -> VncSessionStatus {
+        let why = why.as_str();
         VncSessionStatus {
             phase: Some(phase),
             reason: Some(why.into()),
@@ -414,7 +420,7 @@ mod tests {
         );
         let k = known(VncSessionStatus::default());
         let s = compose(
-            &report(Phase::Ready, reason::READY, true, Timestamp::now()),
+            &report(Phase::Ready, StatusReason::Ready, true, Timestamp::now()),
             Some(&lease),
             &k,
             "n1",
@@ -432,7 +438,7 @@ mod tests {
         let earlier = Timestamp::from_second(1_000_000).unwrap();
         let k = known(VncSessionStatus::default());
         let on_server = compose(
-            &report(Phase::Ready, reason::READY, true, earlier),
+            &report(Phase::Ready, StatusReason::Ready, true, earlier),
             None,
             &k,
             "n1",
@@ -441,7 +447,7 @@ mod tests {
         let k = known(on_server.clone());
         // A restarted vncd builds the same report with a fresh timestamp.
         let again = compose(
-            &report(Phase::Ready, reason::READY, true, Timestamp::now()),
+            &report(Phase::Ready, StatusReason::Ready, true, Timestamp::now()),
             None,
             &k,
             "n1",
@@ -449,7 +455,12 @@ mod tests {
         );
         assert_eq!(again, on_server, "nothing to write after a restart");
         let flipped = compose(
-            &report(Phase::Failed, reason::PROXY_FAILED, false, Timestamp::now()),
+            &report(
+                Phase::Failed,
+                StatusReason::ProxyFailed,
+                false,
+                Timestamp::now(),
+            ),
             None,
             &k,
             "n1",
@@ -461,9 +472,19 @@ mod tests {
     #[test]
     fn phase_changes_are_written_at_once_and_the_rest_is_coalesced() {
         let t0 = Instant::now();
-        let pending = report(Phase::Pending, reason::ALLOCATING, false, Timestamp::now());
-        let starting = report(Phase::Pending, reason::STARTING, false, Timestamp::now());
-        let ready = report(Phase::Ready, reason::READY, true, Timestamp::now());
+        let pending = report(
+            Phase::Pending,
+            StatusReason::Allocating,
+            false,
+            Timestamp::now(),
+        );
+        let starting = report(
+            Phase::Pending,
+            StatusReason::Starting,
+            false,
+            Timestamp::now(),
+        );
+        let ready = report(Phase::Ready, StatusReason::Ready, true, Timestamp::now());
         assert_eq!(due(&pending, &pending, None, None, t0), Due::Same);
         assert_eq!(due(&ready, &pending, None, Some(t0), t0), Due::Now);
         assert_eq!(due(&starting, &pending, None, None, t0), Due::Later);
@@ -478,7 +499,7 @@ mod tests {
         );
         let conflict = report(
             Phase::Pending,
-            reason::PORT_CONFLICT,
+            StatusReason::PortConflict,
             false,
             Timestamp::now(),
         );
@@ -504,10 +525,10 @@ mod tests {
     #[test]
     fn transitions_raise_the_right_events() {
         let at = Timestamp::now();
-        let pending = report(Phase::Pending, reason::STARTING, false, at);
-        let ready = report(Phase::Ready, reason::READY, true, at);
-        let failed = report(Phase::Failed, reason::PROXY_FAILED, false, at);
-        let conflict = report(Phase::Pending, reason::PORT_CONFLICT, false, at);
+        let pending = report(Phase::Pending, StatusReason::Starting, false, at);
+        let ready = report(Phase::Ready, StatusReason::Ready, true, at);
+        let failed = report(Phase::Failed, StatusReason::ProxyFailed, false, at);
+        let conflict = report(Phase::Pending, StatusReason::PortConflict, false, at);
         let kinds = |h: &VncSessionStatus, w: &VncSessionStatus| {
             transition_events(h, w)
                 .into_iter()
@@ -524,7 +545,12 @@ mod tests {
 
     #[test]
     fn differing_fields_are_named() {
-        let a = report(Phase::Pending, reason::STARTING, false, Timestamp::now());
+        let a = report(
+            Phase::Pending,
+            StatusReason::Starting,
+            false,
+            Timestamp::now(),
+        );
         let mut b = a.clone();
         assert!(differing_fields(&a, &b).is_empty());
         b.phase = Some(Phase::Ready);

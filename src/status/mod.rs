@@ -179,14 +179,14 @@ impl StatusBuilder {
             message = format!("{message} (warning: {w})");
         }
         let ready = report.phase == Phase::Ready;
-        let cond = self.condition(name, ready, report.reason, &message, generation);
+        let cond = self.condition(name, ready, report.reason.as_str(), &message, generation);
         obj.status = Some(VncSessionStatus {
             phase: Some(report.phase),
             port: lease.map(|l| i32::from(l.port)),
             url: lease.map(|l| self.url.url(l.port, None)),
             pid: lease.and_then(|l| l.process).map(|p| p.pid),
             target: lease.map(|l| l.target.to_string()),
-            reason: Some(report.reason.to_owned()),
+            reason: Some(report.reason.as_str().to_owned()),
             message: Some(message),
             allocated_at: lease.map(|l| Time(l.allocated_at)),
             observed_generation: generation,

@@ -60,13 +60,17 @@ pub enum StoreError {
     Lock(#[from] lock::LockError),
     #[error("a lease change is inconsistent: {0}")]
     Invalid(String),
-    /// The Kubernetes API refused or failed a read or write (Kubernetes mode).
+    /// The API behind a remote store (Kubernetes mode) refused or failed a read or write.
+    /// The error is boxed and labelled by the store that made it, so this module stays
+    /// neutral: it names no client library.
     #[error("VncSession {object}: cannot {action}: {source}")]
     Api {
         object: String,
         action: String,
+        /// The `kind` label of `vncd_store_errors_total` (e.g. `conflict`, `timeout`).
+        label: &'static str,
         #[source]
-        source: kube::Error,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
 }
 
@@ -80,7 +84,7 @@ impl StoreError {
             StoreError::Corrupt { .. } => "corrupt",
             StoreError::Lock(_) => "lock",
             StoreError::Invalid(_) => "invalid",
-            StoreError::Api { source, .. } => crate::k8s::error_label(source),
+            StoreError::Api { label, .. } => label,
         }
     }
 }

@@ -660,7 +660,8 @@ impl Supervisor {
     fn watch_exit(&self, mut child: tokio::process::Child, pid: i32, session: String) {
         let exits = self.exits.clone();
         let children = self.children.clone();
-        tokio::spawn(async move {
+        let span = tracing::info_span!("proxy_exit", session = %session, pid);
+        crate::task::spawn(span, async move {
             let status = match child.wait().await {
                 Ok(s) => s.to_string(),
                 Err(e) => format!("unknown status ({e})"),

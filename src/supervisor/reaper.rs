@@ -42,7 +42,7 @@ pub fn start(tracked: Tracked) {
         Err(e) => tracing::warn!(error = %e, "cannot become a child subreaper"),
     }
     let sigchld = signal(SignalKind::child());
-    tokio::spawn(async move {
+    crate::task::spawn(tracing::info_span!("reaper"), async move {
         let mut sigchld = match sigchld {
             Ok(s) => Some(s),
             Err(e) => {

@@ -24,6 +24,9 @@ pub const PLUGIN_SOURCE: &str = include_str!("../../contrib/websockify/vncd_tick
 
 /// The plugin's module name, as websockify's `--token-plugin` names its class.
 pub const PLUGIN_CLASS: &str = "vncd_ticket.VncdTicket";
+/// The auth plugin that spends a ticket once websockify's handshake checks would pass
+/// (websockify calls the token plugin before it checks the handshake; see the plugin's docs).
+pub const SPEND_CLASS: &str = "vncd_ticket.VncdSpend";
 
 /// Writes the plugin to `dir/vncd_ticket.py` (dir 0755, file 0644: the proxies, maybe
 /// another user, must read it; only vncd's user can change it), replacing whatever is
@@ -50,8 +53,9 @@ impl Backend for Websockify {
 
     fn settings(&self) -> String {
         // `tickets v1`: websockify started before console tickets (TokenFile plugin,
-        // fixed token) carries another digest and is replaced.
-        format!("{:?} {:?} tickets v1", self.program, self.tls)
+        // fixed token) carries another digest and is replaced; `spent last`: one that spends
+        // tickets in lookup (before the handshake checks) is replaced too.
+        format!("{:?} {:?} tickets v1 spent last", self.program, self.tls)
     }
 
     fn env(&self) -> Vec<(&'static str, String)> {
@@ -96,6 +100,8 @@ impl Backend for Websockify {
                     PLUGIN_CLASS.to_owned(),
                     "--token-source".to_owned(),
                     file.display().to_string(),
+                    "--auth-plugin".to_owned(),
+                    SPEND_CLASS.to_owned(),
                 ]);
                 args.push(listen);
             }
@@ -260,6 +266,8 @@ mod tests {
                 "vncd_ticket.VncdTicket",
                 "--token-source",
                 "/s/keys/vm1.key",
+                "--auth-plugin",
+                "vncd_ticket.VncdSpend",
                 "0.0.0.0:6100"
             ]
         );

@@ -5,7 +5,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use proptest::prelude::*;
 use serde_json::{Value, json};
 
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+use super::format::{MAX_TICKET_LEN, encode, encode_v2};
+use super::keys::LEASE_KEY_DOMAIN;
 use super::*;
+use crate::session::Endpoint;
 
 const NOW: u64 = 1_800_000_000;
 
@@ -614,10 +625,15 @@ fn known_answer_vectors() {
     // And each stored ticket verifies (or is refused as expired) under its stored lease key.
     for v in stored["vectors"].as_array().unwrap() {
         let k = LeaseKey::from_hex(v["lease_key_hex"].as_str().unwrap()).unwrap();
-        let r = verify(&k, v["ticket"].as_str().unwrap(), unix_now());
+        let exp = v["expires_at"].as_u64().unwrap();
         if v["valid_now"].as_bool().unwrap() {
-            assert_eq!(r.unwrap().expires_at, v["expires_at"].as_u64().unwrap());
+            // Valid a minute before it expires; on today's clock its expiry is too far ahead.
+            let r = verify(&k, v["ticket"].as_str().unwrap(), exp - 60);
+            assert_eq!(r.unwrap().expires_at, exp);
+            let r = verify(&k, v["ticket"].as_str().unwrap(), unix_now());
+            assert!(matches!(r, Err(TicketError::TooFarAhead)));
         } else {
+            let r = verify(&k, v["ticket"].as_str().unwrap(), unix_now());
             assert!(matches!(r, Err(TicketError::Expired)));
         }
     }
@@ -671,7 +687,7 @@ proptest! {
     fn no_mutation_of_a_valid_ticket_verifies(
         muts in proptest::collection::vec(mutation(), 1..4),
         nonce in any::<[u8; NONCE_LEN]>(),
-        ttl in 1u64..100_000,
+        ttl in 1u64..3600,
     ) {
         let k = key();
         let text = encode(&k, NOW + ttl, &nonce);
@@ -685,6 +701,149 @@ proptest! {
         }
         let Ok(mutated) = String::from_utf8(bytes) else { return Ok(()) };
         prop_assert!(verify(&key_b(), &text, NOW).is_err());
+        if mutated != text {
+            prop_assert!(verify(&k, &mutated, NOW).is_err());
+        }
+    }
+}
+
+#[test]
+fn an_expiry_beyond_the_longest_ttl_is_refused() {
+    let k = key();
+    let bound = MAX_TTL.as_secs() + MAX_CLOCK_SKEW_SECS;
+    let nonce = [5u8; NONCE_LEN];
+    // At the bound: accepted. One second past it, or ten years ahead: refused, in v1 and v2.
+    assert!(verify(&k, &encode(&k, NOW + bound, &nonce), NOW).is_ok());
+    for exp in [NOW + bound + 1, NOW + 10 * 365 * 86_400, u64::MAX] {
+        for text in [
+            encode(&k, exp, &nonce),
+            encode_v2(&k, "0123456789abcdef", Grant::default(), exp, &nonce),
+        ] {
+            assert!(
+                matches!(verify(&k, &text, NOW), Err(TicketError::TooFarAhead)),
+                "expiry {exp} accepted"
+            );
+        }
+    }
+    // A forged far-future ticket is still a bad signature first: the MAC is checked first.
+    let forged = encode(&key_b(), NOW + 10 * 365 * 86_400, &nonce);
+    assert!(matches!(
+        verify(&k, &forged, NOW),
+        Err(TicketError::BadSignature)
+    ));
+    // Nothing vncd mints is refused for it.
+    let t = mint(&k, MAX_TTL, NOW).unwrap();
+    assert!(verify(&k, &t.text, NOW).is_ok());
+}
+
+#[test]
+fn v2_tickets_name_their_lease_and_carry_their_grant() {
+    let k = key();
+    let uid = "0123456789abcdef";
+    for grant in [
+        Grant::default(),
+        Grant {
+            role: Role::View,
+            force: false,
+        },
+        Grant {
+            role: Role::Control,
+            force: true,
+        },
+    ] {
+        let t = mint_v2(&k, uid, grant, DEFAULT_TTL, NOW).unwrap();
+        assert!(t.text.starts_with("v2.0123456789abcdef."), "{}", t.text);
+        assert_eq!(lease_uid_of(&t.text), Some(uid));
+        let v = verify(&k, &t.text, NOW).unwrap();
+        assert_eq!(v.grant, grant);
+        assert_eq!(v.expires_at, NOW + 60);
+        assert_eq!(verify_lease(&k, uid, &t.text, NOW).unwrap().grant, grant);
+        // Another lease's key, or this key for a lease the ticket does not name: refused.
+        assert!(matches!(
+            verify(&key_b(), &t.text, NOW),
+            Err(TicketError::BadSignature)
+        ));
+        assert!(matches!(
+            verify_lease(&k, "fedcba9876543210", &t.text, NOW),
+            Err(TicketError::BadSignature)
+        ));
+        // Single use holds across versions: the nonce store sees the same record shape.
+        let store = MemoryNonces::with_clock(clock(NOW).1);
+        store.consume(&v).unwrap();
+        assert!(matches!(store.consume(&v), Err(TicketError::Replayed)));
+    }
+    // v1 grants control without force, and names no lease.
+    let t1 = mint(&k, DEFAULT_TTL, NOW).unwrap();
+    assert_eq!(verify(&k, &t1.text, NOW).unwrap().grant, Grant::default());
+    assert_eq!(lease_uid_of(&t1.text), None);
+}
+
+#[test]
+fn a_v2_role_flag_or_lease_cannot_be_changed() {
+    let k = key();
+    let view = Grant {
+        role: Role::View,
+        force: false,
+    };
+    let t = mint_v2(&k, "0123456789abcdef", view, DEFAULT_TTL, NOW).unwrap();
+    // Fields: 0 v2, 1 uid, 2 role, 3 flags, 4 expiry, 5 nonce, 6 mac.
+    for (i, value) in [(2, "c"), (3, "1"), (1, "0123456789abcdee"), (0, "v1")] {
+        let changed = with_field(&t.text, i, value);
+        assert!(verify(&k, &changed, NOW).is_err(), "field {i} -> {value}");
+    }
+    // Malformed: unknown role, reserved flag bits, non-canonical flags, bad uid, extra field.
+    for (i, value) in [
+        (2, "x"),
+        (3, "2"),
+        (3, "01"),
+        (3, "256"),
+        (1, "ABC"),
+        (1, ""),
+        (1, &"a".repeat(65)),
+    ] {
+        let changed = with_field(&t.text, i, value);
+        assert!(
+            matches!(verify(&k, &changed, NOW), Err(TicketError::Malformed)),
+            "field {i} -> {value}"
+        );
+    }
+    assert!(matches!(
+        verify(&k, &format!("{}.x", t.text), NOW),
+        Err(TicketError::Malformed)
+    ));
+    assert!(matches!(
+        mint_v2(&k, "Bad.Uid", view, DEFAULT_TTL, NOW),
+        Err(TicketError::Malformed)
+    ));
+    assert_eq!(lease_uid_of("v2.ABC.c.0.1.x.y"), None);
+    assert_eq!(lease_uid_of(&"v2.".repeat(100)), None);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(1000))]
+
+    /// No edit of a valid v2 ticket verifies with a grant other than the one minted, and
+    /// no edit that changes the text verifies at all.
+    #[test]
+    fn no_mutation_of_a_v2_ticket_verifies(
+        muts in proptest::collection::vec(mutation(), 1..4),
+        nonce in any::<[u8; NONCE_LEN]>(),
+        ttl in 1u64..3600,
+        view in any::<bool>(),
+        force in any::<bool>(),
+    ) {
+        let k = key();
+        let grant = Grant { role: if view { Role::View } else { Role::Control }, force };
+        let text = encode_v2(&k, "0123456789abcdef", grant, NOW + ttl, &nonce);
+        prop_assert_eq!(verify(&k, &text, NOW).unwrap().grant, grant);
+        let mut bytes = text.as_bytes().to_vec();
+        for m in &muts {
+            if bytes.is_empty() {
+                break;
+            }
+            bytes = apply(&bytes, m);
+        }
+        let Ok(mutated) = String::from_utf8(bytes) else { return Ok(()) };
         if mutated != text {
             prop_assert!(verify(&k, &mutated, NOW).is_err());
         }

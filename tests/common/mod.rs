@@ -162,6 +162,8 @@ pub struct Vncd {
     pub state: PathBuf,
     pub range: (u16, u16),
     pub extra: Vec<String>,
+    /// Extra environment for `vncd run` (e.g. libfaketime's).
+    pub env: Vec<(String, String)>,
     pub child: Option<Child>,
 }
 
@@ -182,6 +184,7 @@ impl Vncd {
             state,
             range: (base, base + size - 1),
             extra: Vec::new(),
+            env: Vec::new(),
             child: None,
         }
     }
@@ -225,6 +228,7 @@ impl Vncd {
         let child = Command::new(BIN)
             .args(&args)
             .env("VNCD_LOG", "vncd=debug")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)

@@ -38,7 +38,7 @@ use crate::k8s::objects::{Known, Objects};
 use crate::k8s::writer::{Backoff, Writer};
 use crate::k8s::{is_conflict, is_not_found, key_of, node_selector, split_key};
 use crate::lease::{Expiry, Lease};
-use crate::reconcile::reason;
+use crate::reconcile::Reason as StatusReason;
 use crate::status::UrlStyle;
 pub use writes::{ExpiryOp, Write, plan_writes};
 
@@ -178,13 +178,13 @@ impl KubeStatusStore {
             // nothing but the pid, which waits for the Ready write.
             let message = format!("leasing port {}", lease.port);
             status.phase = Some(Phase::Pending);
-            status.reason = Some(reason::ALLOCATING.into());
+            status.reason = Some(StatusReason::Allocating.as_str().into());
             status.message = Some(message.clone());
             status.observed_generation = known.generation;
             status.conditions = vec![Condition {
                 type_: "Ready".into(),
                 status: "False".into(),
-                reason: reason::ALLOCATING.into(),
+                reason: StatusReason::Allocating.as_str().into(),
                 message,
                 observed_generation: known.generation,
                 last_transition_time: Time(whole_seconds(Timestamp::now())),
@@ -364,11 +364,11 @@ impl LeaseStore for KubeStatusStore {
             }
             Err(e) => {
                 self.backoff.fail();
-                return Err(StoreError::Api {
-                    object: format!("list ({})", node_selector(&self.node)),
-                    action: "list this node's sessions".into(),
-                    source: e,
-                });
+                return Err(api_error(
+                    format!("list ({})", node_selector(&self.node)),
+                    "list this node's sessions".into(),
+                    e,
+                ));
             }
         };
         let mut found: Vec<Lease> = Vec::new();
@@ -505,11 +505,7 @@ impl KubeStatusStore {
                     action,
                     source,
                 }) => {
-                    api = Some(StoreError::Api {
-                        object,
-                        action,
-                        source,
-                    });
+                    api = Some(api_error(object, action, source));
                 }
                 Ok(()) => {}
             }
@@ -532,3 +528,13 @@ impl KubeStatusStore {
 
 #[cfg(test)]
 mod tests;
+
+/// A failed API call as the store's neutral error, labelled here where the client is known.
+fn api_error(object: String, action: String, source: kube::Error) -> StoreError {
+    StoreError::Api {
+        object,
+        action,
+        label: crate::k8s::error_label(&source),
+        source: Box::new(source),
+    }
+}

@@ -254,6 +254,7 @@ fn a_server_error_is_a_typed_api_error_with_its_cause() {
             panic!("not an API error: {err}");
         };
         assert_eq!(object, "ns/vm1");
+        let source = source.downcast_ref::<kube::Error>().expect("a kube error");
         assert_eq!(crate::k8s::api_code(source), Some(503));
         assert_eq!(err.metric_label(), "server_error");
         assert!(
