@@ -2,9 +2,9 @@
 //! `vncd-proxy`: the builtin proxy (`vncd proxy`) as an executable of its own.
 //!
 //! vncd runs one proxy process per session, so what each process maps matters: the full
-//! `vncd` binary links libvirt, and with it some fifty shared libraries whose relocations
-//! cost every process about 2 MiB of private memory before it serves a byte. This one
-//! links only the proxy. The supervisor uses it when it sits beside `vncd`, and falls back
+//! `vncd` binary built with the `libvirt` feature (the .deb) links libvirt, and with it
+//! some fifty shared libraries whose relocations cost every process about 2 MiB of private
+//! memory before it serves a byte. This one links only the proxy, whatever the features. The supervisor uses it when it sits beside `vncd`, and falls back
 //! to `vncd proxy` otherwise; both take exactly the same arguments.
 
 use clap::Parser;
