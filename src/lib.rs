@@ -22,6 +22,7 @@ pub mod net;
 pub mod pool;
 pub mod proxy;
 pub mod reconcile;
+pub mod relay;
 pub mod runconfig;
 pub mod session;
 pub mod source;

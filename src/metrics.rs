@@ -161,6 +161,8 @@ impl ApiMetrics {
 pub struct Pool {
     pub total: usize,
     pub leased: usize,
+    /// Leases whose port lies outside the pool (an earlier `--port-range`).
+    pub outside: usize,
     /// In the pool, not leased, skipped for now: another program holds it (failed bind
     /// probe) or a libvirt domain may take it.
     pub quarantined: usize,
@@ -295,6 +297,7 @@ struct Inner {
     pool_leased: Gauge,
     pool_free: Gauge,
     pool_quarantined: Gauge,
+    pool_outside: Gauge,
     max_sessions: Gauge,
     sessions: Family<PhaseLabel, Gauge>,
     allocations: Counter,
@@ -336,6 +339,11 @@ impl Inner {
                 "vncd_pool_quarantined_ports",
                 "Pool ports skipped for now: held by another program (failed bind probe, retried after 10 s) or reserved by a libvirt domain",
                 &self.pool_quarantined,
+            ),
+            (
+                "vncd_leases_outside_pool",
+                "Leases whose port lies outside the pool (an earlier --port-range): they serve until no console is open, then move into the pool",
+                &self.pool_outside,
             ),
             (
                 "vncd_max_sessions",
@@ -438,6 +446,7 @@ impl Metrics {
             pool_leased: Gauge::default(),
             pool_free: Gauge::default(),
             pool_quarantined: Gauge::default(),
+            pool_outside: Gauge::default(),
             max_sessions: Gauge::default(),
             sessions: Family::default(),
             allocations: Counter::default(),
@@ -485,6 +494,7 @@ impl Metrics {
         i.pool_leased.set(n(pool.leased));
         i.pool_free.set(n(pool.free()));
         i.pool_quarantined.set(n(pool.quarantined));
+        i.pool_outside.set(n(pool.outside));
         i.max_sessions.set(n(pool.max_sessions));
     }
 
@@ -604,6 +614,7 @@ mod tests {
         m.set_pool(Pool {
             total: 10,
             leased: 3,
+            outside: 2,
             quarantined: 1,
             max_sessions: 800,
         });
@@ -623,6 +634,7 @@ mod tests {
             ("vncd_pool_leased_ports", 3.0),
             ("vncd_pool_free_ports", 6.0),
             ("vncd_pool_quarantined_ports", 1.0),
+            ("vncd_leases_outside_pool", 2.0),
             ("vncd_max_sessions", 800.0),
             ("vncd_sessions{phase=\"Ready\"}", 2.0),
             ("vncd_sessions{phase=\"Pending\"}", 1.0),

@@ -90,6 +90,14 @@ pub struct Inputs<'a> {
     pub expired: &'a BTreeMap<String, Expiry>,
     /// How long each session's port has had no client, for sessions with a live proxy.
     pub idle_ms: &'a BTreeMap<String, u64>,
+    /// What the data plane knows of each serving session's target: `None` reachable,
+    /// `Some(why)` unreachable; a missing entry is unknown (a backend that does not probe).
+    /// An unreachable target keeps its port and listener but is not Ready: Ready means a
+    /// console can open.
+    pub targets: &'a BTreeMap<String, Option<String>>,
+    /// Open consoles (connected clients) per session with a live proxy. A lease outside the
+    /// pool moves in only while this is zero, so no open console is cut for a repack.
+    pub clients: &'a BTreeMap<String, usize>,
     /// Sessions whose live proxy runs with other security-relevant settings than vncd has
     /// now (TLS files, origins, web dir, listen address, proxy user): replaced one at a
     /// time, each only once no other proxy is starting.
@@ -117,6 +125,9 @@ pub enum StopReason {
     Expired,
     /// vncd's proxy settings changed since it was started (see [`Inputs::stale`]).
     ConfigChanged,
+    /// Its port lies outside the pool (an earlier `--port-range`), no console is open on
+    /// it, and a port in the pool is free: it moves there.
+    OutsidePool,
 }
 
 /// One step towards the desired state, tagged with the stage that carries it out: the
@@ -212,11 +223,15 @@ pub enum Reason {
     IdleTimeout,
     MaxLifetime,
     ConfigChanged,
+    /// The lease's port lies outside the pool (an earlier `--port-range`).
+    OutsidePool,
+    /// The proxy listens, but the VNC server behind it does not answer (the relay's probe).
+    TargetUnreachable,
 }
 
 impl Reason {
     /// Every reason, for parsing and for metrics that list them.
-    pub const ALL: [Reason; 14] = [
+    pub const ALL: [Reason; 16] = [
         Reason::Allocating,
         Reason::Starting,
         Reason::Queued,
@@ -231,6 +246,8 @@ impl Reason {
         Reason::IdleTimeout,
         Reason::MaxLifetime,
         Reason::ConfigChanged,
+        Reason::OutsidePool,
+        Reason::TargetUnreachable,
     ];
 
     /// The reports of a session that waits for a port: each start of such a wait counts
@@ -258,6 +275,8 @@ impl Reason {
             Reason::IdleTimeout => "IdleTimeout",
             Reason::MaxLifetime => "MaxLifetime",
             Reason::ConfigChanged => "ConfigChanged",
+            Reason::OutsidePool => "OutsidePool",
+            Reason::TargetUnreachable => "TargetUnreachable",
         }
     }
 
@@ -279,6 +298,9 @@ pub struct Report {
     pub phase: Phase,
     pub reason: Reason,
     pub message: String,
+    /// The target as the data plane last saw it, for the `TargetReachable` condition:
+    /// `None` unknown, `Some(None)` reachable, `Some(Some(why))` unreachable.
+    pub target: Option<Option<String>>,
 }
 
 impl Report {
@@ -287,6 +309,7 @@ impl Report {
             phase,
             reason,
             message: message.into(),
+            target: None,
         }
     }
 }
@@ -390,7 +413,7 @@ fn plan_desired(
             }
             report
         }
-        Some(lease) => converge_leased(input, want, lease, slots, out),
+        Some(lease) => converge_leased(input, want, lease, ports, slots, out),
     }
 }
 
@@ -568,6 +591,19 @@ impl<'a> Allocator<'a> {
         )
     }
 
+    /// Holds back one free port of the pool for a lease that moves in from outside it, so
+    /// that no more leases move in during one plan than there are free ports. `false` if
+    /// none is free.
+    fn reserve(&mut self) -> bool {
+        match self.pool.pick() {
+            Some(p) => {
+                self.pool.take(p);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// A requested port, if it can be granted now; else why not.
     fn requested(&mut self, input: &Inputs<'_>, p: u16) -> Result<u16, (Reason, String)> {
         if let Some(holder) = self.holder.get(&p) {
@@ -597,6 +633,7 @@ fn converge_leased(
     input: &Inputs<'_>,
     want: &Desired,
     lease: &Lease,
+    ports: &mut Allocator<'_>,
     slots: &mut Slots,
     out: &mut Plan,
 ) -> Report {
@@ -643,15 +680,87 @@ fn converge_leased(
         }
         ProxyState::Running {
             process,
+            listening: true,
+            ..
+        } if !input.limits.range.contains(lease.port) => {
+            outside_pool(input, name, lease, process, ports, out)
+        }
+        ProxyState::Running {
+            process,
             listening,
             age_ms,
         } => running(input, name, lease, process, listening, age_ms, out),
         ProxyState::Absent if wrong_port || wrong_target => {
             move_lease(want, lease, wrong_port, out)
         }
+        ProxyState::Absent if !input.limits.range.contains(lease.port) && ports.reserve() => {
+            out.busy = true;
+            out.actions.push(Action::Lease(LeaseOp::Release {
+                session: name.clone(),
+                port: lease.port,
+            }));
+            Report::new(
+                Phase::Pending,
+                Reason::OutsidePool,
+                format!(
+                    "moving from port {}, outside the pool {}, into the pool: the console URL changes",
+                    lease.port, input.limits.range
+                ),
+            )
+        }
         ProxyState::Absent if input.busy.contains(&lease.port) => port_taken(want, lease, out),
         ProxyState::Absent => start_or_wait(input, name, lease, slots, out),
     }
+}
+
+/// A serving lease whose port lies outside the pool (the pool changed since it was leased).
+/// It stays Ready while a console is open on it, or while the pool has no free port; once
+/// neither holds it moves into the pool (stop, release, lease again), and its URL changes.
+fn outside_pool(
+    input: &Inputs<'_>,
+    name: &str,
+    lease: &Lease,
+    process: ProcRef,
+    ports: &mut Allocator<'_>,
+    out: &mut Plan,
+) -> Report {
+    if lease.process != Some(process) {
+        out.actions.push(Action::Lease(LeaseOp::Record {
+            session: name.to_owned(),
+            process,
+        }));
+    }
+    let range = input.limits.range;
+    let open = input.clients.get(name).copied().unwrap_or(0);
+    if open == 0 && ports.reserve() {
+        out.busy = true;
+        out.actions.push(Action::Stop(StopOp::Session {
+            session: name.to_owned(),
+            process,
+            why: StopReason::OutsidePool,
+        }));
+        return Report::new(
+            Phase::Pending,
+            Reason::OutsidePool,
+            format!(
+                "moving from port {}, outside the pool {range}, into the pool: the console URL changes",
+                lease.port
+            ),
+        );
+    }
+    let until = if open > 0 {
+        format!("{open} console(s) are open; it moves into the pool once none is")
+    } else {
+        "no port in the pool is free; it moves in once one is".to_owned()
+    };
+    Report::new(
+        Phase::Ready,
+        Reason::OutsidePool,
+        format!(
+            "proxy pid {} serves port {}, outside the pool {range}: {until}",
+            process.pid, lease.port
+        ),
+    )
 }
 
 /// The session reached its idle timeout or maximum lifetime: record it, stop or release.
@@ -704,11 +813,26 @@ fn running(
         }));
     }
     if listening {
-        return Report::new(
-            Phase::Ready,
-            Reason::Ready,
-            format!("proxy pid {} serves port {}", process.pid, lease.port),
-        );
+        let target = input.targets.get(name).cloned();
+        if let Some(Some(why)) = &target {
+            // The port stays leased and served; only Ready waits for the target.
+            let message = format!(
+                "port {} is served, but its VNC server {} does not answer: {why}",
+                lease.port, lease.target
+            );
+            return Report {
+                target,
+                ..Report::new(Phase::Pending, Reason::TargetUnreachable, message)
+            };
+        }
+        return Report {
+            target,
+            ..Report::new(
+                Phase::Ready,
+                Reason::Ready,
+                format!("proxy pid {} serves port {}", process.pid, lease.port),
+            )
+        };
     }
     out.busy = true;
     if age_ms > input.limits.start_timeout_ms {

@@ -21,7 +21,7 @@ that records used tickets:
 A ticket is `v1.EXPIRY.NONCE.MAC`, with EXPIRY decimal unix seconds (no leading zeros),
 NONCE 16 bytes and MAC = HMAC-SHA256(lease key, "v1." EXPIRY "." NONCE) 32 bytes, both
 base64url without padding (22 and 43 characters). This module checks it exactly as
-src/ticket.rs does (tests/data/ticket-vectors.json pins both): strict format, MAC compared
+src/ticket/format.rs does (tests/data/ticket-vectors.json pins both): strict format, MAC compared
 with hmac.compare_digest, valid while now < EXPIRY, and single use: the first use creates
 DIR/EXPIRY.NONCE with O_CREAT|O_EXCL, which fails for every later use, also across the
 processes websockify forks per connection. Records are pruned 60 s after their expiry; the

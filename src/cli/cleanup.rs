@@ -18,7 +18,7 @@ use tracing::{info, warn};
 use super::{StateArgs, runtime};
 use crate::lease::Lease;
 use crate::pool::PortRange;
-use crate::reconcile::{self, Inputs, LeaseOp, Limits, StopOp};
+use crate::reconcile::{self, Inputs, LeaseOp, Limits, StopOp, StopReason};
 use crate::runconfig::{PoolFlags, Recorded, SessionsFlag};
 use crate::source::Source;
 use crate::source::dir::DirSource;
@@ -52,6 +52,12 @@ pub struct CleanupArgs {
     /// carry this state directory's marker.
     #[arg(long)]
     pub rebuild_state: bool,
+    /// Move every lease outside the pool (left by an earlier `--port-range`) into it now,
+    /// even with a console open on it: its proxy is stopped and its lease released, and
+    /// `vncd run` leases it a port in the pool (its URL changes). Without this, such a
+    /// lease moves by itself once no console is open on it.
+    #[arg(long)]
+    pub repack: bool,
     /// Seconds between SIGTERM and SIGKILL for orphans.
     #[arg(long, value_name = "SECONDS", value_parser = super::serve::seconds, default_value = "2")]
     pub stop_grace: Duration,
@@ -96,6 +102,9 @@ struct Stats {
     orphans: usize,
     awaiting_restart: usize,
     stopping: usize,
+    /// Leases outside the pool moved in (`--repack`): stopped and released here, leased
+    /// again in the pool by `vncd run`.
+    repacked: usize,
 }
 
 pub fn cleanup(args: CleanupArgs) -> anyhow::Result<ExitCode> {
@@ -138,9 +147,10 @@ pub fn cleanup(args: CleanupArgs) -> anyhow::Result<ExitCode> {
         let dir_source = DirSource::once(&eff.sessions_dir, eff.range);
         let mut source = libvirt.source_unchecked(dir_source).await?;
         loop {
-            match pass(&eff, &mut source, &dir, &owner, &supervisor).await {
+            match pass(&eff, &mut source, &dir, &owner, &supervisor, args.repack).await {
                 Ok(s) => info!(
                     released = s.released,
+                    repacked = s.repacked,
                     orphans_ended = s.orphans,
                     awaiting_restart = s.awaiting_restart,
                     left_to_vncd_run = s.stopping,
@@ -166,6 +176,7 @@ async fn pass(
     dir: &StateDir,
     owner: &str,
     sup: &Supervisor,
+    repack: bool,
 ) -> anyhow::Result<Stats> {
     let store = FileStore::new(dir.clone(), Duration::from_secs(10));
     for _attempt in 0..5 {
@@ -176,6 +187,7 @@ async fn pass(
         let snapshot = source.snapshot().await?;
         let marked = scan(owner);
         let obs = classify(marked, &set.leases);
+        let no_clients = BTreeMap::new();
         let plan = reconcile::plan(&Inputs {
             desired: &snapshot.desired,
             protected: &snapshot.protected,
@@ -186,6 +198,9 @@ async fn pass(
             restarts: &BTreeMap::new(),
             expired: &set.expired,
             idle_ms: &BTreeMap::new(),
+            // With --repack, as if no console were open: leases outside the pool move now.
+            clients: if repack { &no_clients } else { &obs.clients },
+            targets: &obs.targets,
             // Cleanup replaces nothing: `vncd run` judges its own settings.
             stale: &BTreeSet::new(),
             wall_now: Timestamp::now(),
@@ -210,6 +225,11 @@ async fn pass(
                     info!(session = %session, port, "releasing stale lease (session gone, proxy dead)");
                     releases.push(LeaseChange::Remove(session.clone()));
                 }
+                LeaseOp::Release { session, port } if repack && !eff.range.contains(*port) => {
+                    info!(session = %session, port, "releasing lease outside the pool (--repack)");
+                    releases.push(LeaseChange::Remove(session.clone()));
+                    stats.repacked += 1;
+                }
                 LeaseOp::Release { .. }
                 | LeaseOp::Lease { .. }
                 | LeaseOp::Retarget { .. }
@@ -224,6 +244,18 @@ async fn pass(
                     if sup.stop(*process).await {
                         warn!(pid = process.pid, "ended orphaned proxy");
                         stats.orphans += 1;
+                    }
+                }
+                StopOp::Session {
+                    session,
+                    process,
+                    why: StopReason::OutsidePool,
+                } if repack => {
+                    // Stopped now, released with this commit: its proxy is provably gone.
+                    if sup.stop(*process).await {
+                        info!(session = %session, pid = process.pid, "stopped proxy outside the pool (--repack)");
+                        releases.push(LeaseChange::Remove(session.clone()));
+                        stats.repacked += 1;
                     }
                 }
                 StopOp::Session { .. } => stats.stopping += 1,

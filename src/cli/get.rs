@@ -159,6 +159,12 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
             "allocated:     {allocated} ({utilization}%), free: {}",
             total - allocated
         );
+        if st.outside_pool > 0 {
+            println!(
+                "outside pool:  {} leases (from an earlier --port-range; each moves into the pool once no console is open on it, or now with `vncd cleanup --once --repack`)",
+                st.outside_pool
+            );
+        }
         println!(
             "proxies:       {} running, {dead} dead, {} orphaned",
             obs.proxies.len(),

@@ -70,6 +70,10 @@ pub enum Command {
     Crd(CrdArgs),
     /// Run one websocket -> VNC proxy (the builtin backend; started by `vncd run`).
     Proxy(crate::proxy::ProxyArgs),
+    /// Run the node relay: one process that serves every declared console session, told
+    /// what to serve over its control socket (same as `vncd-proxy relay`). `vncd run` does
+    /// not use it yet.
+    Relay(crate::relay::RelayArgs),
     /// Print a shell completion script, e.g. `vncd completions bash > /etc/bash_completion.d/vncd`.
     Completions {
         #[arg(value_enum)]
@@ -143,6 +147,7 @@ pub fn main() -> ExitCode {
         Command::Url(args) => url::url(args),
         Command::Crd(args) => print_crd(&args),
         Command::Proxy(args) => run_proxy(args),
+        Command::Relay(args) => run_relay(args),
         Command::Completions { shell } => {
             use clap::CommandFactory;
             let mut buf = Vec::new();
@@ -223,6 +228,29 @@ pub fn proxy_main(args: crate::proxy::ProxyArgs) -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// The `vncd-proxy relay` executable: logging as [`proxy_main`], then the relay.
+pub fn relay_main(args: crate::relay::RelayArgs) -> ExitCode {
+    let format = match std::env::var("VNCD_LOG_FORMAT").as_deref() {
+        Ok("json") => LogFormat::Json,
+        _ => LogFormat::Human,
+    };
+    let filter = std::env::var("VNCD_LOG").unwrap_or_else(|_| "info".into());
+    init_logging_with(&filter, format);
+    match run_relay(args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("vncd-proxy relay: error: {}", error_chain(&e));
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// The relay serves every session of the host: a multi-threaded runtime.
+fn run_relay(args: crate::relay::RelayArgs) -> anyhow::Result<ExitCode> {
+    runtime()?.block_on(crate::relay::run(args))?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// One proxy per session: a current-thread runtime keeps each process small.

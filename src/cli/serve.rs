@@ -39,6 +39,13 @@ pub struct ServeArgs {
     /// Which proxy serves each session.
     #[arg(long, env = "VNCD_BACKEND", value_enum, default_value_t = BackendKind::Builtin)]
     pub backend: BackendKind,
+    /// Serve every builtin session through one relay process (`vncd-proxy relay`, started
+    /// if none runs, adopted if one does, restarted if it dies) instead of one proxy
+    /// process each; running per-session proxies are replaced by it one at a time. The
+    /// relay outlives vncd and keeps its consoles open while vncd restarts. Not yet with
+    /// --tls-cert, --web, --origin or --proxy-user.
+    #[arg(long, env = "VNCD_RELAY")]
+    pub relay: bool,
     /// The websockify program (a name looked up in PATH, or a path).
     #[arg(long, env = "VNCD_WEBSOCKIFY", default_value = "websockify")]
     pub websockify: PathBuf,
@@ -251,6 +258,28 @@ impl ServeArgs {
         })
     }
 
+    /// `--relay` serves plain ws:// with tickets; what it does not serve yet is refused at
+    /// start rather than served without.
+    fn check_relay(&self) -> anyhow::Result<()> {
+        let unsupported = [
+            (
+                self.backend == BackendKind::Websockify,
+                "--backend websockify",
+            ),
+            (self.tls_cert.is_some(), "--tls-cert"),
+            (self.web.is_some(), "--web"),
+            (!self.origins.is_empty(), "--origin"),
+            (self.proxy_user.is_some(), "--proxy-user"),
+        ];
+        for (given, flag) in unsupported {
+            anyhow::ensure!(
+                !given,
+                "--relay does not support {flag} yet: leave out one of the two (without --relay every session gets a proxy process of its own, which supports it)"
+            );
+        }
+        Ok(())
+    }
+
     pub fn supervisor(
         &self,
         owner: String,
@@ -275,6 +304,10 @@ impl ServeArgs {
         };
         // Fail at start, not at the first lease, if no lease id or key can be made.
         crate::lease::check_rng()?;
+        if self.relay {
+            self.check_relay()?;
+        }
+        let owner_dir = owner.clone();
         let mut supervisor = Supervisor::new(
             owner,
             backend,
@@ -284,6 +317,15 @@ impl ServeArgs {
             self.stop_grace,
         );
         supervisor.issue_tickets(minter.clone());
+        if self.relay {
+            let vncd = std::env::current_exe().context("cannot find the vncd executable")?;
+            supervisor.serve_through_relay(crate::supervisor::relay::RelayPlane::beside(
+                &vncd,
+                Path::new(&owner_dir),
+                self.listen_address,
+                minter.clone(),
+            ));
+        }
         // Orphaned proxy children (and, as PID 1 in a container, every orphan) come to
         // vncd and are reaped; the proxies' own exit statuses stay the supervisor's.
         supervisor.reap_orphans();

@@ -61,10 +61,10 @@ impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
     async fn stop_all(&mut self, stops: &[StopOp], acted: &mut Acted) {
         let mut ending = Vec::with_capacity(stops.len());
         for op in stops {
-            let (process, orphan) = match op {
+            let (process, orphan, session) = match op {
                 StopOp::Orphan { process } => {
                     warn!(pid = process.pid, "ending orphaned proxy of ours");
-                    (*process, true)
+                    (*process, true, None)
                 }
                 StopOp::Session {
                     session,
@@ -76,17 +76,23 @@ impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
                         self.note_start_timeout(session, process.pid);
                     }
                     acted.stopped.insert(session.clone());
-                    (*process, false)
+                    (*process, false, Some(session.clone()))
                 }
             };
-            ending.push((process, orphan));
+            ending.push((process, orphan, session));
         }
         acted.changed |= !ending.is_empty();
         let supervisor = &self.supervisor;
         let ended = join_all(
             ending
                 .into_iter()
-                .map(|(process, orphan)| async move { (supervisor.stop(process).await, orphan) }),
+                .map(|(process, orphan, session)| async move {
+                    let ended = match &session {
+                        Some(s) => supervisor.stop_session(s, process).await,
+                        None => supervisor.stop(process).await,
+                    };
+                    (ended, orphan)
+                }),
         )
         .await;
         for (ended, orphan) in ended {

@@ -219,6 +219,7 @@ mod tests {
                         phase: Phase::Pending,
                         reason: *reason,
                         message: String::new(),
+                        target: None,
                     },
                 )
             })

@@ -50,6 +50,8 @@ impl Seen {
             restarts: &memory.restarts,
             expired: &self.expired,
             idle_ms: &self.idle_ms,
+            clients: &self.obs.clients,
+            targets: &self.obs.targets,
             stale: &self.obs.stale,
             limits,
             now_ms: self.now_ms,

@@ -45,6 +45,7 @@ impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
         self.metrics.set_pool(metrics::Pool {
             total: range.len(),
             leased: leased_ports.len(),
+            outside: leases.len().saturating_sub(leased_ports.len()),
             quarantined,
             max_sessions: self.config.limits.max_sessions,
         });

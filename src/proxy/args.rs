@@ -159,7 +159,7 @@ pub struct ProxyArgs {
 }
 
 /// Accept `HOST:PORT` and `[V6]:PORT`; the host is resolved at connect time.
-fn parse_host_port(s: &str) -> Result<String, String> {
+pub(crate) fn parse_host_port(s: &str) -> Result<String, String> {
     let (host, port) = s
         .rsplit_once(':')
         .ok_or_else(|| format!("{s:?} is not HOST:PORT"))?;

@@ -12,19 +12,19 @@
 //! - Tokens never reach the logs: request paths are logged without query strings and with
 //!   token-shaped segments redacted.
 
-mod args;
-mod bridge;
-mod http;
+pub(crate) mod args;
+pub(crate) mod bridge;
+pub(crate) mod conn;
+pub(crate) mod http;
 mod logcap;
-mod refusals;
+pub(crate) mod refusals;
 pub(crate) mod slots;
 pub mod stats;
-mod tls;
-mod token;
-mod upgrade;
+pub(crate) mod tls;
+pub(crate) mod token;
+pub(crate) mod upgrade;
 mod web;
 
-use std::fmt;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -33,41 +33,25 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UnixStream};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::protocol::Role;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tracing::{Instrument, debug, info, warn};
 
 pub use args::ProxyArgs;
 
-use bridge::End;
-use http::HeadError;
 use token::{KeyFileError, Tickets};
 
-/// Time a new connection has to send its first request head (and finish TLS).
-const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
-/// Time an idle keep-alive HTTP connection is kept open.
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Time to connect to the VNC target.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// On stop, time given to connections to close cleanly before they are dropped.
 const STOP_GRACE: Duration = Duration::from_millis(800);
 /// Connections over `--max-connections` that are still being answered 503 (the answer
 /// needs a moment so the client reads it instead of a reset). Beyond this many, excess
 /// connections are closed without an answer.
 const MAX_REJECTING: usize = 64;
-/// The 503 for a connection over `--max-connections`.
-const TOO_MANY: &[u8] =
-    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n\
-Content-Length: 21\r\nConnection: close\r\nRetry-After: 5\r\n\r\ntoo many connections\n";
-
 /// Why the proxy could not start or run. Each message names the address or file at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -100,45 +84,26 @@ pub enum ProxyError {
     },
 }
 
-/// Where sessions are pumped to.
-#[derive(Debug, Clone)]
-enum Target {
-    Tcp(String),
-    Unix(PathBuf),
-}
-
-impl fmt::Display for Target {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Target::Tcp(a) => f.write_str(a),
-            Target::Unix(p) => write!(f, "unix:{}", p.display()),
-        }
-    }
-}
-
 /// What every connection needs, loaded once at start.
 struct Shared {
-    target: Target,
-    tickets: Option<Tickets>,
-    origins: Vec<String>,
+    /// The one console this proxy serves.
+    console: Arc<conn::Console>,
     /// Canonical web root.
     web: Option<PathBuf>,
     tls: Option<TlsAcceptor>,
-    counters: Arc<stats::Counters>,
     /// Refused and timed-out connections, summed up in the log (see `refusals`).
     refusals: Arc<refusals::Refusals>,
     /// The `--max-connections` cap (see `slots`).
     slots: Arc<slots::Slots>,
-    ping_every: Duration,
 }
 
 impl Shared {
     fn load(args: &ProxyArgs) -> Result<Self, ProxyError> {
         let target = match (&args.target, &args.unix_target) {
-            (_, Some(p)) => Target::Unix(p.clone()),
-            (Some(a), None) => Target::Tcp(a.clone()),
+            (_, Some(p)) => conn::Target::Unix(p.clone()),
+            (Some(a), None) => conn::Target::Tcp(a.clone()),
             // clap makes one of them required; an empty target would fail every session.
-            (None, None) => Target::Tcp(String::new()),
+            (None, None) => conn::Target::Tcp(String::new()),
         };
         let tickets = match &args.key_file {
             None => None,
@@ -160,16 +125,19 @@ impl Shared {
             (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
             _ => None,
         };
-        Ok(Self {
+        let mut console = conn::Console::new(
             target,
             tickets,
-            origins: args.origins.clone(),
+            Arc::default(),
+            Duration::from_secs(args.ping_interval),
+        );
+        console.origins = args.origins.clone();
+        Ok(Self {
+            console: Arc::new(console),
             web,
             tls,
-            counters: Arc::default(),
             refusals: Arc::default(),
             slots: slots::Slots::new(usize::try_from(args.max_connections).unwrap_or(usize::MAX)),
-            ping_every: Duration::from_secs(args.ping_interval),
         })
     }
 }
@@ -203,9 +171,9 @@ pub async fn run(args: ProxyArgs) -> Result<(), ProxyError> {
     let local = listener.local_addr().unwrap_or(args.listen);
     info!(
         listen = %local,
-        target = %shared.target,
+        target = %shared.console.target,
         tls = shared.tls.is_some(),
-        tickets = shared.tickets.is_some(),
+        tickets = shared.console.tickets.is_some(),
         web = shared.web.is_some(),
         "proxy listening"
     );
@@ -263,10 +231,13 @@ struct Background {
 
 impl Background {
     fn start(args: &ProxyArgs, shared: &Arc<Shared>, stop: &watch::Receiver<bool>) -> Self {
-        let stats_writer = args
-            .stats_file
-            .clone()
-            .map(|path| tokio::spawn(stats::writer(path, shared.counters.clone(), stop.clone())));
+        let stats_writer = args.stats_file.clone().map(|path| {
+            tokio::spawn(stats::writer(
+                path,
+                shared.console.counters.clone(),
+                stop.clone(),
+            ))
+        });
         let refusal_reporter = tokio::spawn(refusals::reporter(
             shared.refusals.clone(),
             Duration::from_secs(args.refusal_log_interval),
@@ -286,7 +257,7 @@ impl Background {
         let _ = self.refusal_reporter.await;
         if let (Some(task), Some(path)) = (self.stats_writer, &args.stats_file) {
             let _ = task.await;
-            stats::write_final(path, &shared.counters);
+            stats::write_final(path, &shared.console.counters);
         }
     }
 }
@@ -350,7 +321,7 @@ async fn accept_loop(
 /// would not understand it) and counts it as refused. The answer is written in a task of
 /// its own, given a second to be read, so the accept loop never waits for a client.
 fn reject_excess(shared: &Arc<Shared>, sock: TcpStream, rejecting: &Arc<AtomicUsize>) {
-    shared.counters.refused();
+    shared.console.counters.refused();
     shared.refusals.record("503 too many connections");
     if shared.tls.is_some() || rejecting.load(Ordering::Relaxed) >= MAX_REJECTING {
         return;
@@ -361,7 +332,7 @@ fn reject_excess(shared: &Arc<Shared>, sock: TcpStream, rejecting: &Arc<AtomicUs
         let mut sock = sock;
         let _ = tokio::time::timeout(Duration::from_secs(1), async {
             use tokio::io::AsyncReadExt;
-            sock.write_all(TOO_MANY).await?;
+            sock.write_all(conn::TOO_MANY).await?;
             sock.shutdown().await?;
             // Drain what the client sent, so closing does not reset the connection
             // before the client has read the answer.
@@ -382,39 +353,6 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-/// What one connection did, for its log line.
-#[derive(Debug, Default)]
-struct Summary {
-    kind: &'static str,
-    /// Redacted path of the last request.
-    path: String,
-    outcome: String,
-    requests: u32,
-    to_target: u64,
-    to_client: u64,
-    /// Refused or timed out before anything was served: summed up, not logged alone.
-    refused: bool,
-}
-
-/// TCP keepalive: the kernel probes an idle connection after `every` and then every few
-/// seconds, and gives up after about `2 * every` in all, so a client that vanished
-/// (powered off, network gone) is dropped even while nothing is sent to it. The
-/// user timeout does the same for data sent but never acknowledged.
-fn keepalive(sock: &TcpStream, every: Duration) {
-    let probe = (every / 4).max(Duration::from_secs(1));
-    let params = socket2::TcpKeepalive::new()
-        .with_time(every)
-        .with_interval(probe)
-        .with_retries(4);
-    let s = socket2::SockRef::from(sock);
-    if let Err(e) = s
-        .set_tcp_keepalive(&params)
-        .and_then(|()| s.set_tcp_user_timeout(Some(every * 2)))
-    {
-        debug!(error = %e, "cannot set TCP keepalive");
-    }
-}
-
 /// Serve one accepted connection and log one line when it ends (the caller's span names
 /// the peer and the connection number). Refused ones are only counted, see `refusals`.
 async fn connection(
@@ -424,42 +362,36 @@ async fn connection(
     stop: watch::Receiver<bool>,
 ) {
     let started = Instant::now();
-    let _ = sock.set_nodelay(true);
-    keepalive(&sock, shared.ping_every);
-    let mut summary = Summary {
-        kind: "http",
-        ..Summary::default()
-    };
-    let served = async {
-        match &shared.tls {
-            None => serve(&shared, sock, &slot, stop, &mut summary).await,
-            Some(acceptor) => {
-                match tokio::time::timeout(HEAD_TIMEOUT, acceptor.accept(sock)).await {
-                    Ok(Ok(tls)) => serve(&shared, tls, &slot, stop, &mut summary).await,
-                    Ok(Err(_)) => {
-                        summary.outcome = "TLS handshake failed".into();
-                        summary.refused = true;
-                    }
-                    Err(_) => {
-                        summary.outcome = "TLS handshake timed out".into();
-                        summary.refused = true;
-                    }
-                }
-            }
-        }
-    };
-    let evicted = tokio::select! {
-        () = served => false,
-        () = slot.evicted() => true,
-    };
-    if evicted {
-        shared.counters.refused();
-        summary.outcome = "closed for a newer connection (--max-connections)".into();
-        summary.refused = true;
-    }
+    let summary = conn::connection(
+        &*shared,
+        shared.tls.as_ref(),
+        sock,
+        &slot,
+        stop,
+        shared.console.ping_every,
+    )
+    .await;
     drop(slot);
+    log_summary(
+        summary,
+        started,
+        &shared.refusals,
+        Some(&shared.console.counters),
+    );
+}
+
+/// The one log line of a connection; refused ones are summed up in `refusals` instead.
+pub(crate) fn log_summary(
+    mut summary: conn::Summary,
+    started: Instant,
+    refusals: &refusals::Refusals,
+    counters: Option<&stats::Counters>,
+) {
     if summary.refused {
-        shared.refusals.record(&summary.outcome);
+        if let (true, Some(c)) = (summary.evicted, counters) {
+            c.refused();
+        }
+        refusals.record(&summary.outcome);
         debug!(outcome = %summary.outcome, "connection refused");
         return;
     }
@@ -481,205 +413,22 @@ async fn connection(
     );
 }
 
-/// Run `fut` unless the proxy stops first.
-async fn unless_stopped<F: Future>(stop: &mut watch::Receiver<bool>, fut: F) -> Option<F::Output> {
-    tokio::select! {
-        out = fut => Some(out),
-        _ = stop.wait_for(|s| *s) => None,
+impl conn::Router for Shared {
+    fn route(&self, _token: Option<&[u8]>) -> Option<Arc<conn::Console>> {
+        Some(self.console.clone())
+    }
+
+    fn web(&self) -> Option<&Path> {
+        self.web.as_deref()
     }
 }
 
-/// Read requests from one connection: static files (keep-alive) until a websocket upgrade.
-async fn serve<S>(
-    shared: &Shared,
-    mut stream: S,
-    slot: &slots::Slot,
-    mut stop: watch::Receiver<bool>,
-    summary: &mut Summary,
-) where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let mut buf = Vec::new();
-    loop {
-        let wait = if summary.requests == 0 {
-            HEAD_TIMEOUT
-        } else {
-            KEEPALIVE_TIMEOUT
-        };
-        let Some(head) =
-            unless_stopped(&mut stop, http::read_head(&mut stream, &mut buf, wait)).await
-        else {
-            summary.outcome = End::Shutdown.as_str().into();
-            return;
-        };
-        let req = match head {
-            Ok(Some(req)) => req,
-            Ok(None) => return,
-            Err(e) => {
-                let (status, msg) = match e {
-                    HeadError::TooLarge => (431, "request head too large"),
-                    HeadError::Malformed(m) => (400, m),
-                    HeadError::Timeout if summary.requests == 0 => (408, "no request in time"),
-                    HeadError::Timeout => return,
-                    HeadError::Io(e) => {
-                        summary.outcome = format!("client error: {e}");
-                        return;
-                    }
-                };
-                let _ = http::write_plain(&mut stream, status, msg, "", false).await;
-                let _ = stream.shutdown().await;
-                summary.outcome = format!("{status} {msg}");
-                summary.refused = true;
-                return;
-            }
-        };
-        summary.requests += 1;
-        summary.path = token::redact(&req.target, req.wants_websocket());
-        if req.wants_websocket() {
-            summary.kind = "websocket";
-            return websocket(shared, stream, slot, req, buf, stop, summary).await;
-        }
-        // A request with a body (not expected for GET/HEAD) ends the connection: its body
-        // would otherwise be taken for the next request.
-        let keep_alive = req.keep_alive()
-            && matches!(req.method.as_str(), "GET" | "HEAD")
-            && req.header("content-length").is_none_or(|l| l.trim() == "0")
-            && req.header("transfer-encoding").is_none();
-        let served = web::serve(&mut stream, shared.web.as_deref(), &req, keep_alive);
-        match unless_stopped(&mut stop, served).await {
-            Some(Ok(n)) => summary.to_client += n,
-            Some(Err(_)) => {
-                summary.outcome = "client error".into();
-                return;
-            }
-            None => {
-                summary.outcome = End::Shutdown.as_str().into();
-                return;
-            }
-        }
-        debug!(path = %summary.path, method = %req.method, "static request served");
-        if !keep_alive {
-            let _ = stream.shutdown().await;
-            return;
-        }
+impl conn::Gate for slots::Slot {
+    fn evicted(&self) -> impl Future<Output = ()> + Send {
+        slots::Slot::evicted(self)
     }
-}
 
-/// Uses up the ticket of an accepted upgrade: the last check, so only an upgrade that
-/// would otherwise succeed spends it. A replay (also of a ticket whose first connection
-/// is still open) is refused here.
-fn use_ticket(
-    shared: &Shared,
-    accept: upgrade::Accept,
-) -> Result<upgrade::Accept, upgrade::Reject> {
-    match (&shared.tickets, &accept.ticket) {
-        (Some(t), Some(v)) => match t.consume(v) {
-            Ok(()) => Ok(accept),
-            Err(e) => {
-                if let crate::ticket::TicketError::NonceStore { .. } = e {
-                    warn!(error = %e, "cannot record a ticket's use; refusing it");
-                }
-                Err(upgrade::ticket_rejected(&e))
-            }
-        },
-        _ => Ok(accept),
+    fn authenticated(&self) -> bool {
+        slots::Slot::authenticated(self)
     }
-}
-
-/// A connected target of either kind.
-enum TargetStream {
-    Tcp(TcpStream),
-    Unix(UnixStream),
-}
-
-async fn connect(target: &Target) -> io::Result<TargetStream> {
-    let connecting = async {
-        match target {
-            Target::Tcp(addr) => {
-                let s = TcpStream::connect(addr.as_str()).await?;
-                let _ = s.set_nodelay(true);
-                Ok(TargetStream::Tcp(s))
-            }
-            Target::Unix(path) => Ok(TargetStream::Unix(UnixStream::connect(path).await?)),
-        }
-    };
-    tokio::time::timeout(CONNECT_TIMEOUT, connecting)
-        .await
-        .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")))
-}
-
-/// Check the upgrade, connect the target, answer 101 and pump until the session ends.
-async fn websocket<S>(
-    shared: &Shared,
-    mut stream: S,
-    slot: &slots::Slot,
-    req: http::Request,
-    leftover: Vec<u8>,
-    mut stop: watch::Receiver<bool>,
-    summary: &mut Summary,
-) where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let accept = match upgrade::check(&req, shared.tickets.as_ref(), &shared.origins)
-        .and_then(|a| use_ticket(shared, a))
-    {
-        Ok(a) => a,
-        Err(r) => {
-            shared.counters.refused();
-            if let Some(reason) = r.ticket {
-                shared.counters.ticket_refused(reason);
-            }
-            let _ = http::write_plain(&mut stream, r.status, r.message, r.extra, false).await;
-            let _ = stream.shutdown().await;
-            summary.outcome = format!("{} {}", r.status, r.message);
-            summary.refused = true;
-            return;
-        }
-    };
-    // From here on the connection is a console session and keeps its slot.
-    if !slot.authenticated() {
-        shared.counters.refused();
-        let _ = stream.write_all(TOO_MANY).await;
-        let _ = stream.shutdown().await;
-        summary.outcome = "503 too many connections".into();
-        summary.refused = true;
-        return;
-    }
-    let Some(target) = unless_stopped(&mut stop, connect(&shared.target)).await else {
-        summary.outcome = End::Shutdown.as_str().into();
-        return;
-    };
-    if stream.write_all(accept.response.as_bytes()).await.is_err() || stream.flush().await.is_err()
-    {
-        summary.outcome = "client error".into();
-        return;
-    }
-    let ws = WebSocketStream::from_partially_read(
-        stream,
-        leftover,
-        Role::Server,
-        Some(bridge::ws_config()),
-    )
-    .await;
-    let counters = &shared.counters;
-    let stats = match target {
-        Err(e) => {
-            warn!(target = %shared.target, error = %e, "cannot connect to the VNC target");
-            bridge::close(ws, CloseCode::Error, "cannot connect to the VNC target").await;
-            summary.outcome = format!("target unreachable: {e}");
-            return;
-        }
-        Ok(TargetStream::Tcp(t)) => {
-            counters.opened();
-            bridge::run(ws, t, &mut stop, counters, shared.ping_every).await
-        }
-        Ok(TargetStream::Unix(t)) => {
-            counters.opened();
-            bridge::run(ws, t, &mut stop, counters, shared.ping_every).await
-        }
-    };
-    counters.closed();
-    summary.outcome = stats.end.as_str().into();
-    summary.to_target = stats.to_target;
-    summary.to_client = stats.to_client;
 }

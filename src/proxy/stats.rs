@@ -42,11 +42,15 @@ pub struct Counters {
     ticket_replayed: AtomicU64,
     to_target: AtomicU64,
     to_client: AtomicU64,
+    /// Unix seconds of the last activity: client input (bytes to the target) or a new
+    /// websocket session; 0 before any. The relay reports it and ends idle sessions by it.
+    last_activity: AtomicU64,
     changed: Notify,
 }
 
 impl Counters {
     pub fn opened(&self) {
+        self.touch();
         self.connections.fetch_add(1, Ordering::Relaxed);
         self.active.fetch_add(1, Ordering::Relaxed);
         self.changed.notify_one();
@@ -74,6 +78,17 @@ impl Counters {
 
     pub fn to_target(&self, n: usize) {
         self.to_target.fetch_add(n as u64, Ordering::Relaxed);
+        self.touch();
+    }
+
+    fn touch(&self) {
+        self.last_activity
+            .store(crate::ticket::unix_now(), Ordering::Relaxed);
+    }
+
+    /// Unix seconds of the last client input or new session, 0 before any.
+    pub fn last_activity(&self) -> u64 {
+        self.last_activity.load(Ordering::Relaxed)
     }
 
     pub fn to_client(&self, n: usize) {

@@ -13,6 +13,9 @@ use crate::ticket::{self, DirNonces, LeaseKey, MemoryNonces, NonceStore, TicketE
 /// used before. Its `Debug` never shows the key.
 pub struct Tickets {
     key: LeaseKey,
+    /// The lease a v2 ticket must name, when known (the relay knows it; a proxy's key
+    /// file does not say).
+    lease_uid: Option<String>,
     nonces: Box<dyn NonceStore>,
 }
 
@@ -31,6 +34,17 @@ pub enum KeyFileError {
 }
 
 impl Tickets {
+    /// Tickets of the lease `lease_uid` whose key is `key`, used ones recorded in
+    /// `nonces` (the relay holds keys in memory, as the controller declared them). A v2
+    /// ticket naming another lease is refused even if its MAC verifies.
+    pub fn for_lease(key: LeaseKey, lease_uid: &str, nonces: Box<dyn NonceStore>) -> Self {
+        Tickets {
+            key,
+            lease_uid: Some(lease_uid.to_owned()),
+            nonces,
+        }
+    }
+
     /// Reads the lease key (64 hex digits; surrounding whitespace is ignored) from `path`,
     /// or from standard input for `-`: vncd's supervisor hands a proxy that runs as another
     /// user (`--proxy-user`) its key file as stdin, already open, so the file itself stays
@@ -55,14 +69,21 @@ impl Tickets {
             Some(d) => Box::new(DirNonces::new(PathBuf::from(d))),
             None => Box::new(MemoryNonces::new()),
         };
-        Ok(Tickets { key, nonces })
+        Ok(Tickets {
+            key,
+            lease_uid: None,
+            nonces,
+        })
     }
 
     /// Checks format, signature and expiry of a presented ticket, without using it up:
     /// the upgrade may still be refused for another reason.
     pub fn verify(&self, presented: &[u8]) -> Result<Verified, TicketError> {
         let text = std::str::from_utf8(presented).map_err(|_| TicketError::Malformed)?;
-        ticket::verify(&self.key, text, ticket::unix_now())
+        match &self.lease_uid {
+            Some(uid) => ticket::verify_lease(&self.key, uid, text, ticket::unix_now()),
+            None => ticket::verify(&self.key, text, ticket::unix_now()),
+        }
     }
 
     /// Uses up a verified ticket: the first call succeeds, every later one is a replay.

@@ -52,6 +52,10 @@ struct Sim {
     idle: BTreeMap<String, u64>,
     /// Sessions whose running proxy was started under other settings.
     stale: BTreeSet<String>,
+    /// Open consoles per session.
+    clients: BTreeMap<String, usize>,
+    /// Targets the data plane reports unreachable (`Some(why)`) or reachable (`None`).
+    targets: BTreeMap<String, Option<String>>,
     now: u64,
     /// How far the simulated wall clock is stepped from the boot clock (`now`).
     wall_step_ms: i64,
@@ -81,6 +85,8 @@ impl Sim {
             idle: BTreeMap::new(),
             stale: BTreeSet::new(),
             now: 1_000_000,
+            targets: BTreeMap::new(),
+            clients: BTreeMap::new(),
             wall_step_ms: 0,
             next_pid: 100,
             limits: limits(max),
@@ -125,6 +131,8 @@ impl Sim {
             restarts: &self.restarts,
             expired: &self.expired,
             idle_ms: &self.idle,
+            clients: &self.clients,
+            targets: &self.targets,
             stale: &self.stale,
             limits: self.limits,
             now_ms: self.now,
@@ -569,6 +577,8 @@ fn protected_sessions_keep_their_lease_and_proxy() {
         restarts: &BTreeMap::new(),
         expired: &BTreeMap::new(),
         idle_ms: &BTreeMap::new(),
+        clients: &BTreeMap::new(),
+        targets: &BTreeMap::new(),
         stale: &BTreeSet::new(),
         limits: sim.limits,
         now_ms: 0,
@@ -865,4 +875,136 @@ fn proxies_started_under_other_settings_are_replaced_one_at_a_time() {
         replaced_per_pass.windows(2).all(|w| w[0] + w[1] <= 1),
         "{replaced_per_pass:?}"
     );
+}
+
+/// A sim whose three sessions were leased on an earlier pool, now served by a new one.
+fn moved_pool(new_size: u16) -> Sim {
+    let mut sim = Sim::new(10);
+    for n in ["a", "b", "c"] {
+        sim.desired.insert(n.into(), desired(n, 5901, None));
+    }
+    sim.converge();
+    sim.limits.range = PortRange::new(7100, 7100 + new_size - 1).unwrap();
+    sim
+}
+
+#[test]
+fn a_lease_outside_the_pool_with_an_open_console_stays_ready() {
+    let mut sim = moved_pool(10);
+    for n in ["a", "b", "c"] {
+        sim.clients.insert(n.into(), 1);
+    }
+    let p = sim.plan();
+    assert!(p.actions.is_empty(), "an open console was disturbed: {p:?}");
+    for n in ["a", "b", "c"] {
+        assert_eq!(p.reports[n].phase, Phase::Ready);
+        assert_eq!(p.reports[n].reason, Reason::OutsidePool);
+        assert!(
+            p.reports[n].message.contains("outside the pool 7100-7109"),
+            "{}",
+            p.reports[n].message
+        );
+    }
+}
+
+#[test]
+fn a_lease_outside_the_pool_moves_in_once_no_console_is_open() {
+    let mut sim = moved_pool(10);
+    sim.clients.insert("a".into(), 1);
+    let p = sim.plan();
+    // b and c have no console: they move; a keeps serving.
+    let stops: Vec<&str> = p
+        .actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Stop(StopOp::Session {
+                session,
+                why: StopReason::OutsidePool,
+                ..
+            }) => Some(session.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(stops, ["b", "c"]);
+    assert_eq!(p.reports["b"].phase, Phase::Pending);
+    assert!(p.reports["b"].message.contains("URL changes"));
+    sim.converge();
+    assert!(sim.limits.range.contains(sim.leases["b"].port));
+    assert!(sim.limits.range.contains(sim.leases["c"].port));
+    assert!(!sim.limits.range.contains(sim.leases["a"].port));
+    // a's console closes: it moves too.
+    sim.clients.clear();
+    let p = sim.converge();
+    assert!(
+        sim.leases
+            .values()
+            .all(|l| sim.limits.range.contains(l.port))
+    );
+    assert!(
+        p.reports
+            .values()
+            .all(|r| r.phase == Phase::Ready && r.reason == Reason::Ready),
+        "{p:?}"
+    );
+}
+
+#[test]
+fn leases_outside_a_full_pool_keep_serving_and_pool_exhausted_is_for_the_unleased() {
+    // A new pool of one port: one lease moves in, the other two stay where they are, Ready.
+    let mut sim = moved_pool(1);
+    let p = sim.converge();
+    let inside: Vec<_> = sim
+        .leases
+        .values()
+        .filter(|l| sim.limits.range.contains(l.port))
+        .collect();
+    assert_eq!(inside.len(), 1);
+    assert_eq!(sim.leases.len(), 3, "a lease was dropped");
+    let outside: Vec<_> = p
+        .reports
+        .values()
+        .filter(|r| r.reason == Reason::OutsidePool)
+        .collect();
+    assert_eq!(outside.len(), 2, "{p:?}");
+    assert!(
+        outside
+            .iter()
+            .all(|r| r.phase == Phase::Ready && r.message.contains("no port in the pool is free"))
+    );
+    // A fourth session holds no lease: it, and only it, is PoolExhausted.
+    sim.desired.insert("d".into(), desired("d", 5901, None));
+    let p = sim.converge();
+    assert_eq!(p.reports["d"].reason, Reason::PoolExhausted);
+    assert_eq!(
+        p.reports
+            .values()
+            .filter(|r| r.reason == Reason::PoolExhausted)
+            .count(),
+        1
+    );
+}
+
+#[test]
+fn an_unreachable_target_keeps_its_port_but_is_not_ready() {
+    let mut sim = Sim::new(5);
+    sim.desired.insert("a".into(), desired("a", 5901, None));
+    sim.converge();
+    let port = sim.leases["a"].port;
+    sim.targets
+        .insert("a".into(), Some("connection refused".into()));
+    let p = sim.plan();
+    assert!(p.actions.is_empty(), "the listener must stay: {p:?}");
+    assert_eq!(p.reports["a"].phase, Phase::Pending);
+    assert_eq!(p.reports["a"].reason, Reason::TargetUnreachable);
+    assert!(p.reports["a"].message.contains("connection refused"));
+    assert_eq!(
+        p.reports["a"].target,
+        Some(Some("connection refused".into()))
+    );
+    // The VNC server comes up: Ready, on the same port.
+    sim.targets.insert("a".into(), None);
+    let p = sim.converge();
+    assert_eq!(p.reports["a"].phase, Phase::Ready);
+    assert_eq!(p.reports["a"].target, Some(None));
+    assert_eq!(sim.leases["a"].port, port);
 }

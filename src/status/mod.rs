@@ -151,7 +151,9 @@ impl StatusBuilder {
             .iter()
             .filter_map(|i| i.metadata.name.clone())
             .collect();
-        self.transitions.retain(|k, _| live.contains(k));
+        // Keys are a session's name, or `NAME\0TYPE` for its other conditions.
+        self.transitions
+            .retain(|k, _| live.contains(k.split('\0').next().unwrap_or(k)));
         items.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
         items
     }
@@ -180,6 +182,26 @@ impl StatusBuilder {
         }
         let ready = report.phase == Phase::Ready;
         let cond = self.condition(name, ready, report.reason.as_str(), &message, generation);
+        let mut conditions = vec![cond];
+        if let Some(target) = &report.target {
+            // What the data plane's probe says of the VNC server: Ready needs it reachable.
+            let reachable = target.is_none();
+            let mut c = self.condition(
+                &format!("{name}\0TargetReachable"),
+                reachable,
+                if reachable {
+                    "TargetReachable"
+                } else {
+                    "TargetUnreachable"
+                },
+                target
+                    .as_deref()
+                    .unwrap_or("the VNC server answers with its RFB banner"),
+                generation,
+            );
+            c.type_ = "TargetReachable".into();
+            conditions.push(c);
+        }
         obj.status = Some(VncSessionStatus {
             phase: Some(report.phase),
             port: lease.map(|l| i32::from(l.port)),
@@ -190,7 +212,7 @@ impl StatusBuilder {
             message: Some(message),
             allocated_at: lease.map(|l| Time(l.allocated_at)),
             observed_generation: generation,
-            conditions: vec![cond],
+            conditions,
             // Which lease this is: not a secret (tickets need the master key too), and it
             // tells a reader whether a console URL minted earlier is still for this lease.
             lease_uid: lease.map(|l| l.uid.clone()),
@@ -235,6 +257,9 @@ pub struct SystemStatus {
     pub total_ports: usize,
     /// Leases whose port is inside the pool.
     pub allocated_ports: usize,
+    /// Leases whose port lies outside the pool (an earlier `--port-range`): they still
+    /// serve, and move into the pool once no console is open on them.
+    pub outside_pool: usize,
     /// Leases with a live proxy.
     pub active_processes: usize,
     /// Leases without a live proxy.
@@ -255,6 +280,7 @@ impl SystemStatus {
         SystemStatus {
             total_ports: range.len(),
             allocated_ports: leases.values().filter(|l| range.contains(l.port)).count(),
+            outside_pool: leases.values().filter(|l| !range.contains(l.port)).count(),
             active_processes: live_proxies,
             dead_proxies: leases.len().saturating_sub(live_proxies),
             orphan_processes: orphans,
@@ -292,6 +318,7 @@ impl SystemStatus {
                 "allocated_ports": self.allocated_ports,
                 "free_ports": self.free_ports(),
                 "utilization_percent": self.utilization_percent(),
+                "outside_pool_leases": self.outside_pool,
             },
             "active_processes": self.active_processes,
             "dead_proxies": self.dead_proxies,
@@ -408,6 +435,7 @@ mod tests {
                     "allocated_ports": 2,
                     "free_ports": 8,
                     "utilization_percent": 20.0,
+                    "outside_pool_leases": 1,
                 },
                 "active_processes": 2,
                 "dead_proxies": 1,

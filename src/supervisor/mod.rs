@@ -11,6 +11,7 @@ pub mod builtin;
 pub mod procfs;
 pub mod reaper;
 pub mod redact;
+pub mod relay;
 pub mod user;
 pub mod websockify;
 
@@ -113,6 +114,36 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     }
 }
 
+/// Lays what the relay serves over a /proc observation: each session the relay serves
+/// for its current lease is running as the relay, with the relay's counts and probe. A
+/// per-session proxy of the earlier backend that serves a lease the relay does not is
+/// marked stale, so the plan replaces it (one at a time) and the relay takes the port.
+fn relay_overlay(served: relay::Served, obs: &mut Observation) {
+    for s in obs.proxies.keys() {
+        if !served.sessions.contains_key(s) {
+            obs.stale.insert(s.clone());
+        }
+    }
+    let Some(relay) = served.relay else {
+        return;
+    };
+    for (name, s) in served.sessions {
+        obs.stale.remove(&name);
+        obs.proxies.insert(
+            name.clone(),
+            ProxyState::Running {
+                process: relay,
+                listening: s.listening,
+                age_ms: s.age_ms,
+            },
+        );
+        obs.clients.insert(name.clone(), s.clients);
+        if let Some(t) = s.target {
+            obs.targets.insert(name, t);
+        }
+    }
+}
+
 /// A process that carries our owner marker.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Marked {
@@ -140,6 +171,9 @@ pub struct Observation {
     /// Sessions whose live proxy was started with other security-relevant settings than
     /// vncd has now (see [`Supervisor::config_digest`]): replaced, one at a time.
     pub stale: BTreeSet<String>,
+    /// What the data plane knows of each serving session's target (the relay probes):
+    /// `None` reachable, `Some(why)` not; missing is unknown.
+    pub targets: BTreeMap<String, Option<String>>,
 }
 
 /// A proxy that ended on its own, reported so the controller can react at once.
@@ -185,6 +219,12 @@ pub enum SpawnError {
         uid: u32,
         other: String,
     },
+    #[error("cannot serve session {session:?} on the relay: {source}")]
+    Relay {
+        session: String,
+        #[source]
+        source: relay::RelayPlaneError,
+    },
     #[error("cannot prepare {} for --proxy-user {user}: {source}", path.display())]
     ProxyUser {
         path: PathBuf,
@@ -205,6 +245,7 @@ impl SpawnError {
             SpawnError::Vanished { .. } => "vanished",
             SpawnError::UidInUse { .. } => "uid_in_use",
             SpawnError::ProxyUser { .. } => "proxy_user",
+            SpawnError::Relay { .. } => "relay",
         }
     }
 }
@@ -236,6 +277,9 @@ pub struct Supervisor {
     /// Derives each lease's ticket key; `None` (tests, `vncd cleanup`) starts proxies
     /// that admit every client.
     tickets: Option<Minter>,
+    /// With `--relay`: the one relay that serves every session (see [`relay`]); proxies of
+    /// the per-session backend that still serve a lease are replaced by it, one at a time.
+    relay: Option<relay::RelayPlane>,
 }
 
 /// A proxy's log is cut back to nothing once it passes this size: at every start, and
@@ -270,6 +314,7 @@ impl Supervisor {
             reap: false,
             reaper: std::sync::OnceLock::new(),
             tickets: None,
+            relay: None,
         }
     }
 
@@ -284,6 +329,11 @@ impl Supervisor {
     /// at the first [`Supervisor::observe`], inside the runtime.
     pub fn reap_orphans(&mut self) {
         self.reap = true;
+    }
+
+    /// Serves every session through `plane` (the relay) instead of a process each.
+    pub fn serve_through_relay(&mut self, plane: relay::RelayPlane) {
+        self.relay = Some(plane);
     }
 
     /// Runs every proxy as `user` (see [`ProxyUser`]).
@@ -426,6 +476,9 @@ impl Supervisor {
         self.count_authenticated(&mut obs);
         self.cap_logs(&obs);
         obs.stale = self.stale_proxies(&obs);
+        if let Some(plane) = &self.relay {
+            relay_overlay(plane.observe(leases), &mut obs);
+        }
         obs
     }
 
@@ -475,8 +528,15 @@ impl Supervisor {
         }
     }
 
-    /// Starts the proxy of a persisted lease, in its own process group, with our marker.
+    /// Starts the proxy of a persisted lease, in its own process group, with our marker;
+    /// with the relay, declares the lease to it instead.
     pub fn spawn(&self, lease: &Lease) -> Result<ProcRef, SpawnError> {
+        if let Some(plane) = &self.relay {
+            return plane.start(lease).map_err(|source| SpawnError::Relay {
+                session: lease.session.clone(),
+                source,
+            });
+        }
         let mut spec = ProxySpec {
             session: lease.session.clone(),
             listen: self.listen,
@@ -687,6 +747,15 @@ impl Supervisor {
             .is_some_and(|st| st.is_alive() && st.start_time == process.start_time);
         same && procfs::environ(process.pid)
             .is_some_and(|env| env.get(marker::OWNER) == Some(&self.owner))
+    }
+
+    /// Stops serving `session`, whose proxy is `process`: with the relay, takes the session
+    /// off the relay (its connections end, the relay serves on); otherwise [`Self::stop`].
+    pub async fn stop_session(&self, session: &str, process: ProcRef) -> bool {
+        match &self.relay {
+            Some(plane) if plane.is_relay(process) => plane.stop(session),
+            _ => self.stop(process).await,
+        }
     }
 
     /// Stops a proxy or an orphan: SIGTERM (to its whole group if it leads one), SIGKILL

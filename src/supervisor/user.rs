@@ -4,21 +4,21 @@
 //! vncd itself may need root (ports below 1024, libvirt, a state directory under /var/lib),
 //! but a proxy parses HTTP and websocket frames from anyone who can reach its port: it is
 //! the part most exposed to attack. Run as an unprivileged user, a compromised proxy
-//! cannot read vncd's state files (leases.json and sessions.json, 0600 root, with the
-//! leases and statuses; the ticket master key, 0600 root), signal vncd or other processes,
-//! or write outside its own stats directory.
+//! cannot read vncd's state files (ticket.key, the master key every lease key derives from,
+//! and leases.json and sessions.json, all 0600 root), signal vncd or other processes, or
+//! write outside its own stats directory. The switch is std's `CommandExt::uid`/`gid` (no
+//! `unsafe`); when vncd is root, std also drops the supplementary groups and the kernel
+//! every capability. A non-root vncd with CAP_SETUID and CAP_SETGID can switch too, but std
+//! then keeps vncd's supplementary groups in the proxy (it can only drop them as root): give
+//! vncd's user no group the proxies should not have.
 //!
 //! websockify re-reads its key file by path, so it must own it. With one shared uid, a
-//! compromised websockify could read every other session's key (and mint tickets for
-//! it), signal the other proxies and ptrace them. [`ProxyUids`] gives each websockify
-//! proxy a uid of its own, derived from its lease's port (see [`ProxyUids::uid_for`]):
-//! nothing to persist, the same uid after a restart of vncd, and never one uid for two
-//! live leases (their ports differ; the pool fits in the range). tests/proxy_uids.rs
-//! proves that proxy A cannot read B's key file or log, signal B, or read B's memory. The switch is std's `CommandExt::uid`/`gid` (no `unsafe`); when vncd
-//! is root, std also drops the supplementary groups and the kernel every capability. A
-//! non-root vncd with CAP_SETUID and CAP_SETGID can switch too, but std then keeps vncd's
-//! supplementary groups in the proxy (it can only drop them as root): give vncd's user no
-//! group the proxies should not have.
+//! compromised websockify could read every other session's key (and mint tickets for it),
+//! signal the other proxies and ptrace them. [`ProxyUids`] gives each websockify proxy a
+//! uid of its own, derived from its lease's port (see [`ProxyUids::uid_for`]): nothing to
+//! persist, the same uid after a restart of vncd, and never one uid for two live leases
+//! (their ports differ; the pool fits in the range). tests/proxy_isolation.rs proves that
+//! proxy A cannot read B's key file or log, signal B, or read B's memory.
 
 use std::fmt;
 use std::path::Path;

@@ -386,7 +386,33 @@ impl Drop for Vncd {
             let _ = killpg(Pid::from_raw(m.pgid), Signal::SIGKILL);
             let _ = kill(Pid::from_raw(m.process.pid), Signal::SIGKILL);
         }
+        // And a relay (`vncd run --relay`) serving this test's state dir.
+        for pid in relay_pids(&self.owner()) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
     }
+}
+
+/// Relay processes started for `state_dir`: their command line is `... relay --state-dir
+/// STATE_DIR ...` with exactly this directory, so only this test's relay matches.
+pub fn relay_pids(state_dir: &str) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                return false;
+            };
+            let args: Vec<&[u8]> = raw.split(|b| *b == 0).collect();
+            args.contains(&b"relay".as_slice())
+                && args
+                    .windows(2)
+                    .any(|w| w[0] == b"--state-dir" && w[1] == state_dir.as_bytes())
+        })
+        .collect()
 }
 
 /// The proxy backend under test: `VNCD_TEST_BACKEND` (builtin unless set), so the

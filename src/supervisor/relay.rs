@@ -1,0 +1,386 @@
+//! The relay as the supervisor's data plane (`vncd run --relay`): one long-lived
+//! `vncd-proxy relay` per host serves every builtin session, instead of one process each.
+//!
+//! The supervisor keeps its interface (observe, start, stop), so the controller and the
+//! core do not know which data plane serves: here *start* declares a lease to the relay,
+//! *stop* takes it out of the declaration, and *observe* reads the relay's report.
+//!
+//! - **Declarative.** Every change sends the whole set (`declare`, versioned); a version is
+//!   always one past what the relay has applied, so a restarted controller is never
+//!   ignored as stale. The set is rebuilt from the leases and the relay's report, so a
+//!   restarted controller adopts what the relay serves (same ports, connections kept).
+//! - **The relay outlives the controller.** It runs in its own process group, logs to
+//!   `STATE/logs/relay.log`, and is found again through its socket
+//!   (`STATE/relay/relay.sock`): never through /proc of another uid.
+//! - **A dead relay is started again.** Its sessions are then absent, the plan starts them,
+//!   and they come back on their leased ports.
+//! - **Ready means reachable.** The relay's probe result (connect + RFB banner) is reported
+//!   per session; an unreachable target keeps its port but is not Ready.
+//! - **Migration.** A per-session proxy of an earlier vncd that still serves a lease is
+//!   reported as running but stale, so the plan replaces it (one at a time, like a settings
+//!   change): stopped, then declared to the relay on the same port.
+//!
+//! The control client here is blocking (a local socket with a short timeout), because the
+//! supervisor's observe and start are synchronous, like its /proc scan.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader, Write};
+use std::net::IpAddr;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+
+use super::procfs;
+use crate::console::Minter;
+use crate::lease::{Lease, ProcRef};
+use crate::relay::control::{ControlError, Envelope, MAX_LINE, Request, Response, line};
+use crate::relay::{Applied, Report, SessionSpec, TargetSpec, WireKey};
+use crate::session::Endpoint;
+
+/// How long one control exchange may take before the relay counts as unresponsive.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a freshly started relay may take to open its socket.
+const START_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a session could not be declared to the relay.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayPlaneError {
+    #[error("cannot start the relay {}: {source}", program.display())]
+    Start {
+        program: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the relay did not open its control socket {} within {START_TIMEOUT:?}; see {}", socket.display(), log.display())]
+    NoSocket { socket: PathBuf, log: PathBuf },
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error("the relay refused session {session:?}: {message}")]
+    Refused { session: String, message: String },
+    #[error("no ticket key for session {session:?} (vncd was started without its master key)")]
+    NoKey { session: String },
+}
+
+/// The relay data plane. See the module docs.
+#[derive(Debug)]
+pub struct RelayPlane {
+    state_dir: PathBuf,
+    program: PathBuf,
+    listen: IpAddr,
+    minter: Minter,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    /// What this controller wants the relay to serve, by session.
+    declared: BTreeMap<String, SessionSpec>,
+    /// The last version the relay applied.
+    applied: u64,
+    /// The relay last seen, with when each of its sessions was first seen (for age).
+    relay: Option<ProcRef>,
+    seen_since: BTreeMap<String, Instant>,
+    /// The relay's last report.
+    report: Option<Report>,
+}
+
+/// What the relay serves, as the supervisor's observation needs it.
+#[derive(Debug, Default)]
+pub struct Served {
+    /// The relay's identity (the "process" of every session it serves).
+    pub relay: Option<ProcRef>,
+    /// Per served session of a current lease: listening, age, authenticated clients,
+    /// and the target's reachability (`None` unknown, `Some(None)` reachable,
+    /// `Some(Some(why))` unreachable).
+    pub sessions: BTreeMap<String, ServedSession>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServedSession {
+    pub listening: bool,
+    pub age_ms: u64,
+    pub clients: usize,
+    pub target: Option<Option<String>>,
+}
+
+impl RelayPlane {
+    /// The relay beside the running vncd: `vncd-proxy relay` if it is there (it links no
+    /// libvirt), else `vncd relay`.
+    pub fn beside(vncd: &Path, state_dir: &Path, listen: IpAddr, minter: Minter) -> Self {
+        let small = vncd.with_file_name(super::builtin::PROXY_EXE);
+        // Both take exactly the same command line: `... relay --state-dir DIR`.
+        let program = if small.is_file() {
+            small
+        } else {
+            vncd.to_owned()
+        };
+        RelayPlane {
+            state_dir: state_dir.to_owned(),
+            program,
+            listen,
+            minter,
+            inner: Mutex::new(Inner::default()),
+        }
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.state_dir.join("relay").join("relay.sock")
+    }
+
+    fn log(&self) -> PathBuf {
+        self.state_dir.join("logs").join("relay.log")
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The relay's report, starting a relay first if none answers.
+    fn report(&self) -> Result<Report, RelayPlaneError> {
+        match call(&self.socket(), &Request::Report {}) {
+            Ok(Response::Report(r)) => Ok(r),
+            Ok(_) => Err(ControlError::Unexpected { asked: "report" }.into()),
+            Err(ControlError::Connect { .. }) => {
+                self.start_relay()?;
+                match call(&self.socket(), &Request::Report {})? {
+                    Response::Report(r) => Ok(r),
+                    _ => Err(ControlError::Unexpected { asked: "report" }.into()),
+                }
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Starts `vncd-proxy relay --state-dir DIR` in its own process group, logging to
+    /// `STATE/logs/relay.log`, and waits for its socket.
+    fn start_relay(&self) -> Result<(), RelayPlaneError> {
+        let log = self.log();
+        let open = || {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log)
+        };
+        let start_err = |source| RelayPlaneError::Start {
+            program: self.program.clone(),
+            source,
+        };
+        let out = open().map_err(start_err)?;
+        let err = out.try_clone().map_err(start_err)?;
+        let mut cmd = Command::new(&self.program);
+        cmd.arg("relay")
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .process_group(0);
+        let child = cmd.spawn().map_err(start_err)?;
+        info!(pid = child.id(), program = %self.program.display(), "started the relay");
+        // Not waited for: it outlives vncd. While vncd runs, the orphan reaper takes its
+        // exit status if it dies.
+        drop(child);
+        let until = Instant::now() + START_TIMEOUT;
+        while Instant::now() < until {
+            if UnixStream::connect(self.socket()).is_ok() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Err(RelayPlaneError::NoSocket {
+            socket: self.socket(),
+            log,
+        })
+    }
+
+    /// What the relay serves of `leases`. Sessions the relay serves for no current lease
+    /// (a deleted session, an older lease of a retargeted one) are taken out of the
+    /// declaration here, so nothing serves a lease that is gone.
+    pub fn observe(&self, leases: &BTreeMap<String, Lease>) -> Served {
+        let report = match self.report() {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(error = %e, "cannot reach the relay; its sessions count as down");
+                let mut inner = self.lock();
+                inner.relay = None;
+                inner.report = None;
+                inner.seen_since.clear();
+                return Served::default();
+            }
+        };
+        let relay = procfs::stat(i32::try_from(report.relay.pid).unwrap_or(-1)).map(|st| ProcRef {
+            pid: i32::try_from(report.relay.pid).unwrap_or(-1),
+            start_time: st.start_time,
+        });
+        let mut inner = self.lock();
+        if inner.relay != relay {
+            // Another relay (restarted, or the first look): what it has applied decides the
+            // next version; its sessions are what it serves now.
+            inner.seen_since.clear();
+        }
+        inner.relay = relay;
+        inner.applied = inner.applied.max(report.applied_version);
+        let now = Instant::now();
+        let mut served = Served {
+            relay,
+            sessions: BTreeMap::new(),
+        };
+        let mut keep = BTreeMap::new();
+        for (name, s) in &report.sessions {
+            let Some(lease) = leases.get(name) else {
+                continue;
+            };
+            if lease.uid != s.lease_uid || lease.port != s.port {
+                continue;
+            }
+            // Adopt it into the declaration (a restarted controller starts empty).
+            if let Ok(spec) = self.spec(lease) {
+                keep.insert(name.clone(), spec);
+            }
+            let since = *inner.seen_since.entry(name.clone()).or_insert(now);
+            served.sessions.insert(
+                name.clone(),
+                ServedSession {
+                    listening: s.listening,
+                    age_ms: u64::try_from(now.duration_since(since).as_millis())
+                        .unwrap_or(u64::MAX),
+                    clients: s.authenticated,
+                    target: s.target_reachable.map(|ok| {
+                        (!ok).then(|| {
+                            s.target_error
+                                .clone()
+                                .unwrap_or_else(|| "the target does not answer".into())
+                        })
+                    }),
+                },
+            );
+        }
+        // Sessions declared but not (yet) in the report stay declared if their lease holds.
+        for (name, spec) in &inner.declared {
+            if leases
+                .get(name)
+                .is_some_and(|l| l.uid == spec.lease_uid && l.port == spec.port)
+            {
+                keep.entry(name.clone()).or_insert_with(|| spec.clone());
+            }
+        }
+        inner
+            .seen_since
+            .retain(|s, _| served.sessions.contains_key(s));
+        let gone: BTreeSet<&String> = report
+            .sessions
+            .keys()
+            .filter(|s| !keep.contains_key(*s))
+            .collect();
+        let changed = keep != inner.declared || !gone.is_empty();
+        inner.declared = keep;
+        inner.report = Some(report.clone());
+        if changed && let Err(e) = self.declare(&mut inner) {
+            warn!(error = %e, "cannot declare to the relay");
+        }
+        served
+    }
+
+    /// The relay's declaration of `lease`.
+    fn spec(&self, lease: &Lease) -> Result<SessionSpec, RelayPlaneError> {
+        Ok(SessionSpec {
+            name: lease.session.clone(),
+            port: lease.port,
+            listen: self.listen,
+            target: match &lease.target {
+                Endpoint::Tcp { host, port } => TargetSpec::Tcp(format!("{host}:{port}")),
+                Endpoint::Unix { path } => TargetSpec::Unix(path.into()),
+            },
+            lease_uid: lease.uid.clone(),
+            lease_key: WireKey(self.minter.lease_key(lease)),
+            limits: crate::relay::Limits::default(),
+        })
+    }
+
+    /// Declares the current set, one version past what the relay applied.
+    fn declare(&self, inner: &mut Inner) -> Result<Applied, RelayPlaneError> {
+        let version = inner.applied + 1;
+        let sessions: Vec<SessionSpec> = inner.declared.values().cloned().collect();
+        match call(&self.socket(), &Request::Declare { version, sessions })? {
+            Response::Applied(a) => {
+                inner.applied = inner.applied.max(a.applied_version);
+                Ok(a)
+            }
+            _ => Err(ControlError::Unexpected { asked: "declare" }.into()),
+        }
+    }
+
+    /// Serves `lease` on the relay (starting the relay if needed); returns the relay's
+    /// identity, which the lease records as its "process".
+    pub fn start(&self, lease: &Lease) -> Result<ProcRef, RelayPlaneError> {
+        let report = self.report()?;
+        let pid = i32::try_from(report.relay.pid).unwrap_or(-1);
+        let relay = procfs::stat(pid)
+            .map(|st| ProcRef {
+                pid,
+                start_time: st.start_time,
+            })
+            .ok_or_else(|| RelayPlaneError::Refused {
+                session: lease.session.clone(),
+                message: format!("relay pid {pid} vanished"),
+            })?;
+        let spec = self.spec(lease)?;
+        let mut inner = self.lock();
+        inner.applied = inner.applied.max(report.applied_version);
+        inner.declared.insert(lease.session.clone(), spec);
+        let applied = self.declare(&mut inner)?;
+        if let Some(message) = applied.errors.get(&lease.session) {
+            inner.declared.remove(&lease.session);
+            return Err(RelayPlaneError::Refused {
+                session: lease.session.clone(),
+                message: message.clone(),
+            });
+        }
+        inner.relay = Some(relay);
+        Ok(relay)
+    }
+
+    /// Stops serving `session` (its connections end). Returns whether it was declared.
+    pub fn stop(&self, session: &str) -> bool {
+        let mut inner = self.lock();
+        if inner.declared.remove(session).is_none() {
+            return false;
+        }
+        if let Err(e) = self.declare(&mut inner) {
+            warn!(session, error = %e, "cannot take the session off the relay");
+        }
+        true
+    }
+
+    /// Whether `process` is the relay this plane serves through (so stopping a session of
+    /// it means taking the session off the relay, never signalling the process).
+    pub fn is_relay(&self, process: ProcRef) -> bool {
+        self.lock().relay == Some(process)
+    }
+}
+
+/// One request and its answer on the control socket, blocking, with [`CALL_TIMEOUT`].
+fn call(socket: &Path, req: &Request) -> Result<Response, ControlError> {
+    let s = UnixStream::connect(socket).map_err(|source| ControlError::Connect {
+        path: socket.to_owned(),
+        source,
+    })?;
+    s.set_read_timeout(Some(CALL_TIMEOUT))?;
+    s.set_write_timeout(Some(CALL_TIMEOUT))?;
+    (&s).write_all(&line(&Envelope::new(req)))?;
+    let mut reader = BufReader::new(std::io::Read::take(&s, MAX_LINE as u64 + 1));
+    let mut buf = Vec::new();
+    if reader.read_until(b'\n', &mut buf)? == 0 {
+        return Err(ControlError::Closed);
+    }
+    let env: Envelope<Response> = serde_json::from_slice(buf.trim_ascii_end())?;
+    match env.body {
+        Response::Error { message } => Err(ControlError::Refused(message)),
+        other => Ok(other),
+    }
+}

@@ -1,0 +1,220 @@
+//! `vncd run --relay`: the relay as the data plane of the real controller. One relay
+//! process serves every session; it reports Ready only for reachable targets, survives a
+//! `kill -9` of the controller with its consoles open, comes back on the same ports after
+//! its own death, and replaces the per-session proxies of an earlier run one at a time.
+//! Real `vncd`, real `vncd-proxy relay`, QEMU as the VNC server.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Client, Qemu, Vncd, relay_pids, wait_for};
+use serde_json::Value;
+
+fn relay_vncd(size: u16) -> Vncd {
+    let mut v = Vncd::new(size);
+    v.extra = vec!["--relay".into(), "--backend".into(), "builtin".into()];
+    v
+}
+
+fn status(v: &Vncd, name: &str) -> Value {
+    v.item(name)
+        .map(|i| i["status"].clone())
+        .unwrap_or(Value::Null)
+}
+
+fn condition<'a>(st: &'a Value, kind: &str) -> Option<&'a Value> {
+    st["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == kind)
+}
+
+/// Reads the rest of ServerInit after `handshake` (pixel format and name).
+async fn finish_init(c: &mut Client) {
+    c.read(16).await;
+    let len = c.read(4).await;
+    c.read(u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize)
+        .await;
+}
+
+/// A FramebufferUpdateRequest, answered by a FramebufferUpdate (message type 0).
+async fn frame(c: &mut Client, w: u16, h: u16) {
+    let mut req = vec![3u8, 0, 0, 0, 0, 0];
+    req.extend_from_slice(&w.to_be_bytes());
+    req.extend_from_slice(&h.to_be_bytes());
+    c.write(&req).await;
+    assert_eq!(c.read(1).await, [0], "no FramebufferUpdate");
+    // Skip the rest of the update: padding, rectangle count, then each rectangle's header
+    // and raw pixels would follow; a fresh connection per check keeps this simple, so the
+    // caller only ever asks for one frame per connection.
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_relay_serves_every_session_and_ready_means_reachable() {
+    let qemu = Qemu::tcp();
+    let dead = common::free_port();
+    let mut v = relay_vncd(6);
+    v.add_session("vm1", qemu.port);
+    v.add_session("vm2", qemu.port);
+    v.add_session("down", dead);
+    v.start();
+    let a = v.wait_ready("vm1");
+    let b = v.wait_ready("vm2");
+    // One process serves both: the relay, not a proxy each.
+    assert_eq!(a["pid"], b["pid"], "{a}\n{b}");
+    let relays = relay_pids(&v.owner());
+    assert_eq!(relays.len(), 1, "{relays:?}");
+    assert_eq!(a["pid"].as_i64().unwrap() as i32, relays[0]);
+    assert!(
+        vncd::supervisor::scan(&v.owner()).is_empty(),
+        "a per-session proxy runs"
+    );
+    let reach = condition(&a, "TargetReachable").expect("a TargetReachable condition");
+    assert_eq!(reach["status"], "True", "{a}");
+    // A session whose VNC server is down keeps its port but is not Ready.
+    let st = wait_for("down TargetUnreachable", Duration::from_secs(20), || {
+        let st = status(&v, "down");
+        (st["reason"] == "TargetUnreachable").then_some(st)
+    });
+    assert_eq!(st["phase"], "Pending", "{st}");
+    assert!(st["port"].as_u64().is_some(), "{st}");
+    assert_eq!(
+        condition(&st, "TargetReachable").unwrap()["status"],
+        "False"
+    );
+    // A ticket opens a console once; a replay is refused.
+    let url = v.url("vm1");
+    let mut c = Client::connect(&url).await;
+    assert_eq!(c.read(12).await, b"RFB 003.008\n");
+    assert!(
+        common::try_banner(&url).await.is_err(),
+        "a replay got through"
+    );
+    drop(c);
+    // Deleting a session takes it off the relay and releases its port.
+    let port = b["port"].as_u64().unwrap() as u16;
+    v.remove_session("vm2");
+    wait_for("vm2 released", Duration::from_secs(20), || {
+        v.item("vm2").is_none().then_some(())
+    });
+    wait_for("vm2's port closed", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", port))
+            .is_err()
+            .then_some(())
+    });
+    // The relay still serves vm1.
+    assert_eq!(common::rfb_banner(&v.url("vm1")).await, b"RFB 003.008\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_consoles_survive_a_kill_9_of_the_controller_and_a_dead_relay_comes_back() {
+    let qemu = Qemu::tcp();
+    let mut v = relay_vncd(4);
+    v.add_session("vm1", qemu.port);
+    v.start();
+    let st = v.wait_ready("vm1");
+    let port = st["port"].as_u64().unwrap();
+    let relay = st["pid"].as_i64().unwrap();
+    let mut c = Client::connect(&v.url("vm1")).await;
+    assert_eq!(c.read(12).await, b"RFB 003.008\n");
+    let (w, h) = c.handshake().await;
+    finish_init(&mut c).await;
+
+    v.kill9();
+    // The console keeps working with no controller at all.
+    frame(&mut c, w, h).await;
+    v.start();
+    // The restarted controller adopts the relay: same process, same port.
+    let again = wait_for(
+        "vm1 Ready after the restart",
+        Duration::from_secs(20),
+        || {
+            let st = status(&v, "vm1");
+            (st["phase"] == "Ready" && st["reason"] == "ProxyReady").then_some(st)
+        },
+    );
+    assert_eq!(
+        again["pid"].as_i64().unwrap(),
+        relay,
+        "another relay serves"
+    );
+    assert_eq!(again["port"].as_u64().unwrap(), port);
+    assert_eq!(relay_pids(&v.owner()).len(), 1);
+    // The console opened before the restart is the same connection, still served.
+    let mut c2 = Client::connect(&v.url("vm1")).await;
+    assert_eq!(c2.read(12).await, b"RFB 003.008\n");
+    drop(c2);
+
+    // The relay dies: vncd starts another, and the session comes back on its port.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(relay as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let back = wait_for("vm1 on a new relay", Duration::from_secs(30), || {
+        let st = status(&v, "vm1");
+        (st["phase"] == "Ready" && st["pid"].as_i64() != Some(relay)).then_some(st)
+    });
+    assert_eq!(back["port"].as_u64().unwrap(), port, "{back}");
+    assert_eq!(common::rfb_banner(&v.url("vm1")).await, b"RFB 003.008\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_session_proxies_of_an_earlier_run_are_replaced_by_the_relay() {
+    let qemu = Qemu::tcp();
+    let mut v = Vncd::new(6);
+    v.extra = vec!["--backend".into(), "builtin".into()];
+    for n in ["vm1", "vm2", "vm3"] {
+        v.add_session(n, qemu.port);
+    }
+    v.start();
+    let mut ports = Vec::new();
+    for n in ["vm1", "vm2", "vm3"] {
+        ports.push(v.wait_ready(n)["port"].as_u64().unwrap());
+    }
+    assert_eq!(vncd::supervisor::scan(&v.owner()).len(), 3);
+    v.terminate();
+    v.extra = vec!["--relay".into(), "--backend".into(), "builtin".into()];
+    v.start();
+    wait_for(
+        "every session on the relay",
+        Duration::from_secs(40),
+        || {
+            let relays = relay_pids(&v.owner());
+            let on_relay = ["vm1", "vm2", "vm3"].iter().all(|n| {
+                let st = status(&v, n);
+                st["phase"] == "Ready"
+                    && relays.len() == 1
+                    && st["pid"].as_i64() == Some(i64::from(relays[0]))
+            });
+            on_relay.then_some(())
+        },
+    );
+    for (n, port) in ["vm1", "vm2", "vm3"].iter().zip(&ports) {
+        assert_eq!(status(&v, n)["port"].as_u64().unwrap(), *port, "{n} moved");
+    }
+    wait_for("no per-session proxy left", Duration::from_secs(10), || {
+        vncd::supervisor::scan(&v.owner()).is_empty().then_some(())
+    });
+    assert_eq!(common::rfb_banner(&v.url("vm2")).await, b"RFB 003.008\n");
+}
+
+#[test]
+fn relay_refuses_what_it_does_not_serve_yet() {
+    let mut v = relay_vncd(2);
+    v.extra
+        .extend(["--origin".into(), "https://example.com".into()]);
+    v.start();
+    let code = wait_for("vncd to exit", Duration::from_secs(10), || {
+        v.child.as_mut().unwrap().try_wait().unwrap()
+    });
+    assert!(!code.success());
+    assert!(
+        v.log().contains("--relay does not support --origin yet"),
+        "{}",
+        v.log()
+    );
+    v.child = None;
+}
