@@ -29,7 +29,11 @@ pub struct Lease {
     /// is recorded here. It is also half of the lease's ticket key (see
     /// [`crate::ticket::MasterKey::lease_key`]): a new lease, or a retarget, gets a new
     /// uid and so invalidates every console ticket minted before. State files from
-    /// before tickets carry a `token` here, which is ignored.
+    /// before tickets carry a `token` here, which is ignored. A lease made for a target
+    /// instance (a libvirt domain's UUID, [`crate::session::Desired::instance`]) ends in
+    /// `-` and a digest of it ([`Lease::for_instance`]): the uid is opaque everywhere
+    /// else (markers, status, key derivation), and keeping the instance inside it leaves
+    /// every store and status format as it was.
     pub uid: String,
     /// The proxy process, once started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -55,6 +59,28 @@ impl Lease {
             },
             Timestamp::now(),
         )
+    }
+
+    /// This lease, made for `instance` (see [`Lease::uid`]): its uid gets the instance's
+    /// digest appended. `None` leaves it as it is.
+    #[must_use]
+    pub fn for_instance(mut self, instance: Option<&str>) -> Self {
+        if let Some(i) = instance {
+            self.uid = format!("{}-{}", self.uid, instance_tag(i));
+        }
+        self
+    }
+
+    /// Whether this lease was made for `instance`: a session whose target became another
+    /// instance (a domain recreated under the same name, at the same address) needs a
+    /// new lease uid, so that no ticket minted for the old one opens the new one.
+    pub fn made_for(&self, instance: Option<&str>) -> bool {
+        let tag = self.uid.split_once('-').map(|(_, t)| t);
+        match (tag, instance) {
+            (None, None) => true,
+            (Some(t), Some(i)) => t == instance_tag(i),
+            _ => false,
+        }
     }
 
     /// A fresh lease with a random uid, allocated now on the boot clock too.
@@ -83,6 +109,15 @@ impl Lease {
             allocated_boot: boot,
         }
     }
+}
+
+/// 16 hex digits of SHA-256 over `instance`: long enough that no two instances a host
+/// ever sees share one by chance (the UUIDs themselves are chosen by whoever defines the
+/// domain, so the digest guards against accidents, not against a chosen UUID, which the
+/// definer could simply reuse anyway).
+fn instance_tag(instance: &str) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, instance.as_bytes());
+    d.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Why and when a session expired. Kept after its lease is released, so a manifest
@@ -142,6 +177,25 @@ pub fn check_rng() -> Result<(), RngError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lease_knows_the_instance_it_was_made_for() {
+        let plain = Lease::for_test("vm1", 6100);
+        assert!(plain.made_for(None));
+        assert!(!plain.made_for(Some("uuid-a")));
+        let a = Lease::for_test("vm1", 6100).for_instance(Some("uuid-a"));
+        assert!(a.made_for(Some("uuid-a")));
+        assert!(
+            !a.made_for(Some("uuid-b")),
+            "a recreated domain is another instance"
+        );
+        assert!(!a.made_for(None));
+        assert_eq!(a.uid.len(), 16 + 1 + 16, "{}", a.uid);
+        // Two leases for the same instance still differ (the random half).
+        let a2 = Lease::for_test("vm1", 6100).for_instance(Some("uuid-a"));
+        assert_ne!(a.uid, a2.uid);
+        assert!(a2.made_for(Some("uuid-a")));
+    }
 
     #[test]
     fn a_failing_rng_is_an_error_never_a_fallback() {

@@ -640,7 +640,9 @@ fn converge_leased(
     let name = &want.name;
     let proxy = proxy_of(input, name);
     let wrong_port = want.requested_port.is_some_and(|p| p != lease.port);
-    let wrong_target = want.target != lease.target;
+    // Another instance at the same address (a libvirt domain recreated under its name)
+    // is a new target too: a retarget gives it a new lease uid, so old tickets die.
+    let wrong_target = want.target != lease.target || !lease.made_for(want.instance.as_deref());
     if let Some((why, message)) = expiry_due(input, want, lease) {
         return expire(name, want.generation, lease, proxy, why, message, out);
     }

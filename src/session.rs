@@ -67,6 +67,12 @@ pub struct Desired {
     pub idle_timeout_ms: Option<u64>,
     /// End the session this long after its lease.
     pub max_lifetime_ms: Option<u64>,
+    /// Which thing the target is, beyond its address: a libvirt domain's UUID (`None` for
+    /// plain host/port and socket targets). A lease is made for one instance (see
+    /// [`crate::lease::Lease::made_for`]); when it changes, the session is retargeted to
+    /// a new lease uid, so a ticket minted for a VM that was destroyed never opens the
+    /// VM created under its name at the same address.
+    pub instance: Option<String>,
 }
 
 /// Why a session spec was refused. Messages name the offending field and value.
@@ -123,8 +129,9 @@ pub struct DomainRef {
 }
 
 impl DomainRef {
-    /// The session, once the domain's live VNC address is known.
-    pub fn resolve(&self, target: Endpoint) -> Desired {
+    /// The session, once the domain's live VNC address (and its UUID, the
+    /// [`Desired::instance`]) is known.
+    pub fn resolve(&self, target: Endpoint, instance: Option<String>) -> Desired {
         Desired {
             name: self.name.clone(),
             target,
@@ -132,6 +139,7 @@ impl DomainRef {
             generation: self.generation,
             idle_timeout_ms: self.idle_timeout_ms,
             max_lifetime_ms: self.max_lifetime_ms,
+            instance,
         }
     }
 }
@@ -310,6 +318,7 @@ impl Desired {
             generation: spec_generation(spec),
             idle_timeout_ms: timeout_ms("idleTimeoutSeconds", spec.idle_timeout_seconds)?,
             max_lifetime_ms: timeout_ms("maxLifetimeSeconds", spec.max_lifetime_seconds)?,
+            instance: None,
         })
     }
 }
@@ -425,10 +434,17 @@ mod tests {
         assert_eq!(r.domain, "Web Server_1");
         assert_eq!(r.requested_port, Some(6200));
         assert_eq!(r.generation, spec_generation(&s));
-        let d = r.resolve(Endpoint::Unix {
-            path: "/run/vnc.sock".into(),
-        });
+        let d = r.resolve(
+            Endpoint::Unix {
+                path: "/run/vnc.sock".into(),
+            },
+            Some("5f0c2b52-8c2e-4a55-9b8d-0c6a3f2e1d00".into()),
+        );
         assert_eq!((d.name.as_str(), d.requested_port), ("web", Some(6200)));
+        assert_eq!(
+            d.instance.as_deref(),
+            Some("5f0c2b52-8c2e-4a55-9b8d-0c6a3f2e1d00")
+        );
         // Callers that cannot resolve domains get a clear refusal.
         let err = Desired::from_spec("web", &s, pool).unwrap_err();
         assert_eq!(err, SpecError::NeedsLibvirt("Web Server_1".into()));

@@ -7,6 +7,10 @@
 //! names carry this process's pid (`vncdtest-PID-...`); every domain a test defines is
 //! destroyed and undefined by a Drop guard, and domains left by a test process that
 //! no longer exists (killed before its guards ran) are removed before each test.
+//!
+//! Only with `--features libvirt` (the default build has no libvirt source): without it
+//! this binary runs zero tests, which `.ci/run` counts as a failure of the libvirt run.
+#![cfg(feature = "libvirt")]
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -253,6 +257,71 @@ async fn a_running_domain_gets_a_console_and_loses_it_when_destroyed() {
         || v.item(&name).is_none().then_some(()),
     );
     TcpListener::bind(("127.0.0.1", port)).expect("port free again");
+}
+
+fn lease_uid(v: &Vncd, session: &str) -> Option<String> {
+    v.leases()["leases"]
+        .as_array()?
+        .iter()
+        .find(|l| l["session"] == session)?["uid"]
+        .as_str()
+        .map(str::to_owned)
+}
+
+/// A domain destroyed, undefined and defined again under its name (a new UUID) while vncd
+/// cannot look (SIGSTOP, so no poll ever sees it gone: "within one poll"), at the same
+/// VNC address: a new VM behind the same session name and target. It gets a new lease uid,
+/// and a ticket minted for the old VM does not open it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_domain_recreated_under_its_name_gets_a_new_lease_and_old_tickets_die() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let _serial = setup();
+    let mut v = vncd(5, APART);
+    v.start();
+    let graphics = "<graphics type='vnc' autoport='yes' listen='127.0.0.1'/>";
+    let d = Domain::define("reborn", graphics);
+    let uuid_old = virsh_ok(&["domuuid", &d.name]).trim().to_owned();
+    d.start();
+    let name = d.session();
+    let st = v.wait_ready(&name);
+    let uid_old = lease_uid(&v, &name).expect("a lease");
+    let target_old = st["target"].clone();
+    // A ticket minted for the old VM, not used yet.
+    let old_ticket = v.url(&name);
+
+    let vncd_pid = Pid::from_raw(v.child.as_ref().unwrap().id() as i32);
+    kill(vncd_pid, Signal::SIGSTOP).unwrap();
+    let recreate = std::panic::catch_unwind(|| {
+        d.destroy();
+        virsh_ok(&["undefine", &d.name]);
+        let again = Domain::define("reborn", graphics);
+        std::mem::forget(again); // same name: `d`'s guard removes it
+        d.start();
+    });
+    kill(vncd_pid, Signal::SIGCONT).unwrap();
+    recreate.unwrap();
+    let uuid_new = virsh_ok(&["domuuid", &d.name]).trim().to_owned();
+    assert_ne!(uuid_new, uuid_old, "the domain was not recreated");
+    assert_eq!(
+        d.vnc(),
+        target_old.as_str().unwrap(),
+        "the new VM must sit at the old address for this test to mean anything"
+    );
+
+    let uid_new = wait_for("a new lease uid", Duration::from_secs(30), || {
+        lease_uid(&v, &name).filter(|u| *u != uid_old)
+    });
+    let st = v.wait_status(&name, "Ready", Duration::from_secs(30));
+    assert_eq!(st["target"], target_old, "same name, same target");
+    assert_ne!(uid_new, uid_old);
+    let refused = try_banner(&old_ticket).await;
+    assert!(
+        refused.is_err(),
+        "a ticket minted for the destroyed VM opened the new one: {refused:?}"
+    );
+    // A fresh ticket opens the new VM.
+    assert_eq!(rfb_banner(&v.url(&name)).await, b"RFB 003.008\n");
 }
 
 #[tokio::test(flavor = "multi_thread")]

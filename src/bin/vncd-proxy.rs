@@ -3,10 +3,11 @@
 //! executable of their own.
 //!
 //! vncd runs one proxy process per session, so what each process maps matters: the full
-//! `vncd` binary links libvirt, and with it some fifty shared libraries whose relocations
-//! cost every process about 2 MiB of private memory before it serves a byte. This one
-//! links only the data plane. The supervisor uses it when it sits beside `vncd`, and falls
-//! back to `vncd proxy` otherwise; both take exactly the same arguments.
+//! `vncd` binary built with the `libvirt` feature (the .deb) links libvirt, and with it
+//! some fifty shared libraries whose relocations cost every process about 2 MiB of private
+//! memory before it serves a byte. This one links only the data plane, whatever the
+//! features. The supervisor uses it when it sits beside `vncd`, and falls back to
+//! `vncd proxy` otherwise; both take exactly the same arguments.
 //!
 //! `vncd-proxy relay ARGS` runs the relay instead, with exactly the arguments of
 //! `vncd relay ARGS`.

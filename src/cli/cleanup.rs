@@ -266,10 +266,24 @@ async fn pass(
             return Ok(stats);
         }
         stats.released = releases.len();
+        let gone: Vec<String> = releases
+            .iter()
+            .filter_map(|c| match c {
+                LeaseChange::Remove(session) => Some(session.clone()),
+                _ => None,
+            })
+            .collect();
         let store = store.clone();
         let base = set.revision;
         match tokio::task::spawn_blocking(move || store.commit_blocking(base, releases)).await? {
-            Ok(_) => return Ok(stats),
+            Ok(_) => {
+                // As `vncd run` does at release: the session's key, used-ticket records,
+                // counters and log go with its lease.
+                for session in &gone {
+                    sup.forget(session);
+                }
+                return Ok(stats);
+            }
             Err(StoreError::Conflict { .. }) => continue,
             Err(e) => return Err(e.into()),
         }

@@ -48,7 +48,7 @@ pub enum LogFormat {
 pub enum Command {
     /// Watch a directory of VncSession manifests and converge: lease ports, run proxies,
     /// report URLs, repair crashes, release what is removed.
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     /// Kubernetes mode (one instance per node, e.g. a DaemonSet): serve the VncSessions
     /// whose spec.nodeName is this node; leases live in their statuses.
     Kube(Box<kube::KubeArgs>),
@@ -137,7 +137,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli);
     let result = match cli.command {
-        Command::Run(args) => run::run(args),
+        Command::Run(args) => run::run(*args),
         Command::Kube(args) => kube::kube(*args),
         Command::Get(args) => get::get(args),
         Command::Status(args) => get::status(args),

@@ -102,6 +102,8 @@ fn claim_state(
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    // A libvirt flag on a build without libvirt: say how to get one, before any state.
+    args.libvirt.check_built_in()?;
     // A bad token file is the caller's mistake: say so before touching any state.
     let bearer = args
         .http_token_file

@@ -21,7 +21,7 @@ use crate::ticket::MasterKey;
 
 /// The master key's file name in the state directory.
 pub const TICKET_KEY_FILE: &str = "ticket.key";
-use crate::supervisor::{Backend, ProxyUser, Supervisor, Tls};
+use crate::supervisor::{Backend, ProxyUids, ProxyUser, Supervisor, Tls};
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub enum BackendKind {
@@ -103,6 +103,14 @@ pub struct ServeArgs {
     /// unix-socket VNC target give a GROUP that may connect to it (e.g. `nobody:kvm`).
     #[arg(long, env = "VNCD_PROXY_USER", value_name = "USER[:GROUP]")]
     pub proxy_user: Option<String>,
+    /// With --proxy-user and --backend websockify: run each websockify proxy as a uid of
+    /// its own from LO-HI (with --proxy-user's group), so one proxy cannot read another
+    /// session's key file, signal it or ptrace it. A proxy's uid follows from its port;
+    /// the range must hold at least as many uids as --port-range has ports. Not used by
+    /// the builtin backend, whose proxies get their key as an open file and never read a
+    /// key file of their own. The uids need no passwd entries; pick a range no one uses.
+    #[arg(long, env = "VNCD_PROXY_UIDS", value_name = "LO-HI")]
+    pub proxy_uids: Option<ProxyUids>,
     /// Seconds a console ticket (the credential in a URL from `vncd url`, `vncd apply
     /// --wait`, the HTTP API or a VncConsoleRequest) stays valid while unused. A ticket
     /// opens one connection; that connection then lasts past the TTL.
@@ -321,8 +329,22 @@ impl ServeArgs {
         // Orphaned proxy children (and, as PID 1 in a container, every orphan) come to
         // vncd and are reaped; the proxies' own exit statuses stay the supervisor's.
         supervisor.reap_orphans();
+        if self.proxy_user.is_none()
+            && let (Some(uids), BackendKind::Websockify) = (&self.proxy_uids, &self.backend)
+        {
+            anyhow::bail!(
+                "--proxy-uids {uids} needs --proxy-user USER[:GROUP]: vncd then switches each \
+                 proxy to its own uid, with that user's group"
+            );
+        }
         if let Some(spec) = &self.proxy_user {
-            let user = ProxyUser::resolve(spec)?;
+            let base = ProxyUser::resolve(spec)?;
+            // The TLS check below is done as a proxy would be: under --proxy-uids with a
+            // uid of the range (only the group and others' bits can then let it read).
+            let user = match self.proxy_uids_for_backend()? {
+                Some(uids) => uids.user_for(&base, self.pool.port_range.start()),
+                None => base.clone(),
+            };
             // The proxies load the certificate and key themselves: say now, not at the
             // first session, if they cannot.
             if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
@@ -339,10 +361,33 @@ impl ServeArgs {
                     );
                 }
             }
-            info!(user = %user, "proxies run as --proxy-user");
-            supervisor.run_proxies_as(Some(user));
+            info!(user = %base, proxy_uids = ?self.proxy_uids_for_backend()?.map(|u| u.to_string()), "proxies run as --proxy-user");
+            supervisor.give_each_proxy_a_uid(self.proxy_uids_for_backend()?);
+            supervisor.run_proxies_as(Some(base));
         }
         Ok(supervisor)
+    }
+}
+
+impl ServeArgs {
+    /// `--proxy-uids`, where it applies (websockify), checked against the pool: fewer uids
+    /// than ports could put two live proxies on one uid. The builtin backend ignores it.
+    fn proxy_uids_for_backend(&self) -> anyhow::Result<Option<ProxyUids>> {
+        let Some(uids) = self.proxy_uids else {
+            return Ok(None);
+        };
+        if !matches!(self.backend, BackendKind::Websockify) {
+            return Ok(None);
+        }
+        let ports = self.pool.port_range.len() as u64;
+        anyhow::ensure!(
+            uids.count() >= ports,
+            "--proxy-uids {uids} holds {} uids, fewer than the {ports} ports of --port-range {}: \
+             two websockify proxies could share a uid; give a range of at least {ports} uids",
+            uids.count(),
+            self.pool.port_range
+        );
+        Ok(Some(uids))
     }
 }
 

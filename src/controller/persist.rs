@@ -118,12 +118,10 @@ impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
                     return Change::PortBusy;
                 }
                 snapshot.desired.get(session).map(|want| {
-                    LeaseChange::Put(Lease::new(
-                        session,
-                        *port,
-                        want.target.clone(),
-                        Timestamp::now(),
-                    ))
+                    LeaseChange::Put(
+                        Lease::new(session, *port, want.target.clone(), Timestamp::now())
+                            .for_instance(want.instance.as_deref()),
+                    )
                 })
             }
             LeaseOp::Release { session, .. } => Some(LeaseChange::Remove(session.clone())),
@@ -131,10 +129,12 @@ impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
             // with the same lease age (a retarget does not extend maxLifetimeSeconds): a
             // console URL handed out for the old target must not open the new one.
             LeaseOp::Retarget { session, target } => leased(session).map(|l| {
+                let instance = snapshot.desired.get(session).and_then(|w| w.instance.as_deref());
                 LeaseChange::Put(Lease {
                     allocated_at: l.allocated_at,
                     allocated_boot: l.allocated_boot.clone(),
                     ..Lease::new(session, l.port, target.clone(), Timestamp::now())
+                        .for_instance(instance)
                 })
             }),
             LeaseOp::Expire {

@@ -29,6 +29,7 @@ fn desired(name: &str, port: u16, requested: Option<u16>) -> Desired {
         generation: 1,
         idle_timeout_ms: None,
         max_lifetime_ms: None,
+        instance: None,
     }
 }
 
@@ -183,7 +184,9 @@ impl Sim {
                     return;
                 }
                 let target = self.desired[session].target.clone();
-                let lease = Lease::at(session, *port, target, self.wall(), Some(boot_at(self.now)));
+                let instance = self.desired[session].instance.as_deref();
+                let lease = Lease::at(session, *port, target, self.wall(), Some(boot_at(self.now)))
+                    .for_instance(instance);
                 self.leases.insert(session.clone(), lease);
             }
             Action::Lease(LeaseOp::Release { session, port }) => {
@@ -199,7 +202,15 @@ impl Sim {
             }
             Action::Lease(LeaseOp::Retarget { session, target }) => {
                 assert!(!self.procs.contains_key(session));
-                self.leases.get_mut(session).expect("lease").target = target.clone();
+                let instance = self.desired[session].instance.as_deref();
+                let l = self.leases.get_mut(session).expect("lease");
+                // As the controller does: a new uid (for the instance) on the same port.
+                *l = Lease {
+                    allocated_at: l.allocated_at,
+                    allocated_boot: l.allocated_boot.clone(),
+                    ..Lease::at(session, l.port, target.clone(), l.allocated_at, None)
+                        .for_instance(instance)
+                };
             }
             Action::Lease(LeaseOp::Record { session, process }) => {
                 assert_eq!(self.procs[session].0, *process);
@@ -477,6 +488,37 @@ fn a_target_change_restarts_on_the_same_port() {
         }
     );
     assert_ne!(sim.procs["a"].0, old);
+}
+
+#[test]
+fn another_instance_at_the_same_address_gets_a_new_lease_uid() {
+    let mut sim = Sim::new(5);
+    let mut a = desired("a", 5901, None);
+    a.instance = Some("uuid-old".into());
+    sim.desired.insert("a".into(), a.clone());
+    sim.converge();
+    let (old_uid, old_proc) = (sim.leases["a"].uid.clone(), sim.procs["a"].0);
+    // Same name, same target, another domain UUID: the old proxy stops first.
+    a.instance = Some("uuid-new".into());
+    sim.desired.insert("a".into(), a);
+    let p = sim.step();
+    assert!(
+        matches!(
+            p.actions[..],
+            [Action::Stop(StopOp::Session {
+                why: StopReason::SpecChanged,
+                ..
+            })]
+        ),
+        "{:?}",
+        p.actions
+    );
+    sim.converge();
+    let l = &sim.leases["a"];
+    assert_eq!(l.port, 6100, "same port");
+    assert_ne!(l.uid, old_uid, "a new lease uid: old tickets are dead");
+    assert!(l.made_for(Some("uuid-new")));
+    assert_ne!(sim.procs["a"].0, old_proc);
 }
 
 #[test]

@@ -9,6 +9,13 @@
 //!   [`session_name`]; a domain that a manifest names gets none (the manifest serves it);
 //! - a name defined by both a manifest and a domain is a conflict: the manifest wins,
 //!   the conflict is logged and shown in that session's status;
+//! - a name two or more domains map to (a hash collision of [`session_name`], or a
+//!   domain literally named like another's cleaned name) serves none of them: each is
+//!   refused with reason `NameCollision` and a message naming all of them. Bounded
+//!   DNS-1123 names cannot be collision-free, and letting the first domain win would let
+//!   a domain that sorts first take over another's console;
+//! - each session of a domain carries the domain's UUID as its instance
+//!   ([`Desired::instance`]): a domain recreated under the same name gets a new lease;
 //! - the ports the domains' own graphics servers hold become `reserved_ports`.
 //!
 //! [`Merged`] wraps any [`Source`] with an optional [`LibvirtSource`]. If libvirt cannot
@@ -34,6 +41,8 @@ pub mod reason {
     pub const DOMAIN_STARTING: &str = "DomainStarting";
     /// The domain runs without a VNC console vncd can reach.
     pub const NO_VNC_CONSOLE: &str = "NoVncConsole";
+    /// Two or more domains map to this session name; none of them is served.
+    pub const NAME_COLLISION: &str = "NameCollision";
 }
 
 /// Annotation naming the libvirt domain behind a session.
@@ -69,8 +78,9 @@ fn resolve_manifests(snap: &mut Snapshot, table: Option<&DomainTable>) -> BTreeS
         let (error, why) = match table.map(|t| t.consoles.get(&r.domain)) {
             None => (SpecError::NeedsLibvirt(r.domain.clone()).to_string(), None),
             Some(Some(Ok(console))) => {
+                let uuid = table.and_then(|t| t.uuids.get(&r.domain)).cloned();
                 snap.desired
-                    .insert(name.clone(), r.resolve(console.endpoint.clone()));
+                    .insert(name.clone(), r.resolve(console.endpoint.clone(), uuid));
                 continue;
             }
             Some(Some(Err(e))) => (
@@ -112,29 +122,45 @@ fn add_domains(
         .chain(snap.rejected.iter().map(|r| &r.name))
         .cloned()
         .collect();
-    let mut conflicts = Vec::new();
-    let mut auto_names = BTreeSet::new();
+    // Every session name the unclaimed domains map to, with all the domains that do.
+    let mut by_name: BTreeMap<String, Vec<&String>> = BTreeMap::new();
     for (domain, console) in &table.consoles {
         if claimed.contains(domain) || matches!(console, Err(GraphicsError::NoVnc { .. })) {
             continue;
         }
-        let name = session_name(domain);
-        if manifest_names.contains(&name) || !auto_names.insert(name.clone()) {
-            let msg = format!(
-                "libvirt domain {domain:?} also maps to session name {name:?}; the manifest (or the first domain) keeps it and this domain gets no console of its own"
-            );
-            let w = snap.warnings.entry(name).or_default();
-            if !w.is_empty() {
-                w.push_str("; ");
+        by_name
+            .entry(session_name(domain))
+            .or_default()
+            .push(domain);
+    }
+    let mut conflicts = Vec::new();
+    for (name, domains) in by_name {
+        if manifest_names.contains(&name) {
+            for domain in domains {
+                let msg = format!(
+                    "libvirt domain {domain:?} also maps to session name {name:?}; the manifest keeps it and this domain gets no console of its own"
+                );
+                let w = snap.warnings.entry(name.clone()).or_default();
+                if !w.is_empty() {
+                    w.push_str("; ");
+                }
+                w.push_str(&msg);
+                conflicts.push(msg);
             }
-            w.push_str(&msg);
-            conflicts.push(msg);
             continue;
         }
+        if let [_, _, ..] = domains.as_slice() {
+            refuse_collision(snap, &name, &domains, &mut conflicts);
+            continue;
+        }
+        let domain = domains[0];
+        let console = &table.consoles[domain];
         let origin = format!("libvirt domain {domain:?}");
         match console {
             Ok(c) => {
-                let (desired, obj) = domain_session(&name, domain, c.endpoint.clone(), origin);
+                let uuid = table.uuids.get(domain).cloned();
+                let (desired, obj) =
+                    domain_session(&name, domain, c.endpoint.clone(), uuid, origin);
                 snap.desired.insert(name.clone(), desired);
                 snap.objects.insert(name, obj);
             }
@@ -154,12 +180,39 @@ fn add_domains(
     conflicts
 }
 
+/// Two or more domains map to `name`: refuse it (reason `NameCollision`) with a message
+/// naming every one of them, so none of them can take over another's console.
+fn refuse_collision(
+    snap: &mut Snapshot,
+    name: &str,
+    domains: &[&String],
+    conflicts: &mut Vec<String>,
+) {
+    let list = domains
+        .iter()
+        .map(|d| format!("{d:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let error = format!(
+        "libvirt domains {list} all map to session name {name:?}; none of them is served \
+         (rename one of them, or give it a manifest with spec.target.libvirtDomain and a name of its own)"
+    );
+    conflicts.push(error.clone());
+    snap.refused.insert(name.to_owned(), reason::NAME_COLLISION);
+    snap.rejected.push(Rejected {
+        name: name.to_owned(),
+        origin: format!("libvirt domains {list}"),
+        error,
+    });
+}
+
 /// The session of a domain no manifest names: desired at its console, and an object for
 /// `vncd get` that says where it came from.
 fn domain_session(
     name: &str,
     domain: &str,
     endpoint: crate::session::Endpoint,
+    uuid: Option<String>,
     origin: String,
 ) -> (Desired, VncSession) {
     let spec = VncSessionSpec {
@@ -176,6 +229,7 @@ fn domain_session(
         generation: spec_generation(&spec),
         idle_timeout_ms: None,
         max_lifetime_ms: None,
+        instance: uuid,
     };
     let mut obj = VncSession::new(name, spec);
     obj.metadata.annotations = Some(BTreeMap::from([
@@ -257,6 +311,7 @@ mod tests {
                 })
                 .collect(),
             ports: ports.iter().copied().collect(),
+            uuids: BTreeMap::new(),
         }
     }
 
@@ -272,6 +327,7 @@ mod tests {
                     generation: 1,
                     idle_timeout_ms: None,
                     max_lifetime_ms: None,
+                    instance: None,
                 },
             );
         }
@@ -414,5 +470,59 @@ mod tests {
         let (s, conflicts) = merge(m, Some(&t));
         assert!(s.desired.is_empty());
         assert_eq!(conflicts.len(), 1);
+    }
+
+    #[test]
+    fn domains_sharing_a_session_name_are_all_refused_with_name_collision() {
+        // A real 32-bit FNV-1a collision: both clean to the same base, so both get the
+        // same hashed name; and a third domain literally named like a cleaned name.
+        let (a, b) = ("wEbSErvERaBCdeFghijk", "WebSerVerabCDefghIjk");
+        let name = session_name(a);
+        assert_eq!(name, session_name(b), "the test needs a real collision");
+        let literal = session_name("Web Server_1");
+        let t = table(
+            &[
+                (a, Ok(tcp(5901))),
+                (b, Ok(tcp(5902))),
+                ("Web Server_1", Ok(tcp(5903))),
+                (literal.as_str(), Ok(tcp(5904))),
+                ("alone", Ok(tcp(5905))),
+            ],
+            &[],
+        );
+        let (s, conflicts) = merge(Snapshot::default(), Some(&t));
+        assert_eq!(
+            s.desired.keys().collect::<Vec<_>>(),
+            ["alone"],
+            "neither domain of a colliding name is served"
+        );
+        for (n, domains) in [
+            (&name, [a, b]),
+            (&literal, ["Web Server_1", literal.as_str()]),
+        ] {
+            assert_eq!(s.refused[n.as_str()], reason::NAME_COLLISION);
+            assert!(!s.objects.contains_key(n.as_str()));
+            let r: Vec<_> = s.rejected.iter().filter(|r| &r.name == n).collect();
+            assert_eq!(r.len(), 1, "{:?}", s.rejected);
+            for d in domains {
+                assert!(r[0].error.contains(&format!("{d:?}")), "{}", r[0].error);
+            }
+            assert!(r[0].error.contains(n.as_str()), "{}", r[0].error);
+        }
+        assert_eq!(conflicts.len(), 2, "{conflicts:?}");
+    }
+
+    #[test]
+    fn a_domain_session_carries_the_domain_uuid_as_its_instance() {
+        let mut t = table(&[("vm-a", Ok(tcp(5901))), ("Web", Ok(tcp(5902)))], &[]);
+        t.uuids.insert("vm-a".into(), "uuid-a".into());
+        t.uuids.insert("Web".into(), "uuid-web".into());
+        let (s, _) = merge(manifest_snapshot(&[], &[("web", "Web")]), Some(&t));
+        assert_eq!(s.desired["vm-a"].instance.as_deref(), Some("uuid-a"));
+        assert_eq!(
+            s.desired["web"].instance.as_deref(),
+            Some("uuid-web"),
+            "a manifest naming a domain is made for that domain's UUID too"
+        );
     }
 }

@@ -3,8 +3,9 @@
 //! It runs `vncd-proxy`, built with vncd and installed beside it, which links nothing but
 //! the proxy: each idle proxy costs about half a MiB instead of websockify's twenty (see
 //! BENCHMARKS.md). Without it (`cargo run` builds only `vncd`) it runs `vncd proxy`, the
-//! same code in the full binary, which works the same but maps libvirt's fifty shared
-//! libraries into every proxy (about 2.5 MiB each).
+//! same code in the full binary, which works the same; built with the `libvirt` feature
+//! (the .deb) that binary maps libvirt's fifty shared libraries into every proxy (about
+//! 2.5 MiB each).
 
 use std::path::{Path, PathBuf};
 

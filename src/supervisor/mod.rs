@@ -15,7 +15,7 @@ pub mod relay;
 pub mod user;
 pub mod websockify;
 
-pub use user::ProxyUser;
+pub use user::{ProxyUids, ProxyUser};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
@@ -208,6 +208,17 @@ pub enum SpawnError {
     },
     #[error("proxy for session {session:?} exited before it could be identified")]
     Vanished { session: String },
+    #[error(
+        "session {session:?}: its proxy would run as uid {uid} (--proxy-uids, from port {port}), \
+         which the live proxy of session {other:?} runs as; it waits until that one ends \
+         (a lease outside the pool, or a pool larger than --proxy-uids)"
+    )]
+    UidInUse {
+        session: String,
+        port: u16,
+        uid: u32,
+        other: String,
+    },
     #[error("cannot serve session {session:?} on the relay: {source}")]
     Relay {
         session: String,
@@ -232,6 +243,7 @@ impl SpawnError {
             SpawnError::Exec { .. } => "exec",
             SpawnError::Key { .. } => "key",
             SpawnError::Vanished { .. } => "vanished",
+            SpawnError::UidInUse { .. } => "uid_in_use",
             SpawnError::ProxyUser { .. } => "proxy_user",
             SpawnError::Relay { .. } => "relay",
         }
@@ -254,6 +266,8 @@ pub struct Supervisor {
     cache: std::sync::Mutex<ScanCache>,
     /// Who the proxies run as (`--proxy-user`); `None` runs them as vncd's own user.
     proxy_user: Option<ProxyUser>,
+    /// With `--proxy-user`: a uid of its own for each proxy (`--proxy-uids`, websockify).
+    proxy_uids: Option<ProxyUids>,
     /// When the proxies' logs were last checked against [`MAX_LOG_BYTES`].
     logs_checked: std::sync::Mutex<Option<std::time::Instant>>,
     /// Whether to be a child subreaper ([`Supervisor::reap_orphans`]), and whether the
@@ -295,6 +309,7 @@ impl Supervisor {
             children: Default::default(),
             cache: Default::default(),
             proxy_user: None,
+            proxy_uids: None,
             logs_checked: Default::default(),
             reap: false,
             reaper: std::sync::OnceLock::new(),
@@ -324,6 +339,45 @@ impl Supervisor {
     /// Runs every proxy as `user` (see [`ProxyUser`]).
     pub fn run_proxies_as(&mut self, user: Option<ProxyUser>) {
         self.proxy_user = user;
+    }
+
+    /// Runs each proxy as a uid of its own from `uids` (with `--proxy-user`'s group), see
+    /// [`ProxyUids`]. Without a `--proxy-user` it has no effect.
+    pub fn give_each_proxy_a_uid(&mut self, uids: Option<ProxyUids>) {
+        self.proxy_uids = uids;
+    }
+
+    /// Who the proxy of `lease` runs as: `--proxy-user`, with its own uid under
+    /// `--proxy-uids`.
+    fn user_for(&self, lease: &Lease) -> Option<ProxyUser> {
+        let base = self.proxy_user.as_ref()?;
+        Some(match &self.proxy_uids {
+            Some(uids) => uids.user_for(base, lease.port),
+            None => base.clone(),
+        })
+    }
+
+    /// Refuses to start `lease`'s proxy as `user` while a live proxy of another session
+    /// runs as that uid (only possible with `--proxy-uids`, for a lease outside the pool).
+    fn check_uid_free(&self, lease: &Lease, user: &ProxyUser) -> Result<(), SpawnError> {
+        use std::os::unix::fs::MetadataExt;
+        if self.proxy_uids.is_none() {
+            return Ok(());
+        }
+        let other = self.scan().into_iter().find(|m| {
+            m.session != lease.session
+                && std::fs::metadata(format!("/proc/{}", m.process.pid))
+                    .is_ok_and(|meta| meta.uid() == user.uid)
+        });
+        match other {
+            Some(m) => Err(SpawnError::UidInUse {
+                session: lease.session.clone(),
+                port: lease.port,
+                uid: user.uid,
+                other: m.session,
+            }),
+            None => Ok(()),
+        }
     }
 
     /// Where proxies that exit on their own are reported.
@@ -365,6 +419,9 @@ impl Supervisor {
             self.web,
             self.proxy_user.as_ref().map(ToString::to_string)
         );
+        if let Some(uids) = &self.proxy_uids {
+            text.push_str(&format!("\nproxy uids {uids}"));
+        }
         if let Some(m) = &self.tickets {
             text.push_str(&format!("\nticket key {}", m.key_id()));
         }
@@ -490,14 +547,18 @@ impl Supervisor {
             key_file: None,
             nonces: None,
         };
-        self.nonce_dir(lease, &mut spec)?;
-        let stdin = self.key_input(lease, &mut spec)?;
-        if let Some(u) = &self.proxy_user {
+        let user = self.user_for(lease);
+        if let Some(u) = &user {
+            self.check_uid_free(lease, u)?;
+        }
+        self.nonce_dir(lease, &mut spec, user.as_ref())?;
+        let stdin = self.key_input(lease, &mut spec, user.as_ref())?;
+        if let Some(u) = &user {
             self.prepare_for(u)?;
         }
         let mut line = self.backend.command(&spec);
-        self.add_stats_args(&lease.session, &mut line);
-        let mut cmd = self.command(lease, &line, stdin)?;
+        self.add_stats_args(&lease.session, &mut line, user.as_ref());
+        let mut cmd = self.command(lease, &line, stdin, user.as_ref())?;
         // Spawned and registered under the children lock, which the orphan reaper holds
         // while it reaps: it can never take this child's exit status from us.
         let mut tracked = self.children.lock().ok();
@@ -528,7 +589,12 @@ impl Supervisor {
     /// Writes the session's key file (0600) and decides how the proxy gets it: as its
     /// open standard input, or by path (chowned to `--proxy-user` for a backend that
     /// re-reads it). Returns the proxy's standard input.
-    fn key_input(&self, lease: &Lease, spec: &mut ProxySpec) -> Result<Stdio, SpawnError> {
+    fn key_input(
+        &self,
+        lease: &Lease,
+        spec: &mut ProxySpec,
+        user: Option<&ProxyUser>,
+    ) -> Result<Stdio, SpawnError> {
         let Some(content) = self.backend.key_file(spec) else {
             return Ok(Stdio::null());
         };
@@ -538,7 +604,7 @@ impl Supervisor {
             source,
         };
         write_private(&path, content.as_bytes()).map_err(token_err)?;
-        match &self.proxy_user {
+        match user {
             // The proxy gets the open file, never the path: only root can read it.
             Some(_) if self.backend.key_on_stdin() => {
                 spec.key_file = Some(PathBuf::from("-"));
@@ -558,7 +624,12 @@ impl Supervisor {
     /// the proxy user's). It is kept while the lease lives, so a proxy restarted after a
     /// crash still refuses the tickets its predecessor accepted; [`Self::forget`] removes
     /// it at release.
-    fn nonce_dir(&self, lease: &Lease, spec: &mut ProxySpec) -> Result<(), SpawnError> {
+    fn nonce_dir(
+        &self,
+        lease: &Lease,
+        spec: &mut ProxySpec,
+        user: Option<&ProxyUser>,
+    ) -> Result<(), SpawnError> {
         use std::os::unix::fs::DirBuilderExt;
         if spec.key.is_none() {
             return Ok(());
@@ -574,7 +645,7 @@ impl Supervisor {
             .mode(0o700)
             .create(&dir)
             .map_err(err)?;
-        if let Some(u) = &self.proxy_user {
+        if let Some(u) = user {
             hand_to(u, &dir, &root).map_err(err)?;
         }
         spec.nonces = Some(dir);
@@ -582,7 +653,7 @@ impl Supervisor {
     }
 
     /// The backend's arguments for per-session counters, with their directory prepared.
-    fn add_stats_args(&self, session: &str, line: &mut CommandLine) {
+    fn add_stats_args(&self, session: &str, line: &mut CommandLine, user: Option<&ProxyUser>) {
         let Some(path) = self.stats_file(session) else {
             return;
         };
@@ -591,7 +662,7 @@ impl Supervisor {
         };
         // A missing directory only costs the counters; the proxy still serves.
         if let Some(dir) = path.parent()
-            && let Err(e) = private_dir(dir).and_then(|()| match &self.proxy_user {
+            && let Err(e) = private_dir(dir).and_then(|()| match user {
                 Some(u) => u.give(dir),
                 None => Ok(()),
             })
@@ -609,6 +680,7 @@ impl Supervisor {
         lease: &Lease,
         line: &CommandLine,
         stdin: Stdio,
+        user: Option<&ProxyUser>,
     ) -> Result<tokio::process::Command, SpawnError> {
         let log_path = self.log_dir.join(format!("{}.log", lease.session));
         let log_err = |source| SpawnError::Log {
@@ -636,7 +708,7 @@ impl Supervisor {
             .stderr(Stdio::from(log2))
             .process_group(0)
             .kill_on_drop(false);
-        if let Some(u) = &self.proxy_user {
+        if let Some(u) = user {
             // std drops supplementary groups (setgroups(0)) when root changes the uid, so
             // the proxy has exactly this uid and gid.
             cmd.uid(u.uid).gid(u.gid);
@@ -755,8 +827,11 @@ impl Supervisor {
         self.backend.stats_args(&path).map(|_| path)
     }
 
-    /// Forgets a released session's counters, ticket key and used-ticket records.
+    /// Forgets a released session's counters, ticket key, used-ticket records and log.
+    /// The log goes too: it is kept for the last failure of a live lease, and one left
+    /// per released name would let session-name churn fill the disk.
     pub fn forget(&self, session: &str) {
+        let _ = std::fs::remove_file(self.log_dir.join(format!("{session}.log")));
         if let Some(path) = self.stats_file(session) {
             let _ = std::fs::remove_file(path);
         }

@@ -1,15 +1,24 @@
-//! `--proxy-user USER[:GROUP]`: the identity every proxy runs as.
+//! `--proxy-user USER[:GROUP]`: the identity every proxy runs as, and `--proxy-uids LO-HI`:
+//! a uid of its own for each websockify proxy.
 //!
 //! vncd itself may need root (ports below 1024, libvirt, a state directory under /var/lib),
 //! but a proxy parses HTTP and websocket frames from anyone who can reach its port: it is
 //! the part most exposed to attack. Run as an unprivileged user, a compromised proxy
 //! cannot read vncd's state files (ticket.key, the master key every lease key derives from,
-//! and leases.json and sessions.json, all 0600 root), signal vncd or other processes, or write outside its own
-//! stats directory. The switch is std's `CommandExt::uid`/`gid` (no `unsafe`); when vncd
-//! is root, std also drops the supplementary groups and the kernel every capability. A
-//! non-root vncd with CAP_SETUID and CAP_SETGID can switch too, but std then keeps vncd's
-//! supplementary groups in the proxy (it can only drop them as root): give vncd's user no
-//! group the proxies should not have.
+//! and leases.json and sessions.json, all 0600 root), signal vncd or other processes, or
+//! write outside its own stats directory. The switch is std's `CommandExt::uid`/`gid` (no
+//! `unsafe`); when vncd is root, std also drops the supplementary groups and the kernel
+//! every capability. A non-root vncd with CAP_SETUID and CAP_SETGID can switch too, but std
+//! then keeps vncd's supplementary groups in the proxy (it can only drop them as root): give
+//! vncd's user no group the proxies should not have.
+//!
+//! websockify re-reads its key file by path, so it must own it. With one shared uid, a
+//! compromised websockify could read every other session's key (and mint tickets for it),
+//! signal the other proxies and ptrace them. [`ProxyUids`] gives each websockify proxy a
+//! uid of its own, derived from its lease's port (see [`ProxyUids::uid_for`]): nothing to
+//! persist, the same uid after a restart of vncd, and never one uid for two live leases
+//! (their ports differ; the pool fits in the range). tests/proxy_isolation.rs proves that
+//! proxy A cannot read B's key file or log, signal B, or read B's memory.
 
 use std::fmt;
 use std::path::Path;
@@ -23,6 +32,79 @@ pub struct ProxyUser {
     pub spec: String,
     pub uid: u32,
     pub gid: u32,
+}
+
+/// `--proxy-uids LO-HI`: the uids websockify proxies run as, one per lease.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProxyUids {
+    pub lo: u32,
+    pub hi: u32,
+}
+
+/// Why a `--proxy-uids` value is refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ProxyUidsError {
+    #[error("--proxy-uids {0:?}: give LO-HI, two uids (e.g. 1879048192-1879049215)")]
+    Syntax(String),
+    #[error("--proxy-uids {0:?}: LO must not be above HI")]
+    Reversed(String),
+    #[error(
+        "--proxy-uids {0:?}: uid 0 (root) and 4294967295 (the kernel's \"no uid\") cannot be proxy uids"
+    )]
+    Reserved(String),
+}
+
+impl std::str::FromStr for ProxyUids {
+    type Err = ProxyUidsError;
+
+    fn from_str(v: &str) -> Result<Self, Self::Err> {
+        let syntax = || ProxyUidsError::Syntax(v.to_owned());
+        let (lo, hi) = v.trim().split_once('-').ok_or_else(syntax)?;
+        let lo: u32 = lo.trim().parse().map_err(|_| syntax())?;
+        let hi: u32 = hi.trim().parse().map_err(|_| syntax())?;
+        if lo > hi {
+            return Err(ProxyUidsError::Reversed(v.to_owned()));
+        }
+        if lo == 0 || hi == u32::MAX {
+            return Err(ProxyUidsError::Reserved(v.to_owned()));
+        }
+        Ok(ProxyUids { lo, hi })
+    }
+}
+
+impl fmt::Display for ProxyUids {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.lo, self.hi)
+    }
+}
+
+impl ProxyUids {
+    /// How many uids the range holds.
+    pub fn count(&self) -> u64 {
+        u64::from(self.hi - self.lo) + 1
+    }
+
+    /// The uid of the proxy serving `port`: `LO + port mod len`. Any `len` consecutive
+    /// ports get distinct uids, so leases inside a pool no larger than the range never
+    /// share one (vncd checks the pool against the range at start), and the uid follows
+    /// from the lease alone: a restarted vncd knows the uids of the proxies it adopts.
+    /// A lease outside the pool may map to a live proxy's uid; the supervisor refuses to
+    /// start it then ([`super::SpawnError::UidInUse`]).
+    pub fn uid_for(&self, port: u16) -> u32 {
+        let offset = u64::from(port) % self.count();
+        // offset < len <= 2^32 - 1, and lo + offset <= hi.
+        self.lo + u32::try_from(offset).unwrap_or(0)
+    }
+
+    /// `base` with the uid of the proxy serving `port` (its group stays `base`'s).
+    pub fn user_for(&self, base: &ProxyUser, port: u16) -> ProxyUser {
+        let uid = self.uid_for(port);
+        ProxyUser {
+            spec: format!("{} uid {uid} (--proxy-uids {self})", base.spec),
+            uid,
+            gid: base.gid,
+        }
+    }
 }
 
 /// Why `--proxy-user` cannot be used.
@@ -199,6 +281,35 @@ impl fmt::Display for ProxyUser {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn proxy_uids_parse_and_give_distinct_uids_to_any_pool_that_fits() {
+        let r: ProxyUids = "4000000-4000009".parse().expect("valid");
+        assert_eq!(r.count(), 10);
+        let uids: std::collections::BTreeSet<u32> = (6105..6115).map(|p| r.uid_for(p)).collect();
+        assert_eq!(uids.len(), 10, "10 consecutive ports, 10 uids");
+        assert!(uids.iter().all(|u| (4_000_000..=4_000_009).contains(u)));
+        assert_eq!(r.uid_for(6105), r.uid_for(6105), "deterministic");
+        let one: ProxyUids = "70000-70000".parse().expect("a single uid");
+        assert_eq!(one.uid_for(6100), 70000);
+        for (bad, want) in [
+            ("5", "give LO-HI"),
+            ("a-b", "give LO-HI"),
+            ("9-3", "LO must not be above HI"),
+            ("0-10", "uid 0"),
+            ("10-4294967295", "uid 0"),
+        ] {
+            let e = bad.parse::<ProxyUids>().expect_err(bad).to_string();
+            assert!(e.contains(want) && e.contains(bad), "{bad}: {e}");
+        }
+        let base = ProxyUser {
+            spec: "nobody".into(),
+            uid: 65534,
+            gid: 65534,
+        };
+        let u = r.user_for(&base, 6107);
+        assert_eq!((u.uid, u.gid), (r.uid_for(6107), 65534));
+    }
 
     #[test]
     fn resolves_names_ids_and_groups_and_refuses_root() {

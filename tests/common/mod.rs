@@ -440,6 +440,8 @@ pub fn pool_base(size: u16) -> u16 {
         "ready" => 5,
         "kube" => 6,
         "http" => 7,
+        "proxy_isolation" => 12,
+        "libvirt_feature" => 13,
         // Hashed bands start after the named ones, so they never meet one of those.
         other => {
             8 + other

@@ -44,6 +44,10 @@ pub struct DomainGraphics {
     /// TLS). libvirt hands these out from `remote_display_port_min..max`, which may
     /// overlap vncd's pool, so vncd must never lease them.
     pub ports: BTreeSet<u16>,
+    /// The domain's `<uuid>`: which VM this is, beyond its name. A domain destroyed and
+    /// defined again under the same name is another VM with another UUID, and its
+    /// session gets a new lease (see [`crate::session::Desired::instance`]).
+    pub uuid: Option<String>,
 }
 
 /// Reads the console and graphics ports of `domain` from its live XML.
@@ -57,9 +61,17 @@ pub fn parse(domain: &str, xml: &str) -> DomainGraphics {
                     detail: e.to_string(),
                 }),
                 ports: BTreeSet::new(),
+                uuid: None,
             };
         }
     };
+    let uuid = doc
+        .root_element()
+        .children()
+        .find(|n| n.has_tag_name("uuid"))
+        .and_then(|n| n.text())
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty());
     let graphics: Vec<_> = doc
         .root_element()
         .children()
@@ -82,7 +94,11 @@ pub fn parse(domain: &str, xml: &str) -> DomainGraphics {
         }),
         Some(g) => vnc_console(domain, *g),
     };
-    DomainGraphics { console, ports }
+    DomainGraphics {
+        console,
+        ports,
+        uuid,
+    }
 }
 
 fn vnc_console(domain: &str, g: roxmltree::Node<'_, '_>) -> Result<Console, GraphicsError> {

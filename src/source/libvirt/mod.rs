@@ -5,6 +5,11 @@
 //! servers hold. [`super::merge`] turns the table into sessions (one per domain, named
 //! by [`name::session_name`]) and resolves manifests that name a domain.
 //!
+//! Talking to libvirt ([`poller`]) needs the `libvirt` cargo feature, which links
+//! libvirt's C library; everything else here is pure and always built. Without the
+//! feature, [`LibvirtSource::start`] fails with [`NOT_BUILT_IN`], and `vncd run
+//! --libvirt` says so before it touches anything (see `cli::libvirt`).
+//!
 //! A libvirt that cannot be reached, or that has not answered for [`STALE_AFTER`], is an
 //! error, never an empty table: a lost connection must not look like "every VM stopped",
 //! which would stop every console.
@@ -24,6 +29,16 @@ use self::graphics::{Console, GraphicsError};
 use self::poller::{Heartbeat, Observation};
 use super::SourceError;
 
+/// Why a build without the `libvirt` feature cannot serve libvirt domains, and how to
+/// get one that can.
+pub const NOT_BUILT_IN: &str = "this vncd was built without libvirt support; build it with \
+`cargo build --release --features libvirt` (needs libvirt-dev and pkg-config: \
+scripts/install-build-deps --libvirt), or install the Debian package (scripts/build-deb), \
+which has it";
+
+/// Whether this build can talk to libvirt (the `libvirt` cargo feature).
+pub const BUILT_IN: bool = cfg!(feature = "libvirt");
+
 /// A libvirt that has not completed a poll for this long counts as unreachable.
 pub const STALE_AFTER: Duration = Duration::from_secs(5);
 
@@ -35,6 +50,9 @@ pub struct DomainTable {
     pub consoles: BTreeMap<String, Result<Console, GraphicsError>>,
     /// Ports the running domains' own graphics servers hold.
     pub ports: BTreeSet<u16>,
+    /// Running domains' UUIDs by libvirt name (from the live XML), so a domain recreated
+    /// under the same name is told apart from the one it replaced.
+    pub uuids: BTreeMap<String, String>,
 }
 
 impl DomainTable {
@@ -43,6 +61,9 @@ impl DomainTable {
         for (name, g) in domains {
             t.consoles.insert(name.clone(), g.console.clone());
             t.ports.extend(g.ports.iter().copied());
+            if let Some(uuid) = &g.uuid {
+                t.uuids.insert(name.clone(), uuid.clone());
+            }
         }
         t
     }
@@ -60,6 +81,12 @@ impl LibvirtSource {
     /// Starts polling `uri` every `interval`. Connecting happens in the background; until
     /// it succeeds, [`LibvirtSource::table`] returns an error.
     pub fn start(uri: &str, interval: Duration) -> Result<Self, SourceError> {
+        if !BUILT_IN {
+            return Err(SourceError::Libvirt {
+                uri: uri.to_owned(),
+                detail: NOT_BUILT_IN.to_owned(),
+            });
+        }
         let (rx, heartbeat) =
             poller::spawn(uri.to_owned(), interval).map_err(|e| SourceError::Libvirt {
                 uri: uri.to_owned(),

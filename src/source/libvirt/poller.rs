@@ -17,22 +17,32 @@
 //! returns an error, and the poller reconnects.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+#[cfg(feature = "libvirt")]
+use std::sync::Once;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Once};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
+#[cfg(feature = "libvirt")]
 use tracing::{debug, info, warn};
+#[cfg(feature = "libvirt")]
 use virt::connect::Connect;
+#[cfg(feature = "libvirt")]
 use virt::error::ErrorNumber;
 
-use super::graphics::{self, DomainGraphics};
+use super::graphics::DomainGraphics;
+#[cfg(feature = "libvirt")]
+use super::graphics::{self};
 
 /// Every domain's live XML is read again this often.
+#[cfg_attr(not(feature = "libvirt"), allow(dead_code))]
 pub const REFRESH: Duration = Duration::from_secs(10);
 /// Longest pause between two connection attempts while libvirt is down.
+#[cfg(feature = "libvirt")]
 const MAX_RETRY: Duration = Duration::from_secs(2);
 /// libvirt keepalive: a probe every 2 s, the connection is closed after 3 unanswered.
+#[cfg(feature = "libvirt")]
 const KEEPALIVE: (i32, u32) = (2, 3);
 
 /// What the poller last saw.
@@ -54,6 +64,7 @@ pub struct Heartbeat {
 }
 
 impl Heartbeat {
+    #[cfg_attr(not(feature = "libvirt"), allow(dead_code))]
     fn beat(&self) {
         let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.last_ms.store(ms.max(1), Ordering::Release);
@@ -72,7 +83,21 @@ impl Heartbeat {
     }
 }
 
+/// Without the `libvirt` feature there is nothing to poll with: always an error
+/// ([`super::NOT_BUILT_IN`]); [`super::LibvirtSource::start`] refuses before this.
+#[cfg(not(feature = "libvirt"))]
+pub fn spawn(
+    _uri: String,
+    _interval: Duration,
+) -> std::io::Result<(watch::Receiver<Observation>, Arc<Heartbeat>)> {
+    Err(std::io::Error::new(
+        std::io::ErrorKind::Unsupported,
+        super::NOT_BUILT_IN,
+    ))
+}
+
 /// Starts the poller for `uri`. It runs until the returned receiver is dropped.
+#[cfg(feature = "libvirt")]
 pub fn spawn(
     uri: String,
     interval: Duration,
@@ -90,6 +115,7 @@ pub fn spawn(
     Ok((rx, heartbeat))
 }
 
+#[cfg(feature = "libvirt")]
 /// libvirt's default event loop, once per process: needed for keepalive. libvirt's own
 /// error printing to stderr is switched off too; errors are logged through tracing.
 fn start_event_loop() {
@@ -116,10 +142,12 @@ fn start_event_loop() {
     });
 }
 
+#[cfg(feature = "libvirt")]
 /// A domain run: the same name with the same id is the same run, whose live XML
 /// only changes by explicit device updates (caught by [`REFRESH`]).
 type RunKey = (String, Option<u32>);
 
+#[cfg(feature = "libvirt")]
 struct Poller {
     uri: String,
     interval: Duration,
@@ -131,6 +159,7 @@ struct Poller {
     retry: Duration,
 }
 
+#[cfg(feature = "libvirt")]
 impl Poller {
     fn new(
         uri: String,
