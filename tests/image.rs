@@ -291,9 +291,9 @@ async fn the_image_serves_sessions_as_the_chart_runs_it_and_a_new_container_serv
     let range = format!("portRange={base}-{}", base + 4);
     let http_port = format!("http.port={http}");
     // The test's VNC server listens where the kernel put it, outside the chart's default
-    // allowTargets (loopback 5900-5999): allow exactly that port.
+    // allowTargets (none): allow exactly that port, to this test's namespace.
     let qemu = Qemu::tcp();
-    let allow = format!("allowTargets={{127.0.0.1:{}}}", qemu.port);
+    let allow = format!("allowTargets={{{ns}=127.0.0.1:{}}}", qemu.port);
     let values = [
         "--set",
         "listenAddress=127.0.0.1",

@@ -678,9 +678,9 @@ async fn the_charts_arguments_and_rbac_are_enough_to_serve_a_node() {
     let mut v = KubeVncd::new(node, Some(ns), ns, 5);
     let range = format!("portRange={}-{}", v.range.0, v.range.1);
     let http = format!("http.port={}", v.http);
-    // The test's VNC server listens where the kernel put it, outside the chart's default
-    // 5900-5999: allow exactly that port (and prove the chart passes the rule through).
-    let allow = format!("allowTargets={{127.0.0.1:{}}}", qemu.port);
+    // The chart allows no target by default: allow exactly the test VNC server's port, to
+    // this namespace (and prove the chart passes the rule through).
+    let allow = format!("allowTargets={{{ns}=127.0.0.1:{}}}", qemu.port);
     let values = [
         "--set",
         "listenAddress=127.0.0.1",
@@ -941,9 +941,9 @@ async fn a_tenant_cannot_point_a_session_at_the_nodes_other_services() {
     let mut v = KubeVncd::new(node, Some(ns), ns, 5);
     // The chart's default rules, plus the test VNC server's own port.
     v.allow = vec![
-        "127.0.0.0/8:5900-5999".into(),
-        format!("127.0.0.1:{}", qemu.port),
-        "unix:/var/run/libvirt/".into(),
+        "tenant=127.0.0.0/8:5900-5999".into(),
+        format!("tenant=127.0.0.1:{}", qemu.port),
+        "tenant=unix:/var/run/libvirt/".into(),
     ];
     v.start();
     let api: Api<VncSession> = Api::namespaced(c.client().await, ns);
@@ -1101,5 +1101,68 @@ async fn sessions_of_a_node_that_is_gone_can_be_deleted() {
             .unwrap_or_default()
             .contains("node node-vanished is gone"),
         "{kept:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_target_allowed_for_namespace_b_is_refused_to_namespace_a() {
+    let c = cluster();
+    let (a, b) = ("tenant-a", "tenant-b");
+    c.create_namespace(a);
+    c.create_namespace(b);
+    // Tenant B's VM console; only namespace B may reach it.
+    let qemu = Qemu::tcp();
+    let node = "node-tenant-ab";
+    let mut v = KubeVncd::new(node, None, b, 5);
+    v.allow = vec![format!("{b}=127.0.0.1:{}", qemu.port)];
+    v.start();
+    let client = c.client().await;
+    let api_a: Api<VncSession> = Api::namespaced(client.clone(), a);
+    let api_b: Api<VncSession> = Api::namespaced(client.clone(), b);
+    create(&api_a, "steal", spec(Some(node), qemu.port)).await;
+    create(&api_b, "mine", spec(Some(node), qemu.port)).await;
+    let mine = wait_ready(&api_b, 1, &[&v]).await;
+    assert_eq!(
+        rfb_banner(&console_url(&v, &mine[0])).await,
+        b"RFB 003.008\n"
+    );
+    let refused = wait_objects(
+        &api_a,
+        "A's session refused",
+        Duration::from_secs(60),
+        &[&v],
+        |items| items.len() == 1 && status(&items[0]).reason.as_deref() == Some("TargetNotAllowed"),
+    )
+    .await;
+    let st = status(&refused[0]);
+    assert_eq!(st.phase, Some(Phase::Failed), "{st:?}");
+    assert_eq!(st.port, None, "a refused session holds no port: {st:?}");
+    let msg = st.message.unwrap_or_default();
+    assert!(
+        msg.contains("namespace tenant-a") && msg.contains("tenant-a=RULE"),
+        "the message names the missing namespace rule: {msg}"
+    );
+    assert!(!msg.contains("tenant-b="), "and not B's rules: {msg}");
+
+    // A rule without a namespace stops vncd kube at start with a clear error.
+    let mut bad = KubeVncd::new("node-tenant-unscoped", None, b, 1);
+    bad.allow = vec!["127.0.0.1:5901".into()];
+    bad.start();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = bad.try_wait() {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "vncd kube kept running"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(!status.success());
+    let log = bad.log();
+    assert!(
+        log.contains("names no namespace") && log.contains("NAMESPACE=RULE"),
+        "{log}"
     );
 }

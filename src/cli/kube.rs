@@ -136,7 +136,7 @@ pub fn kube(args: KubeArgs) -> anyhow::Result<ExitCode> {
         minter,
         consoles: Consoles::default(),
         url: args.serve.url_style(),
-        policy: args.serve.target_policy(TargetPolicy::only(Vec::new())),
+        policy: args.serve.target_policy(true)?,
         lease: LeaseConfig {
             namespace: lease_namespace(args.lease_namespace.clone()),
             node,
@@ -157,7 +157,8 @@ struct Setup {
     consoles: Consoles,
     url: crate::status::UrlStyle,
     lease: LeaseConfig,
-    /// VncSession creators are tenants: with no --allow-target rule, no target is allowed.
+    /// VncSession creators are tenants: each --allow-target rule names its namespace, and
+    /// with none no target is allowed.
     policy: TargetPolicy,
 }
 

@@ -17,7 +17,7 @@ use crate::http::console::{BearerToken, ConsoleApi};
 use crate::http::{AppState, Health};
 use crate::metrics::Metrics;
 use crate::source::dir::DirSource;
-use crate::source::policy::{Policed, TargetPolicy};
+use crate::source::policy::Policed;
 use crate::status::StatusBuilder;
 use crate::status::file::FileSink;
 use crate::store::file::FileStore;
@@ -131,7 +131,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         let source = DirSource::watch(&args.sessions.sessions_dir, pool.port_range)?;
         let source = args.libvirt.source(source, pool.port_range).await?;
         // The manifests are root's: every target is allowed unless rules are given.
-        let policy = args.serve.target_policy(TargetPolicy::allow_all());
+        let policy = args.serve.target_policy(false)?;
         let allow_target = policy.describe();
         let source = Policed::new(source, policy);
         let store = FileStore::new(state.clone(), lock_timeout);

@@ -85,14 +85,15 @@ pub struct ServeArgs {
     /// `ADDR_OR_CIDR:LO-HI` or `unix:/DIR/` (e.g. `127.0.0.0/8:5900-5999`). A session whose
     /// target no rule allows is Failed (TargetNotAllowed) and gets no port. `vncd run`
     /// allows every target when none is given (its manifests are root's); `vncd kube`
-    /// allows none (VncSession creators are tenants).
+    /// allows none (VncSession creators are tenants), and there every rule names the
+    /// namespace it is for: `NAMESPACE=RULE`, or `*=RULE` for every namespace.
     #[arg(
         long = "allow-target",
         env = "VNCD_ALLOW_TARGET",
         value_delimiter = ',',
         value_name = "RULE"
     )]
-    pub allow_targets: Vec<crate::source::policy::Rule>,
+    pub allow_targets: Vec<crate::source::policy::ScopedRule>,
     /// Stop every proxy and release every port when vncd exits (by default they keep
     /// running and the next vncd adopts them).
     #[arg(long, env = "VNCD_STOP_ON_EXIT")]
@@ -192,12 +193,16 @@ impl ServeArgs {
         })
     }
 
-    /// The target policy: the rules given, or, with none, `when_unset`.
-    pub fn target_policy(&self, when_unset: TargetPolicy) -> TargetPolicy {
-        if self.allow_targets.is_empty() {
-            when_unset
+    /// The target policy of `vncd run` (`kube` false) or `vncd kube` (see
+    /// [`TargetPolicy::standalone`] and [`TargetPolicy::kubernetes`]).
+    pub fn target_policy(
+        &self,
+        kube: bool,
+    ) -> Result<TargetPolicy, crate::source::policy::ModeError> {
+        if kube {
+            TargetPolicy::kubernetes(&self.allow_targets)
         } else {
-            TargetPolicy::only(self.allow_targets.clone())
+            TargetPolicy::standalone(&self.allow_targets)
         }
     }
 

@@ -287,7 +287,7 @@ pub struct KubeVncd {
     /// `--resync-interval` (seconds).
     pub resync: String,
     pub extra: Vec<String>,
-    /// `--allow-target` rules (default: loopback at the unprivileged ports where the
+    /// `--allow-target` rules, `NAMESPACE=RULE` (default: `*=` loopback at the unprivileged ports where the
     /// test VNC servers listen, on ports the kernel picks).
     pub allow: Vec<String>,
     pub tmp: tempfile::TempDir,
@@ -325,7 +325,7 @@ impl KubeVncd {
             http: crate::common::free_port(),
             resync: "0.5".into(),
             extra: Vec::new(),
-            allow: vec!["127.0.0.1:1024-65535".into()],
+            allow: vec!["*=127.0.0.1:1024-65535".into()],
             tmp,
             child: None,
         }
