@@ -18,7 +18,8 @@
 //! - `admission.rs`, `probe.rs`: fair admission, target probe (pure parts unit-tested);
 //! - `start.rs`: process setup and the start-up checks.
 //!
-//! `vncd run` does not use the relay yet: it still runs one `vncd-proxy` per session.
+//! `vncd run --relay` uses it as its data plane (`crate::supervisor::relay`); without the
+//! flag, `vncd run` still runs one `vncd-proxy` per session.
 
 mod admission;
 pub mod args;
