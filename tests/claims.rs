@@ -152,6 +152,26 @@ const FALSE_CLAIMS: &[(&str, &str)] = &[
         "the silence deadline ends a client that sends no whole frame",
     ),
     ("does not use tickets yet", "tickets are wired in"),
+    (
+        "needs no root",
+        "the chart runs vncd as uid 0 with six capabilities (values.yaml securityContext)",
+    ),
+    (
+        "system user vncd owning /var/lib/vncd",
+        "/var/lib/vncd is root's, 0700 (postinst, check-deb)",
+    ),
+    (
+        "system user `vncd` that owns `/var/lib/vncd`",
+        "/var/lib/vncd is root's, 0700 (postinst, check-deb)",
+    ),
+    (
+        "The service runs as `vncd`, not root",
+        "the unit runs vncd as root with six capabilities; its proxies run as vncd",
+    ),
+    (
+        "Run `vncd cleanup` as that user too",
+        "the state directory is root's; cleanup runs as root",
+    ),
 ];
 
 #[test]
