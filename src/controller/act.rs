@@ -124,13 +124,7 @@ impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
             .filter_map(|s| self.leases.leases.get(s).cloned())
             .collect();
         let spawn_started = Instant::now();
-        let spawned: Vec<_> = leases
-            .iter()
-            .map(|l| {
-                let _span = info_span!("spawn", session = %l.session).entered();
-                self.supervisor.spawn(l)
-            })
-            .collect();
+        let spawned = self.supervisor.spawn_all(&leases);
         acted.spawn_ms = spawn_started.elapsed().as_millis() as u64;
         let mut records = Vec::new();
         for (lease, result) in leases.into_iter().zip(spawned) {

@@ -230,8 +230,10 @@ pub async fn writer(path: PathBuf, counters: Arc<Counters>, mut stop: watch::Rec
             Err(_) => {}
         }
     };
+    let mut wrote;
     loop {
         flush(&mut last);
+        wrote = tokio::time::Instant::now();
         // Bytes move only while a session is open; otherwise wait for an event.
         let open = last.is_none_or(|s| s.active > 0);
         let tick = async {
@@ -246,9 +248,15 @@ pub async fn writer(path: PathBuf, counters: Arc<Counters>, mut stop: watch::Rec
             () = tick => {}
             _ = stop.wait_for(|s| *s) => break,
         }
-        tokio::select! {
-            () = tokio::time::sleep(MIN_GAP) => {}
-            _ = stop.wait_for(|s| *s) => break,
+        // Coalesce bursts, but publish the first event after a quiet spell at once: the
+        // controller reads "no console open" from this file before it moves a lease (a
+        // pool change), so a fresh console must not stay invisible for MIN_GAP.
+        let since = wrote.elapsed();
+        if since < MIN_GAP {
+            tokio::select! {
+                () = tokio::time::sleep(MIN_GAP - since) => {}
+                _ = stop.wait_for(|s| *s) => break,
+            }
         }
     }
 }
@@ -297,6 +305,34 @@ mod tests {
         std::fs::write(&path, b"not json").unwrap();
         assert_eq!(Snapshot::read(&path), None);
         assert_eq!(Snapshot::read(&dir.path().join("missing.json")), None);
+    }
+
+    /// An open after a quiet spell is published without waiting out MIN_GAP: on paused
+    /// time the clock stands still unless every task sleeps, so the file must show the
+    /// open after a few yields, with no time passing.
+    #[tokio::test(start_paused = true)]
+    async fn an_open_after_a_quiet_spell_is_published_without_delay() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm1.json");
+        let c = Arc::new(Counters::default());
+        let (tx, rx) = watch::channel(false);
+        let task = tokio::spawn(writer(path.clone(), c.clone(), rx));
+        tokio::time::sleep(MIN_GAP * 2).await;
+        assert_eq!(Snapshot::read(&path).map(|s| s.connections), Some(0));
+        let before = tokio::time::Instant::now();
+        c.opened();
+        let mut seen = false;
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+            if Snapshot::read(&path).is_some_and(|s| s.connections == 1) {
+                seen = true;
+                break;
+            }
+        }
+        assert!(seen, "the open was not written before MIN_GAP passed");
+        assert_eq!(tokio::time::Instant::now(), before, "time passed");
+        tx.send(true).unwrap();
+        task.await.unwrap();
     }
 
     #[tokio::test]

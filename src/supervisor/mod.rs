@@ -530,13 +530,34 @@ impl Supervisor {
 
     /// Starts the proxy of a persisted lease, in its own process group, with our marker;
     /// with the relay, declares the lease to it instead.
-    pub fn spawn(&self, lease: &Lease) -> Result<ProcRef, SpawnError> {
+    /// Starts serving every lease of `leases`; per lease in order, its process or why not.
+    /// Per-session proxies are spawned one by one; the relay takes the batch in one
+    /// declaration (see [`relay::RelayPlane::start_all`]).
+    pub fn spawn_all(&self, leases: &[Lease]) -> Vec<Result<ProcRef, SpawnError>> {
         if let Some(plane) = &self.relay {
-            return plane.start(lease).map_err(|source| SpawnError::Relay {
-                session: lease.session.clone(),
-                source,
-            });
+            return plane
+                .start_all(leases)
+                .into_iter()
+                .zip(leases)
+                .map(|(r, lease)| {
+                    r.map_err(|source| SpawnError::Relay {
+                        session: lease.session.clone(),
+                        source,
+                    })
+                })
+                .collect();
         }
+        leases
+            .iter()
+            .map(|l| {
+                let _span = tracing::info_span!("spawn", session = %l.session).entered();
+                self.spawn(l)
+            })
+            .collect()
+    }
+
+    /// Spawns the per-session proxy of `lease` (not through the relay: [`Self::spawn_all`]).
+    fn spawn(&self, lease: &Lease) -> Result<ProcRef, SpawnError> {
         let mut spec = ProxySpec {
             session: lease.session.clone(),
             listen: self.listen,

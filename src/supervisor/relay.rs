@@ -64,6 +64,10 @@ pub enum RelayPlaneError {
     Refused { session: String, message: String },
     #[error("no ticket key for session {session:?} (vncd was started without its master key)")]
     NoKey { session: String },
+    #[error("relay pid {pid} vanished")]
+    Vanished { pid: i32 },
+    #[error("session {session:?} was not declared to the relay: {cause}")]
+    NotDeclared { session: String, cause: String },
 }
 
 /// The relay data plane. See the module docs.
@@ -315,9 +319,37 @@ impl RelayPlane {
         }
     }
 
-    /// Serves `lease` on the relay (starting the relay if needed); returns the relay's
-    /// identity, which the lease records as its "process".
-    pub fn start(&self, lease: &Lease) -> Result<ProcRef, RelayPlaneError> {
+    /// Serves every lease of `leases` on the relay (starting the relay if needed), with one
+    /// declaration for the whole batch: declaring once per lease sends the growing set N
+    /// times, O(N^2) for N sessions starting together (800 at boot). Returns, per lease in
+    /// order, the relay's identity (which the lease records as its "process") or why the
+    /// relay did not take it; a refused lease is taken out of the declaration again.
+    pub fn start_all(&self, leases: &[Lease]) -> Vec<Result<ProcRef, RelayPlaneError>> {
+        match self.declare_batch(leases) {
+            Ok(results) => results,
+            // The batch never reached the relay: every lease of it failed for that reason.
+            Err(e) => {
+                let cause = e.to_string();
+                leases
+                    .iter()
+                    .map(|l| {
+                        Err(RelayPlaneError::NotDeclared {
+                            session: l.session.clone(),
+                            cause: cause.clone(),
+                        })
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    fn declare_batch(
+        &self,
+        leases: &[Lease],
+    ) -> Result<Vec<Result<ProcRef, RelayPlaneError>>, RelayPlaneError> {
+        if leases.is_empty() {
+            return Ok(Vec::new());
+        }
         let report = self.report()?;
         let pid = i32::try_from(report.relay.pid).unwrap_or(-1);
         let relay = procfs::stat(pid)
@@ -325,24 +357,47 @@ impl RelayPlane {
                 pid,
                 start_time: st.start_time,
             })
-            .ok_or_else(|| RelayPlaneError::Refused {
-                session: lease.session.clone(),
-                message: format!("relay pid {pid} vanished"),
-            })?;
-        let spec = self.spec(lease)?;
+            .ok_or(RelayPlaneError::Vanished { pid })?;
+        let specs: Vec<Result<SessionSpec, RelayPlaneError>> =
+            leases.iter().map(|l| self.spec(l)).collect();
         let mut inner = self.lock();
         inner.applied = inner.applied.max(report.applied_version);
-        inner.declared.insert(lease.session.clone(), spec);
-        let applied = self.declare(&mut inner)?;
-        if let Some(message) = applied.errors.get(&lease.session) {
-            inner.declared.remove(&lease.session);
-            return Err(RelayPlaneError::Refused {
-                session: lease.session.clone(),
-                message: message.clone(),
-            });
+        for spec in specs.iter().flatten() {
+            inner.declared.insert(spec.name.clone(), spec.clone());
         }
+        let applied = match self.declare(&mut inner) {
+            Ok(a) => a,
+            Err(e) => {
+                for spec in specs.iter().flatten() {
+                    inner.declared.remove(&spec.name);
+                }
+                return Err(e);
+            }
+        };
         inner.relay = Some(relay);
-        Ok(relay)
+        let mut refused = false;
+        let results = leases
+            .iter()
+            .zip(specs)
+            .map(|(lease, spec)| {
+                spec?;
+                if let Some(message) = applied.errors.get(&lease.session) {
+                    inner.declared.remove(&lease.session);
+                    refused = true;
+                    return Err(RelayPlaneError::Refused {
+                        session: lease.session.clone(),
+                        message: message.clone(),
+                    });
+                }
+                Ok(relay)
+            })
+            .collect();
+        if refused && let Err(e) = self.declare(&mut inner) {
+            // The relay keeps the refused sessions as declared-but-failed until the next
+            // declaration; observe declares again.
+            warn!(error = %e, "cannot take refused sessions off the relay");
+        }
+        Ok(results)
     }
 
     /// Stops serving `session` (its connections end). Returns whether it was declared.

@@ -221,8 +221,17 @@ impl Vncd {
             "127.0.0.1".into(),
         ]);
         args.extend(["--resync-interval".into(), "0.5".into()]);
-        if !self.extra.iter().any(|a| a == "--backend") {
-            args.extend(["--backend".into(), backend()]);
+        if !self
+            .extra
+            .iter()
+            .any(|a| a == "--backend" || a == "--relay")
+        {
+            if backend() == "relay" {
+                // The node relay as the builtin data plane (`vncd run --relay`).
+                args.extend(["--relay".into(), "--backend".into(), "builtin".into()]);
+            } else {
+                args.extend(["--backend".into(), backend()]);
+            }
         }
         args.extend(self.extra.clone());
         let child = Command::new(BIN)
@@ -415,8 +424,8 @@ pub fn relay_pids(state_dir: &str) -> Vec<i32> {
         .collect()
 }
 
-/// The proxy backend under test: `VNCD_TEST_BACKEND` (builtin unless set), so the
-/// same suite runs against both backends (scripts/test runs it twice).
+/// The data plane under test: `VNCD_TEST_BACKEND` (builtin unless set; `websockify`, or
+/// `relay` for `vncd run --relay`), so the same suite runs against each (scripts/test).
 pub fn backend() -> String {
     std::env::var("VNCD_TEST_BACKEND").unwrap_or_else(|_| "builtin".into())
 }
