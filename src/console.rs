@@ -151,6 +151,40 @@ impl Minter {
             expires_at: t.expires_at,
         })
     }
+
+    /// A URL for `lease`'s console through the relay's gateway at `base` (one port for
+    /// every session): a v2 ticket, which names the lease so the gateway can route it.
+    pub fn mint_gateway(
+        &self,
+        lease: &Lease,
+        base: &str,
+        opts: MintOptions,
+        now: u64,
+    ) -> Result<ConsoleUrl, MintError> {
+        if opts.view_only {
+            return Err(MintError::ViewOnlyUnsupported);
+        }
+        let ttl = opts.ttl.unwrap_or(self.ttl);
+        if ttl < Duration::from_secs(1) || ttl > MAX_TTL {
+            return Err(MintError::Ttl(ttl));
+        }
+        let t = ticket::mint_v2(
+            &self.lease_key(lease),
+            &lease.uid,
+            ticket::Grant::default(),
+            ttl,
+            now,
+        )
+        .map_err(|source| MintError::Ticket {
+            session: lease.session.clone(),
+            source,
+        })?;
+        let sep = if base.contains('?') { '&' } else { '?' };
+        Ok(ConsoleUrl {
+            url: format!("{base}{sep}token={}", t.text),
+            expires_at: t.expires_at,
+        })
+    }
 }
 
 /// The leases whose consoles can be opened now, as of the controller's last pass.

@@ -67,6 +67,12 @@ pub struct RunConfig {
     /// `--ticket-ttl` in seconds: how long `vncd url`'s tickets stay valid by default.
     #[serde(default = "default_ticket_ttl")]
     pub ticket_ttl_seconds: u64,
+    /// The relay's gateway (`--gateway`), outside the pool: its address, and the URL
+    /// `vncd url --gateway` prints (`--gateway-url`, default `ws://PUBLIC_HOST:PORT/`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<std::net::SocketAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway_url: Option<String>,
 }
 
 fn default_ticket_ttl() -> u64 {
@@ -367,6 +373,8 @@ mod tests {
             web: false,
             tls: false,
             ticket_ttl_seconds: 60,
+            gateway: None,
+            gateway_url: None,
         }
     }
 

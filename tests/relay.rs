@@ -177,10 +177,7 @@ async fn in_process_serve_bridges_a_ticketed_console_to_qemu_and_refuses_a_repla
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let served = tokio::spawn(vncd::relay::serve(
         relay.clone(),
-        vncd::relay::Listeners {
-            control,
-            gateway: None,
-        },
+        vncd::relay::Listeners { control },
         vncd::relay::Peers {
             relay_uid: me,
             controller_uid: me,
@@ -572,19 +569,21 @@ async fn the_gateway_routes_a_v2_ticket_to_the_session_of_its_lease() {
     let qemu = Qemu::tcp();
     let tmp = tempfile::tempdir().unwrap();
     let gw = free_port();
-    let relay = RelayProc::start(tmp.path(), &["--gateway", &format!("127.0.0.1:{gw}")]);
+    let relay = RelayProc::start(tmp.path(), &[]);
     let (ka, kb) = (key(30), key(31));
     let (pa, pb) = (free_port(), free_port());
     let mut c = relay.client().await;
-    c.declare(
-        1,
-        vec![
-            spec("vm-a", pa, TargetSpec::Tcp(qemu.addr()), &ka),
-            spec("vm-b", pb, dead_target(), &kb),
-        ],
-    )
-    .await
-    .unwrap();
+    let sessions = vec![
+        spec("vm-a", pa, TargetSpec::Tcp(qemu.addr()), &ka),
+        spec("vm-b", pb, dead_target(), &kb),
+    ];
+    // The gateway is declared with the sessions, not given on the relay's command line.
+    let gw_addr: std::net::SocketAddr = format!("127.0.0.1:{gw}").parse().unwrap();
+    let applied = c
+        .declare_with_gateway(1, sessions.clone(), Some(gw_addr))
+        .await
+        .unwrap();
+    assert_eq!(applied.gateway_error, None, "{applied:?}");
     let r = wait_report(&mut c, "vm-a ready", |r| ready(r, "vm-a")).await;
     assert_eq!(r.gateway, Some(format!("127.0.0.1:{gw}")));
 
@@ -614,4 +613,23 @@ async fn the_gateway_routes_a_v2_ticket_to_the_session_of_its_lease() {
         try_banner(&url(pa, &ticket(&ka))).await.unwrap(),
         b"RFB 003.008\n"
     );
+    // Declared without a gateway: the gateway closes, the sessions stay served.
+    let applied = c.declare(2, sessions.clone()).await.unwrap();
+    assert!(applied.changed, "{applied:?}");
+    assert!(!port_open(gw), "the undeclared gateway still accepts");
+    assert_eq!(c.report().await.unwrap().gateway, None);
+    assert!(port_open(pa));
+    // A gateway address another program holds: the declaration says so, and the
+    // sessions are still served.
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = holder.local_addr().unwrap();
+    let applied = c
+        .declare_with_gateway(3, sessions, Some(busy))
+        .await
+        .unwrap();
+    let why = applied
+        .gateway_error
+        .expect("a busy gateway address is reported");
+    assert!(why.contains(&busy.to_string()), "{why}");
+    assert!(port_open(pa));
 }

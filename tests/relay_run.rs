@@ -2,6 +2,7 @@
 //! process serves every session; it reports Ready only for reachable targets, survives a
 //! `kill -9` of the controller with its consoles open, comes back on the same ports after
 //! its own death, and replaces the per-session proxies of an earlier run one at a time.
+//! With `--gateway`, one more port serves every session, routed by the ticket.
 //! Real `vncd`, real `vncd-proxy relay`, QEMU as the VNC server.
 #![allow(clippy::unwrap_used)]
 
@@ -9,7 +10,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Client, Qemu, Vncd, relay_pids, wait_for};
+use common::{Client, Qemu, Vncd, relay_pids, try_banner, wait_for};
 use serde_json::Value;
 
 fn relay_vncd(size: u16) -> Vncd {
@@ -216,5 +217,120 @@ fn relay_refuses_what_it_does_not_serve_yet() {
         "{}",
         v.log()
     );
+    v.child = None;
+}
+
+fn url_via_gateway(v: &Vncd, name: &str) -> std::process::Output {
+    v.cmd(&[
+        "url",
+        name,
+        "--gateway",
+        "--state-dir",
+        v.state.to_str().unwrap(),
+    ])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_serves_every_session_by_its_ticket_and_moves_without_dropping_consoles() {
+    let qemu = Qemu::tcp();
+    let mut v = relay_vncd(4);
+    // Without --gateway, `vncd url --gateway` says how to get one.
+    v.add_session("vm1", qemu.port);
+    v.start();
+    v.wait_ready("vm1");
+    let out = url_via_gateway(&v, "vm1");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("serves no gateway"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    v.terminate();
+
+    let gw = common::free_port();
+    v.extra
+        .extend(["--gateway".into(), format!("127.0.0.1:{gw}")]);
+    v.add_session("vm2", qemu.port);
+    v.start();
+    v.wait_ready("vm1");
+    v.wait_ready("vm2");
+    let mut consoles = Vec::new();
+    for name in ["vm1", "vm2"] {
+        let out = url_via_gateway(&v, name);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let url = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+        // The default gateway URL: ws://PUBLIC_HOST:PORT/, with a ticket naming the lease.
+        let lease_uid = v.item(name).unwrap()["status"]["leaseUid"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(
+            url.starts_with(&format!("ws://127.0.0.1:{gw}/?token=v2.{lease_uid}.")),
+            "{url}"
+        );
+        let mut c = Client::connect(&url).await;
+        assert_eq!(c.read(12).await, b"RFB 003.008\n");
+        // Single use, on the gateway as on the session port.
+        let again = try_banner(&url).await.unwrap_err();
+        assert!(again.contains("403"), "{again}");
+        consoles.push(c);
+    }
+    // The relay serves the gateway because vncd declared it: the relay's argv has none.
+    let relays = relay_pids(&v.owner());
+    assert_eq!(relays.len(), 1);
+    let argv = std::fs::read(format!("/proc/{}/cmdline", relays[0])).unwrap();
+    assert!(
+        !String::from_utf8_lossy(&argv).contains("gateway"),
+        "{}",
+        String::from_utf8_lossy(&argv)
+    );
+
+    // Restarted with another gateway: the same relay moves it, the consoles stay open.
+    v.terminate();
+    let gw2 = common::free_port();
+    let at = v.extra.iter().position(|a| a == "--gateway").unwrap();
+    v.extra[at + 1] = format!("127.0.0.1:{gw2}");
+    v.start();
+    wait_for("the gateway to move", Duration::from_secs(20), || {
+        let out = url_via_gateway(&v, "vm1");
+        String::from_utf8_lossy(&out.stdout)
+            .starts_with(&format!("ws://127.0.0.1:{gw2}/"))
+            .then_some(())
+    });
+    let url = wait_for("the new gateway to serve", Duration::from_secs(20), || {
+        let out = url_via_gateway(&v, "vm2");
+        let url = String::from_utf8(out.stdout).ok()?.trim().to_owned();
+        std::net::TcpStream::connect(("127.0.0.1", gw2))
+            .is_ok()
+            .then_some(url)
+    });
+    assert_eq!(try_banner(&url).await.unwrap(), b"RFB 003.008\n");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", gw)).is_err(),
+        "the old gateway still accepts"
+    );
+    assert_eq!(relay_pids(&v.owner()), relays, "the relay was restarted");
+    for mut c in consoles {
+        let (w, h) = c.handshake().await;
+        finish_init(&mut c).await;
+        frame(&mut c, w, h).await;
+    }
+}
+
+#[test]
+fn a_gateway_inside_the_pool_is_refused() {
+    let mut v = relay_vncd(2);
+    v.extra
+        .extend(["--gateway".into(), format!("127.0.0.1:{}", v.range.0)]);
+    v.start();
+    let code = wait_for("vncd to exit", Duration::from_secs(10), || {
+        v.child.as_mut().unwrap().try_wait().unwrap()
+    });
+    assert!(!code.success());
+    assert!(v.log().contains("lies inside the pool"), "{}", v.log());
     v.child = None;
 }

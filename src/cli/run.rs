@@ -74,6 +74,8 @@ fn record_config(
         web: url.web,
         tls: url.tls,
         ticket_ttl_seconds: args.serve.ticket_ttl.as_secs(),
+        gateway: args.serve.gateway,
+        gateway_url: args.serve.gateway_url(&url.public_host),
     }
     .write(state.root())?;
     Ok(())

@@ -46,6 +46,25 @@ pub struct ServeArgs {
     /// --tls-cert, --web, --origin or --proxy-user.
     #[arg(long, env = "VNCD_RELAY")]
     pub relay: bool,
+    /// With --relay: one more port, outside the pool, that serves every session; the
+    /// ticket routes each connection to its session (`vncd url NAME --gateway`). Declared
+    /// to the relay, so changing it moves the gateway without dropping consoles.
+    #[arg(
+        long,
+        env = "VNCD_GATEWAY",
+        value_name = "ADDR:PORT",
+        requires = "relay"
+    )]
+    pub gateway: Option<std::net::SocketAddr>,
+    /// The gateway's URL as browsers reach it (behind a reverse proxy, say) [default:
+    /// ws://PUBLIC_HOST:PORT/].
+    #[arg(
+        long,
+        env = "VNCD_GATEWAY_URL",
+        value_name = "URL",
+        requires = "gateway"
+    )]
+    pub gateway_url: Option<String>,
     /// The websockify program (a name looked up in PATH, or a path).
     #[arg(long, env = "VNCD_WEBSOCKIFY", default_value = "websockify")]
     pub websockify: PathBuf,
@@ -282,7 +301,33 @@ impl ServeArgs {
                 "--relay does not support {flag} yet: leave out one of the two (without --relay every session gets a proxy process of its own, which supports it)"
             );
         }
+        if let Some(gw) = self.gateway {
+            anyhow::ensure!(
+                !self.pool.port_range.contains(gw.port()),
+                "--gateway {gw} lies inside the pool {}: a session could be leased its port; choose a port outside the pool",
+                self.pool.port_range
+            );
+        }
+        if let Some(u) = &self.gateway_url {
+            anyhow::ensure!(
+                u.starts_with("ws://") || u.starts_with("wss://"),
+                "--gateway-url {u:?} is not a ws:// or wss:// URL"
+            );
+        }
         Ok(())
+    }
+
+    /// The URL `vncd url --gateway` prints: `--gateway-url`, else `ws://PUBLIC_HOST:PORT/`.
+    pub fn gateway_url(&self, public_host: &str) -> Option<String> {
+        let gw = self.gateway?;
+        Some(self.gateway_url.clone().unwrap_or_else(|| {
+            crate::status::UrlStyle {
+                public_host: public_host.to_owned(),
+                web: false,
+                tls: false,
+            }
+            .url(gw.port(), None)
+        }))
     }
 
     pub fn supervisor(
@@ -324,12 +369,15 @@ impl ServeArgs {
         supervisor.issue_tickets(minter.clone());
         if self.relay {
             let vncd = std::env::current_exe().context("cannot find the vncd executable")?;
-            supervisor.serve_through_relay(crate::supervisor::relay::RelayPlane::beside(
-                &vncd,
-                Path::new(&owner_dir),
-                self.listen_address,
-                minter.clone(),
-            ));
+            supervisor.serve_through_relay(
+                crate::supervisor::relay::RelayPlane::beside(
+                    &vncd,
+                    Path::new(&owner_dir),
+                    self.listen_address,
+                    minter.clone(),
+                )
+                .with_gateway(self.gateway),
+            );
         }
         // Orphaned proxy children (and, as PID 1 in a container, every orphan) come to
         // vncd and are reaped; the proxies' own exit statuses stay the supervisor's.

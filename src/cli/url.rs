@@ -38,6 +38,10 @@ pub struct UrlArgs {
     /// Print `{"url": ..., "expiresAt": ...}` instead of the bare URL.
     #[arg(long)]
     pub json: bool,
+    /// A URL through the relay's gateway port (`vncd run --relay --gateway`), which
+    /// serves every session: `GATEWAY_URL?token=...`, with a ticket that names its lease.
+    #[arg(long, conflicts_with = "kube")]
+    pub gateway: bool,
     /// Kubernetes: ask the vncd serving the session through a VncConsoleRequest, with your
     /// kubeconfig (KUBECONFIG or ~/.kube/config); needs the ClusterRole vncd-console.
     #[arg(long)]
@@ -62,6 +66,8 @@ pub fn url(args: UrlArgs) -> anyhow::Result<ExitCode> {
             opts,
             wait: args.wait,
         })
+    } else if args.gateway {
+        mint_gateway(&args.state.state_dir, &args.name, opts)
     } else {
         mint_standalone(&args.state.state_dir, &args.name, opts)
     };
@@ -93,6 +99,28 @@ pub(crate) fn mint_standalone(
     name: &str,
     opts: MintOptions,
 ) -> anyhow::Result<ConsoleUrl> {
+    let (minter, lease) = minter_and_lease(state_dir, name)?;
+    Ok(minter.mint(&lease, opts, crate::ticket::unix_now())?)
+}
+
+/// Mints a URL for `name` through the gateway the standalone vncd recorded.
+fn mint_gateway(state_dir: &Path, name: &str, opts: MintOptions) -> anyhow::Result<ConsoleUrl> {
+    let recorded = Recorded::load(state_dir)?;
+    let base = recorded
+        .config()
+        .and_then(|c| c.gateway_url.clone())
+        .with_context(|| {
+            format!(
+                "the vncd of {} serves no gateway (start it with --relay --gateway ADDR:PORT)",
+                state_dir.display()
+            )
+        })?;
+    let (minter, lease) = minter_and_lease(state_dir, name)?;
+    Ok(minter.mint_gateway(&lease, &base, opts, crate::ticket::unix_now())?)
+}
+
+/// The minter of the vncd that owns `state_dir`, and `name`'s lease if it is served.
+fn minter_and_lease(state_dir: &Path, name: &str) -> anyhow::Result<(Minter, crate::lease::Lease)> {
     let recorded = Recorded::load(state_dir)?;
     let config = recorded.config().with_context(|| {
         format!(
@@ -101,10 +129,10 @@ pub(crate) fn mint_standalone(
             state_dir.display()
         )
     })?;
-    let set = read_state(&StateDir::new(state_dir).leases())?;
+    let mut set = read_state(&StateDir::new(state_dir).leases())?;
     let lease = set
         .leases
-        .get(name)
+        .remove(name)
         .ok_or_else(|| MintError::Unknown(name.to_owned()))?;
     if lease.process.is_none() {
         return Err(MintError::NotReady(name.to_owned()).into());
@@ -115,5 +143,5 @@ pub(crate) fn mint_standalone(
         config.url_style(),
         Duration::from_secs(config.ticket_ttl_seconds),
     );
-    Ok(minter.mint(lease, opts, crate::ticket::unix_now())?)
+    Ok((minter, lease))
 }

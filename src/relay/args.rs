@@ -1,7 +1,6 @@
 //! Command-line flags of `vncd relay` and `vncd-proxy relay` (one struct, so the two
 //! binaries take exactly the same argv).
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 
 /// Flags of the relay: one long-lived process per host that serves every builtin console
@@ -31,11 +30,6 @@ pub struct RelayArgs {
     /// Not supported yet (a later step): the relay refuses to start with this flag.
     #[arg(long, env = "VNCD_RELAY_TAKE_OVER")]
     pub take_over: bool,
-
-    /// One extra port outside the pool where the ticket routes the connection to its
-    /// session (v2 tickets name their lease). Not served when omitted.
-    #[arg(long, env = "VNCD_RELAY_GATEWAY", value_name = "ADDR:PORT")]
-    pub gateway: Option<SocketAddr>,
 
     /// Most connections that have not yet passed their ticket check, per source address
     /// (IPv4 per address, IPv6 per /64); more from that source are closed at once.
@@ -101,22 +95,17 @@ mod tests {
         assert_eq!(cli.args.socket_path(), PathBuf::from("/s/relay/relay.sock"));
         assert_eq!(cli.args.max_pending, 1024);
         assert!(!cli.args.take_over);
-        let cli = Cli::try_parse_from([
-            "relay",
-            "--state-dir",
-            "/s",
-            "--socket",
-            "/run/r.sock",
-            "--gateway",
-            "127.0.0.1:7000",
-        ])
-        .expect("parses");
+        let cli = Cli::try_parse_from(["relay", "--state-dir", "/s", "--socket", "/run/r.sock"])
+            .expect("parses");
         assert_eq!(cli.args.socket_path(), PathBuf::from("/run/r.sock"));
-        assert_eq!(cli.args.gateway, Some("127.0.0.1:7000".parse().unwrap()));
         assert!(
             Cli::try_parse_from(["relay"]).is_err(),
             "--state-dir is required"
         );
-        assert!(Cli::try_parse_from(["relay", "--state-dir", "/s", "--gateway", "nope"]).is_err());
+        // The gateway is declared over the control socket, never given on the command line.
+        assert!(
+            Cli::try_parse_from(["relay", "--state-dir", "/s", "--gateway", "127.0.0.1:7000"])
+                .is_err()
+        );
     }
 }

@@ -60,10 +60,15 @@ impl<T> Envelope<T> {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Request {
-    /// The whole desired set of sessions, at `version`.
+    /// The whole desired state at `version`: every session, and the gateway (absent: none
+    /// is served, and a served one closes). Declared rather than given on the relay's
+    /// command line, so the relay's argv stays fixed and a restarted controller with another
+    /// `--gateway` moves it without restarting the relay (which would drop its consoles).
     Declare {
         version: u64,
         sessions: Vec<SessionSpec>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        gateway: Option<std::net::SocketAddr>,
     },
     /// What the relay observes.
     Report {},
@@ -93,6 +98,9 @@ pub struct Applied {
     /// Per session, why it is not (fully) served: invalid, port busy, ...
     #[serde(default)]
     pub errors: BTreeMap<String, String>,
+    /// Why the declared gateway is not served (its address is busy, say).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway_error: Option<String>,
 }
 
 /// What the relay observes.
@@ -228,13 +236,28 @@ impl Client {
         })
     }
 
-    /// Declares the whole desired set at `version`.
+    /// Declares the whole desired set at `version`, with no gateway.
     pub async fn declare(
         &mut self,
         version: u64,
         sessions: Vec<SessionSpec>,
     ) -> Result<Applied, ControlError> {
-        match self.call(&Request::Declare { version, sessions }).await? {
+        self.declare_with_gateway(version, sessions, None).await
+    }
+
+    /// Declares the whole desired set at `version`, with the gateway at `gateway`.
+    pub async fn declare_with_gateway(
+        &mut self,
+        version: u64,
+        sessions: Vec<SessionSpec>,
+        gateway: Option<std::net::SocketAddr>,
+    ) -> Result<Applied, ControlError> {
+        let req = Request::Declare {
+            version,
+            sessions,
+            gateway,
+        };
+        match self.call(&req).await? {
             Response::Applied(a) => Ok(a),
             _ => Err(ControlError::Unexpected { asked: "declare" }),
         }
@@ -310,9 +333,11 @@ pub(crate) async fn serve_peer(relay: super::Relay, stream: UnixStream, peers: P
                 Ok(Some(())) if buf.iter().all(u8::is_ascii_whitespace) => continue,
                 Ok(Some(())) => match serde_json::from_slice::<Envelope<Request>>(&buf) {
                     Ok(env) => match env.body {
-                        Request::Declare { version, sessions } => {
-                            Response::Applied(relay.declare(version, sessions).await)
-                        }
+                        Request::Declare {
+                            version,
+                            sessions,
+                            gateway,
+                        } => Response::Applied(relay.declare(version, sessions, gateway).await),
                         Request::Report {} => Response::Report(relay.report()),
                     },
                     Err(e) => Response::Error {
@@ -347,6 +372,7 @@ mod tests {
         let req = Envelope::new(Request::Declare {
             version: 3,
             sessions: vec![spec("a", 7001)],
+            gateway: None,
         });
         let text = String::from_utf8(line(&req)).unwrap();
         assert!(text.ends_with('\n') && !text.trim_end().contains('\n'));
@@ -356,7 +382,7 @@ mod tests {
         assert_eq!(v["sessions"][0]["target"]["tcp"], "127.0.0.1:5901");
         let back: Envelope<Request> = serde_json::from_str(&text).unwrap();
         assert!(
-            matches!(back.body, Request::Declare { version: 3, ref sessions } if sessions.len() == 1)
+            matches!(back.body, Request::Declare { version: 3, ref sessions, gateway: None } if sessions.len() == 1)
         );
 
         let r: Envelope<Request> = serde_json::from_str(r#"{"proto":1,"type":"report"}"#).unwrap();
@@ -373,6 +399,7 @@ mod tests {
             version: 3,
             applied_version: 3,
             changed: true,
+            gateway_error: None,
             errors: BTreeMap::from([("b".into(), "port busy".into())]),
         }));
         let v: serde_json::Value = serde_json::from_slice(&line(&a)).unwrap();

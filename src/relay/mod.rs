@@ -35,7 +35,7 @@ pub mod table;
 use std::future::Future;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, UnixListener};
+use tokio::net::UnixListener;
 use tracing::{info, warn};
 
 pub use admission::{Config as AdmissionConfig, PROTECT};
@@ -52,10 +52,8 @@ const STOP_GRACE: Duration = Duration::from_millis(800);
 /// The sockets a relay serves besides the session ports it opens by declaration.
 #[derive(Debug)]
 pub struct Listeners {
-    /// The control socket.
+    /// The control socket. (The gateway is declared over it, like the sessions.)
     pub control: UnixListener,
-    /// The optional gateway port.
-    pub gateway: Option<TcpListener>,
 }
 
 /// Serves `relay` until `shutdown` resolves: the control socket, the gateway, the
@@ -76,12 +74,6 @@ pub async fn serve(
         Duration::from_secs(10),
         relay.stop_signal(),
     ));
-    let gateway = listeners.gateway.map(|l| {
-        if let Ok(a) = l.local_addr() {
-            info!(gateway = %a, "gateway listening");
-        }
-        relay.serve_gateway(l)
-    });
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -98,9 +90,6 @@ pub async fn serve(
         }
     }
     info!(connections = relay.open_connections(), "relay stopping");
-    if let Some(g) = gateway {
-        g.abort();
-    }
     relay.shutdown().await;
     let _ = tokio::time::timeout(STOP_GRACE, async {
         while relay.open_connections() > 0 {

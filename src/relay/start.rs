@@ -6,7 +6,7 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tokio::net::{TcpListener, UnixListener};
+use tokio::net::UnixListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 
@@ -48,11 +48,6 @@ pub enum RelayError {
     NotASocket { path: PathBuf },
     #[error("cannot listen on the control socket {}: {source}", path.display())]
     Control { path: PathBuf, source: io::Error },
-    #[error("cannot listen on the gateway {addr}: {source}")]
-    Gateway {
-        addr: std::net::SocketAddr,
-        source: io::Error,
-    },
     #[error("cannot handle {signal}: {source}")]
     Signal {
         signal: &'static str,
@@ -72,14 +67,6 @@ pub async fn run(args: RelayArgs) -> Result<(), RelayError> {
     let controller_uid = args.controller_uid.unwrap_or(dirs.state_owner);
     let socket = args.socket_path();
     let control = bind_control(&socket)?;
-    let gateway = match args.gateway {
-        None => None,
-        Some(addr) => Some(
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| RelayError::Gateway { addr, source })?,
-        ),
-    };
     let mut term = signal(SignalKind::terminate()).map_err(|source| RelayError::Signal {
         signal: "SIGTERM",
         source,
@@ -102,7 +89,6 @@ pub async fn run(args: RelayArgs) -> Result<(), RelayError> {
         socket = %socket.display(),
         relay_uid = uid,
         controller_uid,
-        gateway = ?args.gateway,
         nofile = ?nofile,
         "relay ready"
     );
@@ -116,7 +102,7 @@ pub async fn run(args: RelayArgs) -> Result<(), RelayError> {
             _ = int.recv() => info!("SIGINT"),
         }
     };
-    serve(relay, Listeners { control, gateway }, peers, shutdown).await;
+    serve(relay, Listeners { control }, peers, shutdown).await;
     let _ = std::fs::remove_file(&socket);
     Ok(())
 }

@@ -55,7 +55,8 @@ struct Inner {
     common: Common,
     stop_tx: watch::Sender<bool>,
     kick: Notify,
-    gateway: Mutex<Option<SocketAddr>>,
+    /// The gateway served now: its address and its accept task.
+    gateway: Mutex<Option<(SocketAddr, tokio::task::JoinHandle<()>)>>,
 }
 
 impl Relay {
@@ -83,8 +84,14 @@ impl Relay {
         }
     }
 
-    /// Converges to the whole desired set `sessions` at `version` (see [`table::converge`]).
-    pub async fn declare(&self, version: u64, sessions: Vec<SessionSpec>) -> Applied {
+    /// Converges to the whole desired set `sessions` at `version` (see [`table::converge`])
+    /// and to the declared `gateway` (none: a served one closes).
+    pub async fn declare(
+        &self,
+        version: u64,
+        sessions: Vec<SessionSpec>,
+        gateway: Option<SocketAddr>,
+    ) -> Applied {
         let mut table = self.inner.table.lock().await;
         let plan = match table::converge(&table, version, &sessions) {
             Converged::Stale { applied } => {
@@ -93,6 +100,7 @@ impl Relay {
                     applied_version: applied,
                     changed: false,
                     errors: BTreeMap::new(),
+                    gateway_error: None,
                 };
             }
             Converged::Plan(p) => p,
@@ -134,11 +142,50 @@ impl Relay {
             warn!(error = %e, "session not (fully) applied");
         }
         self.inner.kick.notify_one();
+        let gateway_error = self.converge_gateway(gateway).await;
         Applied {
             version,
             applied_version: version,
             changed: true,
             errors,
+            gateway_error,
+        }
+    }
+
+    /// Serves the gateway at `want` (or none). An unchanged address keeps its listener and
+    /// its connections; a moved one closes the old listener (connections it accepted stay
+    /// open: they belong to their sessions) and binds the new one. Returns why `want`
+    /// could not be bound; the old gateway is then closed all the same, so the relay never
+    /// serves an address the controller no longer declares.
+    async fn converge_gateway(&self, want: Option<SocketAddr>) -> Option<String> {
+        let current = lock(&self.inner.gateway).as_ref().map(|(a, _)| *a);
+        if current == want {
+            return None;
+        }
+        let old = lock(&self.inner.gateway).take();
+        if let Some((addr, task)) = old {
+            task.abort();
+            // Awaited, so the port is closed (the listener dropped) when the declaration
+            // is answered; a move to a port on the same address can then bind it.
+            let _ = task.await;
+            info!(gateway = %addr, "gateway closed");
+        }
+        let addr = want?;
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => {
+                let bound = l.local_addr().unwrap_or(addr);
+                let me = self.clone();
+                let route: super::handler::Route = Arc::new(move |t| me.route(t));
+                let task = listener::spawn_gateway(l, route, self.inner.common.clone());
+                info!(gateway = %bound, "gateway listening");
+                *lock(&self.inner.gateway) = Some((addr, task));
+                None
+            }
+            Err(e) => {
+                let message = format!("cannot listen on the gateway {addr}: {e}");
+                warn!(error = %message, "gateway not served");
+                Some(message)
+            }
         }
     }
 
@@ -287,16 +334,10 @@ impl Relay {
             },
             applied_version: *lock(&self.inner.applied_version),
             sessions,
-            gateway: lock(&self.inner.gateway).map(|a| a.to_string()),
+            gateway: lock(&self.inner.gateway)
+                .as_ref()
+                .map(|(a, _)| a.to_string()),
         }
-    }
-
-    /// Serves the gateway on `listener` until the relay stops.
-    pub(crate) fn serve_gateway(&self, l: tokio::net::TcpListener) -> tokio::task::JoinHandle<()> {
-        *lock(&self.inner.gateway) = l.local_addr().ok();
-        let me = self.clone();
-        let route: super::handler::Route = Arc::new(move |t| me.route(t));
-        listener::spawn_gateway(l, route, self.inner.common.clone())
     }
 
     /// Deadlines, idle timeouts, probes and listeners to retry, until the relay stops.
@@ -372,6 +413,9 @@ impl Relay {
     /// Stops the relay: no more accepts, every connection ends.
     pub(crate) async fn shutdown(&self) {
         let _ = self.inner.stop_tx.send(true);
+        if let Some((_, task)) = lock(&self.inner.gateway).take() {
+            task.abort();
+        }
         let live: Vec<Arc<Live>> = lock(&self.inner.live).values().cloned().collect();
         for l in live {
             l.close().await;

@@ -77,6 +77,8 @@ pub struct RelayPlane {
     program: PathBuf,
     listen: IpAddr,
     minter: Minter,
+    /// The gateway to declare with the sessions (`--gateway`), if any.
+    gateway: Option<std::net::SocketAddr>,
     inner: Mutex<Inner>,
 }
 
@@ -128,8 +130,16 @@ impl RelayPlane {
             program,
             listen,
             minter,
+            gateway: None,
             inner: Mutex::new(Inner::default()),
         }
+    }
+
+    /// Declares `gateway` with the sessions (see `vncd run --gateway`).
+    #[must_use]
+    pub fn with_gateway(mut self, gateway: Option<std::net::SocketAddr>) -> Self {
+        self.gateway = gateway;
+        self
     }
 
     fn socket(&self) -> PathBuf {
@@ -281,7 +291,10 @@ impl RelayPlane {
             .keys()
             .filter(|s| !keep.contains_key(*s))
             .collect();
-        let changed = keep != inner.declared || !gone.is_empty();
+        // A gateway the relay does not serve as declared (another controller's, or one
+        // whose address was busy) is declared again.
+        let gateway_differs = report.gateway != self.gateway.map(|a| a.to_string());
+        let changed = keep != inner.declared || !gone.is_empty() || gateway_differs;
         inner.declared = keep;
         inner.report = Some(report.clone());
         if changed && let Err(e) = self.declare(&mut inner) {
@@ -310,9 +323,17 @@ impl RelayPlane {
     fn declare(&self, inner: &mut Inner) -> Result<Applied, RelayPlaneError> {
         let version = inner.applied + 1;
         let sessions: Vec<SessionSpec> = inner.declared.values().cloned().collect();
-        match call(&self.socket(), &Request::Declare { version, sessions })? {
+        let req = Request::Declare {
+            version,
+            sessions,
+            gateway: self.gateway,
+        };
+        match call(&self.socket(), &req)? {
             Response::Applied(a) => {
                 inner.applied = inner.applied.max(a.applied_version);
+                if let Some(e) = &a.gateway_error {
+                    warn!(error = %e, "the relay does not serve the gateway");
+                }
                 Ok(a)
             }
             _ => Err(ControlError::Unexpected { asked: "declare" }.into()),
