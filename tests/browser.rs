@@ -78,3 +78,125 @@ fn novnc_in_chromium_opens_a_url_from_vncd_url_once_and_a_wrong_ticket_never() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// noVNC's own files over plain HTTP on loopback (the relay serves websockets only), so
+/// the page connects to the relay's port given in its URL. Ended by pid on drop.
+struct NoVncPages {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl NoVncPages {
+    fn serve() -> NoVncPages {
+        let port = free_port();
+        let child = Command::new("python3")
+            .args(["-m", "http.server", "--bind", "127.0.0.1"])
+            .arg(port.to_string())
+            .args(["--directory", "/usr/share/novnc"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_for("noVNC's pages", std::time::Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        });
+        NoVncPages { child, port }
+    }
+
+    /// The noVNC page that opens the websocket `ws://127.0.0.1:PORT/?token=T`.
+    fn page_for(&self, ws_url: &str) -> String {
+        let rest = ws_url.strip_prefix("ws://127.0.0.1:").expect(ws_url);
+        let (port, query) = rest.split_once("/?").expect(ws_url);
+        let query = query.replace('=', "%3D");
+        format!(
+            "http://127.0.0.1:{}/vnc.html?host=127.0.0.1&port={port}&path=%3F{query}",
+            self.port
+        )
+    }
+}
+
+impl Drop for NoVncPages {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn assert_console(page: &str, extra: &[&str], what: &str) {
+    let out = run_console(page, extra);
+    assert!(
+        out.status.success(),
+        "{what} ({page}):\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn novnc_in_chromium_opens_relay_consoles_on_the_session_port_and_through_the_gateway() {
+    require_browser();
+    let qemu = Qemu::tcp();
+    let pages = NoVncPages::serve();
+    let mut v = Vncd::new(3);
+    let gw = free_port();
+    v.extra = vec![
+        "--relay".into(),
+        "--backend".into(),
+        "builtin".into(),
+        "--gateway".into(),
+        format!("127.0.0.1:{gw}"),
+    ];
+    v.start();
+    v.add_session("vm1", qemu.port);
+    v.wait_ready("vm1");
+
+    // The session's own port, with `vncd url`'s v1 ticket.
+    let url = v.url("vm1");
+    assert!(url.contains("/?token=v1."), "{url}");
+    assert_console(
+        &pages.page_for(&url),
+        &[],
+        "noVNC did not connect on the session port",
+    );
+    assert_console(
+        &pages.page_for(&url),
+        &["--expect-refused"],
+        "a spent ticket connected again",
+    );
+
+    // The gateway, with `vncd url --gateway`'s v2 ticket.
+    let out = v.cmd(&[
+        "url",
+        "vm1",
+        "--gateway",
+        "--state-dir",
+        v.state.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let url = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert!(
+        url.starts_with(&format!("ws://127.0.0.1:{gw}/?token=v2.")),
+        "{url}"
+    );
+    assert_console(
+        &pages.page_for(&url),
+        &[],
+        "noVNC did not connect through the gateway",
+    );
+    assert_console(
+        &pages.page_for(&url),
+        &["--expect-refused"],
+        "a spent gateway ticket connected again",
+    );
+    let (page, token) = url.split_once("token=").unwrap();
+    let wrong = format!("{page}token={}", "0".repeat(token.len()));
+    assert_console(
+        &pages.page_for(&wrong),
+        &["--expect-refused"],
+        "a wrong ticket connected through the gateway",
+    );
+}
