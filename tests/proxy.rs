@@ -23,7 +23,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 mod common;
 
-use common::{Qemu, free_port};
+use common::{CountingForwarder, Qemu, free_port};
 
 const VNCD: &str = env!("CARGO_BIN_EXE_vncd");
 const BANNER: &[u8] = b"RFB 003.008\n";
@@ -129,45 +129,6 @@ async fn wait_exit(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
             return None;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// A TCP relay in front of a real VNC server that counts the connections it gets, so a test
-/// can prove the proxy never contacted the server.
-struct CountingRelay {
-    addr: SocketAddr,
-    count: Arc<AtomicUsize>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for CountingRelay {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl CountingRelay {
-    async fn new(upstream: String) -> Self {
-        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
-        let addr = l.local_addr().expect("addr");
-        let count = Arc::new(AtomicUsize::new(0));
-        let c = count.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((mut down, _)) = l.accept().await {
-                c.fetch_add(1, Ordering::SeqCst);
-                let up = upstream.clone();
-                tokio::spawn(async move {
-                    if let Ok(mut up) = TcpStream::connect(up).await {
-                        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
-                    }
-                });
-            }
-        });
-        CountingRelay { addr, count, task }
-    }
-
-    fn count(&self) -> usize {
-        self.count.load(Ordering::SeqCst)
     }
 }
 
@@ -396,7 +357,7 @@ async fn unix_socket_target() {
 #[tokio::test]
 async fn a_bad_ticket_is_refused_before_the_target_is_contacted() {
     let qemu = Qemu::tcp();
-    let relay = CountingRelay::new(qemu.addr()).await;
+    let relay = CountingForwarder::new(qemu.addr()).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let (tf, key) = key_file(dir.path());
     let good = ticket(&key);

@@ -633,3 +633,37 @@ async fn the_gateway_routes_a_v2_ticket_to_the_session_of_its_lease() {
     assert!(why.contains(&busy.to_string()), "{why}");
     assert!(port_open(pa));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_sharing_a_target_share_one_probe() {
+    let qemu = Qemu::tcp();
+    // Counts the connections the real QEMU gets, so the probes can be counted.
+    let counted = common::CountingForwarder::new(qemu.addr()).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let relay = RelayProc::start(tmp.path(), &[]);
+    let mut c = relay.client().await;
+    let n = 40;
+    let sessions: Vec<SessionSpec> = (0..n)
+        .map(|i| {
+            spec(
+                &format!("vm{i}"),
+                free_port(),
+                TargetSpec::Tcp(counted.addr.to_string()),
+                &key(100 + i as u8),
+            )
+        })
+        .collect();
+    let applied = c.declare(1, sessions).await.unwrap();
+    assert!(applied.errors.is_empty(), "{applied:?}");
+    wait_report(&mut c, "every session reachable", |r| {
+        (0..n).all(|i| ready(r, &format!("vm{i}")))
+    })
+    .await;
+    // One probe per round for the one server, not one per session (a probe storm: QEMU
+    // drops the oldest of more than 32 connecting clients).
+    let probes = counted.count();
+    assert!(
+        (1..=3).contains(&probes),
+        "{probes} probe connections for {n} sessions of one VNC server"
+    );
+}

@@ -17,7 +17,7 @@ use super::control::{Applied, RelayInfo, Report, SessionReport};
 use super::listener::{self, Common, Gatekeeper};
 use super::probe;
 use super::session::{Live, SessionError, lock};
-use super::table::{self, Change, Converged, SessionSpec, Table};
+use super::table::{self, Change, Converged, SessionSpec, Table, TargetSpec};
 use crate::proxy::conn::Console;
 use crate::proxy::refusals::Refusals;
 
@@ -357,12 +357,23 @@ impl Relay {
             if retry {
                 last_retry = now;
             }
+            let mut probes: HashMap<TargetSpec, Vec<Arc<Live>>> = HashMap::new();
             for l in live {
                 self.deadlines(&l, now_unix);
-                self.probe_if_due(&l, now);
+                if probe_due(&l, now) {
+                    probes.entry(l.spec().target).or_default().push(l.clone());
+                }
                 if retry && !l.listening() && lock(&l.error).is_some() {
                     let _ = self.listen(&l).await;
                 }
+            }
+            for (target, sessions) in probes {
+                tokio::spawn(async move {
+                    let outcome = probe::probe(&target.to_target()).await;
+                    for l in sessions {
+                        lock(&l.probe).finished(&outcome);
+                    }
+                });
             }
         }
     }
@@ -387,27 +398,6 @@ impl Relay {
             );
             l.end_connections();
         }
-    }
-
-    fn probe_if_due(&self, l: &Arc<Live>, now: Instant) {
-        let authenticated = l.authenticated();
-        {
-            let mut p = lock(&l.probe);
-            if authenticated > 0 {
-                p.bridged();
-                return;
-            }
-            if !p.due(now, authenticated) {
-                return;
-            }
-            p.started(now);
-        }
-        let l = l.clone();
-        tokio::spawn(async move {
-            let target = l.spec().target.to_target();
-            let outcome = probe::probe(&target).await;
-            lock(&l.probe).finished(outcome);
-        });
     }
 
     /// Stops the relay: no more accepts, every connection ends.
@@ -437,4 +427,19 @@ impl Relay {
     pub(crate) fn stop_signal(&self) -> watch::Receiver<bool> {
         self.inner.common.stop.clone()
     }
+}
+
+/// Whether `l`'s target is to be probed now (and marks the probe started if so).
+fn probe_due(l: &Arc<Live>, now: Instant) -> bool {
+    let authenticated = l.authenticated();
+    let mut p = lock(&l.probe);
+    if authenticated > 0 {
+        p.bridged();
+        return false;
+    }
+    if !p.due(now, authenticated) {
+        return false;
+    }
+    p.started(now);
+    true
 }

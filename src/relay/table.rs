@@ -16,7 +16,7 @@ use crate::proxy::conn::Target;
 use crate::ticket::LeaseKey;
 
 /// Where a session's connections are bridged to.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TargetSpec {
     /// `HOST:PORT`, e.g. `{"tcp": "127.0.0.1:5901"}`.

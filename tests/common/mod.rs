@@ -636,3 +636,47 @@ pub async fn wss_banner(url: &str, cert_der: &[u8]) -> Vec<u8> {
     }
     buf
 }
+
+/// A TCP forwarder in front of a real VNC server that counts the connections it gets, so a
+/// test can prove how often (or that never) the server was contacted.
+#[allow(dead_code)]
+pub struct CountingForwarder {
+    pub addr: std::net::SocketAddr,
+    count: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for CountingForwarder {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[allow(dead_code)]
+impl CountingForwarder {
+    pub async fn new(upstream: String) -> Self {
+        use std::sync::atomic::Ordering;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind forwarder");
+        let addr = l.local_addr().expect("addr");
+        let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let c = count.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut down, _)) = l.accept().await {
+                c.fetch_add(1, Ordering::SeqCst);
+                let up = upstream.clone();
+                tokio::spawn(async move {
+                    if let Ok(mut up) = tokio::net::TcpStream::connect(up).await {
+                        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                    }
+                });
+            }
+        });
+        CountingForwarder { addr, count, task }
+    }
+
+    pub fn count(&self) -> usize {
+        self.count.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
