@@ -37,34 +37,9 @@ fn ready_count(v: &Vncd) -> usize {
     })
 }
 
-/// PSS of vncd's proxies (and their children), in KiB, summed.
-fn proxies_pss_kib(v: &Vncd) -> u64 {
-    vncd::supervisor::scan(&v.owner())
-        .iter()
-        .filter_map(|m| {
-            std::fs::read_to_string(format!("/proc/{}/smaps_rollup", m.process.pid)).ok()
-        })
-        .filter_map(|t| {
-            t.lines()
-                .find(|l| l.starts_with("Pss:"))?
-                .split_whitespace()
-                .nth(1)?
-                .parse::<u64>()
-                .ok()
-        })
-        .sum()
-}
-
-struct VncdRun {
-    ready: Duration,
-    released: Duration,
-    pss_kib_per_session: f64,
-}
-
-/// PSS of the relay serving `v`'s state dir, in KiB.
-fn relay_pss_kib(v: &Vncd) -> u64 {
-    common::relay_pids(&v.owner())
-        .iter()
+/// The PSS of the processes `pids`, in KiB, summed (from /proc/PID/smaps_rollup).
+fn pss_kib(pids: impl IntoIterator<Item = i32>) -> u64 {
+    pids.into_iter()
         .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok())
         .filter_map(|t| {
             t.lines()
@@ -75,6 +50,26 @@ fn relay_pss_kib(v: &Vncd) -> u64 {
                 .ok()
         })
         .sum()
+}
+
+/// PSS of vncd's proxies (and their children), in KiB, summed.
+fn proxies_pss_kib(v: &Vncd) -> u64 {
+    pss_kib(
+        vncd::supervisor::scan(&v.owner())
+            .iter()
+            .map(|m| m.process.pid),
+    )
+}
+
+struct VncdRun {
+    ready: Duration,
+    released: Duration,
+    pss_kib_per_session: f64,
+}
+
+/// PSS of the relay serving `v`'s state dir, in KiB.
+fn relay_pss_kib(v: &Vncd) -> u64 {
+    pss_kib(common::relay_pids(&v.owner()))
 }
 
 /// `backend` is `builtin`, `websockify`, or `relay` (`--relay`: one relay process serves

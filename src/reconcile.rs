@@ -713,6 +713,17 @@ fn converge_leased(
     }
 }
 
+/// Records `process` as the one serving `lease`, unless the lease already names it (an
+/// adopted or restarted proxy, or the relay).
+fn record_process(name: &str, lease: &Lease, process: ProcRef, out: &mut Plan) {
+    if lease.process != Some(process) {
+        out.actions.push(Action::Lease(LeaseOp::Record {
+            session: name.to_owned(),
+            process,
+        }));
+    }
+}
+
 /// A serving lease whose port lies outside the pool (the pool changed since it was leased).
 /// It stays Ready while a console is open on it, or while the pool has no free port; once
 /// neither holds it moves into the pool (stop, release, lease again), and its URL changes.
@@ -724,12 +735,7 @@ fn outside_pool(
     ports: &mut Allocator<'_>,
     out: &mut Plan,
 ) -> Report {
-    if lease.process != Some(process) {
-        out.actions.push(Action::Lease(LeaseOp::Record {
-            session: name.to_owned(),
-            process,
-        }));
-    }
+    record_process(name, lease, process, out);
     let range = input.limits.range;
     let open = input.clients.get(name).copied().unwrap_or(0);
     if open == 0 && ports.reserve() {
@@ -806,12 +812,7 @@ fn running(
     age_ms: u64,
     out: &mut Plan,
 ) -> Report {
-    if lease.process != Some(process) {
-        out.actions.push(Action::Lease(LeaseOp::Record {
-            session: name.to_owned(),
-            process,
-        }));
-    }
+    record_process(name, lease, process, out);
     if listening {
         let target = input.targets.get(name).cloned();
         if let Some(Some(why)) = &target {
