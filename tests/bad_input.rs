@@ -883,8 +883,20 @@ async fn bad_command_lines_exit_non_zero_with_a_message_and_write_nothing() {
             ),
         });
     }
-    // Bad sessions/state paths.
+    // Bad sessions/state paths, and the relay where it is not served yet.
     for (what, args, needle) in [
+        (
+            "--relay (the relay is not wired into kube mode yet)",
+            vec![
+                s("kube"),
+                s("--node-name"),
+                s("node-a"),
+                s("--relay"),
+                s("--port-range"),
+                pool.clone(),
+            ],
+            "does not serve through the relay yet",
+        ),
         (
             "--sessions-dir is a regular file",
             vec![
@@ -922,7 +934,7 @@ async fn bad_command_lines_exit_non_zero_with_a_message_and_write_nothing() {
         );
         good.assert_undisturbed(&mut v, what);
         rows.push(Row {
-            input: format!("`vncd run` with {what}"),
+            input: format!("`vncd {}` with {what}", args[0]),
             got: format!(
                 "exit {}: {}",
                 out.status.code().unwrap_or(-1),

@@ -117,6 +117,13 @@ async fn stopped(mut stop: watch::Receiver<bool>) {
 }
 
 pub fn kube(args: KubeArgs) -> anyhow::Result<ExitCode> {
+    // The relay is wired into `vncd run` only: in `vncd kube` its socket and state would
+    // follow the supervisor's owner marker, not a directory the chart shares. Refused
+    // before anything is written, rather than served from a stray relative path.
+    anyhow::ensure!(
+        !args.serve.relay,
+        "vncd kube does not serve through the relay yet (only vncd run --relay does): leave out --relay (and --gateway)"
+    );
     let node = args.node_name.clone();
     if !is_valid_name(&node) {
         return Err(KubeError::NodeName(node).into());
