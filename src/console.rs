@@ -126,6 +126,19 @@ impl Minter {
         self.master.lease_key(&lease.session, &lease.uid)
     }
 
+    /// The ticket lifetime `opts` asks for, checked (a view-only console is refused until
+    /// the proxies can enforce it).
+    fn ttl_for(&self, opts: MintOptions) -> Result<Duration, MintError> {
+        if opts.view_only {
+            return Err(MintError::ViewOnlyUnsupported);
+        }
+        let ttl = opts.ttl.unwrap_or(self.ttl);
+        if ttl < Duration::from_secs(1) || ttl > MAX_TTL {
+            return Err(MintError::Ttl(ttl));
+        }
+        Ok(ttl)
+    }
+
     /// A URL for `lease`'s console, valid from `now` (unix seconds). The caller has
     /// checked that the lease's proxy runs; see [`Consoles::mint`].
     pub fn mint(
@@ -134,13 +147,7 @@ impl Minter {
         opts: MintOptions,
         now: u64,
     ) -> Result<ConsoleUrl, MintError> {
-        if opts.view_only {
-            return Err(MintError::ViewOnlyUnsupported);
-        }
-        let ttl = opts.ttl.unwrap_or(self.ttl);
-        if ttl < Duration::from_secs(1) || ttl > MAX_TTL {
-            return Err(MintError::Ttl(ttl));
-        }
+        let ttl = self.ttl_for(opts)?;
         let t =
             ticket::mint(&self.lease_key(lease), ttl, now).map_err(|source| MintError::Ticket {
                 session: lease.session.clone(),
@@ -161,13 +168,7 @@ impl Minter {
         opts: MintOptions,
         now: u64,
     ) -> Result<ConsoleUrl, MintError> {
-        if opts.view_only {
-            return Err(MintError::ViewOnlyUnsupported);
-        }
-        let ttl = opts.ttl.unwrap_or(self.ttl);
-        if ttl < Duration::from_secs(1) || ttl > MAX_TTL {
-            return Err(MintError::Ttl(ttl));
-        }
+        let ttl = self.ttl_for(opts)?;
         let t = ticket::mint_v2(
             &self.lease_key(lease),
             &lease.uid,

@@ -414,6 +414,22 @@ impl ServeArgs {
                     );
                 }
             }
+            // The proxies open their nonce and stats files by path under the state
+            // directory (whose own mode vncd sets): every directory above it must let
+            // them through, or every ticket is refused while the session shows Ready.
+            if let Some(state) = log_dir.parent().and_then(Path::parent) {
+                let reachable = user
+                    .can_search(state)
+                    .with_context(|| format!("cannot check {}", state.display()))?;
+                anyhow::ensure!(
+                    reachable,
+                    "--proxy-user {user} cannot enter {dir} or a directory above it, so its \
+                     proxies could not record a ticket's use and would refuse every console: \
+                     give that user search permission on each (e.g. `chmod o+x {dir}`) or \
+                     put the state directory elsewhere",
+                    dir = state.display()
+                );
+            }
             info!(user = %base, proxy_uids = ?self.proxy_uids_for_backend()?.map(|u| u.to_string()), "proxies run as --proxy-user");
             supervisor.give_each_proxy_a_uid(self.proxy_uids_for_backend()?);
             supervisor.run_proxies_as(Some(base));

@@ -248,16 +248,34 @@ impl ProxyUser {
     /// Whether this user (uid, gid, no supplementary groups: what a proxy has) may read
     /// `path` by its permission bits, e.g. the TLS key a proxy must load.
     pub fn can_read(&self, path: &Path) -> std::io::Result<bool> {
+        Ok(self.may(&std::fs::metadata(path)?, 0o4))
+    }
+
+    /// Whether this user may reach things inside `dir` by path: the search bit on `dir`
+    /// and on every directory above it. A proxy opens its nonce and stats files by path,
+    /// so under a parent only root can enter it refuses every ticket (403) while its port
+    /// listens; vncd checks this at start instead.
+    pub fn can_search(&self, dir: &Path) -> std::io::Result<bool> {
+        let dir = std::fs::canonicalize(dir)?;
+        for d in dir.ancestors() {
+            if !self.may(&std::fs::metadata(d)?, 0o1) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Whether the permission bits of `meta` grant this user `bit` (4 read, 1 search).
+    fn may(&self, meta: &std::fs::Metadata, bit: u32) -> bool {
         use std::os::unix::fs::{MetadataExt, PermissionsExt};
-        let meta = std::fs::metadata(path)?;
         let mode = meta.permissions().mode();
-        Ok(if meta.uid() == self.uid {
-            mode & 0o400 != 0
+        if meta.uid() == self.uid {
+            mode & (bit << 6) != 0
         } else if meta.gid() == self.gid {
-            mode & 0o040 != 0
+            mode & (bit << 3) != 0
         } else {
-            mode & 0o004 != 0
-        })
+            mode & bit != 0
+        }
     }
 
     /// Makes `path` (a token file, the stats directory) this user's own. Its mode is left
@@ -309,6 +327,28 @@ mod tests {
         };
         let u = r.user_for(&base, 6107);
         assert_eq!((u.uid, u.gid), (r.uid_for(6107), 65534));
+    }
+
+    /// The trap a state dir under a root-only parent set: the proxies could not reach
+    /// their nonce files, refused every ticket, and the session still showed Ready.
+    #[test]
+    fn a_directory_under_a_parent_only_root_can_enter_is_out_of_reach() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let state = tmp.path().join("state");
+        std::fs::create_dir(&state).unwrap();
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o711)).unwrap();
+        let nobody = ProxyUser {
+            spec: "nobody".into(),
+            uid: 65534,
+            gid: 65534,
+        };
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert!(!nobody.can_search(&state).unwrap(), "through a 0700 parent");
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+        assert!(nobody.can_search(&state).unwrap(), "through a 0711 parent");
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert!(!nobody.can_search(&state).unwrap(), "into a 0700 directory");
     }
 
     #[test]
