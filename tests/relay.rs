@@ -643,11 +643,18 @@ async fn sessions_sharing_a_target_share_one_probe() {
     let relay = RelayProc::start(tmp.path(), &[]);
     let mut c = relay.client().await;
     let n = 40;
-    let sessions: Vec<SessionSpec> = (0..n)
-        .map(|i| {
+    // Distinct ports: free_port() may hand out a port it gave before.
+    let mut ports = std::collections::BTreeSet::new();
+    while ports.len() < n {
+        ports.insert(free_port());
+    }
+    let sessions: Vec<SessionSpec> = ports
+        .into_iter()
+        .enumerate()
+        .map(|(i, port)| {
             spec(
                 &format!("vm{i}"),
-                free_port(),
+                port,
                 TargetSpec::Tcp(counted.addr.to_string()),
                 &key(100 + i as u8),
             )
