@@ -410,7 +410,16 @@ async fn a_manifest_naming_a_domain_waits_while_it_is_stopped_and_is_served_whil
     assert_eq!(lease_ports(&v), [requested]);
 
     d.destroy();
-    let st = v.wait_status("console", "Pending", Duration::from_secs(10));
+    // While libvirt tears the domain down, a poll can see it still listed with no VNC
+    // port (Pending/DomainStarting): wait for the state it settles in.
+    let st = wait_for(
+        "console Pending/DomainNotRunning",
+        Duration::from_secs(10),
+        || {
+            let st = v.item("console")?["status"].clone();
+            (st["phase"] == "Pending" && st["reason"] == "DomainNotRunning").then_some(st)
+        },
+    );
     assert_eq!(st["reason"], "DomainNotRunning", "{st}");
     wait_for("the lease to be released", Duration::from_secs(10), || {
         lease_ports(&v).is_empty().then_some(())
