@@ -11,6 +11,7 @@ mod common;
 use std::time::Duration;
 
 use common::{Client, Qemu, Vncd, relay_pids, try_banner, wait_for};
+use futures::SinkExt;
 use serde_json::Value;
 
 fn relay_vncd(size: u16) -> Vncd {
@@ -205,19 +206,182 @@ async fn per_session_proxies_of_an_earlier_run_are_replaced_by_the_relay() {
 #[test]
 fn relay_refuses_what_it_does_not_serve_yet() {
     let mut v = relay_vncd(2);
-    v.extra
-        .extend(["--origin".into(), "https://example.com".into()]);
+    v.extra.extend(["--proxy-user".into(), "nobody".into()]);
     v.start();
     let code = wait_for("vncd to exit", Duration::from_secs(10), || {
         v.child.as_mut().unwrap().try_wait().unwrap()
     });
     assert!(!code.success());
     assert!(
-        v.log().contains("--relay does not support --origin yet"),
+        v.log()
+            .contains("--relay does not support --proxy-user yet"),
         "{}",
         v.log()
     );
     v.child = None;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_serves_wss_and_a_renewed_certificate_without_ending_open_consoles() {
+    let qemu = Qemu::tcp();
+    let mut v = relay_vncd(3);
+    let (first, cert, key) = common::serve_tls(&mut v);
+    v.add_session("vm1", qemu.port);
+    v.start();
+    let st = v.wait_ready("vm1");
+    let url = v.console_url(&st);
+    assert!(url.starts_with("wss://127.0.0.1:"), "{url}");
+    let mut open = common::wss_open(&url, first.cert.der()).await.unwrap();
+    assert_eq!(common::wss_read(&mut open, 12).await, b"RFB 003.008\n");
+    // Never plain ws on a TLS port.
+    assert!(
+        try_banner(&v.url("vm1").replacen("wss://", "ws://", 1))
+            .await
+            .is_err()
+    );
+
+    let second = common::renew_tls(v.tmp.path(), &cert, &key);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while common::wss_open(&v.url("vm1"), second.cert.der())
+        .await
+        .is_err()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the relay never served the renewed certificate: {}",
+            v.relay_log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // New connections get the new certificate only.
+    assert!(
+        common::wss_open(&v.url("vm1"), first.cert.der())
+            .await
+            .is_err()
+    );
+    // Loaded in place: the same relay, and the console opened before still talks RFB
+    // (its security types answer our version).
+    let now = status(&v, "vm1");
+    assert_eq!(now["pid"], st["pid"], "the relay was restarted: {now}");
+    assert_eq!(now["phase"], "Ready", "{now}");
+    open.send(tokio_tungstenite::tungstenite::Message::Binary(
+        b"RFB 003.008\n".to_vec().into(),
+    ))
+    .await
+    .unwrap();
+    let types = common::wss_read(&mut open, 2).await;
+    assert!(types[0] >= 1, "no security types: {types:?}");
+}
+
+/// The websocket URL behind a `--web` console URL
+/// (`http://H:P/vnc.html?path=websockify%3Ftoken%3DT`).
+fn ws_of_web_url(url: &str) -> String {
+    let (base, rest) = url
+        .split_once("/vnc.html?path=websockify%3Ftoken%3D")
+        .unwrap();
+    format!(
+        "{}/websockify?token={rest}",
+        base.replacen("http://", "ws://", 1)
+    )
+}
+
+/// The HTTP status of an upgrade with `origin`: 101 when it was accepted.
+async fn upgrade_status(url: &str, origin: &str) -> u16 {
+    use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest};
+    let mut req = url.into_client_request().unwrap();
+    req.headers_mut().insert("Origin", origin.parse().unwrap());
+    req.headers_mut()
+        .insert("Sec-WebSocket-Protocol", "binary".parse().unwrap());
+    match tokio_tungstenite::connect_async(req).await {
+        Ok((_ws, resp)) => resp.status().as_u16(),
+        Err(tungstenite::Error::Http(resp)) => resp.status().as_u16(),
+        Err(e) => panic!("upgrade {url}: {e}"),
+    }
+}
+
+/// A plain GET on loopback: the status code and body.
+async fn http_get(port: u64, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port as u16))
+        .await
+        .unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let code = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_serves_web_files_enforces_origins_and_follows_new_ones_in_place() {
+    let qemu = Qemu::tcp();
+    let mut v = relay_vncd(3);
+    let web = v.tmp.path().join("novnc");
+    std::fs::create_dir_all(&web).unwrap();
+    std::fs::write(web.join("vnc.html"), "<title>noVNC stand-in</title>").unwrap();
+    let base = v.extra.clone();
+    let with_origin = |o: &str| {
+        let mut a = base.clone();
+        a.extend([
+            "--web".into(),
+            web.display().to_string(),
+            "--origin".into(),
+            o.into(),
+        ]);
+        a
+    };
+    v.extra = with_origin("http://a.example");
+    v.add_session("vm1", qemu.port);
+    v.start();
+    let st = v.wait_ready("vm1");
+    let port = st["port"].as_u64().unwrap();
+    let (code, page) = http_get(port, "/vnc.html").await;
+    assert_eq!(code, 200, "{page}");
+    assert!(page.contains("noVNC stand-in"), "{page}");
+    let (code, body) = http_get(port, "/../../etc/passwd").await;
+    assert!(code == 403 || code == 404, "{body}");
+    assert!(!body.contains("root:"), "{body}");
+
+    assert_eq!(
+        upgrade_status(&ws_of_web_url(&v.url("vm1")), "http://evil.example").await,
+        403
+    );
+    assert_eq!(
+        upgrade_status(&ws_of_web_url(&v.url("vm1")), "http://a.example").await,
+        101
+    );
+    let mut open =
+        Client::connect_from(&ws_of_web_url(&v.url("vm1")), Some("http://a.example")).await;
+    assert_eq!(open.read(12).await, b"RFB 003.008\n");
+
+    // A controller restarted with another origin: the same relay serves it at once, and the
+    // console opened before stays open.
+    v.terminate();
+    v.extra = with_origin("http://b.example");
+    v.start();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while upgrade_status(&ws_of_web_url(&v.url("vm1")), "http://b.example").await != 101 {
+        assert!(std::time::Instant::now() < deadline, "{}", v.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        upgrade_status(&ws_of_web_url(&v.url("vm1")), "http://a.example").await,
+        403
+    );
+    assert_eq!(
+        status(&v, "vm1")["pid"],
+        st["pid"],
+        "the relay was restarted"
+    );
+    let (w, h) = open.handshake().await;
+    assert!(w > 0 && h > 0);
 }
 
 fn url_via_gateway(v: &Vncd, name: &str) -> std::process::Output {

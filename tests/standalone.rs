@@ -5,7 +5,7 @@
 mod common;
 
 use std::net::TcpListener;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
@@ -1498,49 +1498,27 @@ async fn a_renewed_tls_certificate_reaches_the_proxy_within_a_resync() {
     let st = v.wait_ready("vm1");
     let url = v.console_url(&st);
     assert_eq!(wss_banner(&url, first.cert.der()).await, b"RFB 003.008\n");
-    // The certificate is renewed on disk (as cert-manager or certbot would): new files
-    // replace the old ones by rename.
-    let second = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
-    let tmp_cert = v.tmp.path().join("cert.pem.new");
-    let tmp_key = v.tmp.path().join("key.pem.new");
-    std::fs::write(&tmp_cert, second.cert.pem()).unwrap();
-    std::fs::write(&tmp_key, second.signing_key.serialize_pem()).unwrap();
-    std::fs::rename(&tmp_key, &key).unwrap();
-    std::fs::rename(&tmp_cert, &cert).unwrap();
-    let renewed = wait_for(
-        "the proxy restarted with the new certificate",
-        Duration::from_secs(20),
-        || {
-            let s = v.item("vm1")?["status"].clone();
-            (s["phase"] == "Ready" && s["pid"] != st["pid"]).then_some(s)
-        },
-    );
+    // The certificate is renewed on disk.
+    let second = renew_tls(v.tmp.path(), &cert, &key);
+    // A per-session proxy is replaced (its config digest covers the files); the relay
+    // loads the new files in place. Either way new connections get the new certificate.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while wss_open(&v.url("vm1"), second.cert.der()).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the new certificate never served"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let renewed = v.wait_ready("vm1");
     assert_eq!(renewed["url"], st["url"], "the same lease serves on");
+    if backend() == "relay" {
+        assert_eq!(renewed["pid"], st["pid"], "the relay loads it in place");
+    } else {
+        assert_ne!(renewed["pid"], st["pid"], "the proxy was not replaced");
+    }
     assert_eq!(
         wss_banner(&v.console_url(&renewed), second.cert.der()).await,
         b"RFB 003.008\n"
     );
-}
-
-/// A self-signed certificate for localhost in `v`'s temp dir, and the flags that make vncd
-/// serve it; returns the certificate and the two file paths.
-fn serve_tls(
-    v: &mut Vncd,
-) -> (
-    rcgen::CertifiedKey<rcgen::KeyPair>,
-    std::path::PathBuf,
-    std::path::PathBuf,
-) {
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
-    let cert = v.tmp.path().join("cert.pem");
-    let key = v.tmp.path().join("key.pem");
-    std::fs::write(&cert, ck.cert.pem()).unwrap();
-    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
-    v.extra.extend([
-        "--tls-cert".into(),
-        cert.display().to_string(),
-        "--tls-key".into(),
-        key.display().to_string(),
-    ]);
-    (ck, cert, key)
 }

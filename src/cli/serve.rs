@@ -42,8 +42,9 @@ pub struct ServeArgs {
     /// Serve every builtin session through one relay process (`vncd-proxy relay`, started
     /// if none runs, adopted if one does, restarted if it dies) instead of one proxy
     /// process each; running per-session proxies are replaced by it one at a time. The
-    /// relay outlives vncd and keeps its consoles open while vncd restarts. Not yet with
-    /// --tls-cert, --web, --origin or --proxy-user.
+    /// relay outlives vncd and keeps its consoles open while vncd restarts. It serves
+    /// --tls-cert (reloaded when the files change), --origin and --web; not yet
+    /// --proxy-user.
     #[arg(long, env = "VNCD_RELAY")]
     pub relay: bool,
     /// With --relay: one more port, outside the pool, that serves every session; the
@@ -57,7 +58,7 @@ pub struct ServeArgs {
     )]
     pub gateway: Option<std::net::SocketAddr>,
     /// The gateway's URL as browsers reach it (behind a reverse proxy, say) [default:
-    /// ws://PUBLIC_HOST:PORT/].
+    /// ws[s]://PUBLIC_HOST:PORT/].
     #[arg(
         long,
         env = "VNCD_GATEWAY_URL",
@@ -282,17 +283,13 @@ impl ServeArgs {
         })
     }
 
-    /// `--relay` serves plain ws:// with tickets; what it does not serve yet is refused at
-    /// start rather than served without.
+    /// What `--relay` does not serve yet is refused at start rather than served without.
     fn check_relay(&self) -> anyhow::Result<()> {
         let unsupported = [
             (
                 self.backend == BackendKind::Websockify,
                 "--backend websockify",
             ),
-            (self.tls_cert.is_some(), "--tls-cert"),
-            (self.web.is_some(), "--web"),
-            (!self.origins.is_empty(), "--origin"),
             (self.proxy_user.is_some(), "--proxy-user"),
         ];
         for (given, flag) in unsupported {
@@ -317,14 +314,15 @@ impl ServeArgs {
         Ok(())
     }
 
-    /// The URL `vncd url --gateway` prints: `--gateway-url`, else `ws://PUBLIC_HOST:PORT/`.
+    /// The URL `vncd url --gateway` prints: `--gateway-url`, else `ws[s]://PUBLIC_HOST:PORT/`
+    /// (wss with `--tls-cert`: the relay serves the gateway with the sessions' certificate).
     pub fn gateway_url(&self, public_host: &str) -> Option<String> {
         let gw = self.gateway?;
         Some(self.gateway_url.clone().unwrap_or_else(|| {
             crate::status::UrlStyle {
                 public_host: public_host.to_owned(),
                 web: false,
-                tls: false,
+                tls: self.tls_cert.is_some() && self.tls_key.is_some(),
             }
             .url(gw.port(), None)
         }))
@@ -352,6 +350,7 @@ impl ServeArgs {
             }
             None => None,
         };
+        let web_for_relay = web.clone();
         // Fail at start, not at the first lease, if no lease id or key can be made.
         crate::lease::check_rng()?;
         if self.relay {
@@ -376,7 +375,12 @@ impl ServeArgs {
                     self.listen_address,
                     minter.clone(),
                 )
-                .with_gateway(self.gateway),
+                .with_gateway(self.gateway)
+                .with_serving(crate::relay::ServingSpec {
+                    tls: self.tls()?,
+                    origins: self.origins.clone(),
+                    web: web_for_relay,
+                }),
             );
         }
         // Orphaned proxy children (and, as PID 1 in a container, every orphan) come to

@@ -91,7 +91,6 @@ pub struct Console {
     pub target: Target,
     /// `None`: no ticket required (a proxy without `--key-file`).
     pub tickets: Option<Tickets>,
-    pub origins: Vec<String>,
     pub counters: Arc<stats::Counters>,
     pub ping_every: Duration,
     /// The cap on authenticated (bridged) connections; `None`: no cap here (the proxy
@@ -122,7 +121,6 @@ impl Console {
         Console {
             target,
             tickets,
-            origins: Vec::new(),
             counters,
             ping_every,
             limit: None,
@@ -201,6 +199,10 @@ pub trait Router: Send + Sync {
     /// The directory of static files served without a ticket, if any.
     fn web(&self) -> Option<&Path> {
         None
+    }
+    /// Allowed `Origin` headers of an upgrade; empty allows any.
+    fn origins(&self) -> &[String] {
+        &[]
     }
 }
 
@@ -420,7 +422,7 @@ async fn websocket<R: Router, G: Gate, S>(
         summary.refused = true;
         return;
     };
-    let accept = match upgrade::check(&req, console.tickets.as_ref(), &console.origins)
+    let accept = match upgrade::check(&req, console.tickets.as_ref(), router.origins())
         .and_then(|a| use_ticket(&console, a))
     {
         Ok(a) => a,

@@ -88,6 +88,8 @@ pub enum ProxyError {
 struct Shared {
     /// The one console this proxy serves.
     console: Arc<conn::Console>,
+    /// Allowed `Origin` headers (`--origin`); empty allows any.
+    origins: Vec<String>,
     /// Canonical web root.
     web: Option<PathBuf>,
     tls: Option<TlsAcceptor>,
@@ -125,15 +127,15 @@ impl Shared {
             (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
             _ => None,
         };
-        let mut console = conn::Console::new(
+        let console = conn::Console::new(
             target,
             tickets,
             Arc::default(),
             Duration::from_secs(args.ping_interval),
         );
-        console.origins = args.origins.clone();
         Ok(Self {
             console: Arc::new(console),
+            origins: args.origins.clone(),
             web,
             tls,
             refusals: Arc::default(),
@@ -142,7 +144,8 @@ impl Shared {
     }
 }
 
-fn web_root(dir: &Path) -> Result<PathBuf, ProxyError> {
+/// The canonical root of a static-file directory, or why it cannot serve.
+pub(crate) fn web_root(dir: &Path) -> Result<PathBuf, ProxyError> {
     let err = |source| ProxyError::WebDir {
         path: dir.to_owned(),
         source,
@@ -420,6 +423,10 @@ impl conn::Router for Shared {
 
     fn web(&self) -> Option<&Path> {
         self.web.as_deref()
+    }
+
+    fn origins(&self) -> &[String] {
+        &self.origins
     }
 }
 

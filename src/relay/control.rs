@@ -32,6 +32,7 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 
 use tracing::Instrument;
 
+use super::serving::ServingSpec;
 use super::table::SessionSpec;
 
 /// The protocol version this relay speaks.
@@ -60,18 +61,25 @@ impl<T> Envelope<T> {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Request {
-    /// The whole desired state at `version`: every session, and the gateway (absent: none
-    /// is served, and a served one closes). Declared rather than given on the relay's
-    /// command line, so the relay's argv stays fixed and a restarted controller with another
-    /// `--gateway` moves it without restarting the relay (which would drop its consoles).
-    Declare {
-        version: u64,
-        sessions: Vec<SessionSpec>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        gateway: Option<std::net::SocketAddr>,
-    },
+    /// The whole desired state (see [`Declaration`]).
+    Declare(Declaration),
     /// What the relay observes.
     Report {},
+}
+
+/// The whole desired state at `version`: every session, the gateway (absent: none is
+/// served, and a served one closes) and what every listener serves besides consoles.
+/// Declared rather than given on the relay's command line, so the relay's argv stays
+/// fixed and a restarted controller with another `--gateway`, certificate or origin list
+/// changes them without restarting the relay (which would drop its consoles).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Declaration {
+    pub version: u64,
+    pub sessions: Vec<SessionSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<std::net::SocketAddr>,
+    #[serde(default)]
+    pub serving: ServingSpec,
 }
 
 /// From the relay.
@@ -101,6 +109,10 @@ pub struct Applied {
     /// Why the declared gateway is not served (its address is busy, say).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway_error: Option<String>,
+    /// Why the declared serving settings are not (all) in effect (a certificate that does
+    /// not load, a missing web directory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serving_error: Option<String>,
 }
 
 /// What the relay observes.
@@ -113,6 +125,12 @@ pub struct Report {
     /// The gateway's address, when one is served.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<String>,
+    /// The serving settings last declared, so a controller sees whether they are its own.
+    #[serde(default)]
+    pub serving: ServingSpec,
+    /// Why they are not (all) in effect now (a renewed certificate that does not load).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serving_error: Option<String>,
 }
 
 /// Which relay answered.
@@ -252,12 +270,18 @@ impl Client {
         sessions: Vec<SessionSpec>,
         gateway: Option<std::net::SocketAddr>,
     ) -> Result<Applied, ControlError> {
-        let req = Request::Declare {
+        self.send(Declaration {
             version,
             sessions,
             gateway,
-        };
-        match self.call(&req).await? {
+            serving: ServingSpec::default(),
+        })
+        .await
+    }
+
+    /// Declares `d`.
+    pub async fn send(&mut self, d: Declaration) -> Result<Applied, ControlError> {
+        match self.call(&Request::Declare(d)).await? {
             Response::Applied(a) => Ok(a),
             _ => Err(ControlError::Unexpected { asked: "declare" }),
         }
@@ -333,11 +357,7 @@ pub(crate) async fn serve_peer(relay: super::Relay, stream: UnixStream, peers: P
                 Ok(Some(())) if buf.iter().all(u8::is_ascii_whitespace) => continue,
                 Ok(Some(())) => match serde_json::from_slice::<Envelope<Request>>(&buf) {
                     Ok(env) => match env.body {
-                        Request::Declare {
-                            version,
-                            sessions,
-                            gateway,
-                        } => Response::Applied(relay.declare(version, sessions, gateway).await),
+                        Request::Declare(d) => Response::Applied(relay.declare(d).await),
                         Request::Report {} => Response::Report(relay.report()),
                     },
                     Err(e) => Response::Error {
@@ -369,11 +389,11 @@ mod tests {
 
     #[test]
     fn every_message_carries_proto_and_type() {
-        let req = Envelope::new(Request::Declare {
+        let req = Envelope::new(Request::Declare(Declaration {
             version: 3,
             sessions: vec![spec("a", 7001)],
-            gateway: None,
-        });
+            ..Declaration::default()
+        }));
         let text = String::from_utf8(line(&req)).unwrap();
         assert!(text.ends_with('\n') && !text.trim_end().contains('\n'));
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
@@ -382,7 +402,7 @@ mod tests {
         assert_eq!(v["sessions"][0]["target"]["tcp"], "127.0.0.1:5901");
         let back: Envelope<Request> = serde_json::from_str(&text).unwrap();
         assert!(
-            matches!(back.body, Request::Declare { version: 3, ref sessions, gateway: None } if sessions.len() == 1)
+            matches!(back.body, Request::Declare(Declaration { version: 3, ref sessions, gateway: None, .. }) if sessions.len() == 1)
         );
 
         let r: Envelope<Request> = serde_json::from_str(r#"{"proto":1,"type":"report"}"#).unwrap();
@@ -400,6 +420,7 @@ mod tests {
             applied_version: 3,
             changed: true,
             gateway_error: None,
+            serving_error: None,
             errors: BTreeMap::from([("b".into(), "port busy".into())]),
         }));
         let v: serde_json::Value = serde_json::from_slice(&line(&a)).unwrap();
@@ -408,6 +429,32 @@ mod tests {
             (Some(1), Some("applied"))
         );
         assert_eq!(v["errors"]["b"], "port busy");
+    }
+
+    #[test]
+    fn serving_settings_travel_with_the_declaration_and_default_to_plain() {
+        let old: Envelope<Request> =
+            serde_json::from_str(r#"{"proto":1,"type":"declare","version":1,"sessions":[]}"#)
+                .unwrap();
+        let Request::Declare(d) = old.body else {
+            panic!("not a declaration")
+        };
+        assert_eq!(d.serving, ServingSpec::default());
+        let text = r#"{"proto":1,"type":"declare","version":2,"sessions":[],
+            "serving":{"tls":{"cert":"/etc/vncd/tls.crt","key":"/etc/vncd/tls.key"},
+            "origins":["https://console.example"],"web":"/usr/share/novnc"}}"#;
+        let Request::Declare(d) = serde_json::from_str::<Envelope<Request>>(text)
+            .unwrap()
+            .body
+        else {
+            panic!("not a declaration")
+        };
+        assert_eq!(
+            d.serving.tls.as_ref().map(|t| t.cert.clone()),
+            Some("/etc/vncd/tls.crt".into())
+        );
+        assert_eq!(d.serving.origins, ["https://console.example"]);
+        assert_eq!(d.serving.web, Some("/usr/share/novnc".into()));
     }
 
     #[test]

@@ -13,7 +13,8 @@ use tokio::task::JoinHandle;
 use tracing::{Instrument, debug, warn};
 
 use super::admission::{self, Admission, Decision};
-use super::handler::{self, Handler};
+use super::handler::{self, Handler, Kind};
+use super::serving::ServingCell;
 use super::session::{Live, lock};
 use crate::proxy::conn::Gate;
 use crate::proxy::refusals::Refusals;
@@ -95,6 +96,8 @@ pub(crate) struct Common {
     pub keeper: Arc<Gatekeeper>,
     pub refusals: Arc<Refusals>,
     pub ping_every: Duration,
+    /// TLS, origins and static files, as declared.
+    pub serving: Arc<ServingCell>,
     /// The relay's stop: ends pending connections (bridges end with their console).
     pub stop: watch::Receiver<bool>,
 }
@@ -137,7 +140,7 @@ pub(crate) fn spawn_gateway(
     )
 }
 
-type Prepared = (Handler, TcpStream, SocketAddr, Pending, Common);
+type Prepared = (Kind, TcpStream, SocketAddr, Pending, Common);
 
 async fn accept_loop<F>(listener: TcpListener, common: Common, prepare: F)
 where

@@ -15,6 +15,7 @@
 //! - `state.rs`: the running relay ([`Relay`]): performing a converge, reports, deadlines;
 //! - `session.rs`: one live session (console generations, listener, counters);
 //! - `listener.rs` / `handler.rs`: accept + admission, and one connection;
+//! - `serving.rs`: TLS, allowed origins and static files, declared and reloaded;
 //! - `admission.rs`, `probe.rs`: fair admission, target probe (pure parts unit-tested);
 //! - `start.rs`: process setup and the start-up checks.
 //!
@@ -27,6 +28,7 @@ pub mod control;
 mod handler;
 mod listener;
 mod probe;
+pub mod serving;
 mod session;
 mod start;
 mod state;
@@ -40,8 +42,9 @@ use tracing::{info, warn};
 
 pub use admission::{Config as AdmissionConfig, PROTECT};
 pub use args::RelayArgs;
-pub use control::{Applied, Client, ControlError, Peers, Report, SessionReport};
+pub use control::{Applied, Client, ControlError, Declaration, Peers, Report, SessionReport};
 pub use probe::PROBE_EVERY;
+pub use serving::{ServingSpec, TlsFiles};
 pub use start::{RelayError, run};
 pub use state::{Relay, RelayConfig};
 pub use table::{Limits, SessionSpec, TargetSpec, WireKey};

@@ -13,7 +13,7 @@ use tokio::sync::{Notify, watch};
 use tracing::{info, warn};
 
 use super::admission;
-use super::control::{Applied, RelayInfo, Report, SessionReport};
+use super::control::{Applied, Declaration, RelayInfo, Report, SessionReport};
 use super::listener::{self, Common, Gatekeeper};
 use super::probe;
 use super::session::{Live, SessionError, lock};
@@ -66,6 +66,7 @@ impl Relay {
             keeper: Gatekeeper::new(config.admission),
             refusals: Arc::new(Refusals::default()),
             ping_every: config.ping_every,
+            serving: Arc::default(),
             stop,
         };
         Relay {
@@ -86,12 +87,13 @@ impl Relay {
 
     /// Converges to the whole desired set `sessions` at `version` (see [`table::converge`])
     /// and to the declared `gateway` (none: a served one closes).
-    pub async fn declare(
-        &self,
-        version: u64,
-        sessions: Vec<SessionSpec>,
-        gateway: Option<SocketAddr>,
-    ) -> Applied {
+    pub async fn declare(&self, d: Declaration) -> Applied {
+        let Declaration {
+            version,
+            sessions,
+            gateway,
+            serving,
+        } = d;
         let mut table = self.inner.table.lock().await;
         let plan = match table::converge(&table, version, &sessions) {
             Converged::Stale { applied } => {
@@ -101,10 +103,14 @@ impl Relay {
                     changed: false,
                     errors: BTreeMap::new(),
                     gateway_error: None,
+                    serving_error: None,
                 };
             }
             Converged::Plan(p) => p,
         };
+        // Before the sessions: a connection accepted on a newly opened port already gets
+        // the declared TLS and origins.
+        let serving_error = self.inner.common.serving.apply(serving);
         let mut errors: BTreeMap<String, String> = plan
             .errors
             .iter()
@@ -149,6 +155,7 @@ impl Relay {
             changed: true,
             errors,
             gateway_error,
+            serving_error,
         }
     }
 
@@ -296,6 +303,9 @@ impl Relay {
     /// What the relay observes now.
     pub fn report(&self) -> Report {
         let live: Vec<Arc<Live>> = lock(&self.inner.live).values().cloned().collect();
+        // With a declared certificate that never loaded, every connection is closed at
+        // once: no session is served, whatever its listener does.
+        let unusable = self.inner.common.serving.unusable();
         let sessions = live
             .iter()
             .map(|l| {
@@ -312,7 +322,7 @@ impl Relay {
                 let report = SessionReport {
                     port: spec.port,
                     lease_uid: spec.lease_uid,
-                    listening: l.listening(),
+                    listening: l.listening() && !unusable,
                     connections: l.open_connections(),
                     authenticated,
                     bytes_in: snap.bytes_to_target,
@@ -337,6 +347,8 @@ impl Relay {
             gateway: lock(&self.inner.gateway)
                 .as_ref()
                 .map(|(a, _)| a.to_string()),
+            serving: self.inner.common.serving.spec(),
+            serving_error: self.inner.common.serving.error(),
         }
     }
 
@@ -352,6 +364,7 @@ impl Relay {
             }
             let now = Instant::now();
             let now_unix = crate::ticket::unix_now();
+            self.inner.common.serving.refresh();
             let live: Vec<Arc<Live>> = lock(&self.inner.live).values().cloned().collect();
             let retry = now.duration_since(last_retry) >= RETRY_BIND;
             if retry {

@@ -66,12 +66,8 @@ pub struct ProxySpec {
     pub nonces: Option<PathBuf>,
 }
 
-/// TLS material the proxies serve with.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Tls {
-    pub cert: PathBuf,
-    pub key: PathBuf,
-}
+/// TLS material the proxies (or the relay) serve with: the same pair of PEM paths.
+pub type Tls = crate::relay::TlsFiles;
 
 /// A program and its arguments.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -39,7 +39,7 @@ use super::procfs;
 use crate::console::Minter;
 use crate::lease::{Lease, ProcRef};
 use crate::relay::control::{ControlError, Envelope, MAX_LINE, Request, Response, line};
-use crate::relay::{Applied, Report, SessionSpec, TargetSpec, WireKey};
+use crate::relay::{Applied, Declaration, Report, ServingSpec, SessionSpec, TargetSpec, WireKey};
 use crate::session::Endpoint;
 
 /// How long one control exchange may take before the relay counts as unresponsive.
@@ -79,6 +79,8 @@ pub struct RelayPlane {
     minter: Minter,
     /// The gateway to declare with the sessions (`--gateway`), if any.
     gateway: Option<std::net::SocketAddr>,
+    /// TLS, origins and static files to declare with the sessions.
+    serving: ServingSpec,
     inner: Mutex<Inner>,
 }
 
@@ -131,6 +133,7 @@ impl RelayPlane {
             listen,
             minter,
             gateway: None,
+            serving: ServingSpec::default(),
             inner: Mutex::new(Inner::default()),
         }
     }
@@ -139,6 +142,13 @@ impl RelayPlane {
     #[must_use]
     pub fn with_gateway(mut self, gateway: Option<std::net::SocketAddr>) -> Self {
         self.gateway = gateway;
+        self
+    }
+
+    /// Declares `serving` with the sessions (`--tls-cert`/`--tls-key`, `--origin`, `--web`).
+    #[must_use]
+    pub fn with_serving(mut self, serving: ServingSpec) -> Self {
+        self.serving = serving;
         self
     }
 
@@ -294,7 +304,11 @@ impl RelayPlane {
         // A gateway the relay does not serve as declared (another controller's, or one
         // whose address was busy) is declared again.
         let gateway_differs = report.gateway != self.gateway.map(|a| a.to_string());
-        let changed = keep != inner.declared || !gone.is_empty() || gateway_differs;
+        // Likewise serving settings: a relay adopted from a controller started with
+        // another certificate or origin list serves ours from the next declaration.
+        let serving_differs = report.serving != self.serving;
+        let changed =
+            keep != inner.declared || !gone.is_empty() || gateway_differs || serving_differs;
         inner.declared = keep;
         inner.report = Some(report.clone());
         if changed && let Err(e) = self.declare(&mut inner) {
@@ -323,16 +337,20 @@ impl RelayPlane {
     fn declare(&self, inner: &mut Inner) -> Result<Applied, RelayPlaneError> {
         let version = inner.applied + 1;
         let sessions: Vec<SessionSpec> = inner.declared.values().cloned().collect();
-        let req = Request::Declare {
+        let req = Request::Declare(Declaration {
             version,
             sessions,
             gateway: self.gateway,
-        };
+            serving: self.serving.clone(),
+        });
         match call(&self.socket(), &req)? {
             Response::Applied(a) => {
                 inner.applied = inner.applied.max(a.applied_version);
                 if let Some(e) = &a.gateway_error {
                     warn!(error = %e, "the relay does not serve the gateway");
+                }
+                if let Some(e) = &a.serving_error {
+                    warn!(error = %e, "the relay does not serve as declared");
                 }
                 Ok(a)
             }

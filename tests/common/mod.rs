@@ -250,6 +250,11 @@ impl Vncd {
         std::fs::read_to_string(self.tmp.path().join("vncd.log")).unwrap_or_default()
     }
 
+    /// The relay's log (`STATE/logs/relay.log`), for `vncd run --relay`.
+    pub fn relay_log(&self) -> String {
+        std::fs::read_to_string(self.state.join("logs").join("relay.log")).unwrap_or_default()
+    }
+
     /// SIGKILL to vncd alone: its proxies must live on.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -496,9 +501,17 @@ pub struct Client {
 
 impl Client {
     pub async fn connect(url: &str) -> Client {
+        Client::connect_from(url, None).await
+    }
+
+    /// [`Client::connect`] as a page of `origin` would (browsers send `Origin`).
+    pub async fn connect_from(url: &str, origin: Option<&str>) -> Client {
         let mut req = url.into_client_request().unwrap();
         req.headers_mut()
             .insert("Sec-WebSocket-Protocol", "binary".parse().unwrap());
+        if let Some(o) = origin {
+            req.headers_mut().insert("Origin", o.parse().unwrap());
+        }
         let (ws, _) = tokio::time::timeout(
             Duration::from_secs(5),
             tokio_tungstenite::connect_async(req),
@@ -587,9 +600,14 @@ pub async fn try_banner(url: &str) -> Result<Vec<u8>, String> {
     Ok(buf)
 }
 
-/// Connects to a `wss://` session URL over 127.0.0.1, trusting exactly `cert_der`
-/// (the test's self-signed certificate, issued for "localhost"), and reads the banner.
-pub async fn wss_banner(url: &str, cert_der: &[u8]) -> Vec<u8> {
+/// A wss connection as [`wss_open`] makes it.
+pub type Wss =
+    tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+
+/// Opens a `wss://` session URL over 127.0.0.1, trusting exactly `cert_der` (the test's
+/// self-signed certificate, issued for "localhost"). Err(why) if the TLS handshake (another
+/// certificate, say) or the upgrade fails.
+pub async fn wss_open(url: &str, cert_der: &[u8]) -> Result<Wss, String> {
     use std::sync::Arc;
     use tokio_rustls::rustls::{self, pki_types::CertificateDer, pki_types::ServerName};
     let mut roots = rustls::RootCertStore::empty();
@@ -612,29 +630,81 @@ pub async fn wss_banner(url: &str, cert_der: &[u8]) -> Vec<u8> {
         .unwrap();
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
-        .unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-        .expect("TLS handshake with the session's certificate");
+        .map_err(|e| e.to_string())?;
+    let tls = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(ServerName::try_from("localhost").unwrap(), tcp),
+    )
+    .await
+    .map_err(|_| "TLS handshake timed out".to_string())?
+    .map_err(|e| format!("TLS handshake: {e}"))?;
     let mut req = url.into_client_request().unwrap();
     req.headers_mut()
         .insert("Sec-WebSocket-Protocol", "binary".parse().unwrap());
-    let (mut ws, _) = tokio_tungstenite::client_async(req, tls)
+    let (ws, _) = tokio_tungstenite::client_async(req, tls)
         .await
-        .expect("wss upgrade");
+        .map_err(|e| format!("wss upgrade: {e}"))?;
+    Ok(ws)
+}
+
+/// Reads at least `n` bytes of binary frames from `ws`, failing on a close or a timeout.
+pub async fn wss_read(ws: &mut Wss, n: usize) -> Vec<u8> {
     let mut buf = Vec::new();
-    while buf.len() < 12 {
+    while buf.len() < n {
         match tokio::time::timeout(Duration::from_secs(5), ws.next())
             .await
             .expect("wss read timed out")
         {
             Some(Ok(Message::Binary(b))) => buf.extend_from_slice(&b),
             Some(Ok(_)) => {}
-            other => panic!("wss closed before the banner: {other:?}"),
+            other => panic!("wss closed: {other:?}"),
         }
     }
     buf
+}
+
+/// [`wss_open`], then the RFB banner.
+pub async fn wss_banner(url: &str, cert_der: &[u8]) -> Vec<u8> {
+    let mut ws = wss_open(url, cert_der)
+        .await
+        .expect("wss with the session's certificate");
+    wss_read(&mut ws, 12).await
+}
+
+/// A self-signed certificate for localhost.
+pub fn self_signed() -> rcgen::CertifiedKey<rcgen::KeyPair> {
+    rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap()
+}
+
+/// A self-signed certificate for localhost in `v`'s temp dir, and the flags that make vncd
+/// serve it; returns the certificate and the two file paths.
+pub fn serve_tls(v: &mut Vncd) -> (rcgen::CertifiedKey<rcgen::KeyPair>, PathBuf, PathBuf) {
+    let ck = self_signed();
+    let cert = v.tmp.path().join("cert.pem");
+    let key = v.tmp.path().join("key.pem");
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    v.extra.extend([
+        "--tls-cert".into(),
+        cert.display().to_string(),
+        "--tls-key".into(),
+        key.display().to_string(),
+    ]);
+    (ck, cert, key)
+}
+
+/// Renews the certificate at `cert`/`key` as cert-manager or certbot would: new files
+/// replace the old ones by rename (the key first, so a reader can catch the pair half-way).
+pub fn renew_tls(dir: &Path, cert: &Path, key: &Path) -> rcgen::CertifiedKey<rcgen::KeyPair> {
+    let next = self_signed();
+    let tmp_cert = dir.join("cert.pem.new");
+    let tmp_key = dir.join("key.pem.new");
+    std::fs::write(&tmp_cert, next.cert.pem()).unwrap();
+    std::fs::write(&tmp_key, next.signing_key.serialize_pem()).unwrap();
+    std::fs::rename(&tmp_key, key).unwrap();
+    std::fs::rename(&tmp_cert, cert).unwrap();
+    next
 }
 
 /// A TCP forwarder in front of a real VNC server that counts the connections it gets, so a
