@@ -47,6 +47,13 @@ fn start_as_chart(ns: &str, node: &str) -> (Qemu, KubeVncd) {
     (qemu, v)
 }
 
+/// Held by every test that applies the chart's RBAC. The chart's ClusterRoleBinding is
+/// cluster-scoped and binds the ServiceAccount of ONE release namespace: a test applying it
+/// for its namespace rebinds it away from another test's, whose vncd then gets 403 on every
+/// list (seen in CI: "vm1 never became Ready", every call Forbidden). The tests of this
+/// binary share one API server, so they take turns.
+static CHART_RBAC: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn session(api: &Api<VncSession>, name: &str, node: &str, target: Target) {
     let spec = VncSessionSpec {
         target,
@@ -159,6 +166,7 @@ async fn requests(client: &kube::Client, ns: &str) -> Vec<VncConsoleRequest> {
 #[tokio::test(flavor = "multi_thread")]
 async fn users_bound_to_vncd_console_get_urls_others_are_forbidden_and_requests_are_collected() {
     let c = cluster();
+    let _rbac = CHART_RBAC.lock().await;
     let ns = "console-rbac";
     let node = "node-console-rbac";
     c.create_namespace(ns);
@@ -297,6 +305,7 @@ async fn users_bound_to_vncd_console_get_urls_others_are_forbidden_and_requests_
 #[tokio::test(flavor = "multi_thread")]
 async fn a_request_never_reaches_a_session_in_another_namespace() {
     let c = cluster();
+    let _rbac = CHART_RBAC.lock().await;
     let (ns_a, ns_b) = ("console-iso-a", "console-iso-b");
     let node = "node-console-iso";
     c.create_namespace(ns_a);
