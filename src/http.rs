@@ -111,6 +111,11 @@ pub struct AppState {
     pub v1: bool,
     /// Mint console URLs at `POST /v1/sessions/NAME/url` (404 without).
     pub console: Option<console::ConsoleApi>,
+    /// `/metrics` is served on this other address instead (`vncd kube --metrics`): 404
+    /// here, saying where. The chart binds it to loopback, since the metrics name every
+    /// session and its traffic while `--http` listens on the node's addresses for the
+    /// kubelet's probes.
+    pub metrics_elsewhere: Option<SocketAddr>,
 }
 
 async fn healthz(State(state): State<AppState>) -> Response {
@@ -157,6 +162,12 @@ fn not_enabled() -> Response {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
+    if let Some(addr) = state.metrics_elsewhere {
+        return plain(
+            StatusCode::NOT_FOUND,
+            format!("not found: /metrics is served on {addr} (--metrics)\n"),
+        );
+    }
     let Some(m) = state.metrics else {
         return not_enabled();
     };
@@ -260,10 +271,23 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// A router that serves only `/metrics` from `metrics`: the `--metrics` listener.
+pub fn metrics_router(metrics: Metrics) -> Router {
+    Router::new()
+        .route("/metrics", read_only(self::metrics))
+        .fallback(not_found)
+        .with_state(AppState {
+            metrics: Some(metrics),
+            ..AppState::default()
+        })
+}
+
 /// Why the HTTP server could not start.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot listen on --http {addr}: {source}")]
+#[error("cannot listen on {flag} {addr}: {source}")]
 pub struct BindError {
+    /// The flag that named the address (`--http`, `--metrics`).
+    pub flag: &'static str,
     pub addr: SocketAddr,
     #[source]
     pub source: std::io::Error,
@@ -281,13 +305,17 @@ content-length: 21\r\nconnection: close\r\nretry-after: 1\r\n\r\ntoo many connec
 
 /// Binds `addr` (so a bad address fails at start) and serves `router` in the background,
 /// with the limits in the module docs.
-pub async fn serve(addr: SocketAddr, router: Router) -> Result<SocketAddr, BindError> {
+pub async fn serve(
+    flag: &'static str,
+    addr: SocketAddr,
+    router: Router,
+) -> Result<SocketAddr, BindError> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|source| BindError { addr, source })?;
+        .map_err(|source| BindError { flag, addr, source })?;
     let local = listener
         .local_addr()
-        .map_err(|source| BindError { addr, source })?;
+        .map_err(|source| BindError { flag, addr, source })?;
     tokio::spawn(accept_loop(listener, router));
     Ok(local)
 }
@@ -371,10 +399,17 @@ where
     }
 }
 
+/// Serves [`metrics_router`] on `addr` (`--metrics`) and logs where.
+pub async fn serve_metrics(addr: SocketAddr, metrics: Metrics) -> Result<SocketAddr, BindError> {
+    let bound = serve("--metrics", addr, metrics_router(metrics)).await?;
+    tracing::info!(addr = %bound, "serving /metrics");
+    Ok(bound)
+}
+
 /// Serves [`router`]`(state)` on `addr` and logs where: what `vncd run` and `vncd kube`
 /// do with `--http`.
 pub async fn serve_api(addr: SocketAddr, state: AppState) -> Result<SocketAddr, BindError> {
-    let bound = serve(addr, router(state)).await?;
+    let bound = serve("--http", addr, router(state)).await?;
     tracing::info!(addr = %bound, "serving /healthz /readyz /metrics /v1/status /v1/sessions");
     Ok(bound)
 }
@@ -407,9 +442,13 @@ mod tests {
     #[tokio::test]
     async fn readiness_needs_both_the_lease_and_a_first_sync() {
         let state = AppState::default();
-        let addr = serve("127.0.0.1:0".parse().unwrap(), router(state.clone()))
-            .await
-            .unwrap();
+        let addr = serve(
+            "--http",
+            "127.0.0.1:0".parse().unwrap(),
+            router(state.clone()),
+        )
+        .await
+        .unwrap();
         assert!(get_status(addr, "/healthz").await.contains("200"));
         assert!(get_status(addr, "/readyz").await.contains("503"));
         state.health.synced.set();
@@ -425,6 +464,45 @@ mod tests {
             "lease lost"
         );
         assert!(get_status(addr, "/nope").await.contains("404"));
+    }
+
+    /// `vncd kube --metrics`: the probes stay on `--http`, the metrics move to their own
+    /// (loopback) listener and are not served on `--http` at all.
+    #[tokio::test]
+    async fn metrics_elsewhere_leaves_the_probes_and_serves_metrics_only_there() {
+        let metrics = Metrics::new();
+        let m = serve_metrics("127.0.0.1:0".parse().unwrap(), metrics.clone())
+            .await
+            .unwrap();
+        let state = AppState {
+            health: Health::standalone(),
+            metrics: Some(metrics),
+            metrics_elsewhere: Some(m),
+            ..AppState::default()
+        };
+        let h = serve_api("127.0.0.1:0".parse().unwrap(), state)
+            .await
+            .unwrap();
+        assert!(get_status(h, "/healthz").await.contains("200"));
+        let (st, body) = request(h, "GET", "/metrics").await;
+        assert!(
+            st.contains("404") && body.contains(&m.to_string()),
+            "{st} {body}"
+        );
+        let (st, body) = request(m, "GET", "/metrics").await;
+        assert!(
+            st.contains("200") && body.contains("vncd_pool_ports"),
+            "{st} {body}"
+        );
+        assert!(
+            get_status(m, "/healthz").await.contains("404"),
+            "only /metrics there"
+        );
+        let e = serve_metrics(m, Metrics::new())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--metrics") && e.contains(&m.to_string()), "{e}");
     }
 
     #[tokio::test]
@@ -447,10 +525,15 @@ mod tests {
             }),
             v1: true,
             console: None,
+            metrics_elsewhere: None,
         };
-        let addr = serve("127.0.0.1:0".parse().unwrap(), router(state.clone()))
-            .await
-            .unwrap();
+        let addr = serve(
+            "--http",
+            "127.0.0.1:0".parse().unwrap(),
+            router(state.clone()),
+        )
+        .await
+        .unwrap();
         assert!(get_status(addr, "/readyz").await.contains("503"));
         assert!(get_status(addr, "/v1/status").await.contains("503"));
         assert!(get_status(addr, "/v1/sessions").await.contains("503"));
@@ -513,9 +596,13 @@ mod tests {
     #[tokio::test]
     async fn healthz_fails_when_the_controller_stops_completing_passes() {
         let state = AppState::default();
-        let addr = serve("127.0.0.1:0".parse().unwrap(), router(state.clone()))
-            .await
-            .unwrap();
+        let addr = serve(
+            "--http",
+            "127.0.0.1:0".parse().unwrap(),
+            router(state.clone()),
+        )
+        .await
+        .unwrap();
         // No pass yet: liveness does not look at passes.
         assert!(get_status(addr, "/healthz").await.contains("200"));
         state.health.pass_completed();
@@ -538,9 +625,13 @@ mod tests {
 
     #[tokio::test]
     async fn without_metrics_the_api_endpoints_are_404() {
-        let addr = serve("127.0.0.1:0".parse().unwrap(), router(AppState::default()))
-            .await
-            .unwrap();
+        let addr = serve(
+            "--http",
+            "127.0.0.1:0".parse().unwrap(),
+            router(AppState::default()),
+        )
+        .await
+        .unwrap();
         for path in ["/metrics", "/v1/status", "/v1/sessions"] {
             assert!(get_status(addr, path).await.contains("404"), "{path}");
         }

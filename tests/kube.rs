@@ -681,6 +681,22 @@ async fn the_charts_arguments_and_rbac_are_enough_to_serve_a_node() {
     // The chart allows no target by default: allow exactly the test VNC server's port, to
     // this namespace (and prove the chart passes the rule through).
     let allow = format!("allowTargets={{{ns}=127.0.0.1:{}}}", qemu.port);
+    // The chart serves /metrics on loopback by default, away from the probes on the
+    // node's addresses; this test moves it to a free loopback port.
+    let defaults: DaemonSet =
+        serde_saphyr::from_str(&c.render_chart(ns, &[], &["templates/daemonset.yaml"])).unwrap();
+    let default_args = defaults.spec.unwrap().template.spec.unwrap().containers[0]
+        .args
+        .clone()
+        .unwrap();
+    let at = default_args.iter().position(|a| a == "--metrics");
+    let metrics_default = at.map(|i| default_args[i + 1].clone()).unwrap_or_default();
+    assert!(
+        metrics_default.starts_with("127.0.0.1:"),
+        "the chart's default /metrics address is not loopback: {default_args:?}"
+    );
+    let metrics_port = common::free_port();
+    let metrics = format!("metrics.address=127.0.0.1:{metrics_port}");
     let values = [
         "--set",
         "listenAddress=127.0.0.1",
@@ -694,6 +710,10 @@ async fn the_charts_arguments_and_rbac_are_enough_to_serve_a_node() {
         "leaseDuration=2",
         "--set",
         &allow,
+        "--set",
+        &metrics,
+        "--set",
+        "maxSessionsPerNamespace=3",
     ];
     // The chart's own ServiceAccount and RBAC, applied for real.
     c.apply_chart_rbac(ns, &values);
@@ -727,7 +747,7 @@ async fn the_charts_arguments_and_rbac_are_enough_to_serve_a_node() {
         "60".into(),
     ]);
     v.start_with(
-        args,
+        args.clone(),
         &kubeconfig,
         &[("POD_NAME", "vncd-abcde"), ("POD_NAMESPACE", ns)],
     );
@@ -741,6 +761,24 @@ async fn the_charts_arguments_and_rbac_are_enough_to_serve_a_node() {
         b"RFB 003.008\n"
     );
     wait_probe(&v, "/readyz", 200).await;
+    // The probes answer on --http; /metrics does not, only on the loopback --metrics.
+    assert_eq!(
+        v.probe("/metrics"),
+        Some(404),
+        "/metrics is served with the probes"
+    );
+    let scraped = cluster::http_get(metrics_port, "/metrics");
+    assert!(
+        scraped
+            .as_ref()
+            .is_some_and(|(code, body)| *code == 200 && body.contains("vncd_sessions")),
+        "no metrics on the --metrics address: {scraped:?}"
+    );
+    assert!(
+        args.windows(2)
+            .any(|w| w[0] == "--max-sessions-per-namespace" && w[1] == "3"),
+        "the chart passes maxSessionsPerNamespace: {args:?}"
+    );
     let holder = c.kubectl_ok(&[
         "get",
         "lease",
@@ -1165,4 +1203,114 @@ async fn a_target_allowed_for_namespace_b_is_refused_to_namespace_a() {
         log.contains("names no namespace") && log.contains("NAMESPACE=RULE"),
         "{log}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_namespace_past_its_share_waits_newest_first_and_converges_when_one_goes() {
+    let c = cluster();
+    let (a, b) = ("share-a", "share-b");
+    c.create_namespace(a);
+    c.create_namespace(b);
+    let qemu = Qemu::tcp();
+    let node = "node-share";
+    // A pool of 5 ports: without a share namespace A would take 4 of them.
+    let mut v = KubeVncd::new(node, None, a, 5);
+    v.allow = vec![format!("*=127.0.0.1:{}", qemu.port)];
+    v.extra
+        .extend(["--max-sessions-per-namespace".into(), "2".into()]);
+    v.start();
+    let client = c.client().await;
+    let api_a: Api<VncSession> = Api::namespaced(client.clone(), a);
+    let api_b: Api<VncSession> = Api::namespaced(client.clone(), b);
+    // Names sort against creation order ("vm-z" is the oldest), and a second apart, since
+    // creation times have whole seconds: a rule that ordered by name would fail here.
+    for name in ["vm-z", "vm-y", "vm-x", "vm-w"] {
+        create(&api_a, name, spec(Some(node), qemu.port)).await;
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+    create(&api_b, "other", spec(Some(node), qemu.port)).await;
+    let shared = |items: &[VncSession]| {
+        let by: BTreeMap<String, VncSessionStatus> =
+            items.iter().map(|o| (o.name_any(), status(o))).collect();
+        let ready = |n: &str| by.get(n).is_some_and(|s| s.phase == Some(Phase::Ready));
+        let waits = |n: &str| {
+            by.get(n).is_some_and(|s| {
+                s.phase == Some(Phase::Pending)
+                    && s.reason.as_deref() == Some("NamespaceQuotaExceeded")
+                    && s.port.is_none()
+            })
+        };
+        ready("vm-z") && ready("vm-y") && waits("vm-x") && waits("vm-w")
+    };
+    let before = wait_objects(
+        &api_a,
+        "2 Ready, 2 waiting",
+        Duration::from_secs(60),
+        &[&v],
+        shared,
+    )
+    .await;
+    let st = before
+        .iter()
+        .find(|o| o.name_any() == "vm-x")
+        .map(status)
+        .unwrap();
+    let msg = st.message.unwrap_or_default();
+    assert!(
+        msg.contains("namespace share-a") && msg.contains("--max-sessions-per-namespace"),
+        "the message says which share is full: {msg}"
+    );
+    // Namespace B is not held back by A.
+    let other = wait_ready(&api_b, 1, &[&v]).await;
+    assert_eq!(
+        rfb_banner(&console_url(&v, &other[0])).await,
+        b"RFB 003.008\n"
+    );
+
+    // A restart changes nothing: the same two serve on the same ports, the same two wait.
+    let ports = |items: &[VncSession]| -> BTreeMap<String, Option<i32>> {
+        items
+            .iter()
+            .map(|o| (o.name_any(), status(o).port))
+            .collect()
+    };
+    v.terminate();
+    v.start();
+    wait_probe(&v, "/readyz", 200).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = wait_objects(
+        &api_a,
+        "unchanged after restart",
+        Duration::from_secs(60),
+        &[&v],
+        shared,
+    )
+    .await;
+    assert_eq!(
+        ports(&after),
+        ports(&before),
+        "a restart reordered the share"
+    );
+
+    // The oldest goes: the oldest waiting one (vm-x, not vm-w) takes its place.
+    api_a
+        .delete("vm-z", &DeleteParams::default())
+        .await
+        .unwrap();
+    let moved = wait_objects(
+        &api_a,
+        "vm-x served after vm-z went",
+        Duration::from_secs(60),
+        &[&v],
+        |items| {
+            let get = |n: &str| items.iter().find(|o| o.name_any() == n).map(status);
+            items.len() == 3
+                && get("vm-x").is_some_and(|s| s.phase == Some(Phase::Ready))
+                && get("vm-w")
+                    .is_some_and(|s| s.reason.as_deref() == Some("NamespaceQuotaExceeded"))
+        },
+    )
+    .await;
+    let x = moved.iter().find(|o| o.name_any() == "vm-x").unwrap();
+    assert_eq!(rfb_banner(&console_url(&v, x)).await, b"RFB 003.008\n");
 }

@@ -32,8 +32,10 @@ use crate::k8s::node_lease::{LeaseConfig, NodeLease};
 use crate::k8s::objects::Objects;
 use crate::k8s::writer::Writer;
 use crate::session::is_valid_name;
+use crate::source::filter::Filtered;
 use crate::source::kube::KubeSource;
 use crate::source::policy::{Policed, TargetPolicy};
+use crate::source::quota::NamespaceQuota;
 use crate::status::StatusBuilder;
 use crate::status::kube::KubeStatusSink;
 use crate::store::kube_status::KubeStatusStore;
@@ -69,10 +71,21 @@ pub struct KubeArgs {
     /// Serve /healthz and /readyz on this address (e.g. 0.0.0.0:9850).
     #[arg(long, env = "VNCD_HTTP")]
     pub http: Option<SocketAddr>,
+    /// Serve /metrics on this address instead of on `--http` (e.g. 127.0.0.1:9851). The
+    /// metrics name every session and its traffic; the chart binds them to loopback while
+    /// `--http` stays on the node's addresses for the kubelet's probes.
+    #[arg(long, env = "VNCD_METRICS", value_name = "ADDR:PORT")]
+    pub metrics: Option<SocketAddr>,
     /// Where proxy logs go: STATE_DIR/logs/NAMESPACE/NAME.log (leases live in the API
     /// server, not here).
     #[arg(long, env = "VNCD_STATE_DIR", default_value = "/var/lib/vncd")]
     pub state_dir: PathBuf,
+    /// The most sessions one namespace may hold on this node [default: no limit]. The
+    /// newest past it, by creation time, wait as Pending (NamespaceQuotaExceeded) with no
+    /// port, and converge when their namespace drops below it; a restart never reorders
+    /// them. Namespaces are tenants: this keeps one from leasing every port of the pool.
+    #[arg(long, env = "VNCD_MAX_SESSIONS_PER_NAMESPACE", value_name = "N")]
+    pub max_sessions_per_namespace: Option<std::num::NonZeroUsize>,
     #[command(flatten)]
     pub serve: ServeArgs,
     #[command(flatten)]
@@ -202,9 +215,13 @@ async fn connect(args: &KubeArgs, url: &crate::status::UrlStyle) -> anyhow::Resu
                 v1: args.http_api,
                 // Kubernetes users get URLs through VncConsoleRequests (RBAC), not here.
                 console: None,
+                metrics_elsewhere: args.metrics,
             },
         )
         .await?;
+    }
+    if let Some(addr) = args.metrics {
+        crate::http::serve_metrics(addr, metrics.clone()).await?;
     }
     let metered = Metered::new(metrics.api());
     Ok(Connected {
@@ -271,10 +288,14 @@ async fn serve(args: KubeArgs, setup: Setup) -> anyhow::Result<ExitCode> {
         max_sessions = args.serve.pool.max_sessions,
         backend = setup.supervisor.backend_name(),
         allow_target = %setup.policy.describe(),
+        max_sessions_per_namespace = args.max_sessions_per_namespace.map(std::num::NonZeroUsize::get),
         "vncd kube running"
     );
     let controller = Controller::new(
-        Policed::new(source, setup.policy),
+        Filtered::new(
+            Policed::new(source, setup.policy),
+            args.max_sessions_per_namespace.map(NamespaceQuota::new),
+        ),
         store,
         sink,
         setup.supervisor,

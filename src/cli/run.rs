@@ -150,6 +150,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                     urls: Some(url.clone()),
                     v1: true,
                     console: console_api,
+                    metrics_elsewhere: None,
                 },
             )
             .await?;

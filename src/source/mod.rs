@@ -5,10 +5,12 @@
 //! from a directory, the Kubernetes API or libvirt.
 
 pub mod dir;
+pub mod filter;
 pub mod kube;
 pub mod libvirt;
 pub mod merge;
 pub mod policy;
+pub mod quota;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;

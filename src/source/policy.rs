@@ -35,7 +35,7 @@ use std::net::IpAddr;
 use std::path::{Component, Path, PathBuf};
 use std::str::FromStr;
 
-use super::{Rejected, Snapshot, Source, SourceError};
+use super::{Rejected, Snapshot};
 use crate::session::Endpoint;
 
 /// The status reason of a session whose target no rule allows.
@@ -481,27 +481,11 @@ fn allows<'a>(
 }
 
 /// A source whose snapshots pass through a [`TargetPolicy`].
-#[derive(Debug)]
-pub struct Policed<S> {
-    inner: S,
-    policy: TargetPolicy,
-}
+pub type Policed<S> = super::filter::Filtered<S, TargetPolicy>;
 
-impl<S: Source> Policed<S> {
-    pub fn new(inner: S, policy: TargetPolicy) -> Self {
-        Policed { inner, policy }
-    }
-}
-
-impl<S: Source> Source for Policed<S> {
-    async fn snapshot(&mut self) -> Result<Snapshot, SourceError> {
-        let mut snap = self.inner.snapshot().await?;
-        self.policy.apply(&mut snap);
-        Ok(snap)
-    }
-
-    async fn changed(&mut self) {
-        self.inner.changed().await;
+impl super::filter::Admission for TargetPolicy {
+    fn apply(&self, snap: &mut Snapshot) {
+        TargetPolicy::apply(self, snap);
     }
 }
 
