@@ -15,7 +15,9 @@
 //!
 //! Then: the sessions become Ready, the RFB banner comes through a session's port with
 //! its token; the container is killed (SIGKILL, like a node losing the pod) and a new one
-//! (a new pod name) serves the same sessions again on the same ports and URLs.
+//! (a new pod name), rendered with `tls.secretName` and given the Secret's files where the
+//! kubelet would mount them, serves the same sessions again on the same ports, now over
+//! wss, and never plain ws on those ports.
 //!
 //! It runs only when VNCD_TEST_IMAGE names the archive (`scripts/check-image` sets it
 //! after building), and skips with the reason if podman cannot run here (missing, not
@@ -294,6 +296,7 @@ async fn the_image_serves_sessions_as_the_chart_runs_it_and_a_new_container_serv
     // allowTargets (none): allow exactly that port, to this test's namespace.
     let qemu = Qemu::tcp();
     let allow = format!("allowTargets={{{ns}=127.0.0.1:{}}}", qemu.port);
+    let metrics = format!("metrics.address=127.0.0.1:{}", common::free_port());
     let values = [
         "--set",
         "listenAddress=127.0.0.1",
@@ -305,6 +308,8 @@ async fn the_image_serves_sessions_as_the_chart_runs_it_and_a_new_container_serv
         "leaseDuration=2",
         "--set",
         &allow,
+        "--set",
+        &metrics,
     ];
     // The chart's own ServiceAccount and RBAC, applied for real.
     c.apply_chart_rbac(ns, &values);
@@ -325,6 +330,39 @@ async fn the_image_serves_sessions_as_the_chart_runs_it_and_a_new_container_serv
         "values.yaml's image is what scripts/build-image makes"
     );
     let sa = pod_spec.service_account_name.clone().unwrap();
+    // The same chart with a kubernetes.io/tls Secret: what the second pod runs (an upgrade
+    // that turns TLS on).
+    let mut tls_values = values.to_vec();
+    tls_values.extend(["--set", "tls.secretName=vncd-console-tls"]);
+    let ds_tls: DaemonSet =
+        serde_saphyr::from_str(&c.render_chart(ns, &tls_values, &["templates/daemonset.yaml"]))
+            .unwrap();
+    let tls_spec = ds_tls.spec.unwrap().template.spec.unwrap();
+    let tls_container = tls_spec.containers[0].clone();
+    let tls_volumes = tls_spec.volumes.clone().unwrap_or_default();
+    let secret_volume = tls_volumes
+        .iter()
+        .find_map(|v| v.secret.as_ref())
+        .expect("tls.secretName mounts a Secret volume");
+    assert_eq!(
+        secret_volume.secret_name.as_deref(),
+        Some("vncd-console-tls")
+    );
+    // The Secret's files as the kubelet writes them (tls.crt, tls.key, the volume's mode),
+    // for a certificate that names this "node" (the pod's HOST_IP is 127.0.0.1).
+    let tls_dir = tmp.path().join("tls");
+    std::fs::create_dir(&tls_dir).unwrap();
+    let ck = common::self_signed();
+    std::fs::write(tls_dir.join("tls.crt"), ck.cert.pem()).unwrap();
+    std::fs::write(tls_dir.join("tls.key"), ck.signing_key.serialize_pem()).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = u32::try_from(secret_volume.default_mode.unwrap_or(0o644)).unwrap();
+        for f in ["tls.crt", "tls.key"] {
+            std::fs::set_permissions(tls_dir.join(f), std::fs::Permissions::from_mode(mode))
+                .unwrap();
+        }
+    }
 
     // In-cluster credentials of the chart's ServiceAccount, where the kubelet puts them.
     let secrets = tmp.path().join("serviceaccount");
@@ -376,8 +414,12 @@ async fn the_image_serves_sessions_as_the_chart_runs_it_and_a_new_container_serv
     }
 
     // One "pod": a container started the way the kubelet would start the chart's.
-    let start_pod = |podman: &mut Podman, pod: &str| -> String {
-        let env = pod_env(&container, node, ns, pod);
+    let start_pod = |podman: &mut Podman,
+                     pod: &str,
+                     container: &Container,
+                     volumes: &[k8s_openapi::api::core::v1::Volume]|
+     -> String {
+        let env = pod_env(container, node, ns, pod);
         let args: Vec<String> = container
             .args
             .clone()
@@ -426,9 +468,16 @@ async fn the_image_serves_sessions_as_the_chart_runs_it_and_a_new_container_serv
             .filter(|v| v.projected.is_some())
             .map(|v| v.name.clone())
             .collect();
+        let secret: Vec<String> = volumes
+            .iter()
+            .filter(|v| v.secret.is_some())
+            .map(|v| v.name.clone())
+            .collect();
         for m in container.volume_mounts.clone().unwrap_or_default() {
             let (src, ro) = if projected.contains(&m.name) {
                 (&secrets, ":ro")
+            } else if secret.contains(&m.name) {
+                (&tls_dir, ":ro")
             } else {
                 (&state, "")
             };
@@ -453,7 +502,7 @@ async fn the_image_serves_sessions_as_the_chart_runs_it_and_a_new_container_serv
         name
     };
 
-    let first = start_pod(&mut podman, "vncd-aaaaa");
+    let first = start_pod(&mut podman, "vncd-aaaaa", &container, &volumes);
     wait_ready(&api, 2, "first container", || podman.logs(&first)).await;
     let before = urls(&api, &tmp.path().join("vncd-aaaaa-state")).await;
     for (name, (port, url)) in &before {
@@ -558,7 +607,8 @@ async fn the_image_serves_sessions_as_the_chart_runs_it_and_a_new_container_serv
     // A new pod serves the same sessions again on the same ports, after taking over the
     // node lease the dead pod held. Its emptyDir is new, so is its ticket key: consoles
     // need fresh URLs, minted with it.
-    let second = start_pod(&mut podman, "vncd-bbbbb");
+    // The new pod runs the chart with tls.secretName: the same sessions, now over wss.
+    let second = start_pod(&mut podman, "vncd-bbbbb", &tls_container, &tls_volumes);
     let second_state = tmp.path().join("vncd-bbbbb-state");
     let deadline = Instant::now() + Duration::from_secs(120);
     for (name, (port, _)) in &before {
@@ -569,7 +619,13 @@ async fn the_image_serves_sessions_as_the_chart_runs_it_and_a_new_container_serv
                 None
             };
             let got = match &fresh {
-                Some((_, url)) => common::try_banner(url).await,
+                Some((_, url)) if url.starts_with("wss://") => {
+                    match common::wss_open(url, ck.cert.der()).await {
+                        Ok(mut ws) => Ok(common::wss_read(&mut ws, 12).await),
+                        Err(e) => Err(e),
+                    }
+                }
+                Some((_, url)) => Err(format!("not a wss URL yet: {url}")),
                 None => Err("no key or lease yet".into()),
             };
             match got {
@@ -596,6 +652,14 @@ async fn the_image_serves_sessions_as_the_chart_runs_it_and_a_new_container_serv
         ports(&before),
         "same ports after the new pod"
     );
+    // Never plain ws on a TLS port: a plain upgrade gets no RFB banner.
+    for (name, (_, url)) in urls(&api, &second_state).await {
+        let plain = url.replacen("wss://", "ws://", 1);
+        assert!(
+            common::try_banner(&plain).await.is_err(),
+            "{name}: plain ws served on a TLS port"
+        );
+    }
     let log = podman.logs(&second);
     assert!(
         !log.to_lowercase().contains("forbidden"),
