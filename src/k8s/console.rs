@@ -101,7 +101,7 @@ impl Responder {
         let notify = changed.clone();
         let stream = watcher(api, watcher::Config::default())
             .default_backoff()
-            .modify(|o: &mut VncConsoleRequest| o.metadata.managed_fields = None)
+            .modify(|o: &mut VncConsoleRequest| super::slim(&mut o.metadata))
             .reflect(writer);
         let watch = crate::task::spawn(tracing::info_span!("console_requests_watch"), async move {
             futures::pin_mut!(stream);

@@ -116,9 +116,39 @@ pub fn error_label(err: &kube::Error) -> &'static str {
     }
 }
 
+/// Drops what vncd never reads from an object before it enters a watch cache: its
+/// managed fields and annotations. Anyone who may edit a VncSession or create a
+/// VncConsoleRequest chooses the annotations (up to 256 KiB each, `kubectl apply` adds a
+/// copy of the whole object), and every node caches every request, so keeping them would
+/// let one tenant grow every node's memory.
+pub fn slim(meta: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) {
+    meta.managed_fields = None;
+    meta.annotations = None;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cached_objects_keep_no_annotations_or_managed_fields() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ManagedFieldsEntry, ObjectMeta};
+        let mut meta = ObjectMeta {
+            name: Some("vm1".into()),
+            labels: Some([("a".to_owned(), "b".to_owned())].into()),
+            annotations: Some([("big".to_owned(), "x".repeat(200_000))].into()),
+            managed_fields: Some(vec![ManagedFieldsEntry::default()]),
+            ..ObjectMeta::default()
+        };
+        slim(&mut meta);
+        assert_eq!(meta.annotations, None);
+        assert_eq!(meta.managed_fields, None);
+        assert_eq!(meta.name.as_deref(), Some("vm1"), "identity stays");
+        assert!(
+            meta.labels.is_some(),
+            "labels stay (selectors may use them)"
+        );
+    }
 
     #[test]
     fn keys_round_trip() {

@@ -65,7 +65,7 @@ impl KubeSource {
         let stream = watcher(api, config)
             .default_backoff()
             // managedFields are large and of no use to us.
-            .modify(|o: &mut VncSession| o.metadata.managed_fields = None)
+            .modify(|o: &mut VncSession| crate::k8s::slim(&mut o.metadata))
             .reflect(writer);
         let (notify, counts, me) = (changed.clone(), stats.clone(), node.to_owned());
         let task = crate::task::spawn(
