@@ -883,10 +883,10 @@ async fn bad_command_lines_exit_non_zero_with_a_message_and_write_nothing() {
             ),
         });
     }
-    // Bad sessions/state paths, and the relay where it is not served yet.
+    // Bad sessions/state paths, and the relay without the socket kube mode needs.
     for (what, args, needle) in [
         (
-            "--relay (the relay is not wired into kube mode yet)",
+            "`vncd kube --relay` without `--relay-socket` (a relay started in the controller's pod would end with it)",
             vec![
                 s("kube"),
                 s("--node-name"),
@@ -895,7 +895,7 @@ async fn bad_command_lines_exit_non_zero_with_a_message_and_write_nothing() {
                 s("--port-range"),
                 pool.clone(),
             ],
-            "does not serve through the relay yet",
+            "needs --relay-socket",
         ),
         (
             "--sessions-dir is a regular file",

@@ -1314,3 +1314,158 @@ async fn a_namespace_past_its_share_waits_newest_first_and_converges_when_one_go
     let x = moved.iter().find(|o| o.name_any() == "vm-x").unwrap();
     assert_eq!(rfb_banner(&console_url(&v, x)).await, b"RFB 003.008\n");
 }
+
+/// A node relay as the chart's relay DaemonSet runs it: `vncd-proxy relay --state-dir DIR
+/// --socket PATH`, a process of its own that no vncd starts or stops.
+struct NodeRelay {
+    child: std::process::Child,
+}
+
+impl NodeRelay {
+    fn start(state: &std::path::Path, socket: &std::path::Path) -> NodeRelay {
+        let log = state.join(format!("relay-{}.log", std::process::id()));
+        let err = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_vncd-proxy"))
+            .arg("relay")
+            .arg("--state-dir")
+            .arg(state)
+            .arg("--socket")
+            .arg(socket)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(err)
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        while std::os::unix::net::UnixStream::connect(socket).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "the relay did not open {}: {}",
+                socket.display(),
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        NodeRelay { child }
+    }
+
+    fn pid(&self) -> i32 {
+        i32::try_from(self.child.id()).unwrap()
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for NodeRelay {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn through_the_node_relay_consoles_outlive_the_controller_and_a_dead_relay_is_not_ready() {
+    let c = cluster();
+    let ns = "relayed";
+    c.create_namespace(ns);
+    let qemu = Qemu::tcp();
+    let node = "node-relayed";
+    let mut v = KubeVncd::new(node, Some(ns), ns, 5);
+    // The relay's own directory, as the chart's hostPath would be: the relay keeps its
+    // used-ticket records there, and its socket is the only thing vncd knows of it.
+    let relay_dir = v.tmp.path().join("relay-state");
+    std::fs::create_dir(&relay_dir).unwrap();
+    let socket = relay_dir.join("relay.sock");
+    let mut relay = NodeRelay::start(&relay_dir, &socket);
+    v.extra.extend([
+        "--relay".into(),
+        "--relay-socket".into(),
+        socket.display().to_string(),
+    ]);
+    v.start();
+    let client = c.client().await;
+    let api: Api<VncSession> = Api::namespaced(client.clone(), ns);
+    for name in ["vm1", "vm2"] {
+        create(&api, name, spec(Some(node), qemu.port)).await;
+    }
+    let before = wait_ready(&api, 2, &[&v]).await;
+    for o in &before {
+        assert_eq!(
+            status(o).pid,
+            Some(relay.pid()),
+            "{} is served by the relay, not a process of its own",
+            o.name_any()
+        );
+    }
+    let mut console = Client::connect(&console_url(&v, &before[0])).await;
+    assert_eq!(console.read(12).await, b"RFB 003.008\n");
+
+    // The controller goes (a DaemonSet rollout): the open console stays, and the new
+    // controller adopts the relay's sessions on the same ports without a write storm.
+    v.kill9();
+    let (w, h) = console.handshake().await;
+    assert!(w > 0 && h > 0, "the console stopped with its controller");
+    v.start();
+    wait_probe(&v, "/readyz", 200).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = wait_ready(&api, 2, &[&v]).await;
+    let ports = |items: &[VncSession]| items.iter().map(port_of).collect::<Vec<_>>();
+    assert_eq!(
+        ports(&after),
+        ports(&before),
+        "same ports after the controller restart"
+    );
+    // The same connection still carries RFB: the rest of ServerInit, then a frame.
+    let rest = console.read(20).await;
+    let name_len = u32::from_be_bytes([rest[16], rest[17], rest[18], rest[19]]) as usize;
+    console.read(name_len).await;
+    let mut fbur = vec![3u8, 0, 0, 0, 0, 0];
+    fbur.extend_from_slice(&w.to_be_bytes());
+    fbur.extend_from_slice(&h.to_be_bytes());
+    console.write(&fbur).await;
+    assert_eq!(
+        console.read(1).await,
+        [0],
+        "a FramebufferUpdate after the controller restart"
+    );
+
+    // The relay dies: the sessions are no longer Ready (no console opens), and vncd kube
+    // starts no relay of its own.
+    relay.kill9();
+    wait_objects(
+        &api,
+        "not Ready without the relay",
+        Duration::from_secs(60),
+        &[&v],
+        |items| items.len() == 2 && items.iter().all(|o| !is_ready(o)),
+    )
+    .await;
+    assert!(
+        try_banner(&console_url(&v, &after[0])).await.is_err(),
+        "a console opened with no relay running"
+    );
+    assert!(
+        v.log().contains("no relay answers on"),
+        "vncd kube does not say why: {}",
+        v.log()
+    );
+    // The relay comes back (the DaemonSet restarts it): the sessions return on their ports.
+    let _relay = NodeRelay::start(&relay_dir, &socket);
+    let back = wait_ready(&api, 2, &[&v]).await;
+    assert_eq!(
+        ports(&back),
+        ports(&before),
+        "same ports after the relay restart"
+    );
+    assert_eq!(
+        rfb_banner(&console_url(&v, &back[1])).await,
+        b"RFB 003.008\n"
+    );
+    drop(relay);
+}

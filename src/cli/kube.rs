@@ -130,12 +130,12 @@ async fn stopped(mut stop: watch::Receiver<bool>) {
 }
 
 pub fn kube(args: KubeArgs) -> anyhow::Result<ExitCode> {
-    // The relay is wired into `vncd run` only: in `vncd kube` its socket and state would
-    // follow the supervisor's owner marker, not a directory the chart shares. Refused
-    // before anything is written, rather than served from a stray relative path.
+    // In a pod, a relay this vncd started would end with the container: vncd kube only
+    // talks to one that runs on its own (the chart's relay DaemonSet), on a socket path
+    // both pods share.
     anyhow::ensure!(
-        !args.serve.relay,
-        "vncd kube does not serve through the relay yet (only vncd run --relay does): leave out --relay (and --gateway)"
+        !args.serve.relay || args.serve.relay_socket.is_some(),
+        "vncd kube --relay needs --relay-socket PATH: the relay runs on its own (the chart's relay DaemonSet), not inside the controller's pod"
     );
     let node = args.node_name.clone();
     if !is_valid_name(&node) {

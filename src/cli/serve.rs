@@ -47,6 +47,18 @@ pub struct ServeArgs {
     /// --proxy-user.
     #[arg(long, env = "VNCD_RELAY")]
     pub relay: bool,
+    /// With --relay: talk to a relay that runs on its own (the chart's relay DaemonSet, or
+    /// `vncd relay --state-dir DIR --socket PATH` under its own unit) on this control
+    /// socket, and never start one. While none answers its sessions are down, not Ready.
+    /// `vncd kube --relay` needs it: a relay started inside the controller's pod would
+    /// end with it.
+    #[arg(
+        long,
+        env = "VNCD_RELAY_SOCKET",
+        value_name = "PATH",
+        requires = "relay"
+    )]
+    pub relay_socket: Option<PathBuf>,
     /// With --relay: one more port, outside the pool, that serves every session; the
     /// ticket routes each connection to its session (`vncd url NAME --gateway`). Declared
     /// to the relay, so changing it moves the gateway without dropping consoles.
@@ -368,20 +380,26 @@ impl ServeArgs {
         supervisor.issue_tickets(minter.clone());
         if self.relay {
             let vncd = std::env::current_exe().context("cannot find the vncd executable")?;
-            supervisor.serve_through_relay(
-                crate::supervisor::relay::RelayPlane::beside(
+            let plane = match &self.relay_socket {
+                Some(socket) => crate::supervisor::relay::RelayPlane::external(
+                    socket,
+                    self.listen_address,
+                    minter.clone(),
+                ),
+                None => crate::supervisor::relay::RelayPlane::beside(
                     &vncd,
                     Path::new(&owner_dir),
                     self.listen_address,
                     minter.clone(),
-                )
-                .with_gateway(self.gateway)
-                .with_serving(crate::relay::ServingSpec {
+                ),
+            };
+            supervisor.serve_through_relay(plane.with_gateway(self.gateway).with_serving(
+                crate::relay::ServingSpec {
                     tls: self.tls()?,
                     origins: self.origins.clone(),
                     web: web_for_relay,
-                }),
-            );
+                },
+            ));
         }
         // Orphaned proxy children (and, as PID 1 in a container, every orphan) come to
         // vncd and are reaped; the proxies' own exit statuses stay the supervisor's.

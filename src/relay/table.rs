@@ -121,7 +121,7 @@ pub struct SessionSpec {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DeclError {
     #[error(
-        "session {0:?}: the name must be 1-253 characters of A-Z a-z 0-9 . _ - and not start with '.'"
+        "session {0:?}: the name must be NAME or NAMESPACE/NAME, each part 1-253 characters of A-Z a-z 0-9 . _ - not starting with '.'"
     )]
     BadName(String),
     #[error("session {0:?}: declared twice; the later one is ignored")]
@@ -203,15 +203,27 @@ pub struct Plan {
     pub errors: BTreeMap<String, DeclError>,
 }
 
+/// A session name the relay accepts: `NAME` (standalone) or `NAMESPACE/NAME` (Kubernetes
+/// keys), each part 1-253 characters of `A-Z a-z 0-9 . _ -` not starting with '.'. The
+/// name is also the path of its used-ticket directory under `nonces/`, so no part may be
+/// `..` or empty, and there is at most one '/'.
+fn name_ok(name: &str) -> bool {
+    let part_ok = |p: &str| {
+        !p.is_empty()
+            && p.len() <= 253
+            && !p.starts_with('.')
+            && p.bytes()
+                .all(|c| c.is_ascii_alphanumeric() || b"._-".contains(&c))
+    };
+    match name.split_once('/') {
+        Some((ns, n)) => part_ok(ns) && part_ok(n),
+        None => part_ok(name),
+    }
+}
+
 /// Checks one declared session on its own (duplicates are checked by [`converge`]).
 pub fn validate(s: &SessionSpec) -> Result<(), DeclError> {
-    let name_ok = !s.name.is_empty()
-        && s.name.len() <= 253
-        && !s.name.starts_with('.')
-        && s.name
-            .bytes()
-            .all(|c| c.is_ascii_alphanumeric() || b"._-".contains(&c));
-    if !name_ok {
+    if !name_ok(&s.name) {
         return Err(DeclError::BadName(s.name.clone()));
     }
     let name = || s.name.clone();
@@ -473,6 +485,30 @@ pub(crate) mod tests {
         assert!(matches!(p.errors["e"], DeclError::LeaseTaken { ref other, .. } if other == "b"));
         assert!(matches!(p.errors["b"], DeclError::Duplicate(_)));
         assert!(p.errors["d"].to_string().contains("session \"d\""));
+    }
+
+    /// Kubernetes declares `NAMESPACE/NAME`; nothing else may add a path level or climb.
+    #[test]
+    fn names_are_a_name_or_a_namespaced_name_and_never_a_path() {
+        for good in ["vm1", "tenant-a/vm1", "a.b/c_d-e", "ns/x.y"] {
+            assert!(name_ok(good), "{good}");
+        }
+        for bad in [
+            "",
+            "/",
+            "ns/",
+            "/vm",
+            "a/b/c",
+            "../x",
+            "ns/..",
+            "ns/.hidden",
+            ".ns/vm",
+            "ns/v m",
+            "ns\\vm",
+        ] {
+            assert!(!name_ok(bad), "{bad:?}");
+        }
+        assert!(!name_ok(&format!("ns/{}", "x".repeat(254))));
     }
 
     #[test]

@@ -64,6 +64,11 @@ pub enum RelayPlaneError {
     Refused { session: String, message: String },
     #[error("no ticket key for session {session:?} (vncd was started without its master key)")]
     NoKey { session: String },
+    #[error(
+        "no relay answers on {} (this vncd starts none: the relay runs on its own, e.g. the chart's relay DaemonSet); its sessions are down until one does",
+        socket.display()
+    )]
+    NotRunning { socket: PathBuf },
     #[error("relay pid {pid} vanished")]
     Vanished { pid: i32 },
     #[error("session {session:?} was not declared to the relay: {cause}")]
@@ -74,6 +79,11 @@ pub enum RelayPlaneError {
 #[derive(Debug)]
 pub struct RelayPlane {
     state_dir: PathBuf,
+    /// The relay's control socket.
+    socket: PathBuf,
+    /// Start a relay when none answers (`vncd run`), or only ever talk to one that
+    /// something else runs (`vncd kube`: the chart's relay DaemonSet, in another pod).
+    launch: bool,
     program: PathBuf,
     listen: IpAddr,
     minter: Minter,
@@ -129,6 +139,8 @@ impl RelayPlane {
         };
         RelayPlane {
             state_dir: state_dir.to_owned(),
+            socket: state_dir.join("relay").join("relay.sock"),
+            launch: true,
             program,
             listen,
             minter,
@@ -136,6 +148,42 @@ impl RelayPlane {
             serving: ServingSpec::default(),
             inner: Mutex::new(Inner::default()),
         }
+    }
+
+    /// A relay that something else runs and keeps running (`--relay-socket`; in
+    /// Kubernetes the chart's relay DaemonSet, so rolling the controller touches no
+    /// console). This plane never starts one: while none answers on `socket`, its
+    /// sessions count as down and are not Ready. The relay may live in another PID
+    /// namespace, so its identity is what it reports (pid and start time), never a look
+    /// at this namespace's /proc.
+    pub fn external(socket: &Path, listen: IpAddr, minter: Minter) -> Self {
+        RelayPlane {
+            state_dir: PathBuf::new(),
+            socket: socket.to_owned(),
+            launch: false,
+            program: PathBuf::new(),
+            listen,
+            minter,
+            gateway: None,
+            serving: ServingSpec::default(),
+            inner: Mutex::new(Inner::default()),
+        }
+    }
+
+    /// The relay that answered with `report`: with a relay of our own, its pid and start
+    /// time from /proc (None if it is gone); with an external one, as it reports itself.
+    fn identity(&self, report: &Report) -> Option<ProcRef> {
+        let pid = i32::try_from(report.relay.pid).ok()?;
+        if !self.launch {
+            return Some(ProcRef {
+                pid,
+                start_time: report.relay.started_unix,
+            });
+        }
+        procfs::stat(pid).map(|st| ProcRef {
+            pid,
+            start_time: st.start_time,
+        })
     }
 
     /// Declares `gateway` with the sessions (see `vncd run --gateway`).
@@ -153,7 +201,7 @@ impl RelayPlane {
     }
 
     fn socket(&self) -> PathBuf {
-        self.state_dir.join("relay").join("relay.sock")
+        self.socket.clone()
     }
 
     fn log(&self) -> PathBuf {
@@ -169,6 +217,9 @@ impl RelayPlane {
         match call(&self.socket(), &Request::Report {}) {
             Ok(Response::Report(r)) => Ok(r),
             Ok(_) => Err(ControlError::Unexpected { asked: "report" }.into()),
+            Err(ControlError::Connect { .. }) if !self.launch => Err(RelayPlaneError::NotRunning {
+                socket: self.socket(),
+            }),
             Err(ControlError::Connect { .. }) => {
                 self.start_relay()?;
                 match call(&self.socket(), &Request::Report {})? {
@@ -237,10 +288,7 @@ impl RelayPlane {
                 return Served::default();
             }
         };
-        let relay = procfs::stat(i32::try_from(report.relay.pid).unwrap_or(-1)).map(|st| ProcRef {
-            pid: i32::try_from(report.relay.pid).unwrap_or(-1),
-            start_time: st.start_time,
-        });
+        let relay = self.identity(&report);
         let mut inner = self.lock();
         if inner.relay != relay {
             // Another relay (restarted, or the first look): what it has applied decides the
@@ -390,13 +438,9 @@ impl RelayPlane {
             return Ok(Vec::new());
         }
         let report = self.report()?;
-        let pid = i32::try_from(report.relay.pid).unwrap_or(-1);
-        let relay = procfs::stat(pid)
-            .map(|st| ProcRef {
-                pid,
-                start_time: st.start_time,
-            })
-            .ok_or(RelayPlaneError::Vanished { pid })?;
+        let relay = self.identity(&report).ok_or(RelayPlaneError::Vanished {
+            pid: i32::try_from(report.relay.pid).unwrap_or(-1),
+        })?;
         let specs: Vec<Result<SessionSpec, RelayPlaneError>> =
             leases.iter().map(|l| self.spec(l)).collect();
         let mut inner = self.lock();
