@@ -8,6 +8,7 @@
 
 mod common;
 
+use std::os::unix::process::CommandExt;
 use std::time::Duration;
 
 use common::{Client, Qemu, Vncd, relay_pids, try_banner, wait_for};
@@ -206,7 +207,7 @@ async fn per_session_proxies_of_an_earlier_run_are_replaced_by_the_relay() {
 #[test]
 fn relay_refuses_what_it_does_not_serve_yet() {
     let mut v = relay_vncd(2);
-    v.extra.extend(["--proxy-user".into(), "nobody".into()]);
+    v.extra = vec!["--relay".into(), "--backend".into(), "websockify".into()];
     v.start();
     let code = wait_for("vncd to exit", Duration::from_secs(10), || {
         v.child.as_mut().unwrap().try_wait().unwrap()
@@ -214,11 +215,74 @@ fn relay_refuses_what_it_does_not_serve_yet() {
     assert!(!code.success());
     assert!(
         v.log()
-            .contains("--relay does not support --proxy-user yet"),
+            .contains("--relay does not support --backend websockify yet"),
         "{}",
         v.log()
     );
     v.child = None;
+}
+
+/// `--proxy-user` with the relay: the relay, which parses every untrusted client, runs
+/// under that uid (never the controller's), owns its directory (0750, the controller's
+/// group), serves consoles, and cannot open the master key from which every lease key
+/// derives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_runs_as_proxy_user_owns_its_directory_and_cannot_read_the_master_key() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "this test switches users: run it as root (scripts/test does)"
+    );
+    let qemu = Qemu::tcp();
+    let mut v = relay_vncd(2);
+    // The relay reaches its directory through the temp dir, like /var/lib in production.
+    std::fs::set_permissions(v.tmp.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    v.extra.extend(["--proxy-user".into(), "nobody".into()]);
+    v.add_session("vm1", qemu.port);
+    v.start();
+    let st = v.wait_ready("vm1");
+    assert_eq!(
+        common::rfb_banner(&v.console_url(&st)).await,
+        b"RFB 003.008\n"
+    );
+    let pid = st["pid"].as_i64().expect("the relay's pid");
+    assert_eq!(
+        relay_pids(&v.owner()),
+        vec![i32::try_from(pid).unwrap()],
+        "one relay serves vm1"
+    );
+    let proc_meta = std::fs::metadata(format!("/proc/{pid}")).unwrap();
+    assert_eq!(
+        (proc_meta.uid(), proc_meta.gid()),
+        (65534, 65534),
+        "the relay runs as --proxy-user"
+    );
+    let dir = std::fs::metadata(v.state.join("relay")).unwrap();
+    assert_eq!(
+        (dir.uid(), dir.gid(), dir.mode() & 0o7777),
+        (65534, 0, 0o750),
+        "STATE/relay: the relay's, with the controller's group"
+    );
+    // The relay's uid cannot open the master key (vncd-proxy, run as that uid, fails to
+    // load it as a key file).
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vncd-proxy"))
+        .args([
+            "--listen",
+            "127.0.0.1:1",
+            "--target",
+            "127.0.0.1:1",
+            "--key-file",
+        ])
+        .arg(v.state.join("ticket.key"))
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("cannot read ticket key file"),
+        "the relay's uid could read ticket.key: {err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -43,8 +43,8 @@ pub struct ServeArgs {
     /// if none runs, adopted if one does, restarted if it dies) instead of one proxy
     /// process each; running per-session proxies are replaced by it one at a time. The
     /// relay outlives vncd and keeps its consoles open while vncd restarts. It serves
-    /// --tls-cert (reloaded when the files change), --origin and --web; not yet
-    /// --proxy-user.
+    /// --tls-cert (reloaded when the files change), --origin and --web; with --proxy-user
+    /// the relay runs under that uid and owns STATE_DIR/relay.
     #[arg(long, env = "VNCD_RELAY")]
     pub relay: bool,
     /// With --relay: talk to a relay that runs on its own (the chart's relay DaemonSet, or
@@ -297,13 +297,10 @@ impl ServeArgs {
 
     /// What `--relay` does not serve yet is refused at start rather than served without.
     fn check_relay(&self) -> anyhow::Result<()> {
-        let unsupported = [
-            (
-                self.backend == BackendKind::Websockify,
-                "--backend websockify",
-            ),
-            (self.proxy_user.is_some(), "--proxy-user"),
-        ];
+        let unsupported = [(
+            self.backend == BackendKind::Websockify,
+            "--backend websockify",
+        )];
         for (given, flag) in unsupported {
             anyhow::ensure!(
                 !given,
@@ -380,6 +377,16 @@ impl ServeArgs {
         supervisor.issue_tickets(minter.clone());
         if self.relay {
             let vncd = std::env::current_exe().context("cannot find the vncd executable")?;
+            anyhow::ensure!(
+                self.relay_socket.is_none() || self.proxy_user.is_none(),
+                "--proxy-user does not apply with --relay-socket: that relay runs on its own, under the uid its own unit or pod gives it"
+            );
+            // The relay runs as --proxy-user, like the proxies it replaces.
+            let relay_user = self
+                .proxy_user
+                .as_deref()
+                .map(ProxyUser::resolve)
+                .transpose()?;
             let plane = match &self.relay_socket {
                 Some(socket) => crate::supervisor::relay::RelayPlane::external(
                     socket,
@@ -393,13 +400,16 @@ impl ServeArgs {
                     minter.clone(),
                 ),
             };
-            supervisor.serve_through_relay(plane.with_gateway(self.gateway).with_serving(
-                crate::relay::ServingSpec {
-                    tls: self.tls()?,
-                    origins: self.origins.clone(),
-                    web: web_for_relay,
-                },
-            ));
+            supervisor.serve_through_relay(
+                plane
+                    .run_as(relay_user)
+                    .with_gateway(self.gateway)
+                    .with_serving(crate::relay::ServingSpec {
+                        tls: self.tls()?,
+                        origins: self.origins.clone(),
+                        web: web_for_relay,
+                    }),
+            );
         }
         // Orphaned proxy children (and, as PID 1 in a container, every orphan) come to
         // vncd and are reaped; the proxies' own exit statuses stay the supervisor's.

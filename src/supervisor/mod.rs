@@ -1166,7 +1166,7 @@ fn hand_to(user: &ProxyUser, path: &Path, root: &Path) -> std::io::Result<()> {
 /// permission for group and others is taken away at the same time: a proxy user that
 /// could write there (a Kubernetes emptyDir is created 0777) could rename `tokens/` or
 /// `logs/` away and put its own in their place.
-fn add_search_permission(dir: &Path) -> std::io::Result<()> {
+pub(crate) fn add_search_permission(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(dir)?.permissions().mode() & 0o7777;
     let want = (mode | 0o011) & !0o022;

@@ -69,6 +69,13 @@ pub enum RelayPlaneError {
         socket.display()
     )]
     NotRunning { socket: PathBuf },
+    #[error("cannot hand {} to the relay's user {user}: {source}", dir.display())]
+    Handover {
+        dir: PathBuf,
+        user: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("relay pid {pid} vanished")]
     Vanished { pid: i32 },
     #[error("session {session:?} was not declared to the relay: {cause}")]
@@ -91,6 +98,10 @@ pub struct RelayPlane {
     gateway: Option<std::net::SocketAddr>,
     /// TLS, origins and static files to declare with the sessions.
     serving: ServingSpec,
+    /// The uid the relay runs under (`--proxy-user`), never the controller's: it parses
+    /// every untrusted client, so it must not reach the master key or vncd's state.
+    /// None: the controller's uid.
+    run_as: Option<super::ProxyUser>,
     inner: Mutex<Inner>,
 }
 
@@ -146,6 +157,7 @@ impl RelayPlane {
             minter,
             gateway: None,
             serving: ServingSpec::default(),
+            run_as: None,
             inner: Mutex::new(Inner::default()),
         }
     }
@@ -166,6 +178,7 @@ impl RelayPlane {
             minter,
             gateway: None,
             serving: ServingSpec::default(),
+            run_as: None,
             inner: Mutex::new(Inner::default()),
         }
     }
@@ -190,6 +203,13 @@ impl RelayPlane {
     #[must_use]
     pub fn with_gateway(mut self, gateway: Option<std::net::SocketAddr>) -> Self {
         self.gateway = gateway;
+        self
+    }
+
+    /// Starts the relay as `user` (`--proxy-user`), handing it `STATE/relay` first.
+    #[must_use]
+    pub fn run_as(mut self, user: Option<super::ProxyUser>) -> Self {
+        self.run_as = user;
         self
     }
 
@@ -248,6 +268,16 @@ impl RelayPlane {
         let out = open().map_err(start_err)?;
         let err = out.try_clone().map_err(start_err)?;
         let mut cmd = Command::new(&self.program);
+        if let Some(user) = &self.run_as {
+            let dir = self.state_dir.join("relay");
+            hand_over_dir(&dir, user).map_err(|source| RelayPlaneError::Handover {
+                dir: dir.clone(),
+                user: user.to_string(),
+                source,
+            })?;
+            // std drops supplementary groups (setgroups(0)) when root changes the uid.
+            cmd.uid(user.uid).gid(user.gid);
+        }
         cmd.arg("relay")
             .arg("--state-dir")
             .arg(&self.state_dir)
@@ -502,6 +532,54 @@ impl RelayPlane {
     }
 }
 
+/// Makes `dir` (STATE/relay) the relay user's own before the relay starts: the state
+/// directory above it searchable (not readable) by others, `dir` created if missing, mode
+/// 0750, owned by `user` with the controller's group (so the controller
+/// reaches the socket and nothing else can). The relay itself cannot create it, since
+/// the state directory is the controller's.
+///
+/// If it belongs to someone else (a relay that ran under the controller's uid before),
+/// its contents (the used-ticket records) become the user's too, so the new relay still
+/// refuses tickets spent before. That walk never follows a symbolic link: a relay that
+/// planted one could otherwise make root chown a file elsewhere. Once the directory is
+/// the user's, its contents are left alone.
+fn hand_over_dir(dir: &Path, user: &super::ProxyUser) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt, lchown};
+    // A way through the state directory (search only: its files stay 0600 root).
+    if let Some(state) = dir.parent() {
+        super::add_search_permission(state)?;
+    }
+    match std::fs::DirBuilder::new().mode(0o750).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    let meta = std::fs::symlink_metadata(dir)?;
+    if !meta.is_dir() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::NotADirectory,
+            "not a directory",
+        ));
+    }
+    if meta.uid() != user.uid {
+        fn walk(d: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
+            for entry in std::fs::read_dir(d)? {
+                let entry = entry?;
+                let path = entry.path();
+                // Not followed: file_type() describes the entry itself.
+                if entry.file_type()?.is_dir() {
+                    walk(&path, uid, gid)?;
+                }
+                lchown(&path, Some(uid), Some(gid))?;
+            }
+            Ok(())
+        }
+        walk(dir, user.uid, user.gid)?;
+    }
+    lchown(dir, Some(user.uid), Some(nix::unistd::getegid().as_raw()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750))
+}
+
 /// One request and its answer on the control socket, blocking, with [`CALL_TIMEOUT`].
 fn call(socket: &Path, req: &Request) -> Result<Response, ControlError> {
     let s = UnixStream::connect(socket).map_err(|source| ControlError::Connect {
@@ -520,5 +598,51 @@ fn call(socket: &Path, req: &Request) -> Result<Response, ControlError> {
     match env.body {
         Response::Error { message } => Err(ControlError::Refused(message)),
         other => Ok(other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    /// Switching the relay to `--proxy-user`: the used-ticket records of the earlier relay
+    /// become the new uid's, and a symbolic link planted in the directory is not followed
+    /// (root would otherwise chown whatever it points at).
+    #[test]
+    fn the_relay_dir_is_handed_over_without_following_links() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root to chown (scripts/test runs as root)");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let state = tmp.path().join("state");
+        std::fs::create_dir(&state).unwrap();
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let dir = state.join("relay");
+        std::fs::create_dir_all(dir.join("nonces/vm1")).unwrap();
+        std::fs::write(dir.join("nonces/vm1/used"), b"").unwrap();
+        let outside = tmp.path().join("precious");
+        std::fs::write(&outside, b"root's").unwrap();
+        std::os::unix::fs::symlink(&outside, dir.join("nonces/link")).unwrap();
+        let user = crate::supervisor::ProxyUser {
+            spec: "nobody".into(),
+            uid: 65534,
+            gid: 65534,
+        };
+        hand_over_dir(&dir, &user).unwrap();
+        let m = |p: &Path| std::fs::symlink_metadata(p).unwrap();
+        assert_eq!(
+            (m(&dir).uid(), m(&dir).gid(), m(&dir).mode() & 0o7777),
+            (65534, 0, 0o750)
+        );
+        assert_eq!(m(&dir.join("nonces/vm1/used")).uid(), 65534);
+        assert_eq!(m(&dir.join("nonces/link")).uid(), 65534, "the link itself");
+        assert_eq!(m(&outside).uid(), 0, "what the link points at stays root's");
+        assert_eq!(m(&state).mode() & 0o7777, 0o711, "searchable, not readable");
+        // Once the user's, the contents are left alone.
+        std::fs::write(dir.join("later"), b"").unwrap();
+        hand_over_dir(&dir, &user).unwrap();
+        assert_eq!(m(&dir.join("later")).uid(), 0);
     }
 }
