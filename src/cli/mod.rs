@@ -9,6 +9,7 @@ mod get;
 mod kube;
 mod kube_console;
 mod libvirt;
+mod relay_dir;
 mod run;
 mod serve;
 mod url;
@@ -71,9 +72,12 @@ pub enum Command {
     /// Run one websocket -> VNC proxy (the builtin backend; started by `vncd run`).
     Proxy(crate::proxy::ProxyArgs),
     /// Run the node relay: one process that serves every declared console session, told
-    /// what to serve over its control socket (same as `vncd-proxy relay`). `vncd run` does
-    /// not use it yet.
+    /// what to serve over its control socket (same as `vncd-proxy relay`; `vncd run
+    /// --relay` starts it, `vncd kube --relay` talks to one that runs on its own).
     Relay(crate::relay::RelayArgs),
+    /// Create STATE_DIR/relay for a relay that runs under a uid of its own (the chart's
+    /// relay init container): mode 0750, owned by --relay-user, then exit.
+    RelayDir(relay_dir::RelayDirArgs),
     /// Print a shell completion script, e.g. `vncd completions bash > /etc/bash_completion.d/vncd`.
     Completions {
         #[arg(value_enum)]
@@ -148,6 +152,7 @@ pub fn main() -> ExitCode {
         Command::Crd(args) => print_crd(&args),
         Command::Proxy(args) => run_proxy(args),
         Command::Relay(args) => run_relay(args),
+        Command::RelayDir(args) => relay_dir::relay_dir(&args),
         Command::Completions { shell } => {
             use clap::CommandFactory;
             let mut buf = Vec::new();

@@ -270,10 +270,12 @@ impl RelayPlane {
         let mut cmd = Command::new(&self.program);
         if let Some(user) = &self.run_as {
             let dir = self.state_dir.join("relay");
-            hand_over_dir(&dir, user).map_err(|source| RelayPlaneError::Handover {
-                dir: dir.clone(),
-                user: user.to_string(),
-                source,
+            hand_over_dir(&dir, user, nix::unistd::getegid().as_raw()).map_err(|source| {
+                RelayPlaneError::Handover {
+                    dir: dir.clone(),
+                    user: user.to_string(),
+                    source,
+                }
             })?;
             // std drops supplementary groups (setgroups(0)) when root changes the uid.
             cmd.uid(user.uid).gid(user.gid);
@@ -535,15 +537,16 @@ impl RelayPlane {
 /// Makes `dir` (STATE/relay) the relay user's own before the relay starts: the state
 /// directory above it searchable (not readable) by others, `dir` created if missing, mode
 /// 0750, owned by `user` with the controller's group (so the controller
-/// reaches the socket and nothing else can). The relay itself cannot create it, since
-/// the state directory is the controller's.
+/// reaches the socket and nothing else can): `group`. The relay itself cannot create it,
+/// since the state directory is the controller's (or, in the chart, the kubelet's
+/// hostPath, prepared by `vncd relay-dir` in an init container with CAP_CHOWN alone).
 ///
 /// If it belongs to someone else (a relay that ran under the controller's uid before),
 /// its contents (the used-ticket records) become the user's too, so the new relay still
 /// refuses tickets spent before. That walk never follows a symbolic link: a relay that
 /// planted one could otherwise make root chown a file elsewhere. Once the directory is
 /// the user's, its contents are left alone.
-fn hand_over_dir(dir: &Path, user: &super::ProxyUser) -> std::io::Result<()> {
+pub fn hand_over_dir(dir: &Path, user: &super::ProxyUser, group: u32) -> std::io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt, lchown};
     // A way through the state directory (search only: its files stay 0600 root).
     if let Some(state) = dir.parent() {
@@ -575,9 +578,14 @@ fn hand_over_dir(dir: &Path, user: &super::ProxyUser) -> std::io::Result<()> {
             Ok(())
         }
         walk(dir, user.uid, user.gid)?;
+        // The mode while it is still ours (after the chown only its owner, or
+        // CAP_FOWNER, could change it); a relay tightens its own mode itself later.
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750))?;
     }
-    lchown(dir, Some(user.uid), Some(nix::unistd::getegid().as_raw()))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750))
+    if meta.uid() != user.uid || meta.gid() != group {
+        lchown(dir, Some(user.uid), Some(group))?;
+    }
+    Ok(())
 }
 
 /// One request and its answer on the control socket, blocking, with [`CALL_TIMEOUT`].
@@ -630,7 +638,7 @@ mod tests {
             uid: 65534,
             gid: 65534,
         };
-        hand_over_dir(&dir, &user).unwrap();
+        hand_over_dir(&dir, &user, 0).unwrap();
         let m = |p: &Path| std::fs::symlink_metadata(p).unwrap();
         assert_eq!(
             (m(&dir).uid(), m(&dir).gid(), m(&dir).mode() & 0o7777),
@@ -642,7 +650,7 @@ mod tests {
         assert_eq!(m(&state).mode() & 0o7777, 0o711, "searchable, not readable");
         // Once the user's, the contents are left alone.
         std::fs::write(dir.join("later"), b"").unwrap();
-        hand_over_dir(&dir, &user).unwrap();
+        hand_over_dir(&dir, &user, 0).unwrap();
         assert_eq!(m(&dir.join("later")).uid(), 0);
     }
 }

@@ -45,3 +45,22 @@ app.kubernetes.io/component: node-agent
 {{- define "vncd.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
+
+{{/* The relay's pods: a name of their own, so the controller DaemonSet's selector never
+matches them (and that selector, immutable, stays as it was). */}}
+{{- define "vncd.relaySelectorLabels" -}}
+app.kubernetes.io/name: {{ printf "%s-relay" (include "vncd.name" .) | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "vncd.relayLabels" -}}
+helm.sh/chart: {{ include "vncd.chart" . }}
+{{ include "vncd.relaySelectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/component: relay
+{{- end }}
+
+{{/* Where both pods mount the relay's hostPath directory, and the control socket in it. */}}
+{{- define "vncd.relayMount" -}}/var/lib/vncd-relay{{- end }}
+{{- define "vncd.relaySocket" -}}/var/lib/vncd-relay/relay/relay.sock{{- end }}
