@@ -148,6 +148,31 @@ fn base64_decode(text: &str) -> Vec<u8> {
     out.stdout
 }
 
+/// The in-cluster credentials of ServiceAccount `sa` in `ns` as the kubelet writes them into
+/// `dir` (a TokenRequest token, the cluster CA, the namespace); returns the API server's
+/// host and port (KUBERNETES_SERVICE_HOST/PORT).
+async fn credentials(c: &cluster::Cluster, ns: &str, sa: &str, dir: &Path) -> (String, String) {
+    std::fs::create_dir(dir).unwrap();
+    let token = c.kubectl_ok(&["create", "token", sa, "-n", ns, "--duration", "1h"]);
+    std::fs::write(dir.join("token"), token.trim()).unwrap();
+    std::fs::write(dir.join("namespace"), ns).unwrap();
+    let kc = kube::config::Kubeconfig::read_from(&c.kubeconfig).unwrap();
+    let cl = kc.clusters[0].cluster.clone().unwrap();
+    let ca = match (&cl.certificate_authority_data, &cl.certificate_authority) {
+        (Some(data), _) => base64_decode(data),
+        (None, Some(file)) => std::fs::read(file).unwrap(),
+        _ => panic!("the test kubeconfig has no CA"),
+    };
+    std::fs::write(dir.join("ca.crt"), ca).unwrap();
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+        .await
+        .unwrap();
+    (
+        cfg.cluster_url.host().unwrap().to_owned(),
+        cfg.cluster_url.port_u16().unwrap_or(443).to_string(),
+    )
+}
+
 fn s(v: &str) -> String {
     v.to_owned()
 }
@@ -205,6 +230,65 @@ fn pod_env(c: &Container, node: &str, ns: &str, pod: &str) -> BTreeMap<String, S
         env.insert(e.name.clone(), value);
     }
     env
+}
+
+/// The `podman run` options (up to, not including, the image) that start `container` as
+/// the kubelet would: detached, host network, its securityContext (read-only root, no
+/// privilege escalation, capabilities, runAsUser/runAsGroup), its command as the
+/// entrypoint, its env, and each volume mount from `dirs` (volume name -> host directory;
+/// read-only where the mount says so).
+fn run_args(
+    name: &str,
+    container: &Container,
+    env: &BTreeMap<String, String>,
+    dirs: &BTreeMap<String, PathBuf>,
+) -> Vec<String> {
+    let mut run = vec![
+        s("run"),
+        s("--detach"),
+        s("--pull"),
+        s("never"),
+        s("--name"),
+        name.to_owned(),
+        s("--network"),
+        s("host"),
+    ];
+    let sc = container.security_context.clone().unwrap_or_default();
+    if sc.read_only_root_filesystem == Some(true) {
+        run.push(s("--read-only"));
+    }
+    if sc.allow_privilege_escalation == Some(false) {
+        run.extend([s("--security-opt"), s("no-new-privileges")]);
+    }
+    let caps = sc.capabilities.clone().unwrap_or_default();
+    for cap in caps.drop.unwrap_or_default() {
+        run.extend([s("--cap-drop"), cap.to_lowercase()]);
+    }
+    for cap in caps.add.unwrap_or_default() {
+        run.extend([s("--cap-add"), cap.to_lowercase()]);
+    }
+    match (sc.run_as_user, sc.run_as_group) {
+        (Some(u), Some(g)) => run.extend([s("--user"), format!("{u}:{g}")]),
+        (Some(u), None) => run.extend([s("--user"), u.to_string()]),
+        _ => {}
+    }
+    if let Some(cmd) = container.command.as_ref().and_then(|c| c.first()) {
+        run.extend([s("--entrypoint"), cmd.clone()]);
+    }
+    for m in container.volume_mounts.clone().unwrap_or_default() {
+        let dir = dirs
+            .get(&m.name)
+            .unwrap_or_else(|| panic!("no host directory for volume {}", m.name));
+        let ro = if m.read_only == Some(true) { ":ro" } else { "" };
+        run.extend([
+            s("--volume"),
+            format!("{}:{}{ro}", dir.display(), m.mount_path),
+        ]);
+    }
+    for (k, v) in env {
+        run.extend([s("--env"), format!("{k}={v}")]);
+    }
+    run
 }
 
 fn is_ready(o: &VncSession) -> bool {
@@ -366,23 +450,7 @@ async fn the_image_serves_sessions_as_the_chart_runs_it_and_a_new_container_serv
 
     // In-cluster credentials of the chart's ServiceAccount, where the kubelet puts them.
     let secrets = tmp.path().join("serviceaccount");
-    std::fs::create_dir(&secrets).unwrap();
-    let token = c.kubectl_ok(&["create", "token", &sa, "-n", ns, "--duration", "1h"]);
-    std::fs::write(secrets.join("token"), token.trim()).unwrap();
-    std::fs::write(secrets.join("namespace"), ns).unwrap();
-    let kc = kube::config::Kubeconfig::read_from(&c.kubeconfig).unwrap();
-    let cl = kc.clusters[0].cluster.clone().unwrap();
-    let ca = match (&cl.certificate_authority_data, &cl.certificate_authority) {
-        (Some(data), _) => base64_decode(data),
-        (None, Some(file)) => std::fs::read(file).unwrap(),
-        _ => panic!("the test kubeconfig has no CA"),
-    };
-    std::fs::write(secrets.join("ca.crt"), ca).unwrap();
-    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
-        .await
-        .unwrap();
-    let api_host = cfg.cluster_url.host().unwrap().to_owned();
-    let api_port = cfg.cluster_url.port_u16().unwrap_or(443).to_string();
+    let (api_host, api_port) = credentials(c, ns, &sa, &secrets).await;
     // The chart mounts them itself (automount off), with the projected volume's mode.
     assert_eq!(
         pod_spec.automount_service_account_token,
@@ -435,66 +503,26 @@ async fn the_image_serves_sessions_as_the_chart_runs_it_and_a_new_container_serv
             std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).unwrap();
         }
         let name = format!("vncd-image-test-{}-{pod}", std::process::id());
-        let mut run = vec![
-            s("run"),
-            s("--detach"),
-            s("--pull"),
-            s("never"),
-            s("--name"),
-            name.clone(),
-        ];
-        run.extend([s("--network"), s("host")]);
-        let sc = container.security_context.clone().unwrap_or_default();
-        if sc.read_only_root_filesystem == Some(true) {
-            run.push(s("--read-only"));
-        }
-        if sc.allow_privilege_escalation == Some(false) {
-            run.extend([s("--security-opt"), s("no-new-privileges")]);
-        }
-        let caps = sc.capabilities.clone().unwrap_or_default();
-        for cap in caps.drop.unwrap_or_default() {
-            run.extend([s("--cap-drop"), cap.to_lowercase()]);
-        }
-        for cap in caps.add.unwrap_or_default() {
-            run.extend([s("--cap-add"), cap.to_lowercase()]);
-        }
-        if let Some(uid) = sc.run_as_user {
-            run.extend([s("--user"), uid.to_string()]);
-        }
         // The chart's volumes as the kubelet would provide them: its emptyDir is a fresh
         // directory, its projected volume the ServiceAccount credentials (read-only).
-        let projected: Vec<String> = volumes
-            .iter()
-            .filter(|v| v.projected.is_some())
-            .map(|v| v.name.clone())
-            .collect();
-        let secret: Vec<String> = volumes
-            .iter()
-            .filter(|v| v.secret.is_some())
-            .map(|v| v.name.clone())
-            .collect();
-        for m in container.volume_mounts.clone().unwrap_or_default() {
-            let (src, ro) = if projected.contains(&m.name) {
-                (&secrets, ":ro")
-            } else if secret.contains(&m.name) {
-                (&tls_dir, ":ro")
+        let mut dirs = BTreeMap::new();
+        for v in volumes {
+            let dir = if v.projected.is_some() {
+                secrets.clone()
+            } else if v.secret.is_some() {
+                tls_dir.clone()
             } else {
-                (&state, "")
+                state.clone()
             };
-            run.extend([
-                s("--volume"),
-                format!("{}:{}{ro}", src.display(), m.mount_path),
-            ]);
+            dirs.insert(v.name.clone(), dir);
         }
+        let mut run = run_args(&name, container, &env, &dirs);
         run.extend([
             s("--env"),
             format!("KUBERNETES_SERVICE_HOST={api_host}"),
             s("--env"),
             format!("KUBERNETES_SERVICE_PORT={api_port}"),
         ]);
-        for (k, v) in &env {
-            run.extend([s("--env"), format!("{k}={v}")]);
-        }
         run.push(rendered_image.clone());
         run.extend(args);
         podman.started.push(name.clone());

@@ -1407,10 +1407,15 @@ async fn through_the_node_relay_consoles_outlive_the_controller_and_a_dead_relay
     assert_eq!(console.read(12).await, b"RFB 003.008\n");
 
     // The controller goes (a DaemonSet rollout): the open console stays, and the new
-    // controller adopts the relay's sessions on the same ports without a write storm.
+    // controller adopts the relay's sessions on the same ports. Its pod is new, and so is
+    // its emptyDir: it comes up with a new master key, so it declares the same leases
+    // with new keys, which must not end the open console.
     v.kill9();
     let (w, h) = console.handshake().await;
     assert!(w > 0 && h > 0, "the console stopped with its controller");
+    let key = v.state.join("ticket.key");
+    let old_key = std::fs::read(&key).unwrap();
+    std::fs::remove_file(&key).unwrap();
     v.start();
     wait_probe(&v, "/readyz", 200).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -1420,6 +1425,16 @@ async fn through_the_node_relay_consoles_outlive_the_controller_and_a_dead_relay
         ports(&after),
         ports(&before),
         "same ports after the controller restart"
+    );
+    assert_ne!(
+        std::fs::read(&key).unwrap(),
+        old_key,
+        "the new controller has a new key"
+    );
+    // A console URL minted with the new key opens a second console.
+    assert_eq!(
+        rfb_banner(&console_url(&v, &after[1])).await,
+        b"RFB 003.008\n"
     );
     // The same connection still carries RFB: the rest of ServerInit, then a frame.
     let rest = console.read(20).await;

@@ -674,3 +674,77 @@ async fn sessions_sharing_a_target_share_one_probe() {
         "{probes} probe connections for {n} sessions of one VNC server"
     );
 }
+
+/// A controller that lost its master key (a new pod with a new emptyDir) declares the
+/// same leases with new keys: open consoles keep streaming, only new tickets change. A new
+/// target still ends every connection, also those admitted under the earlier key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_lease_key_keeps_open_consoles_and_a_new_target_still_ends_them() {
+    let qemu = Qemu::tcp();
+    let other = Qemu::tcp();
+    let tmp = tempfile::tempdir().unwrap();
+    let relay = RelayProc::start(tmp.path(), &[]);
+    let (old, new) = (key(20), key(21));
+    let port = free_port();
+    let mut c = relay.client().await;
+    c.declare(
+        1,
+        vec![spec("vm", port, TargetSpec::Tcp(qemu.addr()), &old)],
+    )
+    .await
+    .unwrap();
+    wait_report(&mut c, "vm ready", |r| ready(r, "vm")).await;
+    let mut console = common::Client::connect(&url(port, &ticket(&old))).await;
+    assert_eq!(console.read(12).await, b"RFB 003.008\n");
+    let (w, h) = console.handshake().await;
+
+    let applied = c
+        .declare(
+            2,
+            vec![spec("vm", port, TargetSpec::Tcp(qemu.addr()), &new)],
+        )
+        .await
+        .unwrap();
+    assert!(applied.changed && applied.errors.is_empty(), "{applied:?}");
+    // The open console still carries RFB: the rest of ServerInit, then a frame.
+    let rest = console.read(20).await;
+    let name_len = u32::from_be_bytes([rest[16], rest[17], rest[18], rest[19]]) as usize;
+    console.read(name_len).await;
+    let mut fbur = vec![3u8, 0, 0, 0, 0, 0];
+    fbur.extend_from_slice(&w.to_be_bytes());
+    fbur.extend_from_slice(&h.to_be_bytes());
+    console.write(&fbur).await;
+    assert_eq!(
+        console.read(1).await,
+        [0],
+        "a FramebufferUpdate after the rekey"
+    );
+    // New connections need the new key.
+    let stale = try_banner(&url(port, &ticket(&old))).await.unwrap_err();
+    assert!(stale.contains("403"), "{stale}");
+    assert_eq!(
+        try_banner(&url(port, &ticket(&new))).await.unwrap(),
+        b"RFB 003.008\n"
+    );
+
+    // Retargeted: the console admitted under the old key ends too.
+    c.declare(
+        3,
+        vec![spec("vm", port, TargetSpec::Tcp(other.addr()), &new)],
+    )
+    .await
+    .unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match console.ws.next().await {
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        end.is_ok(),
+        "a console of the old key outlived a new target"
+    );
+}

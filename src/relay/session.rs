@@ -51,6 +51,9 @@ pub(crate) struct Live {
     pub name: String,
     spec: Mutex<SessionSpec>,
     console: Mutex<Arc<Console>>,
+    /// Consoles replaced by [`Live::rekey`] whose connections are still open: they end
+    /// with the session's next restart or close, like the current console's.
+    retired: Mutex<Vec<std::sync::Weak<Console>>>,
     nonce_dir: PathBuf,
     ping_every: Duration,
     pub counters: Arc<Counters>,
@@ -88,6 +91,7 @@ impl Live {
             name: spec.name.clone(),
             spec: Mutex::new(spec),
             console: Mutex::new(Arc::new(console)),
+            retired: Mutex::new(Vec::new()),
             nonce_dir,
             ping_every,
             counters,
@@ -131,8 +135,36 @@ impl Live {
         *lock(&self.spec) = spec;
         let old = std::mem::replace(&mut *lock(&self.console), Arc::new(fresh));
         old.end_connections();
+        self.end_retired();
         // A new target deserves a probe of its own.
         *lock(&self.probe) = ProbeState::default();
+    }
+
+    /// A new lease key for the same lease and target: connections to come need tickets
+    /// of the new key; open ones keep streaming (they were admitted for this lease).
+    pub fn rekey(&self, spec: SessionSpec) {
+        self.limit.set_max(spec.limits.max_connections as usize);
+        let fresh = console_for(
+            &spec,
+            &self.nonce_dir,
+            &self.counters,
+            &self.limit,
+            self.ping_every,
+        );
+        *lock(&self.spec) = spec;
+        let old = std::mem::replace(&mut *lock(&self.console), Arc::new(fresh));
+        let mut retired = lock(&self.retired);
+        retired.retain(|w| w.strong_count() > 0);
+        retired.push(Arc::downgrade(&old));
+    }
+
+    /// Ends the connections of consoles replaced by [`Live::rekey`].
+    fn end_retired(&self) {
+        for c in std::mem::take(&mut *lock(&self.retired)) {
+            if let Some(c) = c.upgrade() {
+                c.end_connections();
+            }
+        }
     }
 
     /// New limits, applied in place: connections stay.
@@ -175,6 +207,7 @@ impl Live {
             let _ = t.await;
         }
         lock(&self.console).end_connections();
+        self.end_retired();
     }
 
     pub fn open_connections(&self) -> usize {

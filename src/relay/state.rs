@@ -227,6 +227,7 @@ impl Relay {
                 self.listen(&live).await?;
             }
             (Change::Restart, Some(live), Some(spec)) => live.restart(spec),
+            (Change::Rekey, Some(live), Some(spec)) => live.rekey(spec),
             (Change::Update, Some(live), Some(spec)) => live.update(spec),
             (Change::Keep, Some(live), _) if !live.listening() => self.listen(&live).await?,
             _ => {}

@@ -176,6 +176,11 @@ pub enum Change {
     /// Same listener, but its target, lease or key changed: end its connections (they
     /// belong to the old lease or target); new ones use the new spec.
     Restart,
+    /// Only its lease key changed (same lease, same target, same listener): new
+    /// connections need tickets of the new key, open ones stay. A controller that lost
+    /// its master key (a new pod, a new emptyDir) declares the same leases with new keys,
+    /// and its consoles must not end for that.
+    Rekey,
     /// Only its limits changed: applied in place, connections kept.
     Update,
     /// Unchanged (or its new declaration is invalid: the old one is kept, see errors).
@@ -359,11 +364,10 @@ pub fn converge(old: &Table, version: u64, declared: &[SessionSpec]) -> Converge
 fn change_of(prev: &SessionSpec, new: &SessionSpec) -> Change {
     if prev.port != new.port || prev.listen != new.listen {
         Change::Reopen
-    } else if prev.target != new.target
-        || prev.lease_uid != new.lease_uid
-        || prev.lease_key != new.lease_key
-    {
+    } else if prev.target != new.target || prev.lease_uid != new.lease_uid {
         Change::Restart
+    } else if prev.lease_key != new.lease_key {
+        Change::Rekey
     } else if prev.limits != new.limits {
         Change::Update
     } else {
@@ -425,7 +429,7 @@ pub(crate) mod tests {
         let mut limited = spec("b", 7002);
         limited.limits.max_connections = 2;
         let p = plan(&t1, 2, &[rekeyed, limited]);
-        assert_eq!(changes(&p), [("a", Change::Restart), ("b", Change::Update)]);
+        assert_eq!(changes(&p), [("a", Change::Rekey), ("b", Change::Update)]);
 
         // Dropping b from the declaration closes only b.
         let p = plan(&t1, 3, &[spec("a", 7001)]);
