@@ -352,21 +352,7 @@ async fn the_image_serves_sessions_as_the_chart_runs_it_and_a_new_container_serv
     let mut podman = Podman::new(tmp.path());
 
     // The image from the archive, under the name the chart's values give it.
-    let loaded = podman.ok(&[
-        s("load"),
-        s("--quiet"),
-        s("--input"),
-        archive.display().to_string(),
-    ]);
-    let image = loaded
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("Loaded image: ")
-                .or_else(|| l.strip_prefix("Loaded image(s): "))
-        })
-        .unwrap_or_else(|| panic!("podman load said: {loaded}"))
-        .trim()
-        .to_owned();
+    let image = load_image(&podman, &archive);
 
     let c = cluster();
     let ns = "image";
@@ -688,6 +674,303 @@ async fn the_image_serves_sessions_as_the_chart_runs_it_and_a_new_container_serv
             "{name}: plain ws served on a TLS port"
         );
     }
+    let log = podman.logs(&second);
+    assert!(
+        !log.to_lowercase().contains("forbidden"),
+        "RBAC refused something:\n{log}"
+    );
+}
+
+/// `podman load` of the archive; the image name it reports.
+fn load_image(podman: &Podman, archive: &Path) -> String {
+    let loaded = podman.ok(&[
+        s("load"),
+        s("--quiet"),
+        s("--input"),
+        archive.display().to_string(),
+    ]);
+    loaded
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("Loaded image: ")
+                .or_else(|| l.strip_prefix("Loaded image(s): "))
+        })
+        .unwrap_or_else(|| panic!("podman load said: {loaded}"))
+        .trim()
+        .to_owned()
+}
+
+/// A pod's one container from a rendered DaemonSet (`template` of the chart).
+fn rendered(
+    c: &cluster::Cluster,
+    ns: &str,
+    values: &[&str],
+    template: &str,
+) -> k8s_openapi::api::core::v1::PodSpec {
+    let ds: DaemonSet = serde_saphyr::from_str(&c.render_chart(ns, values, &[template])).unwrap();
+    ds.spec.unwrap().template.spec.unwrap()
+}
+
+/// The effective capabilities and uid of a container's first process.
+fn caps_and_uid(podman: &Podman, name: &str) -> (u64, String) {
+    let pid = podman.ok(&[
+        s("inspect"),
+        s("--format"),
+        s("{{.State.Pid}}"),
+        name.to_owned(),
+    ]);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pid.trim())).unwrap();
+    let field = |f: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(f))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    (
+        u64::from_str_radix(&field("CapEff:"), 16).unwrap(),
+        field("Uid:"),
+    )
+}
+
+/// The chart with `relay.enabled`: its relay DaemonSet (init container, then the relay
+/// with no capability under uid 65531) and its controller (uid 65532, no capability) run
+/// under podman as the kubelet would run them, sharing the hostPath directory. Consoles
+/// open through the relay, and replacing the controller pod (kill, then a new pod with a
+/// new emptyDir and so a new master key) leaves an open console streaming.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_charts_relay_pod_keeps_consoles_open_while_the_controller_pod_is_replaced() {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(why) = skip_reason() {
+        eprintln!("image test skipped: {why}");
+        return;
+    }
+    let archive = PathBuf::from(std::env::var_os("VNCD_TEST_IMAGE").unwrap());
+    let tmp = tempfile::tempdir().unwrap();
+    let mut podman = Podman::new(tmp.path());
+    let image = load_image(&podman, &archive);
+
+    let c = cluster();
+    let (ns, node) = ("image-relay", "node-image-relay");
+    c.create_namespace(ns);
+    let qemu = Qemu::tcp();
+    let base = common::pool_base(5);
+    // The hostPath as the kubelet creates it (DirectoryOrCreate: root, 0755).
+    let host = tmp.path().join("hostpath");
+    std::fs::create_dir(&host).unwrap();
+    std::fs::set_permissions(&host, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let set = [
+        "listenAddress=127.0.0.1".to_owned(),
+        format!("portRange={base}-{}", base + 4),
+        format!("http.port={}", common::free_port()),
+        "leaseDuration=2".to_owned(),
+        format!("allowTargets={{{ns}=127.0.0.1:{}}}", qemu.port),
+        format!("metrics.address=127.0.0.1:{}", common::free_port()),
+        "relay.enabled=true".to_owned(),
+        format!("relay.hostPath={}", host.display()),
+    ];
+    let values: Vec<&str> = set.iter().flat_map(|v| ["--set", v.as_str()]).collect();
+    c.apply_chart_rbac(ns, &values);
+    let ctl = rendered(c, ns, &values, "templates/daemonset.yaml");
+    let rel = rendered(c, ns, &values, "templates/relay-daemonset.yaml");
+    let controller = ctl.containers[0].clone();
+    let relay = rel.containers[0].clone();
+    let init = rel.init_containers.clone().unwrap()[0].clone();
+    let rendered_image = controller.image.clone().unwrap();
+    assert_eq!(image.trim_start_matches("localhost/"), rendered_image);
+    // What the chart promises about the two pods.
+    assert!(
+        relay.ports.is_none(),
+        "the relay pod declares no containerPorts"
+    );
+    for (what, cont) in [("relay", &relay), ("controller", &controller)] {
+        let caps = cont.security_context.clone().unwrap().capabilities.unwrap();
+        assert!(caps.add.is_none(), "the {what} adds capabilities: {caps:?}");
+    }
+    assert_eq!(rel.automount_service_account_token, Some(false));
+    let args = controller.args.clone().unwrap();
+    assert!(
+        !args.iter().any(|a| a == "--proxy-user"),
+        "no proxy user with the relay: {args:?}"
+    );
+    let relay_uid = relay.security_context.clone().unwrap().run_as_user.unwrap();
+    let ctl_uid = controller
+        .security_context
+        .clone()
+        .unwrap()
+        .run_as_user
+        .unwrap();
+    assert_ne!(relay_uid, ctl_uid, "the relay has a uid of its own");
+
+    // The controller's credentials, 0400 and owned by its runAsUser (the kubelet gives a
+    // projected token to the pod's uid when every container runs as that uid).
+    let secrets = tmp.path().join("serviceaccount");
+    let sa = ctl.service_account_name.clone().unwrap();
+    let (api_host, api_port) = credentials(c, ns, &sa, &secrets).await;
+    let mode = ctl
+        .volumes
+        .clone()
+        .unwrap()
+        .iter()
+        .find_map(|v| v.projected.as_ref()?.default_mode)
+        .unwrap();
+    for f in ["token", "namespace", "ca.crt"] {
+        let p = secrets.join(f);
+        std::fs::set_permissions(
+            &p,
+            std::fs::Permissions::from_mode(u32::try_from(mode).unwrap()),
+        )
+        .unwrap();
+        std::os::unix::fs::chown(&p, Some(u32::try_from(ctl_uid).unwrap()), None).unwrap();
+    }
+
+    let pid = std::process::id();
+    let dirs_of = |spec: &k8s_openapi::api::core::v1::PodSpec, state: &Path| {
+        let mut dirs = BTreeMap::new();
+        for v in spec.volumes.clone().unwrap_or_default() {
+            let dir = if v.host_path.is_some() {
+                host.clone()
+            } else if v.projected.is_some() {
+                secrets.clone()
+            } else {
+                state.to_owned()
+            };
+            dirs.insert(v.name, dir);
+        }
+        dirs
+    };
+    // The relay pod: its init container runs to completion, then the relay.
+    let empty = tmp.path().join("unused");
+    let relay_pod = "vncd-relay-aaaaa";
+    let init_name = format!("vncd-image-test-{pid}-{relay_pod}-init");
+    let mut run = run_args(
+        &init_name,
+        &init,
+        &pod_env(&init, node, ns, relay_pod),
+        &dirs_of(&rel, &empty),
+    );
+    run.push(rendered_image.clone());
+    run.extend(init.args.clone().unwrap());
+    podman.started.push(init_name.clone());
+    podman.ok(&run);
+    let code = podman.ok(&[s("wait"), init_name.clone()]);
+    assert_eq!(
+        code,
+        "0",
+        "the init container failed: {}",
+        podman.logs(&init_name)
+    );
+    let relay_name = format!("vncd-image-test-{pid}-{relay_pod}");
+    let mut run = run_args(
+        &relay_name,
+        &relay,
+        &pod_env(&relay, node, ns, relay_pod),
+        &dirs_of(&rel, &empty),
+    );
+    run.push(rendered_image.clone());
+    run.extend(relay.args.clone().unwrap());
+    podman.started.push(relay_name.clone());
+    podman.ok(&run);
+
+    let start_controller = |podman: &mut Podman, pod: &str| -> (String, PathBuf) {
+        let state = tmp.path().join(format!("{pod}-state"));
+        std::fs::create_dir(&state).unwrap();
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let env = pod_env(&controller, node, ns, pod);
+        let name = format!("vncd-image-test-{pid}-{pod}");
+        let mut run = run_args(&name, &controller, &env, &dirs_of(&ctl, &state));
+        run.extend([
+            s("--env"),
+            format!("KUBERNETES_SERVICE_HOST={api_host}"),
+            s("--env"),
+            format!("KUBERNETES_SERVICE_PORT={api_port}"),
+        ]);
+        run.push(rendered_image.clone());
+        run.extend(
+            controller
+                .args
+                .clone()
+                .unwrap()
+                .iter()
+                .map(|a| expand(a, &env).replace("0.0.0.0:", "127.0.0.1:")),
+        );
+        podman.started.push(name.clone());
+        podman.ok(&run);
+        (name, state)
+    };
+    let (first, first_state) = start_controller(&mut podman, "vncd-aaaaa");
+
+    let client = c.client().await;
+    let api: Api<VncSession> = Api::namespaced(client.clone(), ns);
+    for name in ["vm1", "vm2"] {
+        let spec = VncSessionSpec {
+            target: Target::tcp("127.0.0.1", qemu.port),
+            node_name: Some(node.into()),
+            ..VncSessionSpec::default()
+        };
+        api.create(&PostParams::default(), &VncSession::new(name, spec))
+            .await
+            .unwrap();
+    }
+    let logs = || {
+        format!(
+            "controller:\n{}\nrelay:\n{}",
+            podman.logs(&first),
+            podman.logs(&relay_name)
+        )
+    };
+    wait_ready(&api, 2, "through the relay pod", logs).await;
+    let before = urls(&api, &first_state).await;
+    let mut console = common::Client::connect(&before["vm1"].1).await;
+    assert_eq!(console.read(12).await, b"RFB 003.008\n");
+    let (w, h) = console.handshake().await;
+    // Both run as the chart says, with no capability at all.
+    assert_eq!(
+        caps_and_uid(&podman, &relay_name),
+        (0, relay_uid.to_string())
+    );
+    assert_eq!(caps_and_uid(&podman, &first), (0, ctl_uid.to_string()));
+
+    // The controller pod goes; the console keeps streaming.
+    podman.ok(&[s("kill"), s("--signal"), s("KILL"), first.clone()]);
+    podman.ok(&[s("rm"), s("--force"), first.clone()]);
+    let (second, second_state) = start_controller(&mut podman, "vncd-bbbbb");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let fresh = if second_state.join("ticket.key").exists() {
+            urls(&api, &second_state).await.remove("vm2")
+        } else {
+            None
+        };
+        if let Some((_, url)) = fresh
+            && common::try_banner(&url).await.is_ok()
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the new controller pod never served vm2:\n{}",
+            podman.logs(&second)
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    wait_ready(&api, 2, "second controller pod", || podman.logs(&second)).await;
+    let ports =
+        |m: &BTreeMap<String, (i64, String)>| m.values().map(|(p, _)| *p).collect::<Vec<_>>();
+    assert_eq!(ports(&urls(&api, &second_state).await), ports(&before));
+    let rest = console.read(20).await;
+    let name_len = u32::from_be_bytes([rest[16], rest[17], rest[18], rest[19]]) as usize;
+    console.read(name_len).await;
+    let mut fbur = vec![3u8, 0, 0, 0, 0, 0];
+    fbur.extend_from_slice(&w.to_be_bytes());
+    fbur.extend_from_slice(&h.to_be_bytes());
+    console.write(&fbur).await;
+    assert_eq!(
+        console.read(1).await,
+        [0],
+        "a FramebufferUpdate after the controller pod was replaced"
+    );
     let log = podman.logs(&second);
     assert!(
         !log.to_lowercase().contains("forbidden"),
