@@ -41,6 +41,10 @@ use kube::api::{ListParams, PostParams};
 use kube::{Api, ResourceExt};
 use vncd::api::{Phase, Target, VncSession, VncSessionSpec};
 
+/// The two tests apply the chart's RBAC, whose ClusterRoleBinding is cluster-scoped and
+/// binds one namespace's ServiceAccount: they take turns, for their whole run.
+static CHART_RBAC: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Why the test cannot run here, if it cannot.
 fn skip_reason() -> Option<String> {
     if std::env::var_os("VNCD_TEST_IMAGE").is_none() {
@@ -320,7 +324,16 @@ async fn wait_ready(api: &Api<VncSession>, n: usize, what: &str, logs: impl Fn()
 /// Each session's port and a console URL with a fresh ticket, minted with the master key
 /// the container created in its state volume (`state`), as that vncd would mint it.
 async fn urls(api: &Api<VncSession>, state: &Path) -> BTreeMap<String, (i64, String)> {
-    let master = vncd::ticket::MasterKey::load(&state.join("ticket.key")).unwrap();
+    // A copy of our own: the key refuses to load from a file another uid owns (in relay
+    // mode the controller runs as 65532), and this test mints as that vncd would.
+    let copy = tempfile::tempdir().unwrap();
+    let key = copy.path().join("ticket.key");
+    std::fs::write(&key, std::fs::read(state.join("ticket.key")).unwrap()).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let master = vncd::ticket::MasterKey::load(&key).unwrap();
     let mut out = BTreeMap::new();
     for o in api.list(&ListParams::default()).await.unwrap().items {
         let st = o.status.clone().unwrap();
@@ -342,6 +355,7 @@ async fn the_image_serves_sessions_as_the_chart_runs_it_and_a_new_container_serv
         eprintln!("image test skipped: {why}");
         return;
     }
+    let _turn = CHART_RBAC.lock().await;
     let archive = PathBuf::from(std::env::var_os("VNCD_TEST_IMAGE").unwrap());
     assert!(
         archive.is_file(),
@@ -746,6 +760,7 @@ async fn the_charts_relay_pod_keeps_consoles_open_while_the_controller_pod_is_re
         eprintln!("image test skipped: {why}");
         return;
     }
+    let _turn = CHART_RBAC.lock().await;
     let archive = PathBuf::from(std::env::var_os("VNCD_TEST_IMAGE").unwrap());
     let tmp = tempfile::tempdir().unwrap();
     let mut podman = Podman::new(tmp.path());
