@@ -1388,7 +1388,17 @@ async fn through_the_node_relay_consoles_outlive_the_controller_and_a_dead_relay
         "--relay-socket".into(),
         socket.display().to_string(),
     ]);
-    v.start();
+    // The relay is the builtin data plane: this test is about it under every
+    // VNCD_TEST_BACKEND.
+    let builtin = |v: &KubeVncd| {
+        let mut a = v.args();
+        if let Some(i) = a.iter().position(|x| x == "--backend") {
+            a[i + 1] = "builtin".into();
+        }
+        a
+    };
+    let kubeconfig = c.kubeconfig.clone();
+    v.start_with(builtin(&v), &kubeconfig, &[]);
     let client = c.client().await;
     let api: Api<VncSession> = Api::namespaced(client.clone(), ns);
     for name in ["vm1", "vm2"] {
@@ -1416,7 +1426,7 @@ async fn through_the_node_relay_consoles_outlive_the_controller_and_a_dead_relay
     let key = v.state.join("ticket.key");
     let old_key = std::fs::read(&key).unwrap();
     std::fs::remove_file(&key).unwrap();
-    v.start();
+    v.start_with(builtin(&v), &kubeconfig, &[]);
     wait_probe(&v, "/readyz", 200).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = wait_ready(&api, 2, &[&v]).await;
