@@ -940,6 +940,24 @@ async fn the_charts_relay_pod_keeps_consoles_open_while_the_controller_pod_is_re
     let mut console = common::Client::connect(&before["vm1"].1).await;
     assert_eq!(console.read(12).await, b"RFB 003.008\n");
     let (w, h) = console.handshake().await;
+    // The relay pod's probe command, as the kubelet would exec it in the container.
+    let probe = relay
+        .liveness_probe
+        .clone()
+        .and_then(|p| p.exec)
+        .and_then(|e| e.command)
+        .expect("the relay pod has an exec liveness probe");
+    assert_eq!(
+        relay
+            .readiness_probe
+            .clone()
+            .and_then(|p| p.exec)
+            .and_then(|e| e.command),
+        Some(probe.clone())
+    );
+    let mut exec = vec![s("exec"), relay_name.clone()];
+    exec.extend(probe);
+    podman.ok(&exec);
     // Both run as the chart says, with no capability at all.
     assert_eq!(
         caps_and_uid(&podman, &relay_name),

@@ -748,3 +748,34 @@ async fn a_new_lease_key_keeps_open_consoles_and_a_new_target_still_ends_them() 
         "a console of the old key outlived a new target"
     );
 }
+
+/// `vncd-proxy relay --state-dir DIR --check`, the chart's probe of the relay pod: 0 while
+/// a relay answers on the socket, non-zero with the reason once none does.
+#[test]
+fn the_check_flag_succeeds_while_a_relay_answers_and_fails_once_it_is_gone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut relay = RelayProc::start(tmp.path(), &[]);
+    let check = || {
+        Command::new(RELAY_BIN)
+            .arg("relay")
+            .arg("--state-dir")
+            .arg(tmp.path())
+            .arg("--check")
+            .output()
+            .unwrap()
+    };
+    let out = check();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    relay.kill9();
+    let out = check();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("no relay answers on") && err.contains("relay.sock"),
+        "{err}"
+    );
+}

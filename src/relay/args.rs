@@ -31,6 +31,12 @@ pub struct RelayArgs {
     #[arg(long, env = "VNCD_RELAY_TAKE_OVER")]
     pub take_over: bool,
 
+    /// Serve nothing: ask the relay on the control socket for its report and exit 0 if it
+    /// answers within 5 s, non-zero otherwise (the chart's liveness and readiness probe, run as
+    /// the relay's own uid). The relay itself is not touched.
+    #[arg(long)]
+    pub check: bool,
+
     /// Most connections that have not yet passed their ticket check, per source address
     /// (IPv4 per address, IPv6 per /64); more from that source are closed at once.
     #[arg(
@@ -94,7 +100,7 @@ mod tests {
         let cli = Cli::try_parse_from(["relay", "--state-dir", "/s"]).expect("parses");
         assert_eq!(cli.args.socket_path(), PathBuf::from("/s/relay/relay.sock"));
         assert_eq!(cli.args.max_pending, 1024);
-        assert!(!cli.args.take_over);
+        assert!(!cli.args.take_over && !cli.args.check);
         let cli = Cli::try_parse_from(["relay", "--state-dir", "/s", "--socket", "/run/r.sock"])
             .expect("parses");
         assert_eq!(cli.args.socket_path(), PathBuf::from("/run/r.sock"));

@@ -48,6 +48,8 @@ pub enum RelayError {
     NotASocket { path: PathBuf },
     #[error("cannot listen on the control socket {}: {source}", path.display())]
     Control { path: PathBuf, source: io::Error },
+    #[error("no relay answers on {}: {why}", path.display())]
+    CheckFailed { path: PathBuf, why: String },
     #[error("cannot handle {signal}: {source}")]
     Signal {
         signal: &'static str,
@@ -57,6 +59,9 @@ pub enum RelayError {
 
 /// Runs a relay process until SIGTERM or SIGINT.
 pub async fn run(args: RelayArgs) -> Result<(), RelayError> {
+    if args.check {
+        return check(&args.socket_path()).await;
+    }
     if args.take_over {
         return Err(RelayError::TakeOverUnsupported);
     }
@@ -105,6 +110,30 @@ pub async fn run(args: RelayArgs) -> Result<(), RelayError> {
     serve(relay, Listeners { control }, peers, shutdown).await;
     let _ = std::fs::remove_file(&socket);
     Ok(())
+}
+
+/// `--check`: a relay answers a report request on `socket` within 5 s.
+async fn check(socket: &Path) -> Result<(), RelayError> {
+    let failed = |why: String| RelayError::CheckFailed {
+        path: socket.to_owned(),
+        why,
+    };
+    let asked = async {
+        let mut c = super::Client::connect(socket).await?;
+        c.report().await
+    };
+    match tokio::time::timeout(Duration::from_secs(5), asked).await {
+        Ok(Ok(r)) => {
+            info!(
+                pid = r.relay.pid,
+                sessions = r.sessions.len(),
+                "the relay answers"
+            );
+            Ok(())
+        }
+        Ok(Err(e)) => Err(failed(e.to_string())),
+        Err(_) => Err(failed("no answer within 5 s".into())),
+    }
 }
 
 /// PR_SET_DUMPABLE 0: no core dumps holding lease keys, and /proc/PID/mem of the relay
