@@ -992,13 +992,7 @@ async fn the_charts_relay_pod_keeps_consoles_open_while_the_controller_pod_is_re
     let ports =
         |m: &BTreeMap<String, (i64, String)>| m.values().map(|(p, _)| *p).collect::<Vec<_>>();
     assert_eq!(ports(&urls(&api, &second_state).await), ports(&before));
-    let rest = console.read(20).await;
-    let name_len = u32::from_be_bytes([rest[16], rest[17], rest[18], rest[19]]) as usize;
-    console.read(name_len).await;
-    let mut fbur = vec![3u8, 0, 0, 0, 0, 0];
-    fbur.extend_from_slice(&w.to_be_bytes());
-    fbur.extend_from_slice(&h.to_be_bytes());
-    console.write(&fbur).await;
+    console.request_frame(w, h).await;
     assert_eq!(
         console.read(1).await,
         [0],

@@ -1447,13 +1447,7 @@ async fn through_the_node_relay_consoles_outlive_the_controller_and_a_dead_relay
         b"RFB 003.008\n"
     );
     // The same connection still carries RFB: the rest of ServerInit, then a frame.
-    let rest = console.read(20).await;
-    let name_len = u32::from_be_bytes([rest[16], rest[17], rest[18], rest[19]]) as usize;
-    console.read(name_len).await;
-    let mut fbur = vec![3u8, 0, 0, 0, 0, 0];
-    fbur.extend_from_slice(&w.to_be_bytes());
-    fbur.extend_from_slice(&h.to_be_bytes());
-    console.write(&fbur).await;
+    console.request_frame(w, h).await;
     assert_eq!(
         console.read(1).await,
         [0],

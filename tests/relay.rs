@@ -707,13 +707,7 @@ async fn a_new_lease_key_keeps_open_consoles_and_a_new_target_still_ends_them() 
         .unwrap();
     assert!(applied.changed && applied.errors.is_empty(), "{applied:?}");
     // The open console still carries RFB: the rest of ServerInit, then a frame.
-    let rest = console.read(20).await;
-    let name_len = u32::from_be_bytes([rest[16], rest[17], rest[18], rest[19]]) as usize;
-    console.read(name_len).await;
-    let mut fbur = vec![3u8, 0, 0, 0, 0, 0];
-    fbur.extend_from_slice(&w.to_be_bytes());
-    fbur.extend_from_slice(&h.to_be_bytes());
-    console.write(&fbur).await;
+    console.request_frame(w, h).await;
     assert_eq!(
         console.read(1).await,
         [0],

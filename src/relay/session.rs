@@ -124,17 +124,7 @@ impl Live {
     /// Ends every connection (bridged or about to be) and starts a new generation with
     /// `spec` for the connections to come.
     pub fn restart(&self, spec: SessionSpec) {
-        self.limit.set_max(spec.limits.max_connections as usize);
-        let fresh = console_for(
-            &spec,
-            &self.nonce_dir,
-            &self.counters,
-            &self.limit,
-            self.ping_every,
-        );
-        *lock(&self.spec) = spec;
-        let old = std::mem::replace(&mut *lock(&self.console), Arc::new(fresh));
-        old.end_connections();
+        self.next_generation(spec).end_connections();
         self.end_retired();
         // A new target deserves a probe of its own.
         *lock(&self.probe) = ProbeState::default();
@@ -143,6 +133,15 @@ impl Live {
     /// A new lease key for the same lease and target: connections to come need tickets
     /// of the new key; open ones keep streaming (they were admitted for this lease).
     pub fn rekey(&self, spec: SessionSpec) {
+        let old = self.next_generation(spec);
+        let mut retired = lock(&self.retired);
+        retired.retain(|w| w.strong_count() > 0);
+        retired.push(Arc::downgrade(&old));
+    }
+
+    /// Makes `spec` current with a console of its own for the connections to come;
+    /// returns the console it replaces (whose connections the caller ends, or not).
+    fn next_generation(&self, spec: SessionSpec) -> Arc<Console> {
         self.limit.set_max(spec.limits.max_connections as usize);
         let fresh = console_for(
             &spec,
@@ -152,10 +151,7 @@ impl Live {
             self.ping_every,
         );
         *lock(&self.spec) = spec;
-        let old = std::mem::replace(&mut *lock(&self.console), Arc::new(fresh));
-        let mut retired = lock(&self.retired);
-        retired.retain(|w| w.strong_count() > 0);
-        retired.push(Arc::downgrade(&old));
+        std::mem::replace(&mut *lock(&self.console), Arc::new(fresh))
     }
 
     /// Ends the connections of consoles replaced by [`Live::rekey`].

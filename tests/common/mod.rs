@@ -547,6 +547,19 @@ impl Client {
             .unwrap();
     }
 
+    /// After [`Client::handshake`]: reads the rest of ServerInit (pixel format, name) and
+    /// asks for a full frame; the next byte read is the server's answer (0:
+    /// FramebufferUpdate) — proof that the connection still carries RFB both ways.
+    pub async fn request_frame(&mut self, w: u16, h: u16) {
+        let rest = self.read(20).await;
+        let name_len = u32::from_be_bytes([rest[16], rest[17], rest[18], rest[19]]) as usize;
+        self.read(name_len).await;
+        let mut fbur = vec![3u8, 0, 0, 0, 0, 0];
+        fbur.extend_from_slice(&w.to_be_bytes());
+        fbur.extend_from_slice(&h.to_be_bytes());
+        self.write(&fbur).await;
+    }
+
     /// The RFB handshake after the banner, up to ServerInit: returns width and height.
     pub async fn handshake(&mut self) -> (u16, u16) {
         self.write(b"RFB 003.008\n").await;
