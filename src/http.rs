@@ -442,13 +442,9 @@ mod tests {
     #[tokio::test]
     async fn readiness_needs_both_the_lease_and_a_first_sync() {
         let state = AppState::default();
-        let addr = serve(
-            "--http",
-            "127.0.0.1:0".parse().unwrap(),
-            router(state.clone()),
-        )
-        .await
-        .unwrap();
+        let addr = serve_api("127.0.0.1:0".parse().unwrap(), state.clone())
+            .await
+            .unwrap();
         assert!(get_status(addr, "/healthz").await.contains("200"));
         assert!(get_status(addr, "/readyz").await.contains("503"));
         state.health.synced.set();
@@ -527,13 +523,9 @@ mod tests {
             console: None,
             metrics_elsewhere: None,
         };
-        let addr = serve(
-            "--http",
-            "127.0.0.1:0".parse().unwrap(),
-            router(state.clone()),
-        )
-        .await
-        .unwrap();
+        let addr = serve_api("127.0.0.1:0".parse().unwrap(), state.clone())
+            .await
+            .unwrap();
         assert!(get_status(addr, "/readyz").await.contains("503"));
         assert!(get_status(addr, "/v1/status").await.contains("503"));
         assert!(get_status(addr, "/v1/sessions").await.contains("503"));
@@ -596,13 +588,9 @@ mod tests {
     #[tokio::test]
     async fn healthz_fails_when_the_controller_stops_completing_passes() {
         let state = AppState::default();
-        let addr = serve(
-            "--http",
-            "127.0.0.1:0".parse().unwrap(),
-            router(state.clone()),
-        )
-        .await
-        .unwrap();
+        let addr = serve_api("127.0.0.1:0".parse().unwrap(), state.clone())
+            .await
+            .unwrap();
         // No pass yet: liveness does not look at passes.
         assert!(get_status(addr, "/healthz").await.contains("200"));
         state.health.pass_completed();
@@ -625,13 +613,9 @@ mod tests {
 
     #[tokio::test]
     async fn without_metrics_the_api_endpoints_are_404() {
-        let addr = serve(
-            "--http",
-            "127.0.0.1:0".parse().unwrap(),
-            router(AppState::default()),
-        )
-        .await
-        .unwrap();
+        let addr = serve_api("127.0.0.1:0".parse().unwrap(), AppState::default())
+            .await
+            .unwrap();
         for path in ["/metrics", "/v1/status", "/v1/sessions"] {
             assert!(get_status(addr, path).await.contains("404"), "{path}");
         }

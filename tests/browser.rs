@@ -200,3 +200,69 @@ fn novnc_in_chromium_opens_relay_consoles_on_the_session_port_and_through_the_ga
         "a wrong ticket connected through the gateway",
     );
 }
+
+/// The packaged unit's users with the relay: vncd as root, the relay as the unit's proxy
+/// user (`VNCD_PROXY_USER=nobody`). Under a parent directory every user may enter (as
+/// /var/lib is), noVNC in Chromium opens the console from `vncd url`. Under a parent only
+/// root can enter, vncd refuses at start with the fix, so nothing shows Ready with a
+/// console that cannot open.
+#[test]
+fn novnc_opens_a_relay_console_run_as_the_units_proxy_user_and_a_root_only_parent_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    require_browser();
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "this test switches users: run it as root (scripts/test does)"
+    );
+    let qemu = Qemu::tcp();
+    let relay_as_nobody = || -> Vec<String> {
+        ["--relay", "--backend", "builtin", "--proxy-user", "nobody"]
+            .map(String::from)
+            .to_vec()
+    };
+
+    // Only root can enter the state dir's parent.
+    let mut closed = Vncd::new(2);
+    std::fs::set_permissions(closed.tmp.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    closed.extra = relay_as_nobody();
+    closed.add_session("vm1", qemu.port);
+    closed.start();
+    let start = std::time::Instant::now();
+    let code = loop {
+        if let Some(code) = closed.child.as_mut().unwrap().try_wait().unwrap() {
+            break code;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(20),
+            "vncd kept running under a parent the relay cannot enter: {}",
+            closed.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert!(!code.success());
+    assert!(
+        closed.log().contains("cannot enter"),
+        "no fix named: {}",
+        closed.log()
+    );
+    assert!(
+        closed
+            .item("vm1")
+            .is_none_or(|i| i["status"]["phase"] != "Ready"),
+        "Ready under a parent the relay cannot enter"
+    );
+    closed.child = None;
+
+    let pages = NoVncPages::serve();
+    let mut v = Vncd::new(2);
+    std::fs::set_permissions(v.tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    v.extra = relay_as_nobody();
+    v.add_session("vm1", qemu.port);
+    v.start();
+    v.wait_ready("vm1");
+    assert_console(
+        &pages.page_for(&v.url("vm1")),
+        &[],
+        "noVNC did not connect to the relay run as nobody",
+    );
+}

@@ -542,13 +542,7 @@ async fn the_image_serves_sessions_as_the_chart_runs_it_and_a_new_container_serv
     }
     // vncd runs as root with only the chart's six capabilities; every proxy, which parses
     // untrusted input, runs as the chart's proxyUser (65534), not root.
-    let pid = podman.ok(&[
-        s("inspect"),
-        s("--format"),
-        s("{{.State.Pid}}"),
-        first.clone(),
-    ]);
-    let status = std::fs::read_to_string(format!("/proc/{}/status", pid.trim())).unwrap();
+    let status = proc_status(&podman, &first);
     let field = |name: &str| {
         status
             .lines()
@@ -725,15 +719,20 @@ fn rendered(
     ds.spec.unwrap().template.spec.unwrap()
 }
 
-/// The effective capabilities and uid of a container's first process.
-fn caps_and_uid(podman: &Podman, name: &str) -> (u64, String) {
+/// /proc/PID/status of a container's first process.
+fn proc_status(podman: &Podman, name: &str) -> String {
     let pid = podman.ok(&[
         s("inspect"),
         s("--format"),
         s("{{.State.Pid}}"),
         name.to_owned(),
     ]);
-    let status = std::fs::read_to_string(format!("/proc/{}/status", pid.trim())).unwrap();
+    std::fs::read_to_string(format!("/proc/{}/status", pid.trim())).unwrap()
+}
+
+/// The effective capabilities and uid of a container's first process.
+fn caps_and_uid(podman: &Podman, name: &str) -> (u64, String) {
+    let status = proc_status(podman, name);
     let field = |f: &str| {
         status
             .lines()

@@ -297,16 +297,10 @@ impl ServeArgs {
 
     /// What `--relay` does not serve yet is refused at start rather than served without.
     fn check_relay(&self) -> anyhow::Result<()> {
-        let unsupported = [(
-            self.backend == BackendKind::Websockify,
-            "--backend websockify",
-        )];
-        for (given, flag) in unsupported {
-            anyhow::ensure!(
-                !given,
-                "--relay does not support {flag} yet: leave out one of the two (without --relay every session gets a proxy process of its own, which supports it)"
-            );
-        }
+        anyhow::ensure!(
+            self.backend != BackendKind::Websockify,
+            "--relay does not support --backend websockify yet: leave out one of the two (without --relay every session gets a proxy process of its own, which supports it)"
+        );
         if let Some(gw) = self.gateway {
             anyhow::ensure!(
                 !self.pool.port_range.contains(gw.port()),
@@ -365,6 +359,11 @@ impl ServeArgs {
         if self.relay {
             self.check_relay()?;
         }
+        let proxy_user = self
+            .proxy_user
+            .as_deref()
+            .map(ProxyUser::resolve)
+            .transpose()?;
         let owner_dir = owner.clone();
         let mut supervisor = Supervisor::new(
             owner,
@@ -381,12 +380,6 @@ impl ServeArgs {
                 self.relay_socket.is_none() || self.proxy_user.is_none(),
                 "--proxy-user does not apply with --relay-socket: that relay runs on its own, under the uid its own unit or pod gives it"
             );
-            // The relay runs as --proxy-user, like the proxies it replaces.
-            let relay_user = self
-                .proxy_user
-                .as_deref()
-                .map(ProxyUser::resolve)
-                .transpose()?;
             let plane = match &self.relay_socket {
                 Some(socket) => crate::supervisor::relay::RelayPlane::external(
                     socket,
@@ -402,7 +395,8 @@ impl ServeArgs {
             };
             supervisor.serve_through_relay(
                 plane
-                    .run_as(relay_user)
+                    // The relay runs as --proxy-user, like the proxies it replaces.
+                    .run_as(proxy_user.clone())
                     .with_gateway(self.gateway)
                     .with_serving(crate::relay::ServingSpec {
                         tls: self.tls()?,
@@ -422,8 +416,7 @@ impl ServeArgs {
                  proxy to its own uid, with that user's group"
             );
         }
-        if let Some(spec) = &self.proxy_user {
-            let base = ProxyUser::resolve(spec)?;
+        if let Some(base) = proxy_user {
             // The TLS check below is done as a proxy would be: under --proxy-uids with a
             // uid of the range (only the group and others' bits can then let it read).
             let user = match self.proxy_uids_for_backend()? {

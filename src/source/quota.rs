@@ -34,7 +34,8 @@ pub struct NamespaceQuota {
 }
 
 /// How a session sorts within its namespace: older first, then serving first, then name.
-type Rank = (Option<jiff::Timestamp>, bool, String);
+/// An object without a creation time (none from a real API server) sorts last.
+type Rank = (jiff::Timestamp, bool, String);
 
 impl NamespaceQuota {
     pub fn new(max: NonZeroUsize) -> Self {
@@ -47,9 +48,8 @@ impl NamespaceQuota {
         let serving = obj
             .and_then(|o| o.status.as_ref())
             .is_some_and(|s| s.lease_uid.is_some());
-        // An object without a creation time (none from a real API server) sorts last.
         (
-            created.or(Some(jiff::Timestamp::MAX)),
+            created.unwrap_or(jiff::Timestamp::MAX),
             !serving,
             key.to_owned(),
         )
@@ -77,9 +77,10 @@ impl Admission for NamespaceQuota {
             keys.sort();
             let total = keys.len();
             for (i, (rank, key)) in keys.into_iter().enumerate().skip(max) {
-                let created = match rank.0 {
-                    Some(t) if t != jiff::Timestamp::MAX => t.to_string(),
-                    _ => "unknown".to_owned(),
+                let created = if rank.0 == jiff::Timestamp::MAX {
+                    "unknown".to_owned()
+                } else {
+                    rank.0.to_string()
                 };
                 waiting.push((
                     key.to_owned(),

@@ -153,12 +153,7 @@ impl RelayPlane {
             socket: state_dir.join("relay").join("relay.sock"),
             launch: true,
             program,
-            listen,
-            minter,
-            gateway: None,
-            serving: ServingSpec::default(),
-            run_as: None,
-            inner: Mutex::new(Inner::default()),
+            ..Self::external(Path::new(""), listen, minter)
         }
     }
 
