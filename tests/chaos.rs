@@ -1207,7 +1207,21 @@ impl Chaos {
                 ));
             }
         }
-        if leaders.len() != leases.len() {
+        if backend() == "relay" {
+            // One relay serves every lease: no process of a session's own, and every
+            // lease records the one relay as its process.
+            let relays = relay_pids(&self.v.owner());
+            if !leaders.is_empty() || relays.len() != 1 {
+                return Err(format!(
+                    "{} per-session proxies and relays {relays:?} for {} leases",
+                    leaders.len(),
+                    leases.len()
+                ));
+            }
+            if let Some(l) = leases.iter().find(|l| l.pid != Some(i64::from(relays[0]))) {
+                return Err(format!("lease {l:?} is not served by relay {}", relays[0]));
+            }
+        } else if leaders.len() != leases.len() {
             return Err(format!(
                 "{} proxies for {} leases",
                 leaders.len(),

@@ -245,6 +245,16 @@ async fn the_relay_runs_as_proxy_user_owns_its_directory_and_cannot_read_the_mas
         common::rfb_banner(&v.console_url(&st)).await,
         b"RFB 003.008\n"
     );
+    // `vncd status` counts the relay's sessions as live (it asks the relay, since they
+    // have no process of their own).
+    let out = v.cmd(&["status", "--json", "--state-dir", v.state.to_str().unwrap()]);
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (&status["active_processes"], &status["dead_proxies"]),
+        (&Value::from(1), &Value::from(0)),
+        "{status}"
+    );
+    assert_eq!(status["system_health"], "healthy", "{status}");
     let pid = st["pid"].as_i64().expect("the relay's pid");
     assert_eq!(
         relay_pids(&v.owner()),

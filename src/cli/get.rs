@@ -137,13 +137,14 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let set = read_state(&dir.leases())?;
     let obs = classify(marked, &set.leases);
     let running = is_held(&dir.controller_lock());
-    let st = SystemStatus::new(
-        range,
-        &set.leases,
-        obs.proxies.len(),
-        obs.orphans.len(),
-        running,
-    );
+    // Sessions the relay serves (`vncd run --relay`) have no process of their own: the
+    // relay says which it serves.
+    let socket = std::path::Path::new(&owner)
+        .join("relay")
+        .join("relay.sock");
+    let mut live = crate::supervisor::relay::serving(&socket, &set.leases);
+    live.extend(obs.proxies.keys().cloned());
+    let st = SystemStatus::new(range, &set.leases, live.len(), obs.orphans.len(), running);
     let value = st.to_json();
     let (total, allocated, utilization, dead) = (
         st.total_ports,

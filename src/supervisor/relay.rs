@@ -529,6 +529,25 @@ impl RelayPlane {
     }
 }
 
+/// Which of `leases` the relay answering on `socket` serves now (listening, for that
+/// lease and port): what `vncd status` counts as live besides per-session proxies, which
+/// it finds in /proc. Empty if no relay answers; it never starts one.
+pub fn serving(socket: &Path, leases: &BTreeMap<String, Lease>) -> BTreeSet<String> {
+    let Ok(Response::Report(report)) = call(socket, &Request::Report {}) else {
+        return BTreeSet::new();
+    };
+    leases
+        .iter()
+        .filter(|(name, l)| {
+            report
+                .sessions
+                .get(*name)
+                .is_some_and(|s| s.listening && s.lease_uid == l.uid && s.port == l.port)
+        })
+        .map(|(name, _)| name.clone())
+        .collect()
+}
+
 /// Makes `dir` (STATE/relay) the relay user's own before the relay starts: the state
 /// directory above it searchable (not readable) by others, `dir` created if missing, mode
 /// 0750, owned by `user` with the controller's group (so the controller
