@@ -164,6 +164,77 @@ async fn open_consoles_survive_a_kill_9_of_the_controller_and_a_dead_relay_comes
     assert_eq!(common::rfb_banner(&v.url("vm1")).await, b"RFB 003.008\n");
 }
 
+/// Leases by session: (port, lease uid, target).
+fn lease_rows(v: &Vncd) -> Vec<(String, u64, String, Value)> {
+    let mut rows: Vec<_> = v.leases()["leases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l["session"].as_str().unwrap().to_owned(),
+                l["port"].as_u64().unwrap(),
+                l["uid"].as_str().unwrap().to_owned(),
+                l["target"].clone(),
+            )
+        })
+        .collect();
+    rows.sort_by(|a, b| a.0.cmp(&b.0));
+    rows
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_state_file_is_rebuilt_from_the_relay_and_its_consoles_stay_open() {
+    let qemu = Qemu::tcp();
+    let mut v = relay_vncd(4);
+    v.add_session("vm1", qemu.port);
+    v.add_session("vm2", qemu.port);
+    v.start();
+    let relay = v.wait_ready("vm1")["pid"].as_i64().unwrap();
+    v.wait_ready("vm2");
+    let before = lease_rows(&v);
+    assert_eq!(before.len(), 2, "{before:?}");
+    let mut c = Client::connect(&v.url("vm1")).await;
+    assert_eq!(c.read(12).await, b"RFB 003.008\n");
+    let (w, h) = c.handshake().await;
+
+    // The controller dies and its state file is lost to corruption: the relay alone
+    // knows which session holds which port and lease. No session has a process of its
+    // own, so the proxies' markers cannot say it.
+    v.kill9();
+    let leases = v.state.join("leases.json");
+    std::fs::write(
+        &leases,
+        b"{\"version\":1,\"revision\":9,\"leases\":[{\"sess",
+    )
+    .unwrap();
+    let out = v.cmd_here(&["cleanup", "--once", "--rebuild-state"]);
+    assert!(
+        out.status.success(),
+        "cleanup --rebuild-state: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        lease_rows(&v),
+        before,
+        "the rebuilt leases are not the ones the relay serves"
+    );
+    // The restarted controller takes the rebuilt leases as they are: same relay, same
+    // ports, and the console opened before still exchanges RFB.
+    v.start();
+    for name in ["vm1", "vm2"] {
+        let st = v.wait_ready(name);
+        assert_eq!(st["pid"].as_i64(), Some(relay), "{name}: {st}");
+    }
+    assert_eq!(lease_rows(&v), before);
+    c.request_frame(w, h).await;
+    assert_eq!(
+        c.read(1).await,
+        [0],
+        "no FramebufferUpdate after the rebuild"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_session_proxies_of_an_earlier_run_are_replaced_by_the_relay() {
     let qemu = Qemu::tcp();

@@ -49,7 +49,8 @@ pub struct CleanupArgs {
     #[arg(long, value_name = "SECS")]
     pub interval: Option<u64>,
     /// If the state file is corrupt, move it aside and rebuild it from the proxies that
-    /// carry this state directory's marker.
+    /// carry this state directory's marker, and from what the relay of this state
+    /// directory serves.
     #[arg(long)]
     pub rebuild_state: bool,
     /// Move every lease outside the pool (left by an earlier `--port-range`) into it now,
@@ -291,7 +292,6 @@ async fn pass(
     anyhow::bail!("the leases kept changing underneath cleanup; try again")
 }
 
-/// Rebuilds a corrupt state file from the proxies that prove they are ours.
 /// The revision a rebuilt state file starts at: one past the corrupt file's, if its
 /// `"revision"` can still be read; otherwise the current Unix time in seconds, which is
 /// past any revision a state file reaches by counting commits.
@@ -311,6 +311,8 @@ fn next_revision(corrupt: &[u8]) -> u64 {
     found.map_or(clock, |r| r.saturating_add(1))
 }
 
+/// Rebuilds a corrupt state file from the proxies that prove they are ours, and from the
+/// relay on the state directory's socket.
 fn rebuild(dir: &StateDir, owner: &str) -> anyhow::Result<()> {
     let _guard = LockGuard::acquire(&dir.leases_lock(), Duration::from_secs(10))?;
     match read_state(&dir.leases()) {
@@ -349,6 +351,15 @@ fn rebuild(dir: &StateDir, owner: &str) -> anyhow::Result<()> {
         };
         info!(session = %m.session, port, pid = m.process.pid, "rebuilt lease from running proxy");
         set.leases.insert(m.session, lease);
+    }
+    // Sessions of the relay (`vncd run --relay`) have no process of their own: the relay
+    // says what it serves.
+    for lease in crate::supervisor::relay::served_leases(&dir.relay_socket()) {
+        if set.leases.contains_key(&lease.session) || !ports.insert(lease.port) {
+            continue;
+        }
+        info!(session = %lease.session, port = lease.port, "rebuilt lease from the relay");
+        set.leases.insert(lease.session.clone(), lease);
     }
     // Continue the revision, so a commit planned against any earlier state is refused
     // (compare-and-swap) rather than accepted against a reset counter.

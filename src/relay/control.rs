@@ -33,7 +33,7 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tracing::Instrument;
 
 use super::serving::ServingSpec;
-use super::table::SessionSpec;
+use super::table::{SessionSpec, TargetSpec};
 
 /// The protocol version this relay speaks.
 pub const PROTOCOL: u32 = 1;
@@ -165,6 +165,11 @@ pub struct SessionReport {
     pub target_error: Option<String>,
     /// Why the session is not served (port busy, used-ticket directory), if it is not.
     pub error: Option<String>,
+    /// The target declared: with the port and lease, what `vncd cleanup --rebuild-state`
+    /// needs to rebuild the session's lease from the relay. `None` from a relay too old
+    /// to say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<TargetSpec>,
 }
 
 /// Who may use the control socket.

@@ -332,6 +332,7 @@ impl Relay {
                     target_reachable: reachable,
                     target_error,
                     error: lock(&l.error).clone(),
+                    target: Some(spec.target),
                 };
                 (l.name.clone(), report)
             })

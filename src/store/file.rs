@@ -89,6 +89,11 @@ impl StateDir {
     pub fn leases_lock(&self) -> PathBuf {
         self.root.join("leases.lock")
     }
+    /// The control socket of the relay `vncd run --relay` starts (in `relay/`, the relay's
+    /// own directory).
+    pub fn relay_socket(&self) -> PathBuf {
+        self.root.join("relay").join("relay.sock")
+    }
     pub fn controller_lock(&self) -> PathBuf {
         self.root.join("vncd.lock")
     }

@@ -150,7 +150,7 @@ impl RelayPlane {
         };
         RelayPlane {
             state_dir: state_dir.to_owned(),
-            socket: state_dir.join("relay").join("relay.sock"),
+            socket: crate::store::file::StateDir::new(state_dir).relay_socket(),
             launch: true,
             program,
             ..Self::external(Path::new(""), listen, minter)
@@ -545,6 +545,45 @@ pub fn serving(socket: &Path, leases: &BTreeMap<String, Lease>) -> BTreeSet<Stri
                 .is_some_and(|s| s.listening && s.lease_uid == l.uid && s.port == l.port)
         })
         .map(|(name, _)| name.clone())
+        .collect()
+}
+
+/// The leases the relay answering on `socket` serves, as `vncd cleanup --rebuild-state`
+/// rebuilds them: session, port, lease uid and target as the relay holds them, with the
+/// relay as their process (identified by its pid and start time in /proc, as
+/// [`RelayPlane::beside`] records it). Empty if no relay answers, or for a session whose
+/// target the relay does not report; a relay never decides which port a session holds
+/// beyond what it was declared.
+pub fn served_leases(socket: &Path) -> Vec<Lease> {
+    let Ok(Response::Report(report)) = call(socket, &Request::Report {}) else {
+        return Vec::new();
+    };
+    let process = i32::try_from(report.relay.pid).ok().and_then(|pid| {
+        procfs::stat(pid).map(|st| ProcRef {
+            pid,
+            start_time: st.start_time,
+        })
+    });
+    report
+        .sessions
+        .into_iter()
+        .filter_map(|(session, s)| {
+            let target = match s.target? {
+                TargetSpec::Tcp(addr) => addr.parse().ok()?,
+                TargetSpec::Unix(path) => Endpoint::Unix {
+                    path: path.to_str()?.to_owned(),
+                },
+            };
+            Some(Lease {
+                session,
+                port: s.port,
+                target,
+                uid: s.lease_uid,
+                process,
+                allocated_at: jiff::Timestamp::now(),
+                allocated_boot: crate::clock::BootInstant::now(),
+            })
+        })
         .collect()
 }
 
