@@ -188,12 +188,26 @@ pub struct View {
     pub sessions: BTreeMap<String, ActiveSession>,
 }
 
-/// Where a live builtin proxy keeps its counters.
+/// Where a live builtin session's counters come from.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct StatsSource {
-    pub path: PathBuf,
-    /// Only a file written by this very process counts.
-    pub pid: u32,
+pub enum StatsSource {
+    /// The stats file of its proxy process, read at scrape time.
+    File {
+        path: PathBuf,
+        /// Only a file written by this very process counts.
+        pid: u32,
+    },
+    /// What the relay reported at the controller's last pass.
+    Reported(Snapshot),
+}
+
+impl StatsSource {
+    fn read(&self) -> Option<Snapshot> {
+        match self {
+            StatsSource::File { path, pid } => Snapshot::read(path).filter(|s| s.pid == *pid),
+            StatsSource::Reported(s) => Some(*s),
+        }
+    }
 }
 
 /// Reads the proxies' stats files at scrape time.
@@ -211,11 +225,7 @@ impl Collector for ProxyStats {
         let sources = self.sources.lock().map(|s| s.clone()).unwrap_or_default();
         let snaps: Vec<(String, Snapshot)> = sources
             .into_iter()
-            .filter_map(|(session, src)| {
-                Snapshot::read(&src.path)
-                    .filter(|s| s.pid == src.pid)
-                    .map(|s| (session, s))
-            })
+            .filter_map(|(session, src)| src.read().map(|s| (session, s)))
             .collect();
         let label = |s: &str| SessionLabel {
             session: s.to_owned(),
@@ -684,7 +694,7 @@ mod tests {
     }
 
     #[test]
-    fn proxy_counters_come_from_live_stats_files_only() {
+    fn proxy_counters_come_from_live_stats_files_or_the_relays_report() {
         let dir = tempfile::tempdir().unwrap();
         let snap = Snapshot {
             pid: 4242,
@@ -703,7 +713,7 @@ mod tests {
         m.set_proxy_stats(BTreeMap::from([
             (
                 "vm1".to_owned(),
-                StatsSource {
+                StatsSource::File {
                     path: dir.path().join("vm1.json"),
                     pid: 4242,
                 },
@@ -711,22 +721,31 @@ mod tests {
             (
                 // Left by an earlier process of the session: ignored.
                 "old".to_owned(),
-                StatsSource {
+                StatsSource::File {
                     path: dir.path().join("old.json"),
                     pid: 1,
                 },
             ),
             (
                 "gone".to_owned(),
-                StatsSource {
+                StatsSource::File {
                     path: dir.path().join("gone.json"),
                     pid: 5,
                 },
+            ),
+            (
+                // Counted by the relay: as reported.
+                "relayed".to_owned(),
+                StatsSource::Reported(Snapshot {
+                    connections: 7,
+                    ..snap
+                }),
             ),
         ]));
         let t = m.render();
         for (name, v) in [
             ("vncd_proxy_connections_total{session=\"vm1\"}", 3.0),
+            ("vncd_proxy_connections_total{session=\"relayed\"}", 7.0),
             ("vncd_proxy_active_connections{session=\"vm1\"}", 1.0),
             ("vncd_proxy_refused_connections_total{session=\"vm1\"}", 2.0),
             (

@@ -239,7 +239,11 @@ async fn a_corrupt_state_file_is_rebuilt_from_the_relay_and_its_consoles_stay_op
 async fn per_session_proxies_of_an_earlier_run_are_replaced_by_the_relay() {
     let qemu = Qemu::tcp();
     let mut v = Vncd::new(6);
-    v.extra = vec!["--backend".into(), "builtin".into()];
+    v.extra = vec![
+        "--backend".into(),
+        "builtin".into(),
+        "--per-session-proxies".into(),
+    ];
     for n in ["vm1", "vm2", "vm3"] {
         v.add_session(n, qemu.port);
     }

@@ -56,7 +56,10 @@ async fn a_session_becomes_ready_serves_rfb_and_is_released_on_delete() {
             .is_empty()
             .then_some(())
     });
-    assert!(!pid_alive(pid), "proxy {pid} still running after delete");
+    assert!(
+        v.stopped_serving(&st),
+        "proxy {pid} still serves port {port} after delete"
+    );
     // An intended stop is not reported as a crash.
     assert!(!v.log().contains("proxy exited"), "{}", v.log());
     wait_for("vm1 gone from get", Duration::from_secs(5), || {
@@ -382,6 +385,30 @@ async fn cleanup_ends_our_orphans_releases_stale_leases_and_spares_foreign_proce
     v.kill9();
     // The session "gone" is deleted and its proxy died while no vncd ran: a stale lease.
     v.remove_session("gone");
+    let sessions = |v: &Vncd| -> Vec<String> {
+        v.leases()["leases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["session"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    if v.on_relay() {
+        // The relay still serves "gone": cleanup leaves it (and the relay) to `vncd run`.
+        let out = v.cmd_here(&["cleanup", "--once"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(pid_alive(pid_of(&keep)), "cleanup stopped the relay");
+        assert_eq!(
+            sessions(&v),
+            ["gone", "keep"],
+            "a served lease was released"
+        );
+        // What makes "gone" stale on the relay: the relay died too.
+    }
     nix::sys::signal::killpg(
         nix::unistd::Pid::from_raw(pid_of(&gone) as i32),
         nix::sys::signal::Signal::SIGKILL,
@@ -426,14 +453,14 @@ async fn cleanup_ends_our_orphans_releases_stale_leases_and_spares_foreign_proce
         foreign.try_wait().unwrap().is_none(),
         "cleanup touched a foreign websockify"
     );
-    let sessions: Vec<String> = v.leases()["leases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l["session"].as_str().unwrap().to_owned())
-        .collect();
-    assert_eq!(sessions, ["keep"], "stale lease released, live one kept");
-    assert!(pid_alive(pid_of(&keep)), "cleanup stopped a wanted proxy");
+    assert_eq!(
+        sessions(&v),
+        ["keep"],
+        "stale lease released, live one kept"
+    );
+    if !v.on_relay() {
+        assert!(pid_alive(pid_of(&keep)), "cleanup stopped a wanted proxy");
+    }
     let _ = foreign.kill();
     let _ = foreign.wait();
 }
@@ -448,7 +475,7 @@ async fn stop_on_exit_ends_every_proxy_and_releases_every_port() {
     let st = v.wait_ready("vm1");
     let status = v.terminate();
     assert!(status.success());
-    assert!(!pid_alive(pid_of(&st)));
+    assert!(v.stopped_serving(&st));
     assert!(v.leases()["leases"].as_array().unwrap().is_empty());
 }
 
@@ -505,7 +532,7 @@ async fn apply_wait_prints_the_url_and_delete_wait_returns_after_release() {
         try_banner(&url).await.is_err(),
         "the ticket of apply --wait opened twice"
     );
-    let pid = pid_of(&v.item("vm9").unwrap()["status"]);
+    let st9 = v.item("vm9").unwrap()["status"].clone();
     let out = v.cmd(&[
         "delete",
         "vm9",
@@ -521,7 +548,7 @@ async fn apply_wait_prints_the_url_and_delete_wait_returns_after_release() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(v.leases()["leases"].as_array().unwrap().is_empty());
-    assert!(!pid_alive(pid));
+    assert!(v.stopped_serving(&st9));
     // A manifest apply refuses never reaches the directory.
     std::fs::write(&file, manifest("vm9", 0)).unwrap();
     let out = v.cmd_here(&["apply", "-f", file.to_str().unwrap()]);
@@ -650,7 +677,12 @@ async fn a_console_ticket_opens_one_connection_and_nothing_else_does() {
     // Tickets never reach vncd's log; the key files are private.
     assert!(!v.log().contains(ticket) && !v.log().contains(&fresh_ticket));
     use std::os::unix::fs::PermissionsExt;
-    for f in ["leases.json", "sessions.json", "ticket.key", "keys/vm1.key"] {
+    // The relay holds lease keys in memory only; a per-session proxy gets a key file.
+    let keys: &[&str] = if v.on_relay() { &[] } else { &["keys/vm1.key"] };
+    for f in ["leases.json", "sessions.json", "ticket.key"]
+        .iter()
+        .chain(keys)
+    {
         let mode = std::fs::metadata(v.state.join(f))
             .unwrap()
             .permissions()
@@ -749,7 +781,7 @@ async fn an_idle_session_expires_and_stays_expired_until_its_spec_changes() {
     let ex = v.wait_status("idle", "Expired", Duration::from_secs(10));
     assert_eq!(ex["reason"], "IdleTimeout");
     assert!(ex["port"].is_null() && ex["url"].is_null(), "{ex}");
-    assert!(!pid_alive(pid_of(&st)));
+    assert!(v.stopped_serving(&st));
     wait_for("idle lease released", Duration::from_secs(5), || {
         let l = v.leases();
         (!l["leases"]
@@ -802,7 +834,7 @@ async fn max_lifetime_ends_a_session_even_with_a_live_client() {
         cut.is_ok(),
         "the client stayed connected after the lifetime ended"
     );
-    assert!(!pid_alive(pid_of(&st)));
+    assert!(v.stopped_serving(&st));
     assert!(v.leases()["leases"].as_array().unwrap().is_empty());
 }
 
@@ -960,6 +992,11 @@ async fn proxy_user_case(backend: &str) {
         "--proxy-user".into(),
         "nobody".into(),
     ]);
+    if builtin {
+        // A proxy process per session; the relay run as --proxy-user is
+        // tests/relay_run.rs the_relay_runs_as_proxy_user_owns_its_directory_and_cannot_read_the_master_key.
+        v.extra.push("--per-session-proxies".into());
+    }
     v.start();
     v.add_session("vm1", qemu.port);
     let st = v.wait_ready("vm1");
@@ -1434,7 +1471,13 @@ async fn proxy_user_without_the_capabilities_to_supervise_is_refused_at_start() 
 async fn adopted_proxies_follow_changed_settings_one_at_a_time() {
     let qemu = Qemu::tcp();
     let mut v = Vncd::new(4);
-    v.extra = vec!["--origin".into(), "http://a.example".into()];
+    // Per-session proxies: the relay follows changed settings in place instead (tests/relay_run.rs
+    // the_relay_serves_web_files_enforces_origins_and_follows_new_ones_in_place).
+    v.extra = vec![
+        "--origin".into(),
+        "http://a.example".into(),
+        "--per-session-proxies".into(),
+    ];
     if backend() == "websockify" {
         // websockify has no Origin allowlist: change its web directory instead.
         let web = v.tmp.path().join("web-a");
@@ -1460,7 +1503,11 @@ async fn adopted_proxies_follow_changed_settings_one_at_a_time() {
         std::fs::create_dir_all(&web).unwrap();
         v.extra = vec!["--web".into(), web.display().to_string()];
     } else {
-        v.extra = vec!["--origin".into(), "http://b.example".into()];
+        v.extra = vec![
+            "--origin".into(),
+            "http://b.example".into(),
+            "--per-session-proxies".into(),
+        ];
     }
     v.start();
     wait_for("both proxies replaced", Duration::from_secs(30), || {
@@ -1510,7 +1557,7 @@ async fn a_renewed_tls_certificate_reaches_the_proxy_within_a_resync() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let renewed = if backend() == "relay" {
+    let renewed = if v.on_relay() {
         let now = v.wait_ready("vm1");
         assert_eq!(now["pid"], st["pid"], "the relay loads it in place");
         now

@@ -18,6 +18,7 @@ use tracing::{info, warn};
 use super::{StateArgs, runtime};
 use crate::lease::Lease;
 use crate::pool::PortRange;
+use crate::reconcile::ProxyState;
 use crate::reconcile::{self, Inputs, LeaseOp, Limits, StopOp, StopReason};
 use crate::runconfig::{PoolFlags, Recorded, SessionsFlag};
 use crate::source::Source;
@@ -26,6 +27,7 @@ use crate::source::merge::Merged;
 use crate::store::file::{FileStore, StateDir, read_state, write_state};
 use crate::store::lock::LockGuard;
 use crate::store::{LeaseChange, LeaseSet, StoreError};
+use crate::supervisor::relay::RelayView;
 use crate::supervisor::websockify::Websockify;
 use crate::supervisor::{Supervisor, classify, scan};
 
@@ -187,7 +189,23 @@ async fn pass(
         let set = read_state(&dir.leases())?;
         let snapshot = source.snapshot().await?;
         let marked = scan(owner);
-        let obs = classify(marked, &set.leases);
+        let mut obs = classify(marked, &set.leases);
+        // Sessions of the relay (`vncd run --relay`) are live too, with the relay as their
+        // process: they have none of their own for the scan to find.
+        let relay = RelayView::ask(&dir.relay_socket(), &set.leases);
+        if let Some(process) = relay.relay {
+            for (session, (listening, clients)) in &relay.sessions {
+                obs.proxies.insert(
+                    session.clone(),
+                    ProxyState::Running {
+                        process,
+                        listening: *listening,
+                        age_ms: u64::MAX,
+                    },
+                );
+                obs.clients.insert(session.clone(), *clients);
+            }
+        }
         let no_clients = BTreeMap::new();
         let plan = reconcile::plan(&Inputs {
             desired: &snapshot.desired,
@@ -246,6 +264,18 @@ async fn pass(
                         warn!(pid = process.pid, "ended orphaned proxy");
                         stats.orphans += 1;
                     }
+                }
+                StopOp::Session {
+                    session,
+                    process,
+                    why: StopReason::OutsidePool,
+                } if repack && relay.relay == Some(*process) => {
+                    // The relay serves every session: it is never stopped for one. The
+                    // release alone moves the session: `vncd run` sees leases.json change,
+                    // takes the session off the relay and leases it a port in the pool.
+                    info!(session = %session, "releasing relay session outside the pool (--repack)");
+                    releases.push(LeaseChange::Remove(session.clone()));
+                    stats.repacked += 1;
                 }
                 StopOp::Session {
                     session,

@@ -139,7 +139,8 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let running = is_held(&dir.controller_lock());
     // Sessions the relay serves (`vncd run --relay`) have no process of their own: the
     // relay says which it serves.
-    let mut live = crate::supervisor::relay::serving(&dir.relay_socket(), &set.leases);
+    let mut live =
+        crate::supervisor::relay::RelayView::ask(&dir.relay_socket(), &set.leases).serving();
     live.extend(obs.proxies.keys().cloned());
     let st = SystemStatus::new(range, &set.leases, live.len(), obs.orphans.len(), running);
     let value = st.to_json();

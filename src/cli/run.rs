@@ -50,6 +50,26 @@ pub struct RunArgs {
         requires = "http"
     )]
     pub http_token_file: Option<PathBuf>,
+    /// One `vncd-proxy` process per builtin session, as before the relay, instead of the
+    /// one relay that serves them all (the default). Kept for one release so a host can go
+    /// back; the relay replaces such proxies one at a time when this is dropped again.
+    #[arg(
+        long,
+        env = "VNCD_PER_SESSION_PROXIES",
+        conflicts_with_all = ["relay", "relay_socket", "gateway"]
+    )]
+    pub per_session_proxies: bool,
+}
+
+impl RunArgs {
+    /// Resolves the data plane: the builtin backend is the relay unless
+    /// --per-session-proxies asks for the old one; websockify keeps a process per session.
+    fn resolve(mut self) -> Self {
+        if self.serve.backend == super::serve::BackendKind::Builtin && !self.per_session_proxies {
+            self.serve.relay = true;
+        }
+        self
+    }
 }
 
 /// Records what this controller really runs with, for `vncd status | get | cleanup`
@@ -104,6 +124,7 @@ fn claim_state(
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let args = args.resolve();
     // A libvirt flag on a build without libvirt: say how to get one, before any state.
     args.libvirt.check_built_in()?;
     // A bad token file is the caller's mistake: say so before touching any state.

@@ -44,7 +44,8 @@ pub struct ServeArgs {
     /// process each; running per-session proxies are replaced by it one at a time. The
     /// relay outlives vncd and keeps its consoles open while vncd restarts. It serves
     /// --tls-cert (reloaded when the files change), --origin and --web; with --proxy-user
-    /// the relay runs under that uid and owns STATE_DIR/relay.
+    /// the relay runs under that uid and owns STATE_DIR/relay. `vncd run --backend
+    /// builtin` always serves this way unless given --per-session-proxies.
     #[arg(long, env = "VNCD_RELAY")]
     pub relay: bool,
     /// With --relay: talk to a relay that runs on its own (the chart's relay DaemonSet, or
@@ -52,22 +53,12 @@ pub struct ServeArgs {
     /// socket, and never start one. While none answers its sessions are down, not Ready.
     /// `vncd kube --relay` needs it: a relay started inside the controller's pod would
     /// end with it.
-    #[arg(
-        long,
-        env = "VNCD_RELAY_SOCKET",
-        value_name = "PATH",
-        requires = "relay"
-    )]
+    #[arg(long, env = "VNCD_RELAY_SOCKET", value_name = "PATH")]
     pub relay_socket: Option<PathBuf>,
-    /// With --relay: one more port, outside the pool, that serves every session; the
+    /// With the relay: one more port, outside the pool, that serves every session; the
     /// ticket routes each connection to its session (`vncd url NAME --gateway`). Declared
     /// to the relay, so changing it moves the gateway without dropping consoles.
-    #[arg(
-        long,
-        env = "VNCD_GATEWAY",
-        value_name = "ADDR:PORT",
-        requires = "relay"
-    )]
+    #[arg(long, env = "VNCD_GATEWAY", value_name = "ADDR:PORT")]
     pub gateway: Option<std::net::SocketAddr>,
     /// The gateway's URL as browsers reach it (behind a reverse proxy, say) [default:
     /// ws[s]://PUBLIC_HOST:PORT/].
@@ -358,6 +349,15 @@ impl ServeArgs {
         crate::lease::check_rng()?;
         if self.relay {
             self.check_relay()?;
+        } else if let Some(socket) = &self.relay_socket {
+            anyhow::bail!(
+                "--relay-socket {} names a relay, which this controller does not use (--per-session-proxies, --backend websockify, or vncd kube without --relay)",
+                socket.display()
+            );
+        } else if let Some(gw) = self.gateway {
+            anyhow::bail!(
+                "--gateway {gw} is served by the relay, which this controller does not use (--per-session-proxies, --backend websockify, or vncd kube without --relay)"
+            );
         }
         let proxy_user = self
             .proxy_user

@@ -207,6 +207,14 @@ impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
                 return false;
             }
         };
+        if let Some(set) = self.store.changed_since(self.leases.revision).await {
+            info!(
+                from = self.leases.revision,
+                to = set.revision,
+                "leases changed outside this controller (vncd cleanup); reloaded"
+            );
+            self.leases = set;
+        }
         let busy = self.converge(&snapshot).await;
         if let Some(s) = &self.synced {
             s.set();

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use super::Controller;
 use super::act::Acted;
 use crate::api::VncSession;
-use crate::metrics::{self, StatsSource};
+use crate::metrics;
 use crate::reconcile::{ProxyState, Report};
 use crate::source::{Snapshot, Source};
 use crate::status::{ActiveSession, StatusSink, SystemStatus};
@@ -68,8 +68,8 @@ impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
                 .filter(|l| alive(&l.session))
                 .filter_map(|l| {
                     let pid = u32::try_from(l.process?.pid).ok()?;
-                    let path = self.supervisor.stats_file(&l.session)?;
-                    Some((l.session.clone(), StatsSource { path, pid }))
+                    let source = self.supervisor.stats_source(&l.session, pid)?;
+                    Some((l.session.clone(), source))
                 })
                 .collect(),
         );

@@ -170,6 +170,11 @@ pub struct SessionReport {
     /// to say.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<TargetSpec>,
+    /// The session's counters since the relay started serving it, the same a per-session
+    /// proxy writes to its stats file: the controller exports them as its
+    /// `vncd_proxy_*` metrics.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counters: Option<crate::proxy::stats::Snapshot>,
 }
 
 /// Who may use the control socket.

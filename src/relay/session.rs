@@ -204,6 +204,20 @@ impl Live {
         }
         lock(&self.console).end_connections();
         self.end_retired();
+        self.remove_spent_records();
+    }
+
+    /// A closed session's used-ticket directory goes once no record in it can matter: the
+    /// expired ones are pruned and the directory removed if that empties it. A record of a
+    /// ticket still valid stays, so the same lease declared again still refuses it.
+    fn remove_spent_records(&self) {
+        let _ = crate::ticket::DirNonces::new(&self.nonce_dir).prune();
+        if std::fs::remove_dir(&self.nonce_dir).is_ok() && self.name.contains('/') {
+            // NAMESPACE/NAME: the namespace's directory too, if it was the last.
+            if let Some(ns) = self.nonce_dir.parent() {
+                let _ = std::fs::remove_dir(ns);
+            }
+        }
     }
 
     pub fn open_connections(&self) -> usize {

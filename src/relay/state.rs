@@ -333,6 +333,7 @@ impl Relay {
                     target_error,
                     error: lock(&l.error).clone(),
                     target: Some(spec.target),
+                    counters: Some(snap),
                 };
                 (l.name.clone(), report)
             })

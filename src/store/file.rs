@@ -206,11 +206,38 @@ pub fn write_state(path: &Path, set: &LeaseSet) -> Result<(), StoreError> {
 pub struct FileStore {
     dir: StateDir,
     lock_timeout: Duration,
+    /// `leases.json`'s inode, modification time and length when last read by
+    /// [`LeaseStore::changed_since`], so an unchanged file is not parsed every pass (every
+    /// write renames a new file over it: a new inode).
+    seen: std::sync::Arc<std::sync::Mutex<Option<(u64, std::time::SystemTime, u64)>>>,
 }
 
 impl FileStore {
     pub fn new(dir: StateDir, lock_timeout: Duration) -> Self {
-        FileStore { dir, lock_timeout }
+        FileStore {
+            dir,
+            lock_timeout,
+            seen: std::sync::Arc::default(),
+        }
+    }
+
+    /// [`LeaseStore::changed_since`], blocking.
+    fn changed_since_blocking(&self, revision: u64) -> Option<LeaseSet> {
+        let path = self.dir.leases();
+        let meta = std::fs::metadata(&path).ok()?;
+        let stamp = (
+            std::os::unix::fs::MetadataExt::ino(&meta),
+            meta.modified().ok()?,
+            meta.len(),
+        );
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if *seen == Some(stamp) {
+            return None;
+        }
+        // Unreadable or corrupt: the next commit says so; nothing changes here.
+        let set = read_state(&path).ok()?;
+        *seen = Some(stamp);
+        (set.revision != revision).then_some(set)
     }
 
     /// The blocking commit, run under `leases.lock`.
@@ -251,6 +278,14 @@ impl LeaseStore for FileStore {
             .await
             .unwrap_or_else(|e| Err(StoreError::Invalid(format!("state writer panicked: {e}"))))
     }
+
+    async fn changed_since(&mut self, revision: u64) -> Option<LeaseSet> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || me.changed_since_blocking(revision))
+            .await
+            .ok()
+            .flatten()
+    }
 }
 
 #[cfg(test)]
@@ -273,6 +308,30 @@ mod tests {
         let dir = StateDir::new(d.path());
         dir.create().unwrap();
         (d, FileStore::new(dir, Duration::from_secs(30)))
+    }
+
+    #[test]
+    fn another_writers_commit_is_seen_once_and_a_corrupt_file_is_left_to_the_commit() {
+        let (_d, mine) = store();
+        let set = mine
+            .commit_blocking(0, vec![LeaseChange::Put(lease("a", 6100))])
+            .unwrap();
+        // Its own commit: nothing new.
+        assert_eq!(mine.changed_since_blocking(set.revision), None);
+        // `vncd cleanup` (another store on the same directory) releases the lease.
+        let cleanup = FileStore::new(mine.dir.clone(), Duration::from_secs(30));
+        let after = cleanup
+            .commit_blocking(set.revision, vec![LeaseChange::Remove("a".into())])
+            .unwrap();
+        assert_eq!(
+            mine.changed_since_blocking(set.revision),
+            Some(after.clone())
+        );
+        assert_eq!(mine.changed_since_blocking(after.revision), None);
+        // A corrupt file is not "no leases": it is for the next commit to refuse.
+        std::fs::write(mine.dir.leases(), b"{\"version\":1,\"rev").unwrap();
+        assert_eq!(mine.changed_since_blocking(after.revision), None);
+        assert_eq!(mine.changed_since_blocking(0), None);
     }
 
     #[test]

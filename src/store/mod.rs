@@ -100,6 +100,14 @@ pub trait LeaseStore: Send {
         base: u64,
         changes: Vec<LeaseChange>,
     ) -> impl Future<Output = Result<LeaseSet, StoreError>> + Send;
+    /// The leases, if another writer (`vncd cleanup`) moved the store past `revision`:
+    /// the controller otherwise learns of that only when its next commit conflicts, and a
+    /// session whose lease cleanup released keeps being served from memory. `None` if it
+    /// did not, or this store cannot tell cheaply (it has no other writer).
+    fn changed_since(&mut self, revision: u64) -> impl Future<Output = Option<LeaseSet>> + Send {
+        let _ = revision;
+        std::future::ready(None)
+    }
 }
 
 /// Applies changes to a set, refusing any that would lease one port twice.

@@ -834,6 +834,18 @@ impl Supervisor {
         self.key_dir().join(format!("{session}.key"))
     }
 
+    /// Where the counters of `session`'s proxy, whose pid is `pid`, come from: the relay's
+    /// last report, or the proxy's stats file; `None` if this backend keeps none.
+    pub fn stats_source(&self, session: &str, pid: u32) -> Option<crate::metrics::StatsSource> {
+        if let Some(plane) = &self.relay {
+            return plane
+                .counters(session)
+                .map(crate::metrics::StatsSource::Reported);
+        }
+        let path = self.stats_file(session)?;
+        Some(crate::metrics::StatsSource::File { path, pid })
+    }
+
     /// Where the proxy of `session` keeps its counters (`STATE/stats/NAME.json`, beside
     /// the tokens and logs), if this backend keeps any.
     pub fn stats_file(&self, session: &str) -> Option<PathBuf> {

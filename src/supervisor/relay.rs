@@ -188,10 +188,7 @@ impl RelayPlane {
                 start_time: report.relay.started_unix,
             });
         }
-        procfs::stat(pid).map(|st| ProcRef {
-            pid,
-            start_time: st.start_time,
-        })
+        local_identity(report)
     }
 
     /// Declares `gateway` with the sessions (see `vncd run --gateway`).
@@ -392,6 +389,11 @@ impl RelayPlane {
         served
     }
 
+    /// The counters the relay last reported for `session`.
+    pub fn counters(&self, session: &str) -> Option<crate::proxy::stats::Snapshot> {
+        self.lock().report.as_ref()?.sessions.get(session)?.counters
+    }
+
     /// The relay's declaration of `lease`.
     fn spec(&self, lease: &Lease) -> Result<SessionSpec, RelayPlaneError> {
         Ok(SessionSpec {
@@ -529,23 +531,55 @@ impl RelayPlane {
     }
 }
 
-/// Which of `leases` the relay answering on `socket` serves now (listening, for that
-/// lease and port): what `vncd status` counts as live besides per-session proxies, which
-/// it finds in /proc. Empty if no relay answers; it never starts one.
-pub fn serving(socket: &Path, leases: &BTreeMap<String, Lease>) -> BTreeSet<String> {
-    let Ok(Response::Report(report)) = call(socket, &Request::Report {}) else {
-        return BTreeSet::new();
-    };
-    leases
-        .iter()
-        .filter(|(name, l)| {
-            report
-                .sessions
-                .get(*name)
-                .is_some_and(|s| s.listening && s.lease_uid == l.uid && s.port == l.port)
-        })
-        .map(|(name, _)| name.clone())
-        .collect()
+/// What the relay answering on `socket` serves of `leases`, for the commands that judge a
+/// state directory beside `vncd run` without being its controller (`vncd status`,
+/// `vncd cleanup`): relay sessions have no process of their own to find in /proc.
+#[derive(Debug, Default)]
+pub struct RelayView {
+    /// The relay (pid and start time in /proc), if one answers and is visible here.
+    pub relay: Option<ProcRef>,
+    /// Sessions served for their current lease and port: listening, authenticated clients.
+    pub sessions: BTreeMap<String, (bool, usize)>,
+}
+
+impl RelayView {
+    /// Asks the relay; empty if none answers. It never starts one.
+    pub fn ask(socket: &Path, leases: &BTreeMap<String, Lease>) -> Self {
+        let Ok(Response::Report(report)) = call(socket, &Request::Report {}) else {
+            return RelayView::default();
+        };
+        let sessions = leases
+            .iter()
+            .filter_map(|(name, l)| {
+                let s = report.sessions.get(name)?;
+                (s.lease_uid == l.uid && s.port == l.port)
+                    .then(|| (name.clone(), (s.listening, s.authenticated)))
+            })
+            .collect();
+        RelayView {
+            relay: local_identity(&report),
+            sessions,
+        }
+    }
+
+    /// The sessions it serves now (listening): what `vncd status` counts as live.
+    pub fn serving(&self) -> BTreeSet<String> {
+        self.sessions
+            .iter()
+            .filter(|(_, (listening, _))| *listening)
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+}
+
+/// The relay of `report` as /proc here sees it (pid and start time), as
+/// [`RelayPlane::beside`] records it in leases.
+fn local_identity(report: &Report) -> Option<ProcRef> {
+    let pid = i32::try_from(report.relay.pid).ok()?;
+    procfs::stat(pid).map(|st| ProcRef {
+        pid,
+        start_time: st.start_time,
+    })
 }
 
 /// The leases the relay answering on `socket` serves, as `vncd cleanup --rebuild-state`
@@ -558,12 +592,7 @@ pub fn served_leases(socket: &Path) -> Vec<Lease> {
     let Ok(Response::Report(report)) = call(socket, &Request::Report {}) else {
         return Vec::new();
     };
-    let process = i32::try_from(report.relay.pid).ok().and_then(|pid| {
-        procfs::stat(pid).map(|st| ProcRef {
-            pid,
-            start_time: st.start_time,
-        })
-    });
+    let process = local_identity(&report);
     report
         .sessions
         .into_iter()

@@ -224,13 +224,15 @@ impl Vncd {
         if !self
             .extra
             .iter()
-            .any(|a| a == "--backend" || a == "--relay")
+            .any(|a| a == "--backend" || a == "--relay" || a == "--per-session-proxies")
         {
-            if backend() == "relay" {
-                // The node relay as the builtin data plane (`vncd run --relay`).
-                args.extend(["--relay".into(), "--backend".into(), "builtin".into()]);
-            } else {
-                args.extend(["--backend".into(), backend()]);
+            match backend().as_str() {
+                "processes" => args.extend([
+                    "--backend".into(),
+                    "builtin".into(),
+                    "--per-session-proxies".into(),
+                ]),
+                b => args.extend(["--backend".into(), b.into()]),
             }
         }
         args.extend(self.extra.clone());
@@ -385,6 +387,36 @@ impl Vncd {
         serde_json::from_str(&text).unwrap()
     }
 
+    /// Whether `vncd run` serves through the relay (one process for every session) rather
+    /// than a process per session: what "its proxy ended" means differs.
+    pub fn on_relay(&self) -> bool {
+        let has = |flag: &str| self.extra.iter().any(|a| a == flag);
+        let websockify = self
+            .extra
+            .windows(2)
+            .any(|w| w[0] == "--backend" && w[1] == "websockify");
+        if has("--relay") {
+            return true;
+        }
+        if has("--per-session-proxies") || websockify {
+            return false;
+        }
+        let explicit = has("--backend");
+        explicit || backend() == "builtin"
+    }
+
+    /// Whether what served `status` (its `pid` and `port`) has stopped serving it: its
+    /// process ended, or, on the relay (which serves every session and lives on), its port
+    /// no longer accepts connections.
+    pub fn stopped_serving(&self, status: &Value) -> bool {
+        if self.on_relay() {
+            let port = status["port"].as_u64().expect("a status with a port") as u16;
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_err()
+        } else {
+            !pid_alive(status["pid"].as_i64().expect("a status with a pid"))
+        }
+    }
+
     pub fn owner(&self) -> String {
         std::fs::canonicalize(&self.state)
             .map(|p| p.display().to_string())
@@ -429,10 +461,15 @@ pub fn relay_pids(state_dir: &str) -> Vec<i32> {
         .collect()
 }
 
-/// The data plane under test: `VNCD_TEST_BACKEND` (builtin unless set; `websockify`, or
-/// `relay` for `vncd run --relay`), so the same suite runs against each (scripts/test).
+/// The data plane under test: `VNCD_TEST_BACKEND`, so the same suite runs against each
+/// (scripts/test): `builtin` unless set (`vncd run`'s default: the relay; `relay` says
+/// the same), `websockify`, or `processes` (`--per-session-proxies`: one `vncd-proxy`
+/// per session, the builtin data plane before the relay).
 pub fn backend() -> String {
-    std::env::var("VNCD_TEST_BACKEND").unwrap_or_else(|_| "builtin".into())
+    match std::env::var("VNCD_TEST_BACKEND").as_deref() {
+        Err(_) | Ok("relay") => "builtin".into(),
+        Ok(b) => b.into(),
+    }
 }
 
 /// Hands out disjoint pool ranges so tests running in parallel never share ports.
@@ -599,6 +636,14 @@ pub async fn try_banner(url: &str) -> Result<Vec<u8>, String> {
     .await
     .map_err(|_| "connect timed out".to_string())?
     .map_err(|e| e.to_string())?;
+    banner_of(&mut ws).await
+}
+
+/// The RFB banner (12 bytes) from an open websocket.
+async fn banner_of<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>) -> Result<Vec<u8>, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let mut buf = Vec::new();
     while buf.len() < 12 {
         match tokio::time::timeout(Duration::from_secs(3), ws.next()).await {
@@ -611,6 +656,33 @@ pub async fn try_banner(url: &str) -> Result<Vec<u8>, String> {
         }
     }
     Ok(buf)
+}
+
+/// [`try_banner`] from `source` (another loopback address, say): admission before
+/// authentication counts pending connections per source address.
+pub async fn try_banner_from(url: &str, source: std::net::Ipv4Addr) -> Result<Vec<u8>, String> {
+    let mut req = url.into_client_request().map_err(|e| e.to_string())?;
+    req.headers_mut()
+        .insert("Sec-WebSocket-Protocol", "binary".parse().unwrap());
+    let host = req.uri().host().ok_or("no host")?.to_owned();
+    let port = req.uri().port_u16().ok_or("no port")?;
+    let addr: std::net::SocketAddr = format!("{host}:{port}")
+        .parse()
+        .map_err(|e| format!("{e}"))?;
+    let sock = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
+    sock.bind((source, 0).into()).map_err(|e| e.to_string())?;
+    let stream = tokio::time::timeout(Duration::from_secs(5), sock.connect(addr))
+        .await
+        .map_err(|_| "connect timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    let (mut ws, _) = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio_tungstenite::client_async(req, stream),
+    )
+    .await
+    .map_err(|_| "upgrade timed out".to_string())?
+    .map_err(|e| e.to_string())?;
+    banner_of(&mut ws).await
 }
 
 /// A wss connection as [`wss_open`] makes it.
