@@ -764,6 +764,11 @@ fn the_check_flag_succeeds_while_a_relay_answers_and_fails_once_it_is_gone() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // It names the pid that answered (scripts/check-deb ends exactly that relay).
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("pid {} sessions 0\n", relay.child.id())
+    );
     relay.kill9();
     let out = check();
     let err = String::from_utf8_lossy(&out.stderr);

@@ -96,9 +96,10 @@ pub struct ServeArgs {
     /// Seconds a new proxy may take to listen before it counts as failed.
     #[arg(long, env = "VNCD_START_TIMEOUT", value_name = "SECONDS", value_parser = seconds, default_value = "30")]
     pub start_timeout: Duration,
-    /// Most proxies starting at once; the rest queue (reason Queued) [default: 64 for
-    /// builtin, which starts in milliseconds; twice the CPU count for websockify, whose
-    /// Python start-up is CPU-bound and thrashes when hundreds start together].
+    /// Most proxies starting at once; the rest queue (reason Queued) [default: no cap on
+    /// the relay, which takes them in one declaration; 64 for per-session builtin proxies,
+    /// which start in milliseconds; twice the CPU count for websockify, whose Python
+    /// start-up is CPU-bound and thrashes when hundreds start together].
     #[arg(long, env = "VNCD_MAX_STARTING")]
     pub max_starting: Option<usize>,
     /// Seconds between SIGTERM and SIGKILL when stopping a proxy.
@@ -183,8 +184,12 @@ fn resolve_program(program: &PathBuf) -> anyhow::Result<PathBuf> {
         })
 }
 
-fn default_max_starting(backend: BackendKind) -> usize {
+/// The relay takes a pass's starts as one declaration and binds them in milliseconds, so
+/// nothing queues behind a cap (64 per pass made 800 sessions wait 13 passes); spawned
+/// proxies are capped so their start-up does not thrash.
+fn default_max_starting(backend: BackendKind, relay: bool) -> usize {
     match backend {
+        BackendKind::Builtin if relay => usize::MAX,
         BackendKind::Builtin => 64,
         BackendKind::Websockify => std::thread::available_parallelism().map_or(2, |n| 2 * n.get()),
     }
@@ -206,7 +211,7 @@ impl ServeArgs {
             start_timeout_ms: u64::try_from(self.start_timeout.as_millis()).unwrap_or(u64::MAX),
             max_starting: self
                 .max_starting
-                .unwrap_or_else(|| default_max_starting(self.backend))
+                .unwrap_or_else(|| default_max_starting(self.backend, self.relay))
                 .max(1),
         };
         Ok(LoopConfig {

@@ -234,6 +234,13 @@ pub(crate) async fn read_line<R: AsyncRead + Unpin>(
 }
 
 /// Serializes one message as a line.
+impl ControlError {
+    /// Whether the socket is there but its mode or owner shuts this process out.
+    pub fn permission_denied(&self) -> bool {
+        matches!(self, ControlError::Connect { source, .. } if source.kind() == io::ErrorKind::PermissionDenied)
+    }
+}
+
 pub(crate) fn line<T: Serialize>(msg: &Envelope<T>) -> Vec<u8> {
     let mut out = serde_json::to_vec(msg).unwrap_or_else(|_| b"{}".to_vec());
     out.push(b'\n');

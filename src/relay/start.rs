@@ -112,7 +112,8 @@ pub async fn run(args: RelayArgs) -> Result<(), RelayError> {
     Ok(())
 }
 
-/// `--check`: a relay answers a report request on `socket` within 5 s.
+/// `--check`: a relay answers a report request on `socket` within 5 s. It prints the pid
+/// that answered, so a script can end exactly that relay.
 async fn check(socket: &Path) -> Result<(), RelayError> {
     let failed = |why: String| RelayError::CheckFailed {
         path: socket.to_owned(),
@@ -129,6 +130,7 @@ async fn check(socket: &Path) -> Result<(), RelayError> {
                 sessions = r.sessions.len(),
                 "the relay answers"
             );
+            println!("pid {} sessions {}", r.relay.pid, r.sessions.len());
             Ok(())
         }
         Ok(Err(e)) => Err(failed(e.to_string())),
@@ -208,8 +210,12 @@ pub(crate) fn prepare_dirs(state_dir: &Path, uid: u32) -> Result<Dirs, RelayErro
                 uid,
             });
         }
-        if m.mode() & 0o7777 != mode {
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+        // The set-group-ID bit the controller may have set (see
+        // `supervisor::relay::hand_over_dir`) stays: it gives the socket the controller's
+        // group. The relay could not set it again (the group is not its own).
+        if m.mode() & 0o777 != mode {
+            let keep = m.mode() & 0o2000;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | keep))
                 .map_err(not_writable)?;
         }
         let probe = dir.join(format!(".write-check.{}", std::process::id()));

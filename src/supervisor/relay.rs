@@ -229,6 +229,9 @@ impl RelayPlane {
         match call(&self.socket(), &Request::Report {}) {
             Ok(Response::Report(r)) => Ok(r),
             Ok(_) => Err(ControlError::Unexpected { asked: "report" }.into()),
+            // A relay runs but will not let this controller in: starting another would
+            // only find it running.
+            Err(e @ ControlError::Connect { .. }) if e.permission_denied() => Err(e.into()),
             Err(ControlError::Connect { .. }) if !self.launch => Err(RelayPlaneError::NotRunning {
                 socket: self.socket(),
             }),
@@ -286,8 +289,13 @@ impl RelayPlane {
         drop(child);
         let until = Instant::now() + START_TIMEOUT;
         while Instant::now() < until {
-            if UnixStream::connect(self.socket()).is_ok() {
-                return Ok(());
+            match UnixStream::connect(self.socket()) {
+                Ok(_) => return Ok(()),
+                Err(source) if source.kind() == std::io::ErrorKind::PermissionDenied => {
+                    let path = self.socket();
+                    return Err(ControlError::Connect { path, source }.into());
+                }
+                Err(_) => {}
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -618,8 +626,11 @@ pub fn served_leases(socket: &Path) -> Vec<Lease> {
 
 /// Makes `dir` (STATE/relay) the relay user's own before the relay starts: the state
 /// directory above it searchable (not readable) by others, `dir` created if missing, mode
-/// 0750, owned by `user` with the controller's group (so the controller
-/// reaches the socket and nothing else can): `group`. The relay itself cannot create it,
+/// 02750, owned by `user` with the controller's group (so the controller
+/// reaches the socket and nothing else can): `group`. The set-group-ID bit gives the
+/// socket the relay creates in it that group too; without it the socket would carry the
+/// relay's own group, and a controller without CAP_DAC_OVERRIDE (the unit's) could not
+/// connect to it. The relay itself cannot create it,
 /// since the state directory is the controller's (or, in the chart, the kubelet's
 /// hostPath, prepared by `vncd relay-dir` in an init container with CAP_CHOWN alone).
 ///
@@ -634,17 +645,26 @@ pub fn hand_over_dir(dir: &Path, user: &super::ProxyUser, group: u32) -> std::io
     if let Some(state) = dir.parent() {
         super::add_search_permission(state)?;
     }
-    match std::fs::DirBuilder::new().mode(0o750).create(dir) {
+    match std::fs::DirBuilder::new().mode(0o2750).create(dir) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(e),
     }
-    let meta = std::fs::symlink_metadata(dir)?;
+    let mut meta = std::fs::symlink_metadata(dir)?;
     if !meta.is_dir() {
         return Err(std::io::Error::new(
             std::io::ErrorKind::NotADirectory,
             "not a directory",
         ));
+    }
+    if meta.uid() == user.uid && meta.mode() & 0o2000 == 0 {
+        // The user's already, from before the set-group-ID bit: only its owner (or
+        // CAP_FOWNER, which the unit lacks) may set it, so take it back for a moment
+        // (CAP_CHOWN), set it, and hand it over again below.
+        lchown(dir, Some(nix::unistd::geteuid().as_raw()), None)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o2750))?;
+        lchown(dir, Some(user.uid), None)?;
+        meta = std::fs::symlink_metadata(dir)?;
     }
     if meta.uid() != user.uid {
         fn walk(d: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
@@ -662,7 +682,7 @@ pub fn hand_over_dir(dir: &Path, user: &super::ProxyUser, group: u32) -> std::io
         walk(dir, user.uid, user.gid)?;
         // The mode while it is still ours (after the chown only its owner, or
         // CAP_FOWNER, could change it); a relay tightens its own mode itself later.
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o2750))?;
     }
     if meta.uid() != user.uid || meta.gid() != group {
         lchown(dir, Some(user.uid), Some(group))?;
@@ -724,7 +744,7 @@ mod tests {
         let m = |p: &Path| std::fs::symlink_metadata(p).unwrap();
         assert_eq!(
             (m(&dir).uid(), m(&dir).gid(), m(&dir).mode() & 0o7777),
-            (65534, 0, 0o750)
+            (65534, 0, 0o2750)
         );
         assert_eq!(m(&dir.join("nonces/vm1/used")).uid(), 65534);
         assert_eq!(m(&dir.join("nonces/link")).uid(), 65534, "the link itself");
@@ -734,5 +754,13 @@ mod tests {
         std::fs::write(dir.join("later"), b"").unwrap();
         hand_over_dir(&dir, &user, 0).unwrap();
         assert_eq!(m(&dir.join("later")).uid(), 0);
+        // A directory handed over before the set-group-ID bit gets it, and stays the
+        // user's.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o750)).unwrap();
+        hand_over_dir(&dir, &user, 0).unwrap();
+        assert_eq!(
+            (m(&dir).uid(), m(&dir).gid(), m(&dir).mode() & 0o7777),
+            (65534, 0, 0o2750)
+        );
     }
 }
