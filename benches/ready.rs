@@ -72,19 +72,24 @@ fn relay_pss_kib(v: &Vncd) -> u64 {
     pss_kib(common::relay_pids(&v.owner()))
 }
 
-/// `backend` is `builtin`, `websockify`, or `relay` (`--relay`: one relay process serves
-/// every session). For the relay, the PSS per session is its growth from an empty relay.
+/// `backend` is `builtin` (the default data plane: the relay), `relay` (the same, said
+/// with `--relay`), `processes` (`--per-session-proxies`: a `vncd-proxy` per session) or
+/// `websockify`. For the relay, the PSS per session is its growth from an empty relay.
 fn vncd_run(qemu: &Qemu, backend: &str, n: usize) -> VncdRun {
     let mut v = Vncd::new(n as u16 + 10);
     let relay = backend == "relay";
+    let processes = backend == "processes";
     v.extra.extend([
         "--backend".into(),
-        if relay { "builtin" } else { backend }.into(),
+        if relay || processes { "builtin" } else { backend }.into(),
         "--max-sessions".into(),
         n.to_string(),
     ]);
     if relay {
         v.extra.push("--relay".into());
+    }
+    if processes {
+        v.extra.push("--per-session-proxies".into());
     }
     v.start();
     std::thread::sleep(Duration::from_millis(500));
@@ -221,7 +226,7 @@ fn main() {
 fn relay_comparison(qemu: &Qemu, n: usize) {
     let cores = std::thread::available_parallelism().map_or(0, |c| c.get());
     println!("relay comparison: {n} sessions at once until all Ready, {cores} cores");
-    let per_process = vncd_run(qemu, "builtin", n);
+    let per_process = vncd_run(qemu, "processes", n);
     let relay = vncd_run(qemu, "relay", n);
     let ws = vncd_run(qemu, "websockify", 50);
     let show = |label: &str, r: &VncdRun| {
