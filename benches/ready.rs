@@ -81,7 +81,12 @@ fn vncd_run(qemu: &Qemu, backend: &str, n: usize) -> VncdRun {
     let processes = backend == "processes";
     v.extra.extend([
         "--backend".into(),
-        if relay || processes { "builtin" } else { backend }.into(),
+        if relay || processes {
+            "builtin"
+        } else {
+            backend
+        }
+        .into(),
         "--max-sessions".into(),
         n.to_string(),
     ]);
