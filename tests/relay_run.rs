@@ -298,7 +298,7 @@ fn relay_refuses_what_it_does_not_serve_yet() {
 }
 
 /// `--proxy-user` with the relay: the relay, which parses every untrusted client, runs
-/// under that uid (never the controller's), owns its directory (0750, the controller's
+/// under that uid (never the controller's), owns its directory (02750, the controller's
 /// group), serves consoles, and cannot open the master key from which every lease key
 /// derives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -345,7 +345,7 @@ async fn the_relay_runs_as_proxy_user_owns_its_directory_and_cannot_read_the_mas
     let dir = std::fs::metadata(v.state.join("relay")).unwrap();
     assert_eq!(
         (dir.uid(), dir.gid(), dir.mode() & 0o7777),
-        (65534, 0, 0o750),
+        (65534, 0, 0o2750),
         "STATE/relay: the relay's, with the controller's group"
     );
     // The relay's uid cannot open the master key (vncd-proxy, run as that uid, fails to
