@@ -477,6 +477,10 @@ async fn stop_on_exit_ends_every_proxy_and_releases_every_port() {
     assert!(status.success());
     assert!(v.stopped_serving(&st));
     assert!(v.leases()["leases"].as_array().unwrap().is_empty());
+    // The relay it started ends too: nothing of vncd's keeps running.
+    wait_for("the relay to end", Duration::from_secs(10), || {
+        relay_pids(&v.owner()).is_empty().then_some(())
+    });
 }
 
 #[tokio::test(flavor = "multi_thread")]

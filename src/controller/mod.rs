@@ -161,6 +161,9 @@ impl<S: Source, L: LeaseStore, R: StatusSink> Controller<S, L, R> {
         if self.config.stop_on_exit {
             info!("stopping every session before exit (--stop-on-exit)");
             self.drain().await;
+            if self.leases.leases.is_empty() {
+                self.supervisor.end_relay();
+            }
         } else {
             info!(
                 proxies = self.leases.leases.len(),

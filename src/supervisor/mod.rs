@@ -332,6 +332,12 @@ impl Supervisor {
         self.relay = Some(plane);
     }
 
+    /// With the relay, ends it (see [`relay::RelayPlane::end`]): `--stop-on-exit` means
+    /// nothing of vncd's keeps running.
+    pub fn end_relay(&self) -> bool {
+        self.relay.as_ref().is_some_and(relay::RelayPlane::end)
+    }
+
     /// Runs every proxy as `user` (see [`ProxyUser`]).
     pub fn run_proxies_as(&mut self, user: Option<ProxyUser>) {
         self.proxy_user = user;

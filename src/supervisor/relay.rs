@@ -537,6 +537,33 @@ impl RelayPlane {
     pub fn is_relay(&self, process: ProcRef) -> bool {
         self.lock().relay == Some(process)
     }
+
+    /// Ends the relay with SIGTERM (`--stop-on-exit`, once every session is off it), if
+    /// this plane starts its relays: a relay run on its own (`--relay-socket`) is its own
+    /// unit's or pod's to end. The process signalled is the one that answers on this state
+    /// directory's socket, with the pid it reports and that pid's start time in /proc
+    /// unchanged since; nothing else is signalled. Returns whether one was signalled.
+    pub fn end(&self) -> bool {
+        if !self.launch {
+            return false;
+        }
+        let Ok(Response::Report(report)) = call(&self.socket(), &Request::Report {}) else {
+            return false;
+        };
+        let Some(relay) = local_identity(&report) else {
+            return false;
+        };
+        let still = procfs::stat(relay.pid).is_some_and(|st| st.start_time == relay.start_time);
+        if !still {
+            return false;
+        }
+        info!(pid = relay.pid, "ending the relay (--stop-on-exit)");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(relay.pid),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .is_ok()
+    }
 }
 
 /// What the relay answering on `socket` serves of `leases`, for the commands that judge a
