@@ -92,7 +92,12 @@ fn flood(qemu: &Qemu, backend: &str, total: u64, secs: u64) -> Outcome {
     let url = v.url("vm1");
     let proxy_pid = st["pid"].as_i64().unwrap();
     let vncd_pid = i64::from(v.child.as_ref().unwrap().id());
-    let log = v.state.join("logs").join("vm1.log");
+    // The relay (the builtin default) logs for every session in one file of its own.
+    let log = if v.on_relay() {
+        v.state.join("logs").join("relay.log")
+    } else {
+        v.state.join("logs").join("vm1.log")
+    };
 
     // The legitimate client, on its own runtime thread.
     let stop = Arc::new(AtomicBool::new(false));
